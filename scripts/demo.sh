@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The main job on the embedded default, end to end on CPU:
+#   1. data prep of the bundled Wikipedia extracts (10,033 documents) with the bert-base-uncased vocab
+#   2. pretraining of the tiny BERT with DeepSpeed ZeRO-2 on 2 CPU processes (gloo)
+#   3. export of the checkpoint to the HF BertForPreTraining layout
+#   4. fine-tuning the exported model on sentence polarity (Pang & Lee) and its accuracy
+# Everything lands under $OUT (default demo_out/). Override the length with DEMO_STEPS.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+PY=.venv/bin/python
+OUT=${OUT:-demo_out}
+STEPS=${DEMO_STEPS:-600}
+export DS_ACCELERATOR=cpu HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
+export PATH="$PWD/.venv/bin:$PATH"
+
+echo "== 1/4 data prep (embedded corpus) =="
+$PY -m data_prep --embedded --output-dir "$OUT/data" --seq-length 128 --workers 2
+
+echo "== 2/4 pretraining: tiny BERT, ZeRO-2, 2 CPU processes =="
+deepspeed --num_gpus 2 --master_port "${MASTER_PORT:-29731}" pretrain/run.py \
+  --ds_config configs/zero2.json --model_config configs/bert-tiny.json \
+  --data "$OUT/data" --seq_length 128 --train_steps "$STEPS" --save_dir "$OUT/run"
+
+echo "== 3/4 export to HF layout =="
+$PY -m pretrain.export_hf "$OUT/run/latest" "$OUT/hf"
+
+echo "== 4/4 fine-tuning on sentence polarity =="
+$PY -m finetune --task classify --model "$OUT/hf" --dataset pang-lee --output-dir "$OUT/finetune"
