@@ -12,7 +12,7 @@ PY=.venv/bin/python
 OUT=${OUT:-demo_out}
 STEPS=${DEMO_STEPS:-600}
 export DS_ACCELERATOR=cpu HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
-export PATH="$PWD/.venv/bin:$PATH"
+export PATH="$PWD/.venv/bin:$PATH" TORCH_EXTENSIONS_DIR="$PWD/.venv/torch_extensions"
 
 echo "== 1/4 data prep (embedded corpus) =="
 $PY -m data_prep --embedded --output-dir "$OUT/data" --seq-length 128 --workers 2
