@@ -1,0 +1,371 @@
+"""A real two-node SLURM cluster on the machine the tests run on.
+
+`slurmctld` runs in the root network namespace; each compute node is a `slurmd` in its own
+network namespace (own address on a private bridge, own hostname via a UTS namespace), so jobs
+really span two hosts as far as SLURM, srun and TCP rendezvous are concerned. A private `munged`
+(own key and socket), the configuration, spool, state and logs all live under one temp dir.
+Everything is undone by `SlurmCluster.stop()`, which the pytest fixture calls as a finalizer and
+`atexit` calls again if the process exits some other way.
+
+The layout follows ../shared/notes/slurm.md (what was seen working on this machine): `nsenter
+--net` rather than `ip netns exec` (the latter remounts /sys and slurmd loses its cgroup mount),
+explicit deletion of the host end of each veth, and reading /proc state rather than `kill -0`
+when waiting for a daemon to stop (there is no init to reap forked children).
+
+Debug by hand: `python -m tests.integration.slurm_cluster` starts a cluster, prints the
+`SLURM_CONF` to export, and stops it on Enter.
+"""
+from __future__ import annotations
+
+import atexit
+import ipaddress
+import logging
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+HOSTS_FILE = Path("/etc/hosts")
+# /24 subnets are taken from 10.200.0.0/16 and exist only on the bridge this module creates;
+# the cluster sends nothing beyond that bridge.
+SUBNET_POOL = ipaddress.ip_network("10.200.0.0/16")
+TERMINAL_STATES = {
+    "BOOT_FAIL", "CANCELLED", "COMPLETED", "DEADLINE", "FAILED", "NODE_FAIL", "OUT_OF_MEMORY",
+    "PREEMPTED", "TIMEOUT",
+}
+REQUIRED_BINARIES = ("slurmctld", "slurmd", "munged", "sbatch", "scontrol", "squeue", "srun",
+                     "ip", "nsenter", "unshare")
+
+
+class ClusterUnavailable(RuntimeError):
+    """This machine cannot host the cluster (not root, no namespaces, SLURM missing)."""
+
+
+def unavailable_reason() -> str | None:
+    """Why a cluster cannot start here, or None. Only environment checks, no side effects."""
+    if os.geteuid() != 0:
+        return "the SLURM cluster tests need root (network namespaces, slurmd as root)"
+    missing = [b for b in REQUIRED_BINARIES if shutil.which(b) is None]
+    if missing:
+        return (f"missing {', '.join(missing)}: install Debian slurm-wlm, munge and iproute2 "
+                "(scripts/setup.sh does)")
+    probe = subprocess.run(["unshare", "--net", "--uts", "true"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        return f"network/UTS namespaces unavailable: {probe.stderr.strip() or probe.returncode}"
+    return None
+
+
+def _run(cmd: list[str], check: bool = True, **kw) -> subprocess.CompletedProcess:
+    res = subprocess.run(cmd, capture_output=True, text=True, **kw)
+    if check and res.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({res.returncode}): {res.stderr.strip()}")
+    return res
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("0.0.0.0", 0))
+        return s.getsockname()[1]
+
+
+def _proc_alive(pid: int) -> bool:
+    """True while pid exists and is not a zombie (kill -0 succeeds on zombies)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+
+
+def _pick_subnet() -> ipaddress.IPv4Network:
+    """First /24 of the pool that no interface on this machine uses (concurrent clusters)."""
+    out = _run(["ip", "-o", "-4", "addr", "show"]).stdout
+    used = [ipaddress.ip_address(a) for a in re.findall(r"inet (\S+?)/", out)]
+    for net in SUBNET_POOL.subnets(new_prefix=24):
+        if not any(a in net for a in used):
+            return net
+    raise RuntimeError(f"no free /24 left in {SUBNET_POOL}")
+
+
+@dataclass
+class Node:
+    name: str
+    addr: str
+    netns: str
+    veth: str
+    proc: subprocess.Popen | None = None
+
+
+@dataclass
+class SlurmCluster:
+    """Start with `start()`, stop with `stop()` (idempotent, safe after a partial start)."""
+
+    n_nodes: int = 2
+    cpus_per_node: int = 2
+    real_memory_mb: int = 4000
+    root: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="slurm-ci-")))
+
+    def __post_init__(self):
+        self.root = Path(self.root)
+        self.conf = self.root / "etc" / "slurm.conf"
+        self.nodes: list[Node] = []
+        self._procs: list[subprocess.Popen] = []
+        self._bridge: str | None = None
+        self._hosts_marker: str | None = None
+        self._started = False
+        self._stopped = False
+
+    # ------------------------------------------------------------------ life cycle
+    def start(self) -> "SlurmCluster":
+        reason = unavailable_reason()
+        if reason:
+            raise ClusterUnavailable(reason)
+        atexit.register(self.stop)
+        self._started = True
+        try:
+            for d in ("etc", "state", "run", "log", "munge", "jobs"):
+                (self.root / d).mkdir(parents=True, exist_ok=True)
+            self._start_munge()
+            self._make_network()
+            self._write_conf()
+            self._start_slurmctld()
+            for node in self.nodes:
+                self._start_slurmd(node)
+            self._wait_idle()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        if not self._started or self._stopped:
+            return
+        self._stopped = True
+        # Job processes first (they live in the node namespaces), then the daemons.
+        for node in self.nodes:
+            pids = _run(["ip", "netns", "pids", node.netns], check=False).stdout.split()
+            for pid in pids:
+                try:
+                    os.kill(int(pid), signal.SIGKILL)
+                except (ProcessLookupError, ValueError):
+                    pass
+        for proc in reversed(self._procs):
+            if proc.poll() is None:
+                proc.terminate()
+        deadline = time.monotonic() + 10
+        for proc in reversed(self._procs):
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=5)
+        for node in self.nodes:
+            _run(["ip", "netns", "del", node.netns], check=False)
+            # The host end can outlive the namespace (slurm.md pitfall).
+            _run(["ip", "link", "del", node.veth], check=False)
+        if self._bridge:
+            _run(["ip", "link", "del", self._bridge], check=False)
+        self._remove_hosts_lines()
+        shutil.rmtree(self.root, ignore_errors=True)
+        try:
+            atexit.unregister(self.stop)
+        except Exception:  # interpreter shutting down
+            pass
+
+    # ------------------------------------------------------------------ pieces
+    def _start_munge(self) -> None:
+        key = self.root / "munge" / "munge.key"
+        key.write_bytes(os.urandom(1024))
+        key.chmod(0o600)
+        self.munge_socket = self.root / "munge" / "munge.socket"
+        proc = subprocess.Popen(
+            ["munged", "--foreground", "--force", f"--socket={self.munge_socket}",
+             f"--key-file={key}", f"--pid-file={self.root / 'munge' / 'munged.pid'}",
+             f"--log-file={self.root / 'log' / 'munged.log'}",
+             f"--seed-file={self.root / 'munge' / 'munged.seed'}"],
+            stdout=subprocess.DEVNULL, stderr=open(self.root / "log" / "munged.stderr", "w"))
+        self._procs.append(proc)
+        self._wait(lambda: self.munge_socket.exists(), 10, "munged socket", proc)
+
+    def _make_network(self) -> None:
+        net = _pick_subnet()
+        tag = f"{net.network_address.packed[2]}"
+        self.ctl_addr = str(net.network_address + 1)
+        self._bridge = f"slurmbr{tag}"
+        _run(["ip", "link", "add", self._bridge, "type", "bridge"])
+        _run(["ip", "addr", "add", f"{self.ctl_addr}/24", "dev", self._bridge])
+        _run(["ip", "link", "set", self._bridge, "up"])
+        for i in range(1, self.n_nodes + 1):
+            # Names carry the subnet tag so that two clusters on one machine never collide.
+            node = Node(name=f"c{tag}node{i}", addr=str(net.network_address + 10 + i),
+                        netns=f"slurm{tag}n{i}", veth=f"slv{tag}n{i}")
+            self.nodes.append(node)
+            _run(["ip", "netns", "add", node.netns])
+            _run(["ip", "link", "add", node.veth, "type", "veth", "peer", "name", "eth0",
+                  "netns", node.netns])
+            _run(["ip", "link", "set", node.veth, "master", self._bridge])
+            _run(["ip", "link", "set", node.veth, "up"])
+            nsexec = ["ip", "-n", node.netns]
+            _run(nsexec + ["addr", "add", f"{node.addr}/24", "dev", "eth0"])
+            _run(nsexec + ["link", "set", "eth0", "up"])
+            _run(nsexec + ["link", "set", "lo", "up"])
+        self._add_hosts_lines()
+
+    def _add_hosts_lines(self) -> None:
+        self._hosts_marker = f"# slurm-ci {self.root}"
+        lines = [f"{n.addr} {n.name} {self._hosts_marker}\n" for n in self.nodes]
+        with HOSTS_FILE.open("a") as f:
+            f.writelines(lines)
+
+    def _remove_hosts_lines(self) -> None:
+        if not self._hosts_marker:
+            return
+        text = HOSTS_FILE.read_text()
+        kept = [ln for ln in text.splitlines(keepends=True) if not ln.rstrip().endswith(self._hosts_marker)]
+        # Write in place (not rename): /etc/hosts may be a bind mount.
+        with HOSTS_FILE.open("w") as f:
+            f.writelines(kept)
+        self._hosts_marker = None
+
+    def _write_conf(self) -> None:
+        r = self.root
+        self.ctl_port = _free_port()
+        ctl_host = socket.gethostname().split(".")[0]
+        nodes = "\n".join(
+            f"NodeName={n.name} NodeAddr={n.addr} CPUs={self.cpus_per_node} "
+            f"RealMemory={self.real_memory_mb} State=UNKNOWN" for n in self.nodes)
+        self.conf.write_text(f"""\
+ClusterName=citest
+SlurmctldHost={ctl_host}({self.ctl_addr})
+SlurmctldPort={self.ctl_port}
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+CredType=cred/munge
+AuthInfo=socket={self.munge_socket}
+StateSaveLocation={r}/state/ctld
+SlurmdSpoolDir={r}/state/slurmd_%n
+SlurmctldPidFile={r}/run/slurmctld.pid
+SlurmdPidFile={r}/run/slurmd_%n.pid
+SlurmctldLogFile={r}/log/slurmctld.log
+SlurmdLogFile={r}/log/slurmd_%n.log
+SlurmctldDebug=info
+SlurmdDebug=info
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+JobCompType=jobcomp/none
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+MpiDefault=none
+ReturnToService=2
+EnforcePartLimits=ALL
+MailProg=/bin/true
+JobRequeue=1
+SchedulerParameters=sched_interval=2
+MinJobAge=3600
+{nodes}
+PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+""")
+
+    def _start_slurmctld(self) -> None:
+        proc = subprocess.Popen(["slurmctld", "-D", "-i", "-f", str(self.conf)],
+                                stdout=subprocess.DEVNULL,
+                                stderr=open(self.root / "log" / "slurmctld.stderr", "w"))
+        self._procs.append(proc)
+        self._wait(lambda: self.scontrol("ping", check=False).returncode == 0, 20,
+                   "slurmctld to answer ping", proc)
+
+    def _start_slurmd(self, node: Node) -> None:
+        inner = f"hostname {node.name} && exec slurmd -D -f {self.conf} -N {node.name}"
+        proc = subprocess.Popen(
+            ["nsenter", f"--net=/run/netns/{node.netns}", "unshare", "--uts", "sh", "-c", inner],
+            stdout=subprocess.DEVNULL,
+            stderr=open(self.root / "log" / f"slurmd_{node.name}.stderr", "w"),
+            env=self.env())
+        node.proc = proc
+        self._procs.append(proc)
+
+    def _wait_idle(self) -> None:
+        def all_idle() -> bool:
+            out = self.run_cmd(["sinfo", "-h", "-N", "-o", "%N %t"], check=False).stdout
+            states = dict(ln.split() for ln in out.splitlines() if ln.strip())
+            return len(states) == self.n_nodes and all(s == "idle" for s in states.values())
+        self._wait(all_idle, 30, "both nodes idle", *[n.proc for n in self.nodes])
+
+    def _wait(self, cond, timeout: float, what: str, *procs) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if cond():
+                return
+            for p in procs:
+                if p is not None and p.poll() is not None:
+                    raise RuntimeError(f"daemon {p.args} exited ({p.returncode}) while waiting for "
+                                       f"{what}\n{self.logs_tail()}")
+            time.sleep(0.2)
+        raise RuntimeError(f"timed out after {timeout}s waiting for {what}\n{self.logs_tail()}")
+
+    # ------------------------------------------------------------------ client side
+    def env(self, extra: dict | None = None) -> dict:
+        env = dict(os.environ)
+        env["SLURM_CONF"] = str(self.conf)
+        env.update(extra or {})
+        return env
+
+    def run_cmd(self, cmd: list[str], check: bool = True, env: dict | None = None,
+                **kw) -> subprocess.CompletedProcess:
+        return _run(cmd, check=check, env=self.env(env), **kw)
+
+    def scontrol(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        return self.run_cmd(["scontrol", *args], check=check)
+
+    def sbatch(self, *args: str, env: dict | None = None, cwd: str | None = None) -> int:
+        out = self.run_cmd(["sbatch", "--parsable", *args], env=env, cwd=cwd).stdout.strip()
+        return int(out.split(";")[0])
+
+    def job(self, job_id: int) -> dict:
+        """`scontrol show job -o` as a dict (JobState, ExitCode, NodeList, Restarts, ...)."""
+        out = self.scontrol("show", "job", "-o", str(job_id)).stdout.strip()
+        # Values may contain spaces only in the trailing free-text fields we do not use.
+        return dict(m.groups() for m in re.finditer(r"(\w[\w:/]*)=(\S*)", out))
+
+    def wait_job(self, job_id: int, timeout: float = 180, states=TERMINAL_STATES) -> dict:
+        deadline = time.monotonic() + timeout
+        while True:
+            info = self.job(job_id)
+            if info["JobState"] in states:
+                return info
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"job {job_id} still {info['JobState']} after {timeout}s "
+                                   f"(reason {info.get('Reason')})\n{self.logs_tail()}")
+            time.sleep(0.3)
+
+    def hostnames(self, nodelist: str) -> list[str]:
+        return self.scontrol("show", "hostnames", nodelist).stdout.split()
+
+    def logs_tail(self, n: int = 15) -> str:
+        parts = []
+        for f in sorted((self.root / "log").glob("*")):
+            lines = f.read_text(errors="replace").splitlines()[-n:]
+            if lines:
+                parts.append(f"--- {f.name}\n" + "\n".join(lines))
+        return "\n".join(parts)
+
+
+if __name__ == "__main__":  # manual debugging
+    logging.basicConfig(level=logging.INFO)
+    c = SlurmCluster().start()
+    print(f"export SLURM_CONF={c.conf}   # nodes: {[(n.name, n.addr) for n in c.nodes]}")
+    try:
+        input("cluster up; press Enter to stop ")
+    finally:
+        c.stop()
