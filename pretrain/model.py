@@ -1,0 +1,430 @@
+"""BERT (post-LN encoder, MLM + NSP heads) in plain PyTorch, with the HF checkpoint key tree.
+
+Module and parameter names mirror ``transformers``' ``BertForPreTraining`` one to one
+(``bert.embeddings.word_embeddings``, ``bert.encoder.layer.N.attention.self.query``, ...,
+``cls.predictions.transform.dense``, ``cls.seq_relationship``), so loading or exporting HF
+checkpoints is a key-by-key copy (``pretrain/hf_io.py``).
+
+Layers that tensor parallelism splits come from ``pretrain.layers.LayerFactory``; this file knows
+only ``layers.tp_size`` (to size the local attention heads) and never touches process groups,
+devices or environment variables. Activation checkpointing is toggled from outside with
+``model.bert.encoder.gradient_checkpointing = True``; weights are initialised by
+``init_weights()``, which the trainer calls after applying parallelism.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint
+from torch import nn
+
+from pretrain.layers import IGNORE_INDEX, LayerFactory
+
+# Keys HF writes into config.json that do not change the network; accepted and dropped.
+_HF_BOOKKEEPING_KEYS = frozenset({
+    "architectures", "model_type", "transformers_version", "torch_dtype", "dtype",
+    "_name_or_path", "gradient_checkpointing", "use_cache", "output_attentions",
+    "output_hidden_states", "return_dict", "id2label", "label2id", "problem_type",
+    "chunk_size_feed_forward", "is_encoder_decoder", "bos_token_id", "eos_token_id",
+    "_attn_implementation_autoset", "directionality", "pooler_fc_size",
+    "pooler_num_attention_heads", "pooler_num_fc_layers", "pooler_size_per_head", "pooler_type",
+    "tokenizer_class", "finetuning_task", "num_labels",
+})
+# HF keys that are accepted only with the value this encoder-only model implements.
+_HF_FIXED_KEYS = {"is_decoder": False, "add_cross_attention": False}
+
+_ACTIVATIONS = {
+    "gelu": F.gelu,  # HF "gelu" is the exact erf form
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+    "silu": F.silu,
+}
+
+
+@dataclass
+class BertConfig:
+    """Model shape and regularisation, with HF ``BertConfig`` field names (exports as is)."""
+
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    initializer_range: float = 0.02
+    layer_norm_eps: float = 1e-12
+    pad_token_id: int = 0
+    position_embedding_type: str = "absolute"
+    classifier_dropout: Optional[float] = None  # used by fine-tuning heads; None = hidden_dropout_prob
+    tie_word_embeddings: bool = True
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self, source: str = "BertConfig") -> None:
+        def fail(msg):
+            raise ValueError(f"{source}: {msg}")
+
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                     "intermediate_size", "max_position_embeddings", "type_vocab_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                fail(f"{name} must be a positive integer, got {value!r}")
+        if self.hidden_size % self.num_attention_heads:
+            fail(f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
+                 f"({self.num_attention_heads}); change one of them")
+        if self.hidden_act not in _ACTIVATIONS:
+            fail(f"hidden_act {self.hidden_act!r} is not supported; use one of {sorted(_ACTIVATIONS)}")
+        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+                fail(f"{name} must be a number in [0, 1), got {value!r}")
+        if self.position_embedding_type != "absolute":
+            fail(f"position_embedding_type {self.position_embedding_type!r} is not supported; "
+                 "only 'absolute' (original BERT) is implemented")
+        if self.tie_word_embeddings is not True:
+            fail("tie_word_embeddings must be true: the MLM decoder always shares the word embeddings")
+        if not 0 <= self.pad_token_id < self.vocab_size:
+            fail(f"pad_token_id {self.pad_token_id} is outside the vocabulary (size {self.vocab_size})")
+
+    @classmethod
+    def from_dict(cls, values: dict, source: str = "BertConfig") -> "BertConfig":
+        if not isinstance(values, dict):
+            raise ValueError(f"{source}: expected a JSON object of BertConfig fields")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {}
+        unknown = []
+        for key, value in values.items():
+            if key in fields:
+                kwargs[key] = value
+            elif key in _HF_FIXED_KEYS:
+                if value != _HF_FIXED_KEYS[key]:
+                    raise ValueError(f"{source}: {key}={value!r} is not supported by this "
+                                     f"encoder-only BERT; set it to {_HF_FIXED_KEYS[key]!r}")
+            elif key not in _HF_BOOKKEEPING_KEYS:
+                unknown.append(key)
+        if unknown:
+            raise ValueError(f"{source}: unknown key(s) {sorted(unknown)}; valid keys are "
+                             f"{sorted(fields)} (spelling follows transformers' BertConfig)")
+        config = cls.__new__(cls)
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else None
+            setattr(config, f.name, kwargs.get(f.name, default))
+        config.validate(source)
+        return config
+
+    @classmethod
+    def from_json_file(cls, path) -> "BertConfig":
+        try:
+            with open(path, encoding="utf-8") as fh:
+                values = json.load(fh)
+        except FileNotFoundError:
+            raise ValueError(f"model config {path}: file not found") from None
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"model config {path}: not valid JSON ({exc})") from None
+        return cls.from_dict(values, source=f"model config {path}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class BertModelOutput(NamedTuple):
+    last_hidden_state: torch.Tensor
+    pooler_output: Optional[torch.Tensor]
+    hidden_states: Optional[tuple]  # embeddings output, then every layer's output (HF order)
+
+
+class PreTrainingOutput(NamedTuple):
+    loss: Optional[torch.Tensor]  # mlm_loss + nsp_loss (whichever labels were given)
+    mlm_loss: Optional[torch.Tensor]
+    nsp_loss: Optional[torch.Tensor]
+    prediction_logits: torch.Tensor  # [n_masked, V] with labels, else [B, S, V] (V / tp shards)
+    seq_relationship_logits: torch.Tensor  # [B, 2]
+    mlm_labels: Optional[torch.Tensor]  # [n_masked] targets matching prediction_logits rows
+
+
+class BertEmbeddings(nn.Module):
+    def __init__(self, config: BertConfig, layers: LayerFactory):
+        super().__init__()
+        self.word_embeddings = layers.vocab_embedding(config.vocab_size, config.hidden_size)
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
+        # Capital L as in the TF original, so checkpoint keys stay "LayerNorm.weight".
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, input_ids, token_type_ids):
+        seq_length = input_ids.shape[1]
+        if seq_length > self.position_embeddings.num_embeddings:
+            raise ValueError(f"sequence length {seq_length} exceeds max_position_embeddings "
+                             f"({self.position_embeddings.num_embeddings})")
+        positions = torch.arange(seq_length, device=input_ids.device)
+        embeddings = self.word_embeddings(input_ids) + self.token_type_embeddings(token_type_ids)
+        embeddings = embeddings + self.position_embeddings(positions)
+        return self.dropout(self.LayerNorm(embeddings))
+
+
+class BertSelfAttention(nn.Module):
+    def __init__(self, config: BertConfig, layers: LayerFactory):
+        super().__init__()
+        hidden = config.hidden_size
+        self.head_dim = hidden // config.num_attention_heads
+        # Column-parallel q/k/v split the heads across TP ranks; this rank holds num_heads / tp.
+        self.num_heads = config.num_attention_heads // layers.tp_size
+        self.query = layers.column(hidden, hidden)
+        self.key = layers.column(hidden, hidden)
+        self.value = layers.column(hidden, hidden)
+        self.dropout_prob = config.attention_probs_dropout_prob
+        self._sharded_rng = layers.sharded_rng
+
+    def forward(self, hidden_states, attention_mask):
+        batch, seq, _ = hidden_states.shape
+        shape = (batch, seq, self.num_heads, self.head_dim)
+        query = self.query(hidden_states).view(shape).transpose(1, 2)
+        key = self.key(hidden_states).view(shape).transpose(1, 2)
+        value = self.value(hidden_states).view(shape).transpose(1, 2)
+        dropout = self.dropout_prob if self.training else 0.0
+        # Attention probabilities live on this rank's heads only: their dropout mask must differ
+        # across TP ranks, hence the sharded RNG region.
+        with self._sharded_rng():
+            context = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask,
+                                                     dropout_p=dropout)
+        return context.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim)
+
+
+class BertSelfOutput(nn.Module):
+    def __init__(self, config: BertConfig, layers: LayerFactory):
+        super().__init__()
+        self.dense = layers.row(config.hidden_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, hidden_states, residual):
+        return self.LayerNorm(self.dropout(self.dense(hidden_states)) + residual)
+
+
+class BertAttention(nn.Module):
+    def __init__(self, config: BertConfig, layers: LayerFactory):
+        super().__init__()
+        self.self = BertSelfAttention(config, layers)  # "self" is the HF key name
+        self.output = BertSelfOutput(config, layers)
+
+    def forward(self, hidden_states, attention_mask):
+        return self.output(self.self(hidden_states, attention_mask), hidden_states)
+
+
+class BertIntermediate(nn.Module):
+    def __init__(self, config: BertConfig, layers: LayerFactory):
+        super().__init__()
+        self.dense = layers.column(config.hidden_size, config.intermediate_size)
+        self.act = _ACTIVATIONS[config.hidden_act]
+
+    def forward(self, hidden_states):
+        return self.act(self.dense(hidden_states))
+
+
+class BertOutput(nn.Module):
+    def __init__(self, config: BertConfig, layers: LayerFactory):
+        super().__init__()
+        self.dense = layers.row(config.intermediate_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, hidden_states, residual):
+        return self.LayerNorm(self.dropout(self.dense(hidden_states)) + residual)
+
+
+class BertLayer(nn.Module):
+    def __init__(self, config: BertConfig, layers: LayerFactory):
+        super().__init__()
+        self.attention = BertAttention(config, layers)
+        self.intermediate = BertIntermediate(config, layers)
+        self.output = BertOutput(config, layers)
+
+    def forward(self, hidden_states, attention_mask):
+        attention_output = self.attention(hidden_states, attention_mask)
+        return self.output(self.intermediate(attention_output), attention_output)
+
+
+class BertEncoder(nn.Module):
+    def __init__(self, config: BertConfig, layers: LayerFactory):
+        super().__init__()
+        self.layer = nn.ModuleList(BertLayer(config, layers) for _ in range(config.num_hidden_layers))
+        # Toggled by the trainer; recomputes each layer in backward instead of storing activations.
+        self.gradient_checkpointing = False
+
+    def forward(self, hidden_states, attention_mask, output_hidden_states=False):
+        all_hidden = [hidden_states] if output_hidden_states else None
+        for layer in self.layer:
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                hidden_states = torch.utils.checkpoint.checkpoint(
+                    layer, hidden_states, attention_mask, use_reentrant=False)
+            else:
+                hidden_states = layer(hidden_states, attention_mask)
+            if output_hidden_states:
+                all_hidden.append(hidden_states)
+        return hidden_states, (tuple(all_hidden) if output_hidden_states else None)
+
+
+class BertPooler(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(self, hidden_states):
+        return torch.tanh(self.dense(hidden_states[:, 0]))
+
+
+def _attention_bias(attention_mask, dtype):
+    """[B, S] 1/0 padding mask -> additive [B, 1, 1, S] bias in the activation dtype.
+
+    An additive float mask of the query dtype is what SDPA's fused CPU/memory-efficient kernels
+    take without conversion; finfo.min instead of -inf keeps a fully padded row finite.
+    """
+    if attention_mask is None:
+        return None
+    if attention_mask.dim() != 2:
+        raise ValueError(f"attention_mask must be [batch, seq] (1 = token, 0 = padding), "
+                         f"got shape {tuple(attention_mask.shape)}")
+    bias = torch.zeros(attention_mask.shape, dtype=dtype, device=attention_mask.device)
+    bias = bias.masked_fill(attention_mask == 0, torch.finfo(dtype).min)
+    return bias[:, None, None, :]
+
+
+class BertModel(nn.Module):
+    def __init__(self, config: BertConfig, layers: Optional[LayerFactory] = None,
+                 add_pooling_layer: bool = True):
+        super().__init__()
+        layers = layers if layers is not None else LayerFactory()
+        if config.num_attention_heads % layers.tp_size:
+            raise ValueError(f"num_attention_heads ({config.num_attention_heads}) must be divisible "
+                             f"by the tensor-parallel size ({layers.tp_size})")
+        self.config = config
+        self.embeddings = BertEmbeddings(config, layers)
+        self.encoder = BertEncoder(config, layers)
+        self.pooler = BertPooler(config) if add_pooling_layer else None
+
+    def forward(self, input_ids, token_type_ids=None, attention_mask=None,
+                output_hidden_states=False) -> BertModelOutput:
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        hidden = self.embeddings(input_ids, token_type_ids)
+        bias = _attention_bias(attention_mask, hidden.dtype)
+        hidden, all_hidden = self.encoder(hidden, bias, output_hidden_states)
+        pooled = self.pooler(hidden) if self.pooler is not None else None
+        return BertModelOutput(hidden, pooled, all_hidden)
+
+    def init_weights(self) -> None:
+        _init_weights(self, self.config.initializer_range)
+
+
+class BertPredictionHeadTransform(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.act = _ACTIVATIONS[config.hidden_act]
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(self, hidden_states):
+        return self.LayerNorm(self.act(self.dense(hidden_states)))
+
+
+class BertLMPredictionHead(nn.Module):
+    def __init__(self, config: BertConfig, layers: LayerFactory):
+        super().__init__()
+        self.transform = BertPredictionHeadTransform(config)
+        # The weight is replaced by the word embeddings (tied) in BertForPreTraining; a column
+        # layer takes the replicated hidden states and yields this rank's vocabulary slice,
+        # which is exactly the slice of the vocab-parallel embedding it shares.
+        self.decoder = layers.column(config.hidden_size, config.vocab_size, bias=False)
+        self.bias = nn.Parameter(torch.zeros(self.decoder.weight.shape[0]))
+
+    def forward(self, hidden_states):
+        return self.decoder(self.transform(hidden_states)) + self.bias
+
+
+class BertPreTrainingHeads(nn.Module):
+    def __init__(self, config: BertConfig, layers: LayerFactory):
+        super().__init__()
+        self.predictions = BertLMPredictionHead(config, layers)
+        self.seq_relationship = nn.Linear(config.hidden_size, 2)
+
+
+class BertForPreTraining(nn.Module):
+    # State-dict keys that alias another parameter (not stored separately in HF checkpoints).
+    tied_weights = {"cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight"}
+
+    def __init__(self, config: BertConfig, layers: Optional[LayerFactory] = None):
+        super().__init__()
+        layers = layers if layers is not None else LayerFactory()
+        self.config = config
+        self._layers = layers
+        self.bert = BertModel(config, layers)
+        self.cls = BertPreTrainingHeads(config, layers)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        self.cls.predictions.decoder.weight = self.bert.embeddings.word_embeddings.weight
+
+    def forward(self, input_ids, token_type_ids=None, attention_mask=None, labels=None,
+                next_sentence_label=None) -> PreTrainingOutput:
+        sequence_output, pooled_output, _ = self.bert(input_ids, token_type_ids, attention_mask)
+        nsp_logits = self.cls.seq_relationship(pooled_output)
+
+        mlm_loss = nsp_loss = mlm_labels = None
+        if labels is not None:
+            # Sparse prediction: the transform and the vocabulary-sized decoder run only on the
+            # masked positions (~15% of tokens), in the row-major order of labels != -100.
+            flat_labels = labels.reshape(-1)
+            index = (flat_labels != IGNORE_INDEX).nonzero().squeeze(1)
+            masked_hidden = sequence_output.reshape(-1, sequence_output.shape[-1]).index_select(0, index)
+            mlm_labels = flat_labels.index_select(0, index)
+            prediction_logits = self.cls.predictions(masked_hidden)
+            mlm_loss = self._layers.vocab_cross_entropy(prediction_logits, mlm_labels)
+        else:
+            prediction_logits = self.cls.predictions(sequence_output)
+        if next_sentence_label is not None:
+            nsp_loss = F.cross_entropy(nsp_logits.float(), next_sentence_label.reshape(-1))
+
+        losses = [x for x in (mlm_loss, nsp_loss) if x is not None]
+        loss = sum(losses[1:], losses[0]) if losses else None
+        return PreTrainingOutput(loss, mlm_loss, nsp_loss, prediction_logits, nsp_logits, mlm_labels)
+
+    def init_weights(self) -> None:
+        _init_weights(self, self.config.initializer_range)
+
+
+@torch.no_grad()
+def _init_weights(model: nn.Module, std: float) -> None:
+    """HF's BERT init: N(0, initializer_range) for weight matrices and embeddings, zero biases,
+    LayerNorm weight 1 / bias 0. Works on TP shards too (each rank fills its own slice)."""
+    seen = set()
+    for name, param in model.named_parameters():  # shared (tied) parameters appear once
+        if id(param) in seen:
+            continue
+        seen.add(id(param))
+        if ".LayerNorm." in f".{name}":
+            if name.endswith("weight"):
+                param.fill_(1.0)
+            else:
+                param.zero_()
+        elif name.endswith("bias"):
+            param.zero_()
+        else:
+            param.normal_(mean=0.0, std=std)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Unique parameters (the tied decoder weight counted once, as transformers does)."""
+    return sum(p.numel() for p in model.parameters())
