@@ -1,0 +1,369 @@
+"""The trainer's configuration: one typed dataclass, resolved CLI > file > defaults, then validated.
+
+Everything that can be checked without a process group is checked here, before
+`torch.distributed` starts, so that a bad flag costs a second and a readable message instead of a
+hung or crashed multi-node job: batch arithmetic against the DeepSpeed config, heads % tp,
+world = dp x tp, the data directory and its pair index, the sequence length against the position
+table.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration mistake; the message says what to change."""
+
+
+def _f(default, help, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class TrainConfig:
+    # --- what to train on
+    ds_config: str = _f("", "DeepSpeed config JSON (configs/zero{1,2,3}[_fp16].json): ZeRO stage, precision, batch, optimizer")
+    model_config: str = _f("", "model config JSON with HF BertConfig field names (configs/bert-*.json)")
+    data: str = _f("", "data_prep output directory (holds manifest.json, corpus.*, pairs_<L>_*.bin)")
+    seq_length: int = _f(128, "tokens per sample; the data directory needs pairs_<seq_length>_train.bin")
+    # --- how long and how big
+    train_steps: int = _f(0, "optimizer steps to run in total (a resumed run continues up to this step)")
+    micro_batch_size: int = _f(0, "per-rank micro batch; 0 = take train_micro_batch_size_per_gpu from --ds_config")
+    global_batch_size: int = _f(0, "samples per optimizer step over all ranks; 0 = from --ds_config (or micro x accumulation x dp)")
+    tp: int = _f(1, "tensor-parallel size (megatron-core); world size must be dp x tp")
+    # --- optimizer and schedule (the optimizer's hyper-parameters come from --ds_config's "optimizer" block)
+    optimizer: str = _f("auto", "auto: DeepSpeed's optimizer from --ds_config, or pretrain.optim's where DeepSpeed has none on this "
+                        "device (LAMB on CPU); client: always pretrain.optim's implementation", choices=("auto", "client"))
+    lr: float = _f(0.0, "peak learning rate; 0 = the lr in --ds_config's optimizer params")
+    warmup_steps: int = _f(-1, "linear warm-up steps; -1 = warmup_proportion x train_steps")
+    warmup_proportion: float = _f(0.01, "warm-up as a fraction of train_steps (used when --warmup_steps is -1)")
+    decay: str = _f("poly", "decay after warm-up to 0 at train_steps: poly (power --decay_power) or linear", choices=("poly", "linear"))
+    decay_power: float = _f(0.5, "power of the polynomial decay (BERT's NVIDIA recipe uses 0.5)")
+    # --- model options
+    activation_checkpointing: bool = _f(False, "recompute each encoder layer in backward (saves activation memory, ~33% more compute)")
+    # --- phases, checkpoints, resume
+    init_from: str = _f("", "start from these weights when --save_dir has no checkpoint yet: a checkpoint folder of this "
+                        "trainer (phase 1 -> phase 2) or an HF BertForPreTraining directory; optimizer and schedule start fresh")
+    save_dir: str = _f("", "run directory: checkpoints, metrics.jsonl, TensorBoard logs, loss-curve PNG; re-running resumes from it")
+    save_interval: int = _f(1000, "save a checkpoint every N steps (and always at the end)")
+    keep_last: int = _f(3, "checkpoints kept in --save_dir (older ones are deleted after a newer one is complete)")
+    # --- evaluation and logging
+    eval_interval: int = _f(1000, "evaluate on the held-out split every N steps (and at the end); 0 = only at the end")
+    eval_samples: int = _f(2048, "held-out samples per evaluation (the same samples every time)")
+    log_interval: int = _f(10, "steps per metrics line / TensorBoard point")
+    peak_tflops: float = _f(0.0, "accelerator peak TFLOP/s for MFU; 0 = known GPUs by name (H100/H200/A100 bf16/fp16), else MFU n/a")
+    tensorboard: bool = _f(True, "write TensorBoard events under SAVE_DIR/tensorboard")
+    # --- robustness and reproducibility
+    max_nonfinite_steps: int = _f(10, "stop after this many consecutive skipped steps with non-finite loss or gradients")
+    seed: int = _f(1234, "seed of the sample order, masking and weight init")
+    num_workers: int = _f(0, "DataLoader worker processes per rank (samples depend only on (seed, index), not on workers)")
+    inject_nonfinite_steps: str = _f("", "testing aid: comma-separated steps whose loss is made NaN (exercises the skip logic)")
+    config: str = _f("", "JSON file with any of these fields (e.g. configs/phase1.json); command-line flags override it")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+_REQUIRED = ("ds_config", "model_config", "data", "train_steps", "save_dir")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="pretrain/run.py",
+        description="BERT pretraining with DeepSpeed ZeRO and megatron-core tensor parallelism.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    for f in dataclasses.fields(TrainConfig):
+        kw: dict[str, Any] = {"help": f.metadata["help"], "default": argparse.SUPPRESS}
+        if f.type == "bool" or isinstance(f.default, bool):
+            kw["action"] = argparse.BooleanOptionalAction
+        else:
+            kw["type"] = type(f.default)
+            if "choices" in f.metadata:
+                kw["choices"] = f.metadata["choices"]
+        p.add_argument(f"--{f.name}", **kw)
+    # The deepspeed launcher appends --local_rank=N; ranks come from the environment instead.
+    p.add_argument("--local_rank", type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    return p
+
+
+def load_config(argv: Optional[list[str]] = None) -> TrainConfig:
+    """Defaults, then the --config file, then the command line (only flags actually given)."""
+    args = vars(build_parser().parse_args(argv))
+    args.pop("local_rank", None)
+    values: dict[str, Any] = {}
+    if args.get("config"):
+        values.update(_read_config_file(args["config"]))
+    values.update(args)
+    return from_dict(values, source="the command line")
+
+
+def _read_config_file(path: str) -> dict:
+    data = _read_json(path, "--config")
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {path}: expected a JSON object of trainer fields")
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"--config {path}: unknown field(s) {unknown}; known fields: {sorted(known)}")
+    # Relative paths in a recipe file are relative to the current directory, like flags.
+    return data
+
+
+def from_dict(values: dict, source: str = "config") -> TrainConfig:
+    known = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ConfigError(f"{source}: unknown field(s) {unknown}")
+    cfg = TrainConfig()
+    for k, v in values.items():
+        default = known[k].default
+        if isinstance(default, bool):
+            ok = isinstance(v, bool)
+        elif isinstance(default, float):
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool)
+            v = float(v) if ok else v
+        else:
+            ok = isinstance(v, type(default)) and not isinstance(v, bool)
+        if not ok:
+            raise ConfigError(f"{source}: field {k!r} must be {type(default).__name__}, got {v!r}")
+        setattr(cfg, k, v)
+    return cfg
+
+
+def _read_json(path: str, flag: str) -> Any:
+    if not path:
+        raise ConfigError(f"{flag} is required")
+    if not os.path.isfile(path):
+        raise ConfigError(f"{flag} {path}: no such file")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{flag} {path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# World size before any process group exists
+
+
+def world_size_from_env(env=None) -> int:
+    """The number of processes the launcher started: torchrun/deepspeed (WORLD_SIZE), srun
+    (SLURM_NTASKS), mpirun (OMPI_COMM_WORLD_SIZE / PMI_SIZE); 1 when started by hand."""
+    env = os.environ if env is None else env
+    for key in ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_NTASKS"):
+        if env.get(key):
+            return int(env[key])
+    return 1
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation
+
+
+@dataclass
+class Resolved:
+    """What validation derives from the inputs; the trainer uses these, not the raw files."""
+
+    cfg: TrainConfig
+    ds_config: dict  # the DeepSpeed config as it will be passed to deepspeed.initialize
+    model_config: dict  # HF BertConfig fields
+    world_size: int
+    dp: int
+    micro_batch_size: int
+    grad_accum: int
+    global_batch_size: int
+    zero_stage: int
+    precision: str  # "fp32" | "bf16" | "fp16"
+    optimizer_type: str  # "adamw" | "lamb"
+    optimizer_params: dict
+    manifest: dict
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["cfg"] = self.cfg.to_dict()
+        return d
+
+
+_DS_BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+
+
+def validate(cfg: TrainConfig, world_size: Optional[int] = None) -> Resolved:
+    """Check everything that can be checked without a process group; raise ConfigError."""
+    world_size = world_size_from_env() if world_size is None else world_size
+    missing = [k for k in _REQUIRED if not getattr(cfg, k)]
+    if missing:
+        raise ConfigError("missing required flag(s): " + ", ".join(f"--{k}" for k in missing))
+    for name in ("seq_length", "train_steps", "tp", "save_interval", "keep_last", "log_interval", "eval_samples"):
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"--{name} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.eval_interval < 0 or cfg.max_nonfinite_steps < 1 or cfg.num_workers < 0:
+        raise ConfigError("--eval_interval and --num_workers must be >= 0, --max_nonfinite_steps >= 1")
+
+    model = _read_json(cfg.model_config, "--model_config")
+    if not isinstance(model, dict):
+        raise ConfigError(f"--model_config {cfg.model_config}: expected a JSON object")
+    for k in ("hidden_size", "num_attention_heads", "num_hidden_layers", "vocab_size", "max_position_embeddings"):
+        if not isinstance(model.get(k), int):
+            raise ConfigError(f"--model_config {cfg.model_config}: needs integer field {k!r}")
+    heads = model["num_attention_heads"]
+    if model["hidden_size"] % heads:
+        raise ConfigError(f"--model_config {cfg.model_config}: hidden_size {model['hidden_size']} is not divisible by num_attention_heads {heads}")
+    if heads % cfg.tp:
+        raise ConfigError(f"--tp {cfg.tp}: num_attention_heads {heads} in {cfg.model_config} is not divisible by it; use a tp that divides {heads}")
+    inter = model.get("intermediate_size", 4 * model["hidden_size"])
+    if inter % cfg.tp:
+        raise ConfigError(f"--tp {cfg.tp}: intermediate_size {inter} in {cfg.model_config} is not divisible by it")
+    if cfg.seq_length > model["max_position_embeddings"]:
+        raise ConfigError(
+            f"--seq_length {cfg.seq_length} is longer than the position table (max_position_embeddings "
+            f"{model['max_position_embeddings']} in {cfg.model_config}); lower --seq_length or use a model config with more positions"
+        )
+    if world_size % cfg.tp:
+        raise ConfigError(f"world size {world_size} is not a multiple of --tp {cfg.tp}: start dp x tp processes")
+    dp = world_size // cfg.tp
+
+    manifest = _check_data(cfg, model)
+
+    ds = _read_json(cfg.ds_config, "--ds_config")
+    if not isinstance(ds, dict):
+        raise ConfigError(f"--ds_config {cfg.ds_config}: expected a JSON object")
+    ds = copy.deepcopy(ds)
+    micro, accum, global_bs = _resolve_batch(cfg, ds, dp)
+    ds["train_micro_batch_size_per_gpu"] = micro
+    ds["gradient_accumulation_steps"] = accum
+    ds["train_batch_size"] = global_bs
+
+    if "scheduler" in ds:
+        raise ConfigError(
+            f"--ds_config {cfg.ds_config}: remove the \"scheduler\" block; the warm-up/decay schedule is set by "
+            "--warmup_steps/--warmup_proportion/--decay/--decay_power so that phase 2 gets its own"
+        )
+    zero_stage = int(ds.get("zero_optimization", {}).get("stage", 0))
+    if zero_stage not in (1, 2, 3):
+        raise ConfigError(f"--ds_config {cfg.ds_config}: zero_optimization.stage must be 1, 2 or 3 (got {zero_stage})")
+    fp16 = ds.get("fp16", {}).get("enabled", False)
+    bf16 = ds.get("bf16", {}).get("enabled", False)
+    if fp16 and bf16:
+        raise ConfigError(f"--ds_config {cfg.ds_config}: enable either fp16 or bf16, not both")
+    precision = "fp16" if fp16 else "bf16" if bf16 else "fp32"
+    if ds.get("gradient_clipping", 0) <= 0:
+        # DeepSpeed only computes the global grad norm (and so only detects non-finite gradients
+        # in fp32) when clipping is on; the skip logic and the logged grad norm depend on it.
+        raise ConfigError(f"--ds_config {cfg.ds_config}: set \"gradient_clipping\" > 0 (BERT uses 1.0)")
+
+    opt = ds.get("optimizer")
+    if not isinstance(opt, dict) or "type" not in opt:
+        raise ConfigError(f"--ds_config {cfg.ds_config}: needs an \"optimizer\" block with \"type\" (AdamW or Lamb) and \"params\"")
+    otype = str(opt["type"]).lower().replace("_", "")
+    if otype in ("adamw", "adam"):
+        otype = "adamw"
+    elif otype in ("lamb", "fusedlamb", "onebitlamb"):
+        otype = "lamb"
+    else:
+        raise ConfigError(f"--ds_config {cfg.ds_config}: optimizer type {opt['type']!r} is not supported; use AdamW or Lamb")
+    params = dict(opt.get("params", {}))
+    if cfg.lr > 0:
+        params["lr"] = cfg.lr
+    if not isinstance(params.get("lr"), (int, float)) or params["lr"] <= 0:
+        raise ConfigError(f"--ds_config {cfg.ds_config}: optimizer params need a positive \"lr\" (or pass --lr)")
+    opt["params"] = params
+
+    return Resolved(
+        cfg=cfg,
+        ds_config=ds,
+        model_config=model,
+        world_size=world_size,
+        dp=dp,
+        micro_batch_size=micro,
+        grad_accum=accum,
+        global_batch_size=global_bs,
+        zero_stage=zero_stage,
+        precision=precision,
+        optimizer_type=otype,
+        optimizer_params=params,
+        manifest=manifest,
+    )
+
+
+def _resolve_batch(cfg: TrainConfig, ds: dict, dp: int) -> tuple[int, int, int]:
+    """micro x accumulation x dp = global, from any two of them (flags override the file)."""
+    src = f"--ds_config {cfg.ds_config}"
+    for k in _DS_BATCH_KEYS:
+        if k in ds and (not isinstance(ds[k], int) or ds[k] < 1):
+            raise ConfigError(f"{src}: {k} must be a positive integer, got {ds[k]!r}")
+    micro = cfg.micro_batch_size or ds.get("train_micro_batch_size_per_gpu")
+    global_bs = cfg.global_batch_size or ds.get("train_batch_size")
+    accum = ds.get("gradient_accumulation_steps")
+    if cfg.micro_batch_size or cfg.global_batch_size:
+        # A flag changes the batch: the file's accumulation no longer binds unless it is needed
+        # to complete the triple.
+        accum = None if global_bs is not None else (accum or 1)
+    if micro is None and global_bs is not None and accum is not None:
+        micro, rem = divmod(global_bs, accum * dp)
+        if rem or micro == 0:
+            raise ConfigError(f"{src}: train_batch_size {global_bs} is not divisible by gradient_accumulation_steps {accum} x dp {dp}")
+    if micro is None:
+        raise ConfigError(f"{src}: give train_micro_batch_size_per_gpu (or two of train_batch_size, micro batch, gradient_accumulation_steps)")
+    if global_bs is None:
+        accum = accum or 1
+        global_bs = micro * accum * dp
+    if accum is None:
+        accum, rem = divmod(global_bs, micro * dp)
+        if rem or accum == 0:
+            raise ConfigError(
+                f"global batch {global_bs} is not a multiple of micro batch {micro} x dp {dp} = {micro * dp}; "
+                "change --global_batch_size / --micro_batch_size or the number of processes"
+            )
+    if micro * accum * dp != global_bs:
+        raise ConfigError(
+            f"{src}: batch arithmetic does not hold: micro {micro} x accumulation {accum} x dp {dp} = "
+            f"{micro * accum * dp}, but the global batch is {global_bs}; fix the ds_config or pass "
+            "--global_batch_size/--micro_batch_size"
+        )
+    return micro, accum, global_bs
+
+
+def _check_data(cfg: TrainConfig, model: dict) -> dict:
+    d = cfg.data
+    man_path = os.path.join(d, "manifest.json")
+    if not os.path.isdir(d):
+        raise ConfigError(f"--data {d}: no such directory (create it with `python -m data_prep ... --output-dir {d}`)")
+    if not os.path.isfile(man_path):
+        raise ConfigError(f"--data {d}: no manifest.json, so data prep did not finish; re-run data_prep into it")
+    manifest = _read_json(man_path, "--data manifest")
+    pairs = manifest.get("pairs", {}).get(str(cfg.seq_length))
+    if not pairs:
+        have = sorted(int(k) for k in manifest.get("pairs", {}))
+        raise ConfigError(
+            f"--seq_length {cfg.seq_length}: --data {d} has no pair index for it (it has {have}); "
+            f"run data_prep with --seq-length {cfg.seq_length} or pick one of those"
+        )
+    from data_prep.pairs import PairIndex, PairIndexError
+
+    for split in ("train", "valid"):
+        if split not in pairs:
+            raise ConfigError(f"--data {d}: manifest has no {split} pair index for seq length {cfg.seq_length}")
+        path = os.path.join(d, pairs[split])
+        try:
+            idx = PairIndex(path)
+        except PairIndexError as e:
+            raise ConfigError(f"--data: {e}") from None
+        if idx.seq_length < cfg.seq_length:
+            raise ConfigError(f"--seq_length {cfg.seq_length} is longer than the pair index {path} ({idx.seq_length})")
+        if len(idx) == 0:
+            raise ConfigError(f"--data {d}: {path} has no pairs (too little text for seq length {cfg.seq_length})")
+    tok = manifest.get("tokenizer", {})
+    vocab = tok.get("vocab_size")
+    if isinstance(vocab, int) and vocab > model["vocab_size"]:
+        raise ConfigError(
+            f"--data {d}: tokenizer has {vocab} tokens but vocab_size in {cfg.model_config} is {model['vocab_size']}; "
+            "use a model config whose vocab_size is at least the tokenizer's"
+        )
+    return manifest
