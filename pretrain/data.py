@@ -1,0 +1,416 @@
+"""Pretraining samples over data_prep's output: dataset, data-parallel sampler, DataLoader.
+
+A sample is a pure function of (seed, global sample index i):
+- epoch = i // num_pairs; the pair order of an epoch is a permutation seeded by (seed, epoch);
+- the pair's A and B sentence runs are read straight from the Megatron corpus memmap, the longer
+  side is truncated at random ends until [CLS] A [SEP] B [SEP] fits (google-research/bert
+  `truncate_seq_pair`), and the result is masked dynamically (pretrain/masking.py), all with
+  random bits hashed from (seed, i).
+Nothing depends on the batch, the worker, the data-parallel rank or a resume, so the global sample
+order is simply 0, 1, 2, ...: the sampler only decides which rank builds which index, and the
+position in the run is one integer, `consumed_samples`.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Sequence
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+from data_prep.pairs import PairIndex, PairIndexError
+from pretrain.masking import (
+    PURPOSE_EPOCH_ORDER,
+    PURPOSE_TRUNCATE_A,
+    PURPOSE_TRUNCATE_B,
+    MaskingConfig,
+    apply_masking,
+    binomial_half,
+    build_token_tables,
+    random_bits,
+    sample_keys,
+)
+
+logger = logging.getLogger(__name__)
+
+SAMPLE_KEYS = ("input_ids", "token_type_ids", "attention_mask", "labels", "next_sentence_label")
+_SUPPORTED_FORMAT = 1
+_EPOCH_CACHE = 2  # permutations kept in memory: the current epoch and the one a batch straddles into
+_CHUNK = 1 << 22  # records per pass when validating big index files (bounded temporary memory)
+
+
+def truncation_counts(len_a: np.ndarray, len_b: np.ndarray, max_tokens: int) -> tuple[np.ndarray, np.ndarray]:
+    """Tokens `truncate_seq_pair` removes from A and from B (vectorised, closed form).
+
+    The original loop removes one token at a time from the longer side, from B on a tie. So the
+    longer side first loses the difference, then the remainder alternates starting with B.
+    """
+    excess = np.maximum(len_a + len_b - max_tokens, 0)
+    a_longer = len_a > len_b
+    first = np.minimum(excess, np.abs(len_a - len_b))
+    rest = excess - first
+    cut_a = np.where(a_longer, first, 0) + rest // 2
+    cut_b = np.where(a_longer, 0, first) + rest - rest // 2
+    return cut_a, cut_b
+
+
+class PretrainingBatch(Sequence):
+    """What `PretrainingDataset.__getitems__` returns: the batch arrays, viewable as samples.
+
+    It is a sequence of per-sample dicts (so torch's `default_collate` works on it), but
+    `collate_pretraining` takes the [B, S] arrays as they are, without a per-sample round trip.
+    """
+
+    def __init__(self, arrays: dict[str, np.ndarray]):
+        self.arrays = arrays
+
+    def __len__(self) -> int:
+        return len(self.arrays["input_ids"])
+
+    def __getitem__(self, r):
+        if isinstance(r, slice):
+            return [self[j] for j in range(*r.indices(len(self)))]
+        return {k: v[r] for k, v in self.arrays.items()}
+
+
+def collate_pretraining(batch) -> dict[str, torch.Tensor]:
+    """int64 tensors [B, S] (`next_sentence_label` [B]) from a PretrainingBatch or sample list."""
+    if isinstance(batch, PretrainingBatch):
+        arrays = batch.arrays
+    else:
+        arrays = {k: np.stack([np.asarray(s[k]) for s in batch]) for k in SAMPLE_KEYS}
+    return {k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.int64)) for k, v in arrays.items()}
+
+
+class PretrainingDataset(torch.utils.data.Dataset):
+    """Masked NSP samples `[CLS] A [SEP] B [SEP]` for global sample indices 0, 1, 2, ... (any epoch)."""
+
+    def __init__(
+        self,
+        data_dir: str,
+        seq_length: int,
+        split: str = "train",
+        masking: Optional[MaskingConfig] = None,
+        seed: int = 1234,
+    ):
+        self.data_dir = data_dir
+        self.seq_length = int(seq_length)
+        self.split = split
+        self.masking = masking if masking is not None else MaskingConfig()
+        self.masking.validate()
+        self.seed = int(seed)
+        if self.seq_length < 5:
+            raise ValueError(f"seq_length = {seq_length}: needs room for [CLS] A [SEP] B [SEP] (>= 5)")
+        self._open()
+
+    # Workers started with 'spawn' get the paths, not a pickled copy of the memmaps.
+    def __getstate__(self):
+        return {
+            "data_dir": self.data_dir,
+            "seq_length": self.seq_length,
+            "split": self.split,
+            "masking": self.masking,
+            "seed": self.seed,
+        }
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._open()
+
+    def _open(self) -> None:
+        manifest_path = os.path.join(self.data_dir, "manifest.json")
+        if not os.path.isfile(manifest_path):
+            raise FileNotFoundError(
+                f"{manifest_path} not found: point data_dir at a finished data_prep output directory "
+                "(python -m data_prep ... --output-dir DIR writes manifest.json last)"
+            )
+        try:
+            with open(manifest_path, encoding="utf-8") as f:
+                manifest = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"{manifest_path}: not readable JSON ({e}); re-run data_prep") from e
+        if manifest.get("format_version") != _SUPPORTED_FORMAT:
+            raise ValueError(
+                f"{manifest_path}: format_version {manifest.get('format_version')!r}, this code reads "
+                f"{_SUPPORTED_FORMAT}; re-run data_prep with this version of the code"
+            )
+        pairs = manifest.get("pairs") or {}
+        by_length = pairs.get(str(self.seq_length))
+        if by_length is None:
+            have = sorted(pairs, key=lambda s: int(s) if str(s).isdigit() else 0)
+            raise ValueError(
+                f"{manifest_path}: no NSP pairs for seq_length {self.seq_length} (available: {have}); "
+                f"use one of those or re-run data_prep with --seq-length {self.seq_length}"
+            )
+        if self.split not in by_length:
+            raise ValueError(
+                f"{manifest_path}: no '{self.split}' split for seq_length {self.seq_length} "
+                f"(available: {sorted(by_length)})"
+            )
+        try:
+            self.pair_index = PairIndex(os.path.join(self.data_dir, by_length[self.split]))
+        except PairIndexError as e:
+            raise ValueError(str(e)) from e
+        if self.pair_index.seq_length != self.seq_length:
+            raise ValueError(
+                f"{self.pair_index.path}: built for seq_length {self.pair_index.seq_length}, "
+                f"manifest lists it under {self.seq_length}; re-run data_prep"
+            )
+        if len(self.pair_index) == 0:
+            raise ValueError(f"{self.pair_index.path}: no NSP pairs in the '{self.split}' split (corpus too small?)")
+
+        prefix = os.path.join(self.data_dir, str(manifest.get("corpus", "corpus")))
+        if not IndexedDataset.exists(prefix):
+            raise FileNotFoundError(f"{manifest_path}: corpus {prefix}.bin/.idx not found; re-run data_prep")
+        self.corpus = IndexedDataset(prefix)
+        self.tables = build_token_tables(manifest.get("tokenizer"), self.data_dir, manifest_path)
+
+        # One flat view of the .bin: a sentence run A is then a single contiguous slice, read
+        # without a Python call per sentence. Offsets come from the .idx memmaps per batch, so
+        # nothing here grows with the corpus.
+        self._lengths = self.corpus.sequence_lengths
+        self._pointers = self.corpus.index.sequence_pointers
+        self._itemsize = np.dtype(self.corpus.index.dtype).itemsize
+        n_sent = len(self._lengths)
+        self._base = int(self._pointers[0]) // self._itemsize if n_sent else 0
+        for lo in range(0, n_sent, _CHUNK):
+            hi = min(n_sent, lo + _CHUNK + 1)
+            ptr = self._pointers[lo:hi].astype(np.int64)
+            if not np.array_equal(ptr[1:], ptr[:-1] + self._lengths[lo : hi - 1].astype(np.int64) * self._itemsize):
+                raise ValueError(f"{prefix}.idx: sentences are not stored back to back; re-run data_prep")
+        total = int(self._pointers[-1]) // self._itemsize + int(self._lengths[-1]) - self._base if n_sent else 0
+        self.tokens = self.corpus.get(0, 0, total) if total else np.zeros(0, dtype=np.int32)
+
+        p = self.pair_index.pairs
+        for lo in range(0, len(p), _CHUNK):
+            q = p[lo : lo + _CHUNK]
+            a_start, b_start = q["a_start"].astype(np.int64), q["b_start"].astype(np.int64)
+            a_count, b_count = q["a_count"].astype(np.int64), q["b_count"].astype(np.int64)
+            bad = (a_count < 1) | (b_count < 1) | (a_start + a_count > n_sent) | (b_start + b_count > n_sent)
+            if bad.any():
+                first = lo + int(np.flatnonzero(bad)[0])
+                raise ValueError(
+                    f"{self.pair_index.path}: pair {first} refers to sentences outside the corpus "
+                    f"({n_sent} sentences) or to an empty run; the pair index does not belong to this corpus"
+                )
+        self._perms: dict[int, np.ndarray] = {}
+
+    def _span(self, first: np.ndarray, count: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Token offset into self.tokens and token count of the sentence runs [first, first+count)."""
+        last = first + count - 1
+        start = self._pointers[first].astype(np.int64) // self._itemsize - self._base
+        end = self._pointers[last].astype(np.int64) // self._itemsize - self._base + self._lengths[last]
+        return start, end - start
+
+    @property
+    def num_pairs(self) -> int:
+        return len(self.pair_index)
+
+    def __len__(self) -> int:
+        """Samples in one epoch (one pass over the pairs); indices beyond it are later epochs."""
+        return self.num_pairs
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """Permutation of the pair ids for `epoch`, a pure function of (seed, epoch)."""
+        perm = self._perms.get(epoch)
+        if perm is None:
+            keys = sample_keys(self.seed, np.array([epoch]))
+            bits = random_bits(keys, PURPOSE_EPOCH_ORDER, np.arange(self.num_pairs, dtype=np.uint64))
+            perm = np.argsort(bits, kind="stable")
+            if self.num_pairs < 2**31:
+                perm = perm.astype(np.int32)  # half the memory on big corpora
+            if len(self._perms) >= _EPOCH_CACHE:
+                self._perms.pop(min(self._perms))
+            self._perms[epoch] = perm
+        return perm
+
+    def _pair_ids(self, indices: np.ndarray) -> np.ndarray:
+        epochs = indices // self.num_pairs
+        within = indices % self.num_pairs
+        out = np.empty(len(indices), dtype=np.int64)
+        for e in np.unique(epochs):
+            sel = epochs == e
+            out[sel] = self.epoch_order(int(e))[within[sel]]
+        return out
+
+    def get_batch(self, indices) -> dict[str, np.ndarray]:
+        """Samples for global indices as int64 arrays [B, S] (`next_sentence_label` [B])."""
+        indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if len(indices) and indices.min() < 0:
+            raise IndexError(f"sample index {int(indices.min())} < 0: global sample indices start at 0")
+        s = self.seq_length
+        keys = sample_keys(self.seed, indices)
+        rec = self.pair_index.pairs[self._pair_ids(indices)]
+        a_tok, len_a = self._span(rec["a_start"].astype(np.int64), rec["a_count"].astype(np.int64))
+        b_tok, len_b = self._span(rec["b_start"].astype(np.int64), rec["b_count"].astype(np.int64))
+        cut_a, cut_b = truncation_counts(len_a, len_b, s - 3)
+        # Each removed token comes off the front or the back with probability 1/2, as in the
+        # original's per-token coin; only the count from the front matters.
+        front_a = binomial_half(keys, PURPOSE_TRUNCATE_A, cut_a)
+        front_b = binomial_half(keys, PURPOSE_TRUNCATE_B, cut_b)
+        a0, b0 = a_tok + front_a, b_tok + front_b
+        la, lb = (len_a - cut_a)[:, None], (len_b - cut_b)[:, None]
+
+        col = np.arange(s, dtype=np.int64)[None, :]
+        in_a = (col >= 1) & (col <= la)
+        b_off = col - 2 - la
+        in_b = (b_off >= 0) & (b_off < lb)
+        text = in_a | in_b
+        src = np.where(in_a, a0[:, None] + col - 1, b0[:, None] + b_off)
+        input_ids = np.where(text, self.tokens[np.where(text, src, 0)], self.tables.pad_id).astype(np.int64)
+        if input_ids.size and input_ids.max() >= self.tables.vocab_size:
+            raise ValueError(
+                f"{self.corpus.path_prefix}.bin holds token ids >= tokenizer.vocab_size "
+                f"{self.tables.vocab_size}: corpus and manifest tokenizer do not match; re-run data_prep"
+            )
+        input_ids[:, 0] = self.tables.cls_id
+        input_ids[(col == la + 1) | (b_off == lb)] = self.tables.sep_id
+        token_type_ids = ((b_off >= 0) & (b_off <= lb)).astype(np.int64)
+        attention_mask = (col < la + lb + 3).astype(np.int64)
+        labels = apply_masking(input_ids, text, keys, self.tables, self.masking)
+        return {
+            "input_ids": input_ids,
+            "token_type_ids": token_type_ids,
+            "attention_mask": attention_mask,
+            "labels": labels,
+            "next_sentence_label": rec["is_random"].astype(np.int64),
+        }
+
+    def __getitems__(self, indices) -> PretrainingBatch:
+        # torch's fetcher calls this with a whole micro-batch: one vectorised pass.
+        return PretrainingBatch(self.get_batch(indices))
+
+    def __getitem__(self, i) -> dict[str, np.ndarray]:
+        if not isinstance(i, (int, np.integer)):
+            raise TypeError(f"PretrainingDataset index must be an int, got {type(i).__name__}")
+        return PretrainingBatch(self.get_batch([int(i)]))[0]
+
+
+class PretrainingSampler:
+    """Batch sampler for data parallelism over the global sample order 0, 1, 2, ...
+
+    Each micro-step consumes `micro_batch_size * dp_size` consecutive global indices starting at
+    `consumed_samples`; global index g of that block goes to rank `g % dp_size`. With gradient
+    accumulation a global batch (micro x accumulation x dp) is therefore the contiguous range
+    [k * global, (k + 1) * global), the same set for any dp size, so a run resumed at another dp
+    size (same global batch) continues exactly where it stopped.
+
+    Yields lists of `micro_batch_size` indices for this rank; `consumed_samples` counts the
+    global samples handed out so far (all ranks). Behind a prefetching DataLoader use the
+    loader's state_dict (it counts delivered batches), not this one's.
+    """
+
+    def __init__(
+        self,
+        total_samples: Optional[int] = None,
+        dp_rank: int = 0,
+        dp_size: int = 1,
+        micro_batch_size: int = 1,
+        consumed_samples: int = 0,
+    ):
+        if dp_size < 1:
+            raise ValueError(f"dp_size = {dp_size}: must be >= 1")
+        if not 0 <= dp_rank < dp_size:
+            raise ValueError(f"dp_rank = {dp_rank}: must be in [0, dp_size={dp_size})")
+        if micro_batch_size < 1:
+            raise ValueError(f"micro_batch_size = {micro_batch_size}: must be >= 1")
+        if consumed_samples < 0:
+            raise ValueError(f"consumed_samples = {consumed_samples}: must be >= 0")
+        if total_samples is not None and total_samples < 0:
+            raise ValueError(f"total_samples = {total_samples}: must be >= 0 or None (endless)")
+        self.total_samples = total_samples
+        self.dp_rank = dp_rank
+        self.dp_size = dp_size
+        self.micro_batch_size = micro_batch_size
+        self.consumed_samples = consumed_samples
+
+    @property
+    def samples_per_step(self) -> int:
+        """Global samples consumed by one micro-step of all ranks together."""
+        return self.micro_batch_size * self.dp_size
+
+    def __iter__(self) -> Iterator[list[int]]:
+        step = self.samples_per_step
+        while self.total_samples is None or self.consumed_samples + step <= self.total_samples:
+            start = self.consumed_samples + self.dp_rank
+            batch = list(range(start, start + step, self.dp_size))
+            self.consumed_samples += step
+            yield batch
+
+    def __len__(self) -> int:
+        if self.total_samples is None:
+            raise TypeError("PretrainingSampler without total_samples is endless and has no len()")
+        return max(0, self.total_samples - self.consumed_samples) // self.samples_per_step
+
+    def state_dict(self) -> dict:
+        return {"consumed_samples": self.consumed_samples}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "consumed_samples" not in state:
+            raise KeyError("sampler state has no 'consumed_samples' (not saved by PretrainingSampler?)")
+        self.consumed_samples = int(state["consumed_samples"])
+
+
+class PretrainingDataLoader(torch.utils.data.DataLoader):
+    """A DataLoader over a PretrainingSampler whose position survives save/restore.
+
+    Workers prefetch ahead of the training loop, so the position is counted here, on delivery:
+    `state_dict()` after n batches says n micro-steps were consumed, whatever was prefetched.
+    """
+
+    def __init__(self, dataset: PretrainingDataset, sampler: PretrainingSampler, **kwargs):
+        super().__init__(dataset, batch_sampler=sampler, collate_fn=collate_pretraining, **kwargs)
+        self._consumed = sampler.consumed_samples
+
+    @property
+    def consumed_samples(self) -> int:
+        return self._consumed
+
+    def __iter__(self):
+        self.batch_sampler.consumed_samples = self._consumed
+        step = self.batch_sampler.samples_per_step
+        for batch in super().__iter__():
+            self._consumed += step
+            yield batch
+
+    def state_dict(self) -> dict:
+        return {"consumed_samples": self._consumed}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "consumed_samples" not in state:
+            raise KeyError("loader state has no 'consumed_samples' (not saved by PretrainingDataLoader?)")
+        self._consumed = int(state["consumed_samples"])
+
+
+def build_dataloader(
+    dataset: PretrainingDataset,
+    micro_batch_size: int,
+    dp_rank: int = 0,
+    dp_size: int = 1,
+    consumed_samples: int = 0,
+    total_samples: Optional[int] = None,
+    num_workers: int = 0,
+    pin_memory: Optional[bool] = None,
+    prefetch_factor: Optional[int] = None,
+) -> PretrainingDataLoader:
+    """DataLoader yielding this rank's micro-batches as int64 tensors, from `consumed_samples` on.
+
+    `pin_memory` defaults to "CUDA available" (pinning is useless, and warns, on CPU).
+    """
+    if num_workers < 0:
+        raise ValueError(f"num_workers = {num_workers}: must be >= 0")
+    sampler = PretrainingSampler(total_samples, dp_rank, dp_size, micro_batch_size, consumed_samples)
+    kwargs = {}
+    if num_workers > 0 and prefetch_factor is not None:
+        kwargs["prefetch_factor"] = prefetch_factor
+    return PretrainingDataLoader(
+        dataset,
+        sampler,
+        num_workers=num_workers,
+        pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
+        **kwargs,
+    )
