@@ -72,3 +72,37 @@ class PairIndex:
 
     def __len__(self) -> int:
         return len(self.pairs)
+
+
+class PairIndexWriter:
+    """Streaming writer for the same format: records are appended as they are built, so memory
+    does not grow with the number of pairs; the header is filled in and the file renamed into place
+    only by `close()` (an interrupted run leaves only a `.tmp` file)."""
+
+    def __init__(self, path: str, seq_length: int):
+        self.path = path
+        self.seq_length = seq_length
+        self.count = 0
+        self._tmp = f"{path}.tmp.{os.getpid()}"
+        self._f = open(self._tmp, "wb")
+        self._f.write(b"\x00" * HEADER_SIZE)
+
+    def write(self, records: np.ndarray) -> None:
+        records = np.ascontiguousarray(records, dtype=PAIR_DTYPE)
+        self._f.write(records.tobytes())
+        self.count += len(records)
+
+    def close(self) -> None:
+        self._f.seek(0)
+        self._f.write(_HEADER.pack(MAGIC, VERSION, self.seq_length, self.count, PAIR_DTYPE.itemsize, 0))
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self._f.close()
+        os.replace(self._tmp, self.path)
+
+    def abort(self) -> None:
+        self._f.close()
+        try:
+            os.remove(self._tmp)
+        except OSError:
+            pass

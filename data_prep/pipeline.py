@@ -1,0 +1,417 @@
+"""The data-prep pipeline: read -> shard (parallel workers, MPI ranks) -> merge -> split -> pairs
+-> manifest. `run(PrepConfig)` is what the CLI, the embedded demo and the test helpers call.
+
+Determinism: shards are fixed runs of documents in reading order, every random choice is seeded
+per document, and the merge goes in shard order, so output bytes do not depend on worker or rank
+counts. Atomicity: every file is written under a temporary name and renamed; manifest.json is
+removed at the start and written last, so a directory without it is never mistaken for complete.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from collections import Counter, deque
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from . import readers
+from .errors import DataPrepError
+from .pairs import PairIndexWriter
+from .shards import corpus_dtype, init_worker, process_shard, shard_done, shard_prefix
+from .splitter import SPLITTERS
+from .tokenizer import load_tokenizer, sha256_file, train_sentencepiece
+
+log = logging.getLogger("data_prep")
+
+FORMAT_VERSION = 1
+WORK_DIR = ".work"
+# Arguments that change how the run is executed but never what it writes: kept out of the
+# manifest so that 1 worker and 8 workers give byte-identical directories.
+RUNTIME_ONLY = ("output_dir", "workers", "keep_work", "progress", "cache_dir")
+
+
+@dataclass
+class PrepConfig:
+    inputs: list
+    output_dir: str
+    vocab: str | None = None
+    seq_lengths: list = field(default_factory=lambda: [128])
+    seed: int = 1234
+    valid_fraction: float = 0.01
+    dupe_factor: int = 1
+    short_seq_prob: float = 0.1
+    lower_case: bool | None = None
+    splitter: str = "blingfire"
+    input_format: str = "auto"
+    json_key: str = "text"
+    max_sentence_tokens: int = 512
+    docs_per_shard: int = 1000
+    train_spm_vocab_size: int = 0
+    spm_model_type: str = "unigram"
+    spm_train_sentences: int = 1_000_000
+    workers: int = 1
+    keep_work: bool = False
+    progress: bool = True
+
+    def validate(self) -> None:
+        if not self.inputs:
+            raise DataPrepError("--input: give at least one file or directory")
+        if not self.seq_lengths:
+            raise DataPrepError("--seq-length: give at least one sequence length")
+        for L in self.seq_lengths:
+            if not 8 <= L <= 65535:
+                raise DataPrepError(f"--seq-length {L}: must be between 8 and 65535")
+        if len(set(self.seq_lengths)) != len(self.seq_lengths):
+            raise DataPrepError(f"--seq-length {self.seq_lengths}: each length may be given once")
+        if not 0.0 <= self.valid_fraction < 0.5:
+            raise DataPrepError(f"--valid-fraction {self.valid_fraction}: must be in [0, 0.5)")
+        if not 0.0 <= self.short_seq_prob <= 1.0:
+            raise DataPrepError(f"--short-seq-prob {self.short_seq_prob}: must be in [0, 1]")
+        if self.dupe_factor < 1:
+            raise DataPrepError(f"--dupe-factor {self.dupe_factor}: must be >= 1")
+        if self.workers < 1:
+            raise DataPrepError(f"--workers {self.workers}: must be >= 1")
+        if self.docs_per_shard < 1:
+            raise DataPrepError(f"--docs-per-shard {self.docs_per_shard}: must be >= 1")
+        if self.max_sentence_tokens < 1:
+            raise DataPrepError(f"--max-sentence-tokens {self.max_sentence_tokens}: must be >= 1")
+        if self.splitter not in SPLITTERS:
+            raise DataPrepError(f"--splitter {self.splitter}: choose one of {sorted(SPLITTERS)}")
+        if self.input_format not in ("auto", "text", "jsonl"):
+            raise DataPrepError(f"--input-format {self.input_format}: choose auto, text or jsonl")
+        if self.train_spm_vocab_size:
+            if self.vocab:
+                raise DataPrepError("--vocab and --train-spm-vocab-size exclude each other: drop one")
+            if self.train_spm_vocab_size < 16:
+                raise DataPrepError(f"--train-spm-vocab-size {self.train_spm_vocab_size}: must be >= 16")
+        elif not self.vocab:
+            raise DataPrepError("--vocab: give a WordPiece vocab.txt or a sentencepiece .model "
+                                "(or --train-spm-vocab-size N to train one, or --embedded)")
+
+    def manifest_args(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if k not in RUNTIME_ONLY}
+
+
+class _SingleComm:
+    rank, size = 0, 1
+
+    def barrier(self):
+        pass
+
+    def bcast(self, obj, root=0):
+        return obj
+
+
+def _atomic_json(path: str, obj) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _fingerprint(cfg: PrepConfig, files: list[str]) -> dict:
+    def stat(p):
+        st = os.stat(p)
+        return [p, st.st_size, st.st_mtime_ns]
+
+    return {
+        "files": [stat(p) for p in files],
+        "tokenizer": sha256_file(cfg.vocab) if cfg.vocab else f"train-spm:{cfg.train_spm_vocab_size}:{cfg.spm_model_type}:{cfg.spm_train_sentences}",
+        **{k: getattr(cfg, k) for k in ("lower_case", "splitter", "input_format", "json_key",
+                                        "max_sentence_tokens", "docs_per_shard")},
+        "format_version": FORMAT_VERSION,
+    }
+
+
+def _prepare_work_dir(cfg: PrepConfig, files: list[str], work: str) -> bool:
+    """Keep finished shards only if they were made from the same inputs and arguments."""
+    fp = _fingerprint(cfg, files)
+    fp_path = os.path.join(work, "fingerprint.json")
+    try:
+        with open(fp_path) as f:
+            if json.load(f) == json.loads(json.dumps(fp)):
+                return True
+    except (OSError, json.JSONDecodeError):
+        pass
+    shutil.rmtree(work, ignore_errors=True)
+    os.makedirs(work)
+    _atomic_json(fp_path, fp)
+    return False
+
+
+def _train_spm(cfg: PrepConfig, files: list[str], work: str) -> str:
+    model = os.path.join(work, "spm.model")
+    if os.path.exists(model):
+        return model
+    split = SPLITTERS[cfg.splitter]
+    sent_file = os.path.join(work, "spm_sentences.txt")
+    n = 0
+    with open(sent_file, "w", encoding="utf-8") as f:
+        for _, lines in readers.iter_documents(files, readers.ReadStats(), cfg.input_format, cfg.json_key):
+            for ln in lines:
+                for a, b in split(ln):
+                    s = ln[a:b].strip()
+                    if s:
+                        f.write((s.lower() if cfg.lower_case else s) + "\n")
+                        n += 1
+            if n >= cfg.spm_train_sentences:
+                break
+    log.info("training sentencepiece (%s, vocab %d) on %d sentences", cfg.spm_model_type, cfg.train_spm_vocab_size, n)
+    tmp_prefix = os.path.join(work, f"spm_tmp{os.getpid()}")
+    train_sentencepiece(sent_file, tmp_prefix, cfg.train_spm_vocab_size, cfg.spm_model_type,
+                        input_sentence_size=cfg.spm_train_sentences, seed=cfg.seed)
+    os.replace(tmp_prefix + ".model", model)
+    for p in (tmp_prefix + ".vocab", sent_file):
+        if os.path.exists(p):
+            os.remove(p)
+    return model
+
+
+def _chunks(doc_iter, size: int):
+    buf = []
+    sid = 0
+    for _, lines in doc_iter:
+        buf.append(lines)
+        if len(buf) == size:
+            yield sid, buf
+            sid += 1
+            buf = []
+    if buf:
+        yield sid, buf
+
+
+def _build_shards(cfg: PrepConfig, files: list[str], work: str, tok_file: str, comm, bar) -> tuple[int, readers.ReadStats, int]:
+    stats = readers.ReadStats()
+    wcfg = {"tokenizer_file": tok_file, "lower_case": cfg.lower_case, "splitter": cfg.splitter,
+            "max_sentence_tokens": cfg.max_sentence_tokens, "work_dir": work, "in_worker": cfg.workers > 1}
+    pool = None
+    if cfg.workers > 1:
+        import multiprocessing as mp
+
+        # fork: workers inherit the imported modules (torch, megatron) instead of re-importing.
+        pool = mp.get_context("fork").Pool(cfg.workers, initializer=init_worker, initargs=(wcfg,))
+    else:
+        init_worker(wcfg)
+    pending: deque = deque()
+    n_shards = 0
+    resumed = 0
+    try:
+        for sid, docs in _chunks(readers.iter_documents(files, stats, cfg.input_format, cfg.json_key), cfg.docs_per_shard):
+            n_shards = sid + 1
+            if bar is not None:
+                bar.update(len(docs))
+            if sid % comm.size != comm.rank:
+                continue
+            if shard_done(work, sid) is not None:
+                resumed += 1
+                continue
+            if pool is None:
+                process_shard(sid, docs)
+            else:
+                pending.append(pool.apply_async(process_shard, (sid, docs)))
+                # A bounded window keeps memory flat: the reader never runs far ahead of workers.
+                while len(pending) >= 2 * cfg.workers:
+                    pending.popleft().get()
+        while pending:
+            pending.popleft().get()
+    finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+    return n_shards, stats, resumed
+
+
+def _merge(work: str, n_shards: int, out_prefix: str, dtype) -> Counter:
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    totals: Counter = Counter()
+    tmp_bin = out_prefix + ".bin.tmp"
+    builder = IndexedDatasetBuilder(tmp_bin, dtype=dtype)
+    for sid in range(n_shards):
+        info = shard_done(work, sid)
+        if info is None:
+            raise DataPrepError(f"shard {sid} in {work} is missing: a worker or MPI rank failed; re-run to resume")
+        totals.update(info["counts"])
+        totals["input_documents"] += info["input_documents"]
+        if info["counts"].get("documents", 0):
+            builder.add_index(shard_prefix(work, sid))
+    builder.finalize(out_prefix + ".idx.tmp")
+    os.replace(tmp_bin, out_prefix + ".bin")
+    os.replace(out_prefix + ".idx.tmp", out_prefix + ".idx")
+    return totals
+
+
+def split_documents(doc_count: np.ndarray, valid_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded by-document split. Valid documents are drawn among those that can form a pair."""
+    eligible = np.flatnonzero(doc_count >= 2)
+    n_valid = 0
+    if valid_fraction > 0 and len(eligible) >= 4:
+        # At least 2, so that a random-next B can come from another valid document.
+        n_valid = max(2, int(round(valid_fraction * len(eligible))))
+    rng = np.random.default_rng([seed, 0x5EED])
+    valid = np.sort(rng.permutation(eligible)[:n_valid])
+    mask = np.ones(len(doc_count), dtype=bool)
+    mask[valid] = False
+    return np.flatnonzero(mask), valid
+
+
+def _build_pairs(cfg: PrepConfig, out_dir: str, sent_lens, doc_idx) -> tuple[dict, dict]:
+    from .nsp import split_pairs
+
+    doc_first = np.asarray(doc_idx[:-1], dtype=np.int64)
+    doc_count = np.diff(np.asarray(doc_idx, dtype=np.int64))
+    train, valid = split_documents(doc_count, cfg.valid_fraction, cfg.seed)
+    pairs, counts = {}, {}
+    for L in cfg.seq_lengths:
+        pairs[str(L)] = {}
+        counts[str(L)] = {}
+        for name, docs in (("train", train), ("valid", valid)):
+            fname = f"pairs_{L}_{name}.bin"
+            w = PairIndexWriter(os.path.join(out_dir, fname), L)
+            st: Counter = Counter()
+            try:
+                if len(docs):
+                    split_pairs(L, docs, cfg.seed, cfg.dupe_factor, cfg.short_seq_prob, doc_first, doc_count,
+                                sent_lens, w.write, st)
+            except BaseException:
+                w.abort()
+                raise
+            w.close()
+            pairs[str(L)][name] = fname
+            counts[str(L)][name] = {"pairs": w.count, "documents": int(len(docs)),
+                                    "short_target_documents": int(st["short_target_documents"])}
+    return pairs, counts
+
+
+def run(cfg: PrepConfig, comm=None) -> dict:
+    """Run the whole pipeline; returns the manifest (rank 0) or None (other MPI ranks)."""
+    t0 = time.time()
+    comm = comm or _SingleComm()
+    cfg.validate()
+    files = readers.expand_inputs(cfg.inputs)
+    out = cfg.output_dir
+    work = os.path.join(out, WORK_DIR)
+    manifest_path = os.path.join(out, "manifest.json")
+    if comm.rank == 0:
+        try:
+            os.makedirs(out, exist_ok=True)
+        except OSError as e:
+            raise DataPrepError(f"--output-dir {out}: cannot create ({e.strerror})") from e
+        if os.path.exists(manifest_path):
+            # Invalidate first: from here until the new manifest lands the directory is incomplete.
+            os.remove(manifest_path)
+        resumed_dir = _prepare_work_dir(cfg, files, work)
+        if resumed_dir:
+            log.info("resuming from finished shards in %s", work)
+    comm.barrier()
+
+    if cfg.train_spm_vocab_size:
+        tok_file = _train_spm(cfg, files, work) if comm.rank == 0 else None
+        tok_file = comm.bcast(tok_file, root=0)
+    else:
+        tok_file = cfg.vocab
+    tok = load_tokenizer(tok_file, cfg.lower_case)  # validates the vocab before any real work
+    if cfg.lower_case is None:
+        cfg.lower_case = tok.lower_case
+
+    bar = None
+    if cfg.progress and comm.rank == 0:
+        from tqdm import tqdm
+
+        bar = tqdm(unit=" docs", desc="tokenizing", dynamic_ncols=True)
+    try:
+        n_shards, rstats, resumed = _build_shards(cfg, files, work, tok_file, comm, bar)
+    finally:
+        if bar is not None:
+            bar.close()
+    comm.barrier()
+    if comm.rank != 0:
+        return None
+    if n_shards == 0:
+        raise DataPrepError(f"--input {' '.join(cfg.inputs)}: no documents found (all files empty or blank); "
+                            "check the files and --input-format")
+
+    prefix = os.path.join(out, "corpus")
+    totals = _merge(work, n_shards, prefix, corpus_dtype(tok.vocab_size))
+    if totals["documents"] == 0:
+        raise DataPrepError(f"--input {' '.join(cfg.inputs)}: no document had any token after cleaning")
+    if totals["sentences"] >= 2**32:
+        raise DataPrepError("corpus has >= 2^32 sentences: the pair index stores uint32 sentence ids; "
+                            "split the inputs into several data_prep runs")
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    ds = IndexedDataset(prefix)
+    pairs, pair_counts = _build_pairs(cfg, out, ds.sequence_lengths, ds.document_indices)
+    del ds
+
+    tok_copy = tok.copy_to(out)
+    names = ["corpus.bin", "corpus.idx", os.path.basename(tok_copy)]
+    names += [f for L in pairs.values() for f in L.values()]
+    dropped = {
+        "empty_documents": rstats.counts["empty_documents"] + totals["empty_documents_after_tokenizing"],
+        "one_sentence_documents_no_pairs": totals["one_sentence_documents"],
+        "long_sentences_cut": totals["long_sentences_cut"],
+        "long_lines_cut": rstats.counts["long_lines_cut"],
+        "invalid_utf8_lines": rstats.counts["invalid_utf8_lines"],
+        "nul_bytes_removed": rstats.counts["nul_bytes"],
+        "bad_json_lines": rstats.counts["bad_json_lines"],
+        "json_lines_without_text": rstats.counts["json_lines_without_text"],
+        "empty_files": rstats.empty_files,
+    }
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "corpus": "corpus",
+        "pairs": pairs,
+        "tokenizer": {
+            "type": tok.type,
+            "file": os.path.basename(tok_copy),
+            "lower_case": bool(cfg.lower_case),
+            "vocab_size": tok.vocab_size,
+            "sha256": sha256_file(tok_copy),
+            "special_ids": tok.special_ids,
+        },
+        "counts": {
+            "input_files": len(files),
+            "documents": totals["documents"],
+            "sentences": totals["sentences"],
+            "tokens": totals["tokens"],
+            "pairs": pair_counts,
+        },
+        "dropped": dropped,
+        "args": cfg.manifest_args(),
+        "seed": cfg.seed,
+        "sentence_splitter": cfg.splitter,
+        "files": {n: sha256_file(os.path.join(out, n)) for n in names},
+    }
+    _atomic_json(manifest_path, manifest)
+    if not cfg.keep_work:
+        shutil.rmtree(work, ignore_errors=True)
+    elapsed = time.time() - t0
+    manifest["_run"] = {"seconds": elapsed, "tokens_per_s": totals["tokens"] / max(elapsed, 1e-9),
+                        "resumed_shards": resumed, "shards": n_shards}
+    return manifest
+
+
+def format_report(m: dict) -> str:
+    c, d, r = m["counts"], m["dropped"], m.get("_run", {})
+    lines = [
+        "data_prep report",
+        f"  documents {c['documents']:,}  sentences {c['sentences']:,}  tokens {c['tokens']:,}",
+    ]
+    for L, sp in c["pairs"].items():
+        lines.append(f"  pairs @{L}: train {sp['train']['pairs']:,} ({sp['train']['documents']:,} docs)  "
+                     f"valid {sp['valid']['pairs']:,} ({sp['valid']['documents']:,} docs)")
+    for k, v in d.items():
+        if v:
+            lines.append(f"  dropped/cleaned {k}: {v if not isinstance(v, list) else len(v)}")
+    if r:
+        lines.append(f"  {r['seconds']:.1f} s, {r['tokens_per_s']:,.0f} tokens/s, "
+                     f"{r['shards']} shards ({r['resumed_shards']} resumed)")
+    return "\n".join(lines)

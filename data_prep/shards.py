@@ -1,0 +1,105 @@
+"""Tokenize one deterministic unit of documents (a shard) into a small Megatron dataset.
+
+A shard is the k-th run of `docs_per_shard` documents in the global reading order, so its content
+depends only on the inputs and the arguments: never on how many workers or MPI ranks exist. Each
+shard is finished by writing `<prefix>.json` last (atomic rename); a re-run finds those markers
+and skips the work, which is the resume path.
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+
+import numpy as np
+
+from .splitter import get_splitter
+from .tokenizer import load_tokenizer
+
+_STATE: dict = {}
+
+
+def corpus_dtype(vocab_size: int):
+    # megatron-core's own rule (uint16 below 65,500 entries), restated to avoid importing torch
+    # in every worker just to read it.
+    return np.uint16 if vocab_size < 65500 else np.int32
+
+
+def init_worker(cfg: dict) -> None:
+    """Per-process state: built once per worker, not per shard."""
+    os.environ["TOKENIZERS_PARALLELISM"] = "false" if cfg.get("in_worker") else os.environ.get("TOKENIZERS_PARALLELISM", "true")
+    tok = load_tokenizer(cfg["tokenizer_file"], cfg["lower_case"])
+    _STATE.update(cfg=cfg, tok=tok, split=get_splitter(cfg["splitter"]))
+
+
+def shard_prefix(work_dir: str, shard_id: int) -> str:
+    return os.path.join(work_dir, f"shard_{shard_id:06d}")
+
+
+def shard_done(work_dir: str, shard_id: int) -> dict | None:
+    try:
+        with open(shard_prefix(work_dir, shard_id) + ".json") as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def document_sentences(lines: list[str], encoded, split, max_sentence_tokens: int, counts: Counter) -> list[np.ndarray]:
+    """Token arrays, one per sentence, for one document whose lines were already encoded."""
+    sents: list[np.ndarray] = []
+    for line, (ids, starts) in zip(lines, encoded):
+        if len(ids) == 0:
+            continue
+        spans = split(line)
+        if len(spans) > 1:
+            span_starts = np.fromiter((s for s, _ in spans[1:]), dtype=np.int64, count=len(spans) - 1)
+            cuts = np.searchsorted(starts, span_starts, side="left")
+            pieces = np.split(ids, cuts)
+        else:
+            pieces = [ids]
+        for p in pieces:
+            if len(p) == 0:
+                continue
+            if len(p) > max_sentence_tokens:
+                counts["long_sentences_cut"] += 1
+                sents.extend(p[i:i + max_sentence_tokens] for i in range(0, len(p), max_sentence_tokens))
+            else:
+                sents.append(p)
+    return sents
+
+
+def process_shard(shard_id: int, docs: list[list[str]]) -> dict:
+    """Tokenize `docs` and write shard files; returns the shard's counts (also stored as JSON)."""
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    cfg, tok, split = _STATE["cfg"], _STATE["tok"], _STATE["split"]
+    prefix = shard_prefix(cfg["work_dir"], shard_id)
+    counts: Counter = Counter()
+    flat = [ln for d in docs for ln in d]
+    encoded = tok.encode_lines(flat)
+    dtype = corpus_dtype(tok.vocab_size)
+    tmp_bin = f"{prefix}.bin.tmp"
+    builder = IndexedDatasetBuilder(tmp_bin, dtype=dtype)
+    pos = 0
+    for d in docs:
+        sents = document_sentences(d, encoded[pos:pos + len(d)], split, cfg["max_sentence_tokens"], counts)
+        pos += len(d)
+        if not sents:
+            counts["empty_documents_after_tokenizing"] += 1
+            continue
+        lengths = [len(s) for s in sents]
+        builder.add_document(np.concatenate(sents), lengths)
+        counts["documents"] += 1
+        counts["sentences"] += len(sents)
+        counts["tokens"] += sum(lengths)
+        if len(sents) == 1:
+            counts["one_sentence_documents"] += 1
+    builder.finalize(f"{prefix}.idx.tmp")
+    os.replace(tmp_bin, prefix + ".bin")
+    os.replace(f"{prefix}.idx.tmp", prefix + ".idx")
+    result = {"shard": shard_id, "input_documents": len(docs), "counts": dict(counts)}
+    tmp = f"{prefix}.json.tmp"
+    with open(tmp, "w") as f:
+        json.dump(result, f)
+    os.replace(tmp, prefix + ".json")
+    return result

@@ -1,0 +1,195 @@
+"""Tokenizers behind one small interface: WordPiece (HF `tokenizers`, ids equal to transformers'
+BertTokenizer) and sentencepiece (an existing model or one trained on the corpus).
+
+`encode_lines(lines)` returns, per line, the token ids and the character start offset of each
+token. Offsets let the pipeline tokenize a whole paragraph in one call and then cut it at the
+sentence splitter's boundaries: BERT's pre-tokenizer splits on whitespace and punctuation and its
+normaliser is per character, so cutting at a whitespace boundary gives the same ids as tokenizing
+each sentence alone, at a fraction of the per-call overhead.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+
+import numpy as np
+
+from .errors import DataPrepError
+
+BERT_SPECIALS = {"pad": "[PAD]", "unk": "[UNK]", "cls": "[CLS]", "sep": "[SEP]", "mask": "[MASK]"}
+
+
+def sha256_file(path: str, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            b = f.read(chunk)
+            if not b:
+                return h.hexdigest()
+            h.update(b)
+
+
+class WordPieceTokenizer:
+    type = "wordpiece"
+
+    def __init__(self, vocab_file: str, lower_case: bool = True):
+        try:
+            with open(vocab_file, "rb") as f:
+                raw = f.read()
+            words = raw.decode("utf-8").splitlines()
+        except OSError as e:
+            raise DataPrepError(f"--vocab {vocab_file}: cannot read ({e.strerror}); check the path and permissions") from e
+        except UnicodeDecodeError as e:
+            raise DataPrepError(
+                f"--vocab {vocab_file}: not a UTF-8 text vocab.txt (one token per line); "
+                "for a sentencepiece model pass a .model file"
+            ) from e
+        vocab = {}
+        for i, w in enumerate(words):
+            vocab.setdefault(w.rstrip("\r"), i)
+        missing = [t for t in BERT_SPECIALS.values() if t not in vocab]
+        if missing:
+            raise DataPrepError(
+                f"--vocab {vocab_file}: missing special tokens {missing}; a BERT WordPiece vocab.txt needs "
+                "[PAD] [UNK] [CLS] [SEP] [MASK]"
+            )
+        from tokenizers import BertWordPieceTokenizer
+
+        self.vocab_file = vocab_file
+        self.lower_case = lower_case
+        # strip_accents follows lowercase, as in BertTokenizer's default (strip_accents=None).
+        self._tok = BertWordPieceTokenizer(vocab, lowercase=lower_case, strip_accents=None, clean_text=True,
+                                           handle_chinese_chars=True, wordpieces_prefix="##")
+        self.vocab_size = len(words)
+        self.special_ids = {k: vocab[v] for k, v in BERT_SPECIALS.items()}
+        self.file_name = "vocab.txt"
+
+    def encode_lines(self, lines: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
+        encs = self._tok.encode_batch(lines, add_special_tokens=False)
+        out = []
+        for e in encs:
+            ids = np.asarray(e.ids, dtype=np.int64)
+            starts = np.fromiter((o[0] for o in e.offsets), dtype=np.int64, count=len(ids))
+            out.append((ids, starts))
+        return out
+
+    def encode_text(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def copy_to(self, out_dir: str) -> str:
+        dst = os.path.join(out_dir, self.file_name)
+        _atomic_copy(self.vocab_file, dst)
+        return dst
+
+
+class SentencePieceTokenizer:
+    type = "sentencepiece"
+    # Names tried for each special role, covering our trained models and ALBERT-style ones.
+    _ROLE_PIECES = {
+        "pad": ["[PAD]", "<pad>"],
+        "unk": ["[UNK]", "<unk>"],
+        "cls": ["[CLS]", "<cls>"],
+        "sep": ["[SEP]", "<sep>"],
+        "mask": ["[MASK]", "<mask>"],
+    }
+
+    def __init__(self, model_file: str, lower_case: bool = False):
+        import sentencepiece as spm
+
+        if not os.access(model_file, os.R_OK):
+            raise DataPrepError(f"--vocab {model_file}: cannot read the sentencepiece model; check the path and permissions")
+        try:
+            self._sp = spm.SentencePieceProcessor(model_file=model_file)
+        except Exception as e:  # sentencepiece raises RuntimeError/OSError with C++ messages
+            raise DataPrepError(f"--vocab {model_file}: not a valid sentencepiece model ({e})") from e
+        self.model_file = model_file
+        self.lower_case = lower_case
+        self.vocab_size = self._sp.get_piece_size()
+        self.special_ids = {}
+        for role, names in self._ROLE_PIECES.items():
+            for n in names:
+                pid = self._sp.piece_to_id(n)
+                if pid != self._sp.unk_id() or n in ("[UNK]", "<unk>"):
+                    if self._sp.id_to_piece(pid) == n:
+                        self.special_ids[role] = pid
+                        break
+            else:
+                raise DataPrepError(
+                    f"--vocab {model_file}: sentencepiece model has no {names[0]} piece; BERT needs "
+                    "[PAD] [UNK] [CLS] [SEP] [MASK] (train one with --train-spm-vocab-size)"
+                )
+        self.file_name = "spm.model"
+
+    def encode_lines(self, lines: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
+        if self.lower_case:
+            lines = [ln.lower() for ln in lines]
+        out = []
+        for ln in lines:
+            # Immutable protos give piece offsets; sentencepiece treats whitespace as part of the
+            # following piece, so a piece's begin may point at the space before a word.
+            proto = self._sp.encode(ln, out_type="immutable_proto")
+            ids = np.fromiter((p.id for p in proto.pieces), dtype=np.int64)
+            starts = np.fromiter((_skip_space(ln, p.begin) for p in proto.pieces), dtype=np.int64, count=len(ids))
+            out.append((ids, starts))
+        return out
+
+    def encode_text(self, text: str) -> list[int]:
+        return self._sp.encode(text.lower() if self.lower_case else text)
+
+    def copy_to(self, out_dir: str) -> str:
+        dst = os.path.join(out_dir, self.file_name)
+        _atomic_copy(self.model_file, dst)
+        return dst
+
+
+def _skip_space(s: str, i: int) -> int:
+    while i < len(s) and s[i] == " ":
+        i += 1
+    return i
+
+
+def _atomic_copy(src: str, dst: str) -> None:
+    if os.path.abspath(src) == os.path.abspath(dst):
+        return
+    tmp = f"{dst}.tmp.{os.getpid()}"
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+def load_tokenizer(path: str, lower_case: bool | None = None):
+    """A `.model` file is sentencepiece, anything else a WordPiece vocab.txt."""
+    if not os.path.exists(path):
+        raise DataPrepError(f"--vocab {path}: no such file; pass a WordPiece vocab.txt or a sentencepiece .model")
+    if os.path.isdir(path):
+        raise DataPrepError(f"--vocab {path}: is a directory; pass the vocab.txt or .model file inside it")
+    if path.endswith(".model"):
+        return SentencePieceTokenizer(path, lower_case=bool(lower_case))
+    return WordPieceTokenizer(path, lower_case=True if lower_case is None else lower_case)
+
+
+def train_sentencepiece(sentences_file: str, model_prefix: str, vocab_size: int, model_type: str = "unigram",
+                        input_sentence_size: int = 1_000_000, seed: int = 1234) -> str:
+    """Train a BERT-ready sentencepiece model: ids 0-4 are [PAD] [UNK] [CLS] [SEP] [MASK]."""
+    import sentencepiece as spm
+
+    try:
+        spm.SentencePieceTrainer.train(
+            input=sentences_file,
+            model_prefix=model_prefix,
+            vocab_size=vocab_size,
+            model_type=model_type,
+            pad_id=0, pad_piece="[PAD]", unk_id=1, unk_piece="[UNK]", bos_id=-1, eos_id=-1,
+            control_symbols=["[CLS]", "[SEP]", "[MASK]"],
+            input_sentence_size=input_sentence_size,
+            shuffle_input_sentence=True,
+            # One thread and a fixed seed so the model (and so every id) is reproducible.
+            num_threads=1,
+            random_seed=seed,
+            character_coverage=0.9995,
+            minloglevel=2,
+        )
+    except RuntimeError as e:
+        raise DataPrepError(f"--train-spm-vocab-size {vocab_size}: sentencepiece training failed ({e}); "
+                            "a smaller vocab size usually fixes a small corpus") from e
+    return model_prefix + ".model"
