@@ -112,7 +112,8 @@ def set_rng_state(state: dict) -> None:
 # Save / load (collective: every rank calls these)
 
 
-def save(engine, run_dir: str, step: int, state: dict, keep_last: int, vocab_file: Optional[str] = None) -> str:
+def save(engine, run_dir: str, step: int, state: dict, keep_last: int, vocab_file: Optional[str] = None,
+         extra: Optional[dict] = None) -> str:
     """Write checkpoint `step_<step>` and move `latest` to it once complete; prune old ones."""
     import torch.distributed as dist
 
@@ -126,7 +127,7 @@ def save(engine, run_dir: str, step: int, state: dict, keep_last: int, vocab_fil
     dist.barrier()
     engine.save_checkpoint(run_dir, tag=tag, client_state={"trainer": state}, save_latest=False)
     os.makedirs(os.path.join(tag_dir, "rng"), exist_ok=True)
-    torch.save(rng_state(), os.path.join(tag_dir, "rng", f"rank_{rank}.pt"))
+    torch.save({"rng": rng_state(), **(extra or {})}, os.path.join(tag_dir, "rng", f"rank_{rank}.pt"))
     dist.barrier()
     if rank == 0:
         if vocab_file and os.path.isfile(vocab_file):
@@ -151,19 +152,22 @@ def prune(run_dir: str, keep_last: int) -> None:
             shutil.rmtree(os.path.join(run_dir, d), ignore_errors=True)
 
 
-def load(engine, run_dir: str, tag: str, same_world: bool) -> dict:
+def load(engine, run_dir: str, tag: str, same_world: bool, rng_tag: Optional[str] = None) -> tuple[dict, dict]:
     """Load engine state (weights, optimizer, schedule) and, at the same world size, each rank's
-    RNG states. Returns the trainer state saved with the checkpoint."""
+    RNG states (from `rng_tag`'s folder, default `tag`). Returns (the trainer state saved with the
+    checkpoint, the extra per-rank entries saved with the RNG states)."""
     import torch.distributed as dist
 
     path, client = engine.load_checkpoint(run_dir, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
     if path is None:
         raise CheckpointError(f"DeepSpeed could not load checkpoint {os.path.join(run_dir, tag)}")
-    state = client["trainer"]
-    rng_file = os.path.join(run_dir, tag, "rng", f"rank_{dist.get_rank()}.pt")
+    state = client.get("trainer") or read_state(run_dir, rng_tag or tag)
+    rng_file = os.path.join(run_dir, rng_tag or tag, "rng", f"rank_{dist.get_rank()}.pt")
+    extra = {}
     if same_world and os.path.isfile(rng_file):
-        set_rng_state(torch.load(rng_file, weights_only=False))
-    return state
+        extra = torch.load(rng_file, weights_only=False)
+        set_rng_state(extra.pop("rng"))
+    return state, extra
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,0 +1,511 @@
+"""The pretraining loop: build model, engine and data from a validated config, then train.
+
+Order of construction (torchtitan's): process groups -> megatron-core TP groups -> dense model
+initialised from the seed on every rank -> TP shards cut from it (so tp=1 and tp=N start from the
+same full weights) -> DeepSpeed engine (ZeRO, precision, optimizer, schedule) -> resume.
+
+The loss is token-weighted over the whole global batch: the MLM loss of a step is the mean over
+every masked token of the global batch, whichever rank and micro-batch holds it. DeepSpeed
+averages gradients over micro-batches and data-parallel ranks, so each micro-batch's summed MLM
+loss is scaled by (dp x accumulation / masked tokens in the global batch). This makes the update
+independent of how the global batch is split, which is what lets dp=2 equal one process and a
+dp=2 run resume at dp=1 on the same trajectory.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import subprocess
+import sys
+import time
+from typing import Optional
+
+import torch
+
+from pretrain import checkpoint as ckpt
+from pretrain.config import ConfigError, Resolved
+from pretrain.metrics import MetricsWriter, bert_flops_per_sequence, memory_gb, peak_tflops, plot_losses
+
+log = logging.getLogger(__name__)
+
+NO_DECAY_SUFFIXES = ("bias", "LayerNorm.weight", "LayerNorm.bias")
+
+
+class NonFiniteError(RuntimeError):
+    pass
+
+
+# ----------------------------------------------------------------------------------------------
+# Logging
+
+
+def setup_logging(rank: int) -> None:
+    """Rank 0 at INFO; other ranks WARNING with a rank prefix (their warnings still matter)."""
+    level = logging.INFO if rank == 0 else logging.WARNING
+    fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s" if rank == 0 else f"[rank {rank}] %(asctime)s %(levelname)s %(name)s: %(message)s"
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter(fmt, datefmt="%H:%M:%S"))
+    root.addHandler(handler)
+    root.setLevel(level)
+    for noisy in ("DeepSpeed", "deepspeed", "megatron", "torch.distributed"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _git_sha() -> str:
+    try:
+        return subprocess.check_output(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)), stderr=subprocess.DEVNULL, timeout=5
+        ).decode().strip()
+    except Exception:  # noqa: BLE001 - informative only
+        return "unknown"
+
+
+def _versions() -> dict:
+    import deepspeed
+
+    out = {"python": sys.version.split()[0], "torch": torch.__version__, "deepspeed": deepspeed.__version__}
+    try:
+        import megatron.core
+
+        out["megatron-core"] = getattr(megatron.core, "__version__", "?")
+    except ImportError:
+        pass
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Optimizer and schedule
+
+
+def lr_lambda(warmup: int, total: int, decay: str = "poly", power: float = 0.5):
+    """Multiplier of the peak lr after `s` applied steps: linear warm-up to 1 over `warmup`
+    steps, then polynomial (power `power`; linear = power 1) decay to 0 at `total`."""
+    power = 1.0 if decay == "linear" else power
+
+    def f(s: int) -> float:
+        s += 1  # the lr used by the (s+1)-th update: never 0 at the first step
+        if warmup > 0 and s <= warmup:
+            return s / warmup
+        if total <= warmup:
+            return 1.0
+        return max(0.0, 1.0 - (s - warmup) / (total - warmup)) ** power
+
+    return f
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """BERT's rule: no weight decay on biases and LayerNorm parameters."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():  # tied decoder weight appears once
+        if not p.requires_grad:
+            continue
+        (no_decay if name.endswith(NO_DECAY_SUFFIXES) else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _client_optimizer(kind: str, groups: list[dict], params: dict):
+    """pretrain.optim's LAMB / AdamW (used where DeepSpeed has no implementation on the device)."""
+    from pretrain import optim
+
+    kw = {k: v for k, v in params.items() if k in ("lr", "betas", "eps", "weight_decay")}
+    if "betas" in kw:
+        kw["betas"] = tuple(kw["betas"])
+    if kind == "lamb":
+        return optim.Lamb(groups, **kw)
+    return optim.AdamW(groups, **kw)
+
+
+# ----------------------------------------------------------------------------------------------
+# Model
+
+
+def build_model(res: Resolved, tp_rank: int, tp: int):
+    """Dense model from the seed, then (tp > 1) this rank's TP shard of the same weights."""
+    from pretrain.model import BertConfig, BertForPreTraining
+
+    config = BertConfig.from_dict(res.model_config, source=f"--model_config {res.cfg.model_config}")
+    torch.manual_seed(res.cfg.seed)
+    dense = BertForPreTraining(config)
+    dense.init_weights()
+    layers = None
+    model = dense
+    if tp > 1:
+        from pretrain.parallel import MegatronLayerFactory, shard_state_dict, tp_partition_dims
+        from pretrain.hf_io import load_into
+
+        layers = MegatronLayerFactory(init_std=config.initializer_range, seed=res.cfg.seed, device="cpu")
+        model = BertForPreTraining(config, layers)
+        full = {k: v for k, v in dense.state_dict().items()}
+        load_into(model, shard_state_dict(full, tp_rank, tp, tp_partition_dims(model)))
+        del dense
+    if res.cfg.activation_checkpointing:
+        model.bert.encoder.gradient_checkpointing = True
+    return config, model, layers
+
+
+def load_init_weights(path: str, config, model, tp_rank: int, tp: int) -> None:
+    """--init_from: full fp32 weights from a trainer checkpoint or an HF directory, into `model`."""
+    from pretrain.hf_io import load_hf_dir, load_into
+    from pretrain.parallel import shard_state_dict, tp_partition_dims, unshard_state_dicts
+
+    if os.path.isfile(os.path.join(path, "config.json")) and not os.path.isfile(os.path.join(path, ckpt.STATE_FILE)):
+        _, full = load_hf_dir(path)
+    else:
+        try:
+            run_dir, tag = ckpt.resolve(path)
+        except ckpt.CheckpointError as e:
+            raise ConfigError(f"--init_from {path}: {e}") from None
+        full = unshard_state_dicts(ckpt.fp32_shards(run_dir, tag))
+    full = {k: v for k, v in full.items() if k in dict(model.state_dict())}
+    load_into(model, shard_state_dict(full, tp_rank, tp, tp_partition_dims(model)) if tp > 1 else full)
+
+
+# ----------------------------------------------------------------------------------------------
+# The trainer
+
+
+class Trainer:
+    def __init__(self, res: Resolved):
+        import deepspeed
+        import torch.distributed as dist
+        from megatron.core import parallel_state
+
+        from pretrain.data import PretrainingDataset, build_dataloader
+        from pretrain.parallel import MegatronMPU, init_distributed, initialize_model_parallel
+
+        self.res = res
+        cfg = self.cfg = res.cfg
+        launch = init_distributed()
+        self.rank = launch.rank
+        setup_logging(self.rank)
+        initialize_model_parallel(cfg.tp)
+        self.tp_rank = parallel_state.get_tensor_model_parallel_rank()
+        self.dp_rank = parallel_state.get_data_parallel_rank()
+        self.dp_group = parallel_state.get_data_parallel_group()
+        self.tp_group = parallel_state.get_tensor_model_parallel_group()
+        self.dist = dist
+        if dist.get_world_size() != res.world_size:
+            raise ConfigError(f"validated for world size {res.world_size} but {dist.get_world_size()} processes started")
+        os.makedirs(cfg.save_dir, exist_ok=True)
+
+        log.info("config: %s", json.dumps(res.to_dict()["cfg"], sort_keys=True))
+        log.info("deepspeed config: %s", json.dumps(res.ds_config, sort_keys=True))
+        log.info(
+            "world %d = dp %d x tp %d | ZeRO-%d | %s | batch: micro %d x accumulation %d x dp %d = %d | %s | git %s",
+            res.world_size, res.dp, cfg.tp, res.zero_stage, res.precision, res.micro_batch_size, res.grad_accum,
+            res.dp, res.global_batch_size, _versions(), _git_sha(),
+        )
+
+        # --- resume decision before the engine exists (dp change needs another load path)
+        self.resume_tag = ckpt.latest_tag(cfg.save_dir) if dist.get_rank() == 0 else None
+        self.resume_tag = _broadcast_object(self.resume_tag)
+        self.resume_state = ckpt.read_state(cfg.save_dir, self.resume_tag) if self.resume_tag else None
+
+        # --- model
+        self.model_config, model, self.layers = build_model(res, self.tp_rank, cfg.tp)
+        from pretrain.model import count_parameters
+
+        n_params = count_parameters(model)
+        log.info("model: %s parameters on this rank (tp shard), %s", f"{n_params:,}", json.dumps(self.model_config.to_dict()))
+        if cfg.init_from and self.resume_state is None:
+            load_init_weights(cfg.init_from, self.model_config, model, self.tp_rank, cfg.tp)
+            log.info("initialised weights from %s (optimizer and schedule start fresh)", cfg.init_from)
+
+        # --- optimizer, schedule, engine
+        ds_config = json.loads(json.dumps(res.ds_config))
+        groups = param_groups(model, float(res.optimizer_params.get("weight_decay", 0.0)))
+        on_cpu = not torch.cuda.is_available()
+        use_client = cfg.optimizer == "client" or (res.optimizer_type == "lamb" and on_cpu)
+        optimizer = None
+        if use_client:
+            optimizer = _client_optimizer(res.optimizer_type, groups, res.optimizer_params)
+            ds_config.pop("optimizer", None)
+            log.info("optimizer: pretrain.optim %s (client optimizer)", res.optimizer_type)
+        else:
+            ds_config["optimizer"]["params"] = dict(res.optimizer_params)
+            log.info("optimizer: DeepSpeed %s %s", ds_config["optimizer"]["type"], ds_config["optimizer"]["params"])
+        warmup = cfg.warmup_steps if cfg.warmup_steps >= 0 else int(round(cfg.warmup_proportion * cfg.train_steps))
+        f = lr_lambda(warmup, cfg.train_steps, cfg.decay, cfg.decay_power)
+        schedule = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, f)  # noqa: E731
+        self.same_world = self.resume_state is not None and self.resume_state["world_size"] == res.world_size
+        if self.resume_state is not None and self.resume_state["dp"] != res.dp:
+            self._prepare_universal(ds_config)
+
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=model,
+            model_parameters=groups if optimizer is None else None,
+            optimizer=optimizer,
+            lr_scheduler=schedule,
+            config=ds_config,
+            mpu=MegatronMPU(),
+        )
+        self.device = self.engine.device
+
+        # --- resume
+        self.step = 0
+        self.consumed = 0
+        self.skipped_total = 0
+        if self.resume_tag:
+            self._resume()
+
+        # --- data
+        self.train_ds = PretrainingDataset(cfg.data, cfg.seq_length, "train", seed=cfg.seed)
+        self.valid_ds = PretrainingDataset(cfg.data, cfg.seq_length, "valid", seed=cfg.seed)
+        self.loader = build_dataloader(
+            self.train_ds, res.micro_batch_size, dp_rank=self.dp_rank, dp_size=res.dp,
+            consumed_samples=self.consumed, num_workers=cfg.num_workers,
+        )
+        tok = res.manifest.get("tokenizer", {})
+        self.vocab_file = os.path.join(cfg.data, tok.get("file", "vocab.txt"))
+        self.metrics = MetricsWriter(cfg.save_dir, enabled=self.rank == 0, tensorboard=cfg.tensorboard)
+        self.inject = {int(s) for s in cfg.inject_nonfinite_steps.split(",") if s.strip()}
+        self.peak = peak_tflops(cfg.peak_tflops)
+
+    # ------------------------------------------------------------------------------------------
+
+    def _prepare_universal(self, ds_config: dict) -> None:
+        """A checkpoint from another dp size: DeepSpeed's universal format re-partitions ZeRO
+        optimizer state; convert once (rank 0) and tell the engine to load it."""
+        src = os.path.join(self.cfg.save_dir, self.resume_tag)
+        uni_tag = self.resume_tag + "_universal"
+        dst = os.path.join(self.cfg.save_dir, uni_tag)
+        if self.dist.get_rank() == 0 and not os.path.isfile(os.path.join(dst, ".complete")):
+            log.info("checkpoint %s was written at dp=%d, now dp=%d: converting it to DeepSpeed's universal format",
+                     src, self.resume_state["dp"], self.res.dp)
+            cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", src,
+                   "--output_folder", dst, "--num_extract_workers", "1", "--num_merge_workers", "1"]
+            r = subprocess.run(cmd, capture_output=True, text=True)
+            if r.returncode != 0:
+                raise RuntimeError(f"ds_to_universal failed on {src}:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
+            open(os.path.join(dst, ".complete"), "w").close()
+        self.dist.barrier()
+        ds_config.setdefault("checkpoint", {})["load_universal"] = True
+        self.load_tag = uni_tag
+
+    def _resume(self) -> None:
+        tag = getattr(self, "load_tag", self.resume_tag)
+        state, extra = ckpt.load(self.engine, self.cfg.save_dir, tag, same_world=self.same_world, rng_tag=self.resume_tag)
+        if extra.get("tp_rng") is not None and self.layers is not None:
+            self.layers.rng.load_state_dict(extra["tp_rng"])
+        self.step = state["step"]
+        self.consumed = state["consumed_samples"]
+        self.skipped_total = state.get("skipped_total", 0)
+        if state["global_batch_size"] != self.res.global_batch_size:
+            log.warning(
+                "resuming with global batch %d, the checkpoint used %d: the sample order continues from "
+                "sample %d, but step boundaries differ from the original run", self.res.global_batch_size,
+                state["global_batch_size"], self.consumed,
+            )
+        if not self.same_world:
+            # RNG streams are per rank; with another rank layout they cannot continue, so each
+            # rank gets a fresh stream derived from (seed, step, rank).
+            torch.manual_seed(self.cfg.seed * 1000003 + self.step * 1009 + self.rank)
+        log.info("resumed from %s: step %d, %d samples consumed", os.path.join(self.cfg.save_dir, tag), self.step, self.consumed)
+
+    def _state(self) -> dict:
+        res = self.res
+        return {
+            "step": self.step,
+            "consumed_samples": self.consumed,
+            "skipped_total": self.skipped_total,
+            "global_batch_size": res.global_batch_size,
+            "world_size": res.world_size,
+            "dp": res.dp,
+            "tp": self.cfg.tp,
+            "zero_stage": res.zero_stage,
+            "precision": res.precision,
+            "seq_length": self.cfg.seq_length,
+            "model_config": self.model_config.to_dict(),
+            "config": res.to_dict(),
+            "versions": _versions(),
+            "git_sha": _git_sha(),
+        }
+
+    def save(self) -> None:
+        # The TP dropout stream is per TP rank: it travels with the rank's RNG states.
+        extra = {"tp_rng": self.layers.rng.state_dict()} if self.layers is not None else None
+        ckpt.save(self.engine, self.cfg.save_dir, self.step, self._state(), self.cfg.keep_last, self.vocab_file, extra)
+
+    # ------------------------------------------------------------------------------------------
+
+    def _to_device(self, batch: dict) -> dict:
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+
+    def _all_reduce(self, values: list[float], group) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        self.dist.all_reduce(t, group=group)
+        return t.tolist()
+
+    def train_step(self, micro_batches: list[dict]) -> dict:
+        """One optimizer step over this rank's micro-batches; returns global-batch metrics."""
+        res = self.res
+        n_local = sum(int((mb["labels"] != -100).sum()) for mb in micro_batches)
+        n_global = self._all_reduce([float(n_local)], self.dp_group)[0]
+        scale = res.dp * res.grad_accum / max(n_global, 1.0)
+        mlm_sum = nsp_sum = 0.0
+        tokens = 0
+        lr = self.engine.get_lr()[0]  # the lr this step uses (the scheduler moves on in step())
+        for mb in micro_batches:
+            mb = self._to_device(mb)
+            out = self.engine(
+                input_ids=mb["input_ids"], token_type_ids=mb["token_type_ids"], attention_mask=mb["attention_mask"],
+                labels=mb["labels"], next_sentence_label=mb["next_sentence_label"],
+            )
+            n_mb = (mb["labels"] != -100).sum()
+            mlm = out.mlm_loss.float() * n_mb
+            loss = mlm * scale + out.nsp_loss.float()
+            if self.step + 1 in self.inject:
+                loss = loss * float("nan")
+            self.engine.backward(loss)
+            self.engine.step()
+            mlm_sum += float(mlm.detach())
+            nsp_sum += float(out.nsp_loss.detach().float())
+            tokens += int(mb["attention_mask"].sum())
+        mlm_g, nsp_g, tok_g = self._all_reduce([mlm_sum, nsp_sum, float(tokens)], self.dp_group)
+        mlm_loss = mlm_g / max(n_global, 1.0)
+        nsp_loss = nsp_g / (res.grad_accum * res.dp)
+        return {
+            "loss": mlm_loss + nsp_loss, "mlm_loss": mlm_loss, "nsp_loss": nsp_loss, "masked": n_global,
+            "tokens": tok_g, "lr": lr, "applied": self.engine.was_step_applied(),
+        }
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Held-out MLM/NSP accuracy and losses over the same `eval_samples` every time."""
+        from pretrain.data import PretrainingSampler, collate_pretraining
+
+        res = self.res
+        per_block = res.micro_batch_size * res.dp
+        total = max(per_block, (self.cfg.eval_samples // per_block) * per_block)
+        sampler = PretrainingSampler(total, self.dp_rank, res.dp, res.micro_batch_size)
+        self.engine.eval()
+        sums = [0.0] * 7  # mlm correct, masked, mlm loss sum, nsp correct, nsp count, nsp loss sum, batches
+        for idx in sampler:
+            mb = self._to_device({k: torch.as_tensor(v) for k, v in self.valid_ds.get_batch(idx).items()})
+            out = self.engine(
+                input_ids=mb["input_ids"], token_type_ids=mb["token_type_ids"], attention_mask=mb["attention_mask"],
+                labels=mb["labels"], next_sentence_label=mb["next_sentence_label"],
+            )
+            logits = out.prediction_logits.float()
+            if self.cfg.tp > 1:
+                parts = [torch.empty_like(logits) for _ in range(self.cfg.tp)]
+                self.dist.all_gather(parts, logits.contiguous(), group=self.tp_group)
+                logits = torch.cat(parts, dim=-1)
+            n = out.mlm_labels.numel()
+            sums[0] += float((logits.argmax(-1) == out.mlm_labels).sum())
+            sums[1] += n
+            sums[2] += float(out.mlm_loss.float()) * n
+            nsp_pred = out.seq_relationship_logits.argmax(-1)
+            sums[3] += float((nsp_pred == mb["next_sentence_label"]).sum())
+            sums[4] += mb["next_sentence_label"].numel()
+            sums[5] += float(out.nsp_loss.float()) * mb["next_sentence_label"].numel()
+        self.engine.train()
+        s = self._all_reduce(sums, self.dp_group)
+        return {
+            "mlm_acc": s[0] / max(s[1], 1), "nsp_acc": s[3] / max(s[4], 1),
+            "mlm_loss": s[2] / max(s[1], 1), "nsp_loss": s[5] / max(s[4], 1),
+            "loss": s[2] / max(s[1], 1) + s[5] / max(s[4], 1), "samples": s[4],
+        }
+
+    # ------------------------------------------------------------------------------------------
+
+    def run(self) -> dict:
+        cfg, res = self.cfg, self.res
+        history = []  # per-step metrics of this process (tests compare them across runs)
+        if self.step >= cfg.train_steps:
+            log.info("step %d >= --train_steps %d: nothing to train", self.step, cfg.train_steps)
+        it = iter(self.loader)
+        consecutive = 0
+        window = {"time": 0.0, "wait": 0.0, "tokens": 0.0, "steps": 0, "masked": 0.0}
+        flops_cfg = (self.model_config.hidden_size, self.model_config.num_hidden_layers,
+                     self.model_config.intermediate_size, self.model_config.vocab_size, cfg.seq_length)
+        last_eval = None
+        while self.step < cfg.train_steps:
+            t0 = time.perf_counter()
+            micro = [next(it) for _ in range(res.grad_accum)]
+            t1 = time.perf_counter()
+            m = self.train_step(micro)
+            self.step += 1
+            self.consumed += res.global_batch_size
+            t2 = time.perf_counter()
+            history.append({"step": self.step, "loss": m["loss"], "mlm_loss": m["mlm_loss"], "nsp_loss": m["nsp_loss"],
+                            "applied": m["applied"]})
+
+            finite = math.isfinite(m["loss"])
+            if not m["applied"]:
+                self.skipped_total += 1
+                # fp16 loss-scale overflows with a finite loss are the scaler calibrating itself,
+                # not a diverging run: reported, but only non-finite losses count towards stopping.
+                counts = not finite or res.precision != "fp16"
+                consecutive = consecutive + 1 if counts else 0
+                log.warning("step %d skipped: non-finite %s (%d in a row, %d in total)", self.step,
+                            "loss" if not finite else "gradients", consecutive, self.skipped_total)
+                if consecutive >= cfg.max_nonfinite_steps:
+                    msg = (f"stopping: {consecutive} consecutive steps with non-finite loss/gradients (step {self.step}); "
+                           f"no checkpoint was written for them, the last good one is {ckpt.latest_tag(cfg.save_dir)}. "
+                           "Lower the learning rate, use bf16 instead of fp16, or check the data")
+                    log.error(msg)
+                    raise NonFiniteError(msg)
+            else:
+                if not finite:
+                    raise NonFiniteError(f"step {self.step}: non-finite loss but DeepSpeed applied the update")
+                consecutive = 0
+
+            window["time"] += t2 - t0
+            window["wait"] += t1 - t0
+            window["tokens"] += m["tokens"]
+            window["masked"] += m["masked"]
+            window["steps"] += 1
+            if self.step % cfg.log_interval == 0 or self.step == cfg.train_steps:
+                self._log_window(window, m, flops_cfg)
+                window = {"time": 0.0, "wait": 0.0, "tokens": 0.0, "steps": 0, "masked": 0.0}
+
+            if cfg.eval_interval and self.step % cfg.eval_interval == 0 and self.step != cfg.train_steps:
+                last_eval = self.evaluate()
+                self.metrics.eval(self.step, last_eval)
+            if self.step % cfg.save_interval == 0 and self.step != cfg.train_steps:
+                self.save()
+
+        final_tag = _broadcast_object(ckpt.latest_tag(cfg.save_dir) if self.rank == 0 else None)
+        if final_tag != ckpt.tag_for(self.step):
+            last_eval = self.evaluate()
+            self.metrics.eval(self.step, last_eval)
+            self.save()
+        if self.rank == 0:
+            png = plot_losses(self.metrics.path, os.path.join(cfg.save_dir, "loss_curves.png"))
+            if png:
+                log.info("loss curves: %s", png)
+        self.metrics.close()
+        return {"history": history, "eval": last_eval, "step": self.step, "consumed_samples": self.consumed}
+
+    def _log_window(self, w: dict, m: dict, flops_cfg) -> None:
+        res = self.res
+        steps, dt = w["steps"], max(w["time"], 1e-9)
+        seqs = steps * res.global_batch_size
+        masked_per_seq = w["masked"] / max(seqs, 1)
+        flops = bert_flops_per_sequence(*flops_cfg, masked=masked_per_seq) * seqs
+        tflops = flops / dt / res.world_size / 1e12  # per device
+        opt = self.engine.optimizer
+        scale = getattr(opt, "cur_scale", None) or getattr(opt, "loss_scale", None) or 1.0
+        grad_norm = self.engine.get_global_grad_norm()
+        self.metrics.train({
+            "step": self.step, "loss": m["loss"], "mlm_loss": m["mlm_loss"], "nsp_loss": m["nsp_loss"],
+            "lr": m["lr"],
+            "grad_norm": float(grad_norm) if grad_norm is not None else None,
+            "loss_scale": float(scale), "tokens_per_s": w["tokens"] / dt, "seqs_per_s": seqs / dt,
+            "tflops": tflops, "mfu": tflops / self.peak if self.peak else None, "mem_gb": memory_gb(),
+            "data_wait": w["wait"] / dt, "skipped": self.skipped_total,
+        })
+
+
+def _broadcast_object(obj):
+    import torch.distributed as dist
+
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
