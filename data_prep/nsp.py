@@ -28,8 +28,11 @@ def document_rng(seed: int, seq_length: int, dupe: int, doc: int) -> random.Rand
 
 def document_pairs(doc: int, first: int, lens: list[int], rng: random.Random, max_num_tokens: int,
                    short_seq_prob: float, split_docs: np.ndarray, doc_first: np.ndarray,
-                   doc_count: np.ndarray, sent_lens: np.ndarray):
+                   doc_count: np.ndarray, sent_lens: np.ndarray, chunk_sizes: list | None = None):
     """Pairs for one document. Returns (list of record tuples, target length used).
+
+    `chunk_sizes`, if given, receives the number of sentences accumulated for each pair (for
+    statistics: a one-sentence chunk always takes a random B, as in the original).
 
     `split_docs` are the documents random B may come from (same split); `doc_first`/`doc_count`
     give each document's first global sentence and sentence count; `sent_lens` all sentence lengths.
@@ -74,10 +77,14 @@ def document_pairs(doc: int, first: int, lens: list[int], rng: random.Random, ma
                     if b_len >= target_b:
                         break
                 out.append((first + chunk_start, r_first + r_start, a_end, b_n, 1))
+                if chunk_sizes is not None:
+                    chunk_sizes.append(chunk_n)
                 # The unused sentences of this chunk go back to start the next one.
                 i = chunk_start + a_end - 1
             else:
                 out.append((first + chunk_start, first + chunk_start + a_end, a_end, chunk_n - a_end, 0))
+                if chunk_sizes is not None:
+                    chunk_sizes.append(chunk_n)
             chunk_start = i + 1
             cur_len = 0
         i += 1
