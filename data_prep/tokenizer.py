@@ -125,10 +125,9 @@ class SentencePieceTokenizer:
         if self.lower_case:
             lines = [ln.lower() for ln in lines]
         out = []
-        for ln in lines:
-            # Immutable protos give piece offsets; sentencepiece treats whitespace as part of the
-            # following piece, so a piece's begin may point at the space before a word.
-            proto = self._sp.encode(ln, out_type="immutable_proto")
+        # Protos carry piece offsets; sentencepiece attaches the whitespace before a word to the
+        # word's piece, so a piece's begin may point at that space: skip it to get the word start.
+        for ln, proto in zip(lines, self._sp.encode(lines, return_type="proto")):
             ids = np.fromiter((p.id for p in proto.pieces), dtype=np.int64)
             starts = np.fromiter((_skip_space(ln, p.begin) for p in proto.pieces), dtype=np.int64, count=len(ids))
             out.append((ids, starts))
@@ -173,6 +172,8 @@ def train_sentencepiece(sentences_file: str, model_prefix: str, vocab_size: int,
     """Train a BERT-ready sentencepiece model: ids 0-4 are [PAD] [UNK] [CLS] [SEP] [MASK]."""
     import sentencepiece as spm
 
+    # Sampling/shuffling of training sentences is seeded so the model (and every id) is reproducible.
+    spm.set_random_generator_seed(seed)
     try:
         spm.SentencePieceTrainer.train(
             input=sentences_file,
@@ -183,9 +184,8 @@ def train_sentencepiece(sentences_file: str, model_prefix: str, vocab_size: int,
             control_symbols=["[CLS]", "[SEP]", "[MASK]"],
             input_sentence_size=input_sentence_size,
             shuffle_input_sentence=True,
-            # One thread and a fixed seed so the model (and so every id) is reproducible.
+            # One thread: multi-threaded EM can order floating-point sums differently.
             num_threads=1,
-            random_seed=seed,
             character_coverage=0.9995,
             minloglevel=2,
         )
