@@ -1,0 +1,85 @@
+"""Input discovery and bad-input clean-up: every case is either counted or a clear error."""
+import gzip
+import json
+
+import pytest
+
+from data_prep import readers
+from data_prep.errors import DataPrepError
+
+
+def _read(files, fmt="auto"):
+    st = readers.ReadStats()
+    docs = [lines for _, lines in readers.iter_documents([str(f) for f in files], st, fmt)]
+    return docs, st
+
+
+def test_text_blank_line_documents_and_gz(tmp_path):
+    body = "First doc line one.\nLine two.\n\n\n  \nSecond doc.\n\nThird\n"
+    (tmp_path / "a.txt").write_text(body)
+    with gzip.open(tmp_path / "b.txt.gz", "wt") as f:
+        f.write(body)
+    docs, st = _read([tmp_path / "a.txt", tmp_path / "b.txt.gz"])
+    expected = [["First doc line one.", "Line two."], ["Second doc."], ["Third"]]
+    assert docs == expected * 2
+    assert st.counts == {}
+
+
+def test_jsonl_and_bad_lines(tmp_path):
+    lines = [json.dumps({"text": "Doc one.\nPara two."}), "{not json", json.dumps({"other": 1}), "",
+             json.dumps({"text": ""}), json.dumps([1, 2]), json.dumps({"text": "Last\u0000 doc."})]
+    p = tmp_path / "x.jsonl"
+    p.write_text("\n".join(lines) + "\n")
+    docs, st = _read([p])
+    assert docs == [["Doc one.", "Para two."], ["Last doc."]]
+    assert st.counts["bad_json_lines"] == 1
+    assert st.counts["json_lines_without_text"] == 2
+    assert st.counts["empty_documents"] == 1
+    assert st.counts["nul_bytes"] == 1
+
+
+def test_invalid_utf8_and_nul_bytes_are_cleaned_and_counted(tmp_path):
+    p = tmp_path / "bad.txt"
+    p.write_bytes(b"good line\nbad \xff\xfe bytes here\nnul\x00\x00 here\n\nnext doc\n")
+    docs, st = _read([p])
+    assert docs == [["good line", "bad \ufffd\ufffd bytes here", "nul here"], ["next doc"]]
+    assert st.counts["invalid_utf8_lines"] == 1
+    assert st.counts["nul_bytes"] == 2
+
+
+def test_empty_and_blank_only_files_are_reported(tmp_path):
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "blank.txt").write_text("\n\n   \n\t\n")
+    (tmp_path / "ok.txt").write_text("hello\n")
+    files = readers.expand_inputs([str(tmp_path)])
+    assert [f.rsplit("/", 1)[1] for f in files] == ["blank.txt", "empty.txt", "ok.txt"]
+    docs, st = _read(files)
+    assert docs == [["hello"]]
+    assert sorted(f.rsplit("/", 1)[1] for f in st.empty_files) == ["blank.txt", "empty.txt"]
+
+
+def test_long_line_is_cut_at_whitespace(tmp_path):
+    words = ["w%d" % (i % 1000) for i in range(60_000)]
+    line = " ".join(words)
+    assert len(line) > readers.MAX_LINE_CHARS
+    p = tmp_path / "long.txt"
+    p.write_text(line + "\n")
+    docs, st = _read([p])
+    assert len(docs) == 1 and len(docs[0]) >= 2
+    assert all(len(x) <= readers.MAX_LINE_CHARS for x in docs[0])
+    # Cuts happen at spaces: no word is split, nothing is lost.
+    assert " ".join(docs[0]).split() == words
+    assert st.counts["long_lines_cut"] == 1
+
+
+def test_missing_paths_and_bad_gzip_are_clear_errors(tmp_path):
+    with pytest.raises(DataPrepError, match=r"--input .*nope.txt: no such file"):
+        readers.expand_inputs([str(tmp_path / "nope.txt")])
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "x.bin").write_bytes(b"\x00")
+    with pytest.raises(DataPrepError, match="directory has no"):
+        readers.expand_inputs([str(tmp_path / "d")])
+    full = gzip.compress(b"some text\n" * 10000)
+    (tmp_path / "t.txt.gz").write_bytes(full[: len(full) // 2])
+    with pytest.raises(DataPrepError, match=r"t.txt.gz: corrupt or truncated gzip"):
+        _read([tmp_path / "t.txt.gz"])
