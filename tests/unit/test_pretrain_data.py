@@ -1,0 +1,247 @@
+"""PretrainingDataset / PretrainingSampler / build_dataloader: layout, truncation, determinism.
+
+References: the corpus read sentence by sentence through megatron-core's IndexedDataset, the pair
+records through data_prep.pairs.PairIndex, google-research/bert's `truncate_seq_pair` loop
+re-written here, and uninterrupted single-rank runs for the dp / worker / resume checks.
+"""
+import json
+import math
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from data_prep.pairs import PairIndex
+from pretrain.data import (
+    PretrainingBatch,
+    PretrainingDataset,
+    PretrainingSampler,
+    build_dataloader,
+    collate_pretraining,
+    truncation_counts,
+)
+from pretrain.masking import MaskingConfig
+from tests.unit.test_pretrain_data_fixtures import build_synthetic_dataset, special_ids, synthetic_vocab
+
+SPECIAL = special_ids(synthetic_vocab())
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return build_synthetic_dataset(str(tmp_path_factory.mktemp("pretrain_data")))
+
+
+@pytest.fixture(scope="module")
+def ds(data_dir):
+    return PretrainingDataset(data_dir, 128, seed=42)
+
+
+def _reference_truncate(la, lb, max_tokens):
+    """google-research/bert truncate_seq_pair, counting removals instead of popping tokens."""
+    cut_a = cut_b = 0
+    while (la - cut_a) + (lb - cut_b) > max_tokens:
+        if la - cut_a > lb - cut_b:
+            cut_a += 1
+        else:
+            cut_b += 1
+    return cut_a, cut_b
+
+
+def test_truncation_counts_match_reference_loop():
+    grid = [(la, lb, m) for la in range(0, 40, 3) for lb in range(0, 40, 2) for m in (2, 5, 17, 30, 61)]
+    la, lb, m = (np.array(x) for x in zip(*grid))
+    for mt in np.unique(m):
+        sel = m == mt
+        cut_a, cut_b = truncation_counts(la[sel], lb[sel], int(mt))
+        ref = [_reference_truncate(a, b, int(mt)) for a, b in zip(la[sel], lb[sel])]
+        assert list(zip(cut_a.tolist(), cut_b.tolist())) == ref
+
+
+def _corpus_run(ds, start, count):
+    return np.concatenate([np.asarray(ds.corpus[int(s)], dtype=np.int64) for s in range(start, start + count)])
+
+
+def test_layout_and_truncation_against_the_corpus(ds, data_dir):
+    n = 3 * len(ds)  # three epochs
+    batch = ds.get_batch(np.arange(n))
+    pairs = PairIndex(os.path.join(data_dir, "pairs_128_train.bin")).pairs
+    orig = np.where(batch["labels"] != -100, batch["labels"], batch["input_ids"])
+    fronts, cuts, cut_any = 0, 0, 0
+    for i in range(n):
+        rec = pairs[ds.epoch_order(i // len(ds))[i % len(ds)]]
+        full_a = _corpus_run(ds, rec["a_start"], rec["a_count"])
+        full_b = _corpus_run(ds, rec["b_start"], rec["b_count"])
+        cut_a, cut_b = _reference_truncate(len(full_a), len(full_b), 128 - 3)
+        la, lb = len(full_a) - cut_a, len(full_b) - cut_b
+        length = la + lb + 3
+        row = orig[i]
+        assert length <= 128
+        assert row[0] == SPECIAL["cls"] and row[la + 1] == SPECIAL["sep"] and row[length - 1] == SPECIAL["sep"]
+        assert (row[length:] == SPECIAL["pad"]).all()
+        np.testing.assert_array_equal(batch["attention_mask"][i], np.arange(128) < length)
+        np.testing.assert_array_equal(batch["token_type_ids"][i], (np.arange(128) >= la + 2) & (np.arange(128) < length))
+        assert (batch["labels"][i, length:] == -100).all()
+        assert batch["next_sentence_label"][i] == rec["is_random"]
+        # A and B are contiguous windows of the untruncated runs, cut at random ends.
+        for full, kept, cut in ((full_a, row[1 : la + 1], cut_a), (full_b, row[la + 2 : length - 1], cut_b)):
+            front = [f for f in range(cut + 1) if np.array_equal(full[f : f + len(kept)], kept)]
+            assert front, f"sample {i}: segment is not a window of its sentence run"
+            fronts += front[0]
+            cuts += cut
+            cut_any += cut > 0
+    assert cut_any > 10, "the fixture must contain pairs longer than seq_length"
+    # Each removed token comes off the front with probability 1/2.
+    assert abs(fronts - cuts / 2) <= 4.5 * math.sqrt(cuts / 4)
+
+
+def test_epoch_order_is_a_seeded_permutation(ds, data_dir):
+    n = len(ds)
+    o0, o1 = ds.epoch_order(0), ds.epoch_order(1)
+    assert sorted(o0.tolist()) == list(range(n)) and sorted(o1.tolist()) == list(range(n))
+    assert not np.array_equal(o0, o1)
+    np.testing.assert_array_equal(PretrainingDataset(data_dir, 128, seed=42).epoch_order(1), o1)
+    assert not np.array_equal(PretrainingDataset(data_dir, 128, seed=43).epoch_order(0), o0)
+
+
+def test_sample_does_not_depend_on_its_batch(ds):
+    idx = np.array([5, 900, 3, 127, 128, 40000])
+    whole = ds.get_batch(idx)
+    shuffled = ds.get_batch(idx[::-1])
+    for j, i in enumerate(idx):
+        single = ds[int(i)]
+        for k in single:
+            np.testing.assert_array_equal(single[k], whole[k][j])
+            np.testing.assert_array_equal(single[k], shuffled[k][len(idx) - 1 - j])
+    clone = pickle.loads(pickle.dumps(ds))  # what a 'spawn' worker receives
+    for k, v in clone.get_batch(idx).items():
+        np.testing.assert_array_equal(v, whole[k])
+
+
+def test_collate_gives_int64_tensors(ds):
+    items = ds.__getitems__([1, 2, 3])
+    assert isinstance(items, PretrainingBatch)
+    fast = collate_pretraining(items)
+    slow = collate_pretraining([ds[1], ds[2], ds[3]])
+    default = torch.utils.data.default_collate(items)
+    for k in fast:
+        assert fast[k].dtype == torch.int64
+        assert torch.equal(fast[k], slow[k]) and torch.equal(fast[k], default[k].long())
+    assert fast["input_ids"].shape == (3, 128) and fast["next_sentence_label"].shape == (3,)
+
+
+def _take(loader, n):
+    out = []
+    for batch in loader:
+        out.append(batch)
+        if len(out) == n:
+            break
+    return out
+
+
+def _assert_same(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        for k in x:
+            assert torch.equal(x[k], y[k]), k
+
+
+def test_workers_do_not_change_samples(ds):
+    ref = _take(build_dataloader(ds, micro_batch_size=8, num_workers=0), 6)
+    two = _take(build_dataloader(ds, micro_batch_size=8, num_workers=2), 6)
+    _assert_same(ref, two)
+
+
+def _interleave(rank_batches):
+    """dp ranks' micro-batches -> the global micro-batch (global index g lives on rank g % dp)."""
+    dp = len(rank_batches)
+    out = {}
+    for k in rank_batches[0]:
+        shape = list(rank_batches[0][k].shape)
+        shape[0] *= dp
+        merged = torch.empty(shape, dtype=rank_batches[0][k].dtype)
+        for r, b in enumerate(rank_batches):
+            merged[r::dp] = b[k]
+        out[k] = merged
+    return out
+
+
+def _global_steps(ds, dp, micro, steps, consumed=0):
+    loaders = [build_dataloader(ds, micro, dp_rank=r, dp_size=dp, consumed_samples=consumed) for r in range(dp)]
+    per_rank = [_take(ld, steps) for ld in loaders]
+    return [_interleave([per_rank[r][s] for r in range(dp)]) for s in range(steps)], loaders
+
+
+def test_dp_ranks_partition_the_global_order(ds):
+    ref, _ = _global_steps(ds, dp=1, micro=8, steps=5)
+    dp2, _ = _global_steps(ds, dp=2, micro=4, steps=5)
+    _assert_same(ref, dp2)
+    # each rank's samples are disjoint and together cover the global batch
+    s0 = PretrainingSampler(None, 0, 2, 4)
+    s1 = PretrainingSampler(None, 1, 2, 4)
+    b0, b1 = next(iter(s0)), next(iter(s1))
+    assert sorted(b0 + b1) == list(range(8)) and b0 == [0, 2, 4, 6]
+
+
+def test_save_restore_continues_the_same_samples(ds):
+    ref = _take(build_dataloader(ds, micro_batch_size=4, num_workers=0), 10)
+    loader = build_dataloader(ds, micro_batch_size=4, num_workers=2)
+    first = _take(loader, 4)  # workers have prefetched past batch 4
+    state = json.loads(json.dumps(loader.state_dict()))
+    assert state == {"consumed_samples": 16}
+    resumed = build_dataloader(ds, micro_batch_size=4, num_workers=2)
+    resumed.load_state_dict(state)
+    _assert_same(ref, first + _take(resumed, 6))
+    # a loader built from consumed_samples directly is the same
+    _assert_same(ref[4:], _take(build_dataloader(ds, micro_batch_size=4, consumed_samples=16), 6))
+
+
+def test_resume_at_another_dp_size_continues_the_global_order(ds):
+    ref, _ = _global_steps(ds, dp=1, micro=8, steps=7)
+    before, loaders = _global_steps(ds, dp=2, micro=4, steps=3)
+    states = [ld.state_dict() for ld in loaders]
+    assert all(s == {"consumed_samples": 24} for s in states)
+    after_dp4, _ = _global_steps(ds, dp=4, micro=2, steps=4, consumed=states[0]["consumed_samples"])
+    _assert_same(ref, before + after_dp4)
+
+
+def test_sampler_bounds_len_and_state():
+    s = PretrainingSampler(total_samples=50, dp_rank=1, dp_size=3, micro_batch_size=4, consumed_samples=12)
+    assert len(s) == 3
+    batches = list(s)
+    assert batches == [[13, 16, 19, 22], [25, 28, 31, 34], [37, 40, 43, 46]]
+    assert s.state_dict() == {"consumed_samples": 48}
+    t = PretrainingSampler(total_samples=50, dp_rank=1, dp_size=3, micro_batch_size=4)
+    t.load_state_dict({"consumed_samples": 24})
+    assert list(t) == batches[1:]
+    for kwargs, msg in (({"dp_rank": 2, "dp_size": 2}, "dp_rank"), ({"micro_batch_size": 0}, "micro_batch_size"),
+                        ({"consumed_samples": -1}, "consumed_samples")):
+        with pytest.raises(ValueError, match=msg):
+            PretrainingSampler(None, **kwargs)
+
+
+def test_whole_word_and_other_seq_length_build(data_dir):
+    ds64 = PretrainingDataset(data_dir, 64, split="valid", masking=MaskingConfig(whole_word=True), seed=1)
+    b = ds64.get_batch(np.arange(3 * len(ds64)))
+    assert b["input_ids"].shape == (3 * len(ds64), 64)
+    assert (b["attention_mask"].sum(1) <= 64).all()
+
+
+def test_user_errors_name_the_file_and_the_fix(data_dir, tmp_path):
+    with pytest.raises(FileNotFoundError, match="manifest.json"):
+        PretrainingDataset(str(tmp_path), 128)
+    with pytest.raises(ValueError, match=r"seq_length 256 \(available: \['64', '128'\]\)"):
+        PretrainingDataset(data_dir, 256)
+    with pytest.raises(ValueError, match="no 'test' split"):
+        PretrainingDataset(data_dir, 128, split="test")
+    with pytest.raises(ValueError, match="mlm_probability"):
+        PretrainingDataset(data_dir, 128, masking=MaskingConfig(mlm_probability=2.0))
+    # a pair index that does not belong to the corpus
+    bad = tmp_path / "bad"
+    build_synthetic_dataset(str(bad), n_docs=8, seq_lengths=(128,))
+    other = tmp_path / "other"
+    build_synthetic_dataset(str(other), n_docs=60, seq_lengths=(128,), seed=5)
+    os.replace(other / "pairs_128_train.bin", bad / "pairs_128_train.bin")
+    with pytest.raises(ValueError, match="does not belong to this corpus"):
+        PretrainingDataset(str(bad), 128)
