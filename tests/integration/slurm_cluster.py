@@ -31,6 +31,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pytest
+
 log = logging.getLogger(__name__)
 
 HOSTS_FILE = Path("/etc/hosts")
@@ -250,7 +252,9 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket={self.munge_socket}
+# cred_expire also delays a requeued job's next start (BeginTime = requeue + cred_expire);
+# the 120 s default would dominate the requeue test.
+AuthInfo=socket={self.munge_socket},cred_expire=10
 StateSaveLocation={r}/state/ctld
 SlurmdSpoolDir={r}/state/slurmd_%n
 SlurmctldPidFile={r}/run/slurmctld.pid
@@ -359,6 +363,32 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
             if lines:
                 parts.append(f"--- {f.name}\n" + "\n".join(lines))
         return "\n".join(parts)
+
+
+@pytest.fixture(scope="module")
+def slurm_cluster():
+    """A running two-node cluster for one test module; skipped where it cannot exist."""
+    reason = unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    cluster = SlurmCluster().start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def show_report(request, title: str, lines: list[str]) -> None:
+    """Write lines to the terminal even while pytest captures output (the tests' proof)."""
+    tr = request.config.pluginmanager.get_plugin("terminalreporter")
+    capman = request.config.pluginmanager.get_plugin("capturemanager")
+    if not tr or not lines:
+        return
+    with capman.global_and_fixture_disabled():
+        tr.write_line("")
+        tr.write_sep("-", title)
+        for ln in lines:
+            tr.write_line(ln)
 
 
 if __name__ == "__main__":  # manual debugging

@@ -1,0 +1,49 @@
+# Sourced by pretrain_large.sh and pretrain_base.sh (which set SCRIPT, RUN_NAME, MODEL_CONFIG).
+#
+# PHASE=1 (default): seq-128 phase from configs/phase1.json into $RUN_DIR/phase1; on its first
+# start it also submits phase 2 as a dependent job (afterok), so `sbatch slurm/pretrain_large.sh`
+# is the whole pretraining. PHASE=2: seq-512 phase from configs/phase2.json into $RUN_DIR/phase2,
+# initialised from phase 1's checkpoint. Every start resumes from its save dir's `latest`.
+source "$REPO/slurm/_common.sh"
+slurm_require_allocation "$SCRIPT"
+
+PHASE=${PHASE:-1}
+case "$PHASE" in 1|2) ;; *) slurm_die "PHASE=$PHASE: use PHASE=1 (seq 128, chains phase 2) or PHASE=2 (seq 512 only)";; esac
+[ -n "${DATA:-}" ] || slurm_die "DATA is not set: export DATA=/path/to/data_prep/output (made by slurm/data_prep.sh) before sbatch"
+case "$DATA" in /*) ;; *) DATA=$SLURM_SUBMIT_DIR/$DATA;; esac
+RUN_DIR=${RUN_DIR:-$REPO/runs/$RUN_NAME}
+case "$RUN_DIR" in /*) ;; *) RUN_DIR=$SLURM_SUBMIT_DIR/$RUN_DIR;; esac
+PHASE1_CONFIG=${PHASE1_CONFIG:-configs/phase1.json}
+PHASE2_CONFIG=${PHASE2_CONFIG:-configs/phase2.json}
+CHAIN_PHASE2=${CHAIN_PHASE2:-1}
+export DATA RUN_DIR
+
+# Chain phase 2 first thing, before this job changes its environment (MASTER_ADDR, PATH), and
+# only on the first start: a requeued phase 1 keeps the phase-2 job it already submitted.
+if [ "$PHASE" = 1 ] && [ "$CHAIN_PHASE2" = 1 ] && [ "${SLURM_RESTART_COUNT:-0}" = 0 ]; then
+  mapfile -t _shape < <(slurm_same_shape_args)
+  PHASE2_JOB_ID=$(cd "$SLURM_SUBMIT_DIR" && sbatch --parsable "${_shape[@]}" ${PHASE2_SBATCH_ARGS:-} \
+    --job-name="${SLURM_JOB_NAME}-phase2" --dependency="afterok:$SLURM_JOB_ID" \
+    --export=ALL,PHASE=2 "$SCRIPT" "$@")
+  slurm_log "submitted phase 2 as job ${PHASE2_JOB_ID%%;*} (starts after job $SLURM_JOB_ID completes successfully)"
+fi
+
+slurm_activate
+for f in "$MODEL_CONFIG" "$PHASE1_CONFIG" "$PHASE2_CONFIG" ${DS_CONFIG:+"$DS_CONFIG"}; do
+  [ -f "$f" ] || slurm_die "config file $f not found (relative paths are relative to $REPO); fix MODEL_CONFIG/PHASE1_CONFIG/PHASE2_CONFIG/DS_CONFIG"
+done
+[ -f "$DATA/manifest.json" ] || slurm_die "DATA=$DATA has no manifest.json: data prep did not finish there (run slurm/data_prep.sh)"
+slurm_rendezvous
+
+args=(--model_config "$MODEL_CONFIG" --data "$DATA")
+if [ "$PHASE" = 1 ]; then
+  args=(--config "$PHASE1_CONFIG" "${args[@]}" --save_dir "$RUN_DIR/phase1")
+  if [ -n "${TRAIN_STEPS:-}" ]; then args+=(--train_steps "$TRAIN_STEPS"); fi
+else
+  args=(--config "$PHASE2_CONFIG" "${args[@]}" --save_dir "$RUN_DIR/phase2"
+        --init_from "${INIT_FROM:-$RUN_DIR/phase1/latest}")
+  if [ -n "${PHASE2_TRAIN_STEPS:-}" ]; then args+=(--train_steps "$PHASE2_TRAIN_STEPS"); fi
+fi
+if [ -n "${DS_CONFIG:-}" ]; then args+=(--ds_config "$DS_CONFIG"); fi
+slurm_log "phase $PHASE of $RUN_NAME, restart ${SLURM_RESTART_COUNT:-0}: $PYTHON pretrain/run.py ${args[*]} $*"
+slurm_srun -- "$PYTHON" pretrain/run.py "${args[@]}" "$@"
