@@ -1,0 +1,719 @@
+"""Process groups, tensor-parallel layers and the DeepSpeed `mpu` adapter.
+
+Everything distributed lives here so that `pretrain/model.py` never imports torch.distributed:
+
+- `detect_launch_env()` / `init_distributed()`: one entry that works under torchrun and the
+  deepspeed launcher (RANK/WORLD_SIZE/LOCAL_RANK), SLURM `srun` (SLURM_PROCID/SLURM_NTASKS/
+  SLURM_LOCALID) and `mpirun` (OMPI_COMM_WORLD_* or mpi4py), with a collective timeout so that a
+  dead rank fails the job instead of hanging it.
+- `validate_parallel_config()`: world % tp, heads % tp, hidden/intermediate/vocab divisibility,
+  checked before any process group starts.
+- `initialize_model_parallel()`: megatron-core `parallel_state` groups (tp inner, dp outer).
+- `MegatronMPU`: the object DeepSpeed needs as `mpu=` so that ZeRO and the gradient norm know
+  which ranks hold shards of the same tensor (without it DeepSpeed averages TP shards as if they
+  were data-parallel replicas: wrong from step 0, no error).
+- `MegatronLayerFactory`: the model's TP seam (docs/interfaces.md) on megatron-core layers.
+- `shard_state_dict()` / `unshard_state_dicts()` / `gather_full_state_dict()`: full HF weights
+  <-> per-rank shards. Shards keep the HF parameter names; only shapes differ.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import re
+import socket
+import subprocess
+from datetime import timedelta
+from typing import Callable, Dict, Iterable, List, Mapping, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+DEFAULT_TIMEOUT = timedelta(minutes=10)
+
+__all__ = [
+    "ParallelConfigError",
+    "LaunchEnv",
+    "detect_launch_env",
+    "first_host",
+    "init_distributed",
+    "validate_parallel_config",
+    "initialize_model_parallel",
+    "destroy_model_parallel",
+    "MegatronMPU",
+    "TensorParallelRNG",
+    "MegatronLayerFactory",
+    "tp_partition_dims",
+    "mark_tensor_parallel_params",
+    "load_full_state_dict",
+    "default_partition_dims",
+    "shard_state_dict",
+    "unshard_state_dicts",
+    "gather_full_state_dict",
+]
+
+
+class ParallelConfigError(ValueError):
+    """A parallel layout that cannot work, found before any process group starts."""
+
+
+# --------------------------------------------------------------------------------------------
+# Launcher environments
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class LaunchEnv:
+    """Where this process sits, whichever launcher started it."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+    launcher: str  # "torchrun" (also the deepspeed launcher), "slurm", "mpi" or "single"
+
+
+def _int_env(env: Mapping[str, str], name: str) -> int:
+    value = env[name]
+    try:
+        return int(value)
+    except ValueError:
+        raise ParallelConfigError(f"environment variable {name}={value!r} is not an integer") from None
+
+
+def first_host(nodelist: str) -> str:
+    """First host name of a SLURM node list: 'gpu[003-005,9],cpu1' -> 'gpu003'.
+
+    Done here rather than with `scontrol show hostnames` because scontrol is not always on the
+    compute nodes' PATH inside containers.
+    """
+    nodelist = nodelist.strip()
+    m = re.match(r"([^,\[]+)(\[([^\]]+)\])?", nodelist)
+    if not m or not m.group(1):
+        raise ParallelConfigError(f"cannot read a host name from SLURM node list {nodelist!r}")
+    prefix, ranges = m.group(1), m.group(3)
+    if ranges is None:
+        return prefix
+    first = ranges.split(",")[0].split("-")[0]
+    return prefix + first
+
+
+def _mpi_rank_env(env: Mapping[str, str]):
+    """(rank, size, local_rank) from the variables MPI launchers export, or None."""
+    for rank_v, size_v, local_v in (
+        ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"),  # Open MPI
+        ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID"),  # MPICH / Intel MPI (Hydra)
+        ("PMIX_RANK", "PMIX_SIZE", "PMIX_LOCAL_RANK"),
+    ):
+        if rank_v in env and size_v in env:
+            local = _int_env(env, local_v) if local_v in env else 0
+            return _int_env(env, rank_v), _int_env(env, size_v), local
+    return None
+
+
+def _rank0_address() -> str:
+    """An address other nodes can reach rank 0 on (first of `hostname -I`, as DeepSpeed does)."""
+    try:
+        out = subprocess.check_output(["hostname", "-I"], timeout=10).decode().split()
+        if out:
+            return out[0]
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return socket.gethostbyname(socket.gethostname())
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def detect_launch_env(env: Optional[Mapping[str, str]] = None, use_mpi4py: bool = True) -> LaunchEnv:
+    """Read rank, world size, local rank and the rendezvous address from the launcher's variables.
+
+    Precedence: RANK/WORLD_SIZE (torchrun, the deepspeed launcher, or a user who set them) >
+    MPI variables > SLURM variables > a single process. torchrun wins over SLURM because
+    `srun torchrun ...` sets both and the SLURM task is then one node, not one rank.
+    """
+    env = os.environ if env is None else env
+    if "RANK" in env and "WORLD_SIZE" in env:
+        rank, world = _int_env(env, "RANK"), _int_env(env, "WORLD_SIZE")
+        local = _int_env(env, "LOCAL_RANK") if "LOCAL_RANK" in env else 0
+        launcher = "torchrun"
+    elif _mpi_rank_env(env) is not None:
+        rank, world, local = _mpi_rank_env(env)
+        launcher = "mpi"
+    elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        rank, world = _int_env(env, "SLURM_PROCID"), _int_env(env, "SLURM_NTASKS")
+        local = _int_env(env, "SLURM_LOCALID") if "SLURM_LOCALID" in env else 0
+        launcher = "slurm"
+    else:
+        rank, world, local, launcher = 0, 1, 0, "single"
+
+    if world < 1 or not 0 <= rank < world:
+        raise ParallelConfigError(f"{launcher} environment gives rank {rank} of world size {world}")
+
+    addr = env.get("MASTER_ADDR")
+    port = _int_env(env, "MASTER_PORT") if "MASTER_PORT" in env else None
+    if launcher == "slurm":
+        if addr is None:
+            nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+            if not nodelist:
+                raise ParallelConfigError(
+                    "under SLURM set MASTER_ADDR (e.g. MASTER_ADDR=$(scontrol show hostnames "
+                    "$SLURM_JOB_NODELIST | head -n1)) or run inside an allocation that sets SLURM_JOB_NODELIST"
+                )
+            addr = first_host(nodelist)
+        if port is None:
+            # Every task of the job must agree on the port without talking to each other:
+            # derive it from the job id (a fixed port would clash between jobs sharing a node).
+            port = 15000 + int(env.get("SLURM_JOB_ID", "0")) % 20000
+    elif launcher == "mpi" and (addr is None or port is None) and world > 1:
+        if not use_mpi4py:
+            raise ParallelConfigError("under mpirun set MASTER_ADDR and MASTER_PORT, or install mpi4py")
+        try:
+            from mpi4py import MPI
+        except ImportError:
+            raise ParallelConfigError(
+                "under mpirun without MASTER_ADDR/MASTER_PORT the rendezvous address is shared "
+                "with mpi4py: `pip install mpi4py` or export MASTER_ADDR and MASTER_PORT"
+            ) from None
+        # Rank 0 chooses its own address and a free port, and tells everyone over MPI.
+        chosen = (addr or _rank0_address(), port or _free_port()) if rank == 0 else None
+        addr, port = MPI.COMM_WORLD.bcast(chosen, root=0)
+    elif world == 1:
+        addr = addr or "127.0.0.1"
+        port = port or _free_port()
+    if addr is None or port is None:
+        raise ParallelConfigError(
+            f"{launcher} launch with world size {world} but MASTER_ADDR/MASTER_PORT are not set"
+        )
+    return LaunchEnv(rank, world, local, addr, int(port), launcher)
+
+
+def default_backend() -> str:
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def init_distributed(
+    backend: Optional[str] = None, timeout: timedelta = DEFAULT_TIMEOUT, env: Optional[Mapping[str, str]] = None
+) -> LaunchEnv:
+    """Start the default process group from whatever launcher started us; return where we are.
+
+    Exports RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT so that DeepSpeed and torch's
+    `env://` agree with what was detected. `timeout` bounds every collective: when a rank dies,
+    the others fail with a timeout error instead of waiting forever. Idempotent.
+    """
+    import torch.distributed as dist
+
+    launch = detect_launch_env(env)
+    backend = backend or default_backend()
+    os.environ.update(
+        RANK=str(launch.rank),
+        WORLD_SIZE=str(launch.world_size),
+        LOCAL_RANK=str(launch.local_rank),
+        MASTER_ADDR=launch.master_addr,
+        MASTER_PORT=str(launch.master_port),
+    )
+    if backend == "nccl":
+        torch.cuda.set_device(launch.local_rank)
+    if not dist.is_initialized():
+        try:
+            import deepspeed
+
+            # auto_mpi_discovery off: the environment above is already complete, and DeepSpeed's
+            # own discovery would force port 29500.
+            deepspeed.init_distributed(
+                dist_backend=backend, auto_mpi_discovery=False, timeout=timeout, init_method="env://",
+                verbose=False,
+            )
+        except ImportError:
+            dist.init_process_group(backend=backend, timeout=timeout, init_method="env://")
+    logger.info(
+        "distributed: %s launch, rank %d of %d (local %d), %s, rendezvous %s:%d",
+        launch.launcher, launch.rank, launch.world_size, launch.local_rank, backend,
+        launch.master_addr, launch.master_port,
+    )
+    return launch
+
+
+# --------------------------------------------------------------------------------------------
+# Validation and megatron-core groups
+# --------------------------------------------------------------------------------------------
+
+
+def validate_parallel_config(
+    world_size: int,
+    tp_size: int,
+    num_attention_heads: Optional[int] = None,
+    hidden_size: Optional[int] = None,
+    intermediate_size: Optional[int] = None,
+    vocab_size: Optional[int] = None,
+    tp_flag: str = "--tp",
+) -> int:
+    """Check that `tp_size` can split this model on `world_size` ranks; return the dp size.
+
+    Every message names what to change. Call it before `init_distributed()`.
+    """
+    if not isinstance(tp_size, int) or tp_size < 1:
+        raise ParallelConfigError(f"{tp_flag} must be a positive integer, got {tp_size!r}")
+    if world_size % tp_size:
+        raise ParallelConfigError(
+            f"world size {world_size} is not divisible by {tp_flag} {tp_size}: world size = dp x tp, "
+            f"so launch a multiple of {tp_size} processes or choose a {tp_flag} that divides {world_size}"
+        )
+    if num_attention_heads is not None and num_attention_heads % tp_size:
+        raise ParallelConfigError(
+            f"num_attention_heads {num_attention_heads} is not divisible by {tp_flag} {tp_size}: each "
+            f"tensor-parallel rank holds whole heads; use a {tp_flag} that divides {num_attention_heads}"
+        )
+    if hidden_size is not None and hidden_size % tp_size:
+        raise ParallelConfigError(f"hidden_size {hidden_size} is not divisible by {tp_flag} {tp_size}")
+    if intermediate_size is not None and intermediate_size % tp_size:
+        raise ParallelConfigError(
+            f"intermediate_size {intermediate_size} is not divisible by {tp_flag} {tp_size}: the "
+            f"feed-forward layer is split column-wise; use a {tp_flag} that divides {intermediate_size}"
+        )
+    if vocab_size is not None and vocab_size % tp_size:
+        padded = -(-vocab_size // tp_size) * tp_size
+        raise ParallelConfigError(
+            f"vocab_size {vocab_size} is not divisible by {tp_flag} {tp_size}: the word embeddings are "
+            f"split by vocabulary rows. Set \"vocab_size\": {padded} (or another multiple of {tp_size}) "
+            f"in the model config; the extra rows are never-used token ids"
+        )
+    return world_size // tp_size
+
+
+def validate_model_for_tp(config, world_size: int, tp_size: int, tp_flag: str = "--tp") -> int:
+    """`validate_parallel_config` with the sizes read from a BertConfig-like object."""
+    return validate_parallel_config(
+        world_size,
+        tp_size,
+        num_attention_heads=getattr(config, "num_attention_heads", None),
+        hidden_size=getattr(config, "hidden_size", None),
+        intermediate_size=getattr(config, "intermediate_size", None),
+        vocab_size=getattr(config, "vocab_size", None),
+        tp_flag=tp_flag,
+    )
+
+
+def initialize_model_parallel(tp_size: int, timeout: timedelta = DEFAULT_TIMEOUT) -> None:
+    """megatron-core groups: tp ranks are consecutive (inner), dp ranks stride by tp (outer)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    if not dist.is_initialized():
+        raise RuntimeError("initialize_model_parallel() needs init_distributed() first")
+    validate_parallel_config(dist.get_world_size(), tp_size)
+    if parallel_state.model_parallel_is_initialized():
+        if parallel_state.get_tensor_model_parallel_world_size() != tp_size:
+            raise RuntimeError(
+                f"model parallel already initialised with tp="
+                f"{parallel_state.get_tensor_model_parallel_world_size()}, asked for {tp_size}"
+            )
+        return
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tp_size,
+        distributed_timeout_minutes=max(1, int(timeout.total_seconds() // 60)),
+        # The extra gloo groups are for CPU-side metadata exchange in megatron's distributed
+        # checkpointing, which we do not use; they would double the number of groups.
+        create_gloo_process_groups=False,
+    )
+    logger.info(
+        "model parallel: tp=%d dp=%d (tp rank %d, dp rank %d)",
+        tp_size, parallel_state.get_data_parallel_world_size(),
+        parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_data_parallel_rank(),
+    )
+
+
+def destroy_model_parallel() -> None:
+    from megatron.core import parallel_state
+
+    parallel_state.destroy_model_parallel()
+
+
+class MegatronMPU:
+    """The `mpu=` object DeepSpeed expects, forwarding to megatron-core's parallel_state.
+
+    `parallel_state` alone is not enough: DeepSpeed also calls the older `get_model_parallel_*`
+    names (model parallel = tensor x pipeline; pipeline is 1 here, so they equal the TP ones).
+    """
+
+    @staticmethod
+    def _ps():
+        from megatron.core import parallel_state
+
+        return parallel_state
+
+    def get_model_parallel_group(self):
+        return self._ps().get_tensor_model_parallel_group()
+
+    def get_model_parallel_rank(self):
+        return self._ps().get_tensor_model_parallel_rank()
+
+    def get_model_parallel_world_size(self):
+        return self._ps().get_tensor_model_parallel_world_size()
+
+    def get_tensor_model_parallel_group(self):
+        return self._ps().get_tensor_model_parallel_group()
+
+    def get_tensor_model_parallel_rank(self):
+        return self._ps().get_tensor_model_parallel_rank()
+
+    def get_tensor_model_parallel_world_size(self):
+        return self._ps().get_tensor_model_parallel_world_size()
+
+    def get_pipeline_model_parallel_group(self):
+        return self._ps().get_pipeline_model_parallel_group()
+
+    def get_pipeline_model_parallel_rank(self):
+        return self._ps().get_pipeline_model_parallel_rank()
+
+    def get_pipeline_model_parallel_world_size(self):
+        return self._ps().get_pipeline_model_parallel_world_size()
+
+    def get_data_parallel_group(self):
+        return self._ps().get_data_parallel_group()
+
+    def get_data_parallel_rank(self):
+        return self._ps().get_data_parallel_rank()
+
+    def get_data_parallel_world_size(self):
+        return self._ps().get_data_parallel_world_size()
+
+
+# --------------------------------------------------------------------------------------------
+# Dropout RNG for tensor-parallel regions
+# --------------------------------------------------------------------------------------------
+
+
+class TensorParallelRNG:
+    """A second RNG stream, different on each TP rank, swapped in by `fork()`.
+
+    Inside a split region (attention probabilities of the local heads) each TP rank holds
+    different activations, so its dropout mask must be independent, as it would be for those
+    heads in a dense model. Outside (hidden states, replicated on every TP rank) every rank must
+    drop the same elements, which the default generator gives when all TP ranks share a seed.
+    Megatron's tracker does this with CUDA generators only; this one swaps the default CPU or
+    CUDA generator state, so it works on both.
+    """
+
+    # Same offset as Megatron, so the TP stream never coincides with the default-seed stream.
+    OFFSET = 2718
+
+    def __init__(self, seed: int, tp_rank: int, device: str = "cpu"):
+        self.device = torch.device(device).type
+        gen = torch.Generator(device=self.device)
+        gen.manual_seed(seed + self.OFFSET + tp_rank)
+        self._state = gen.get_state()
+
+    def _get(self):
+        return torch.cuda.get_rng_state() if self.device == "cuda" else torch.get_rng_state()
+
+    def _set(self, state):
+        if self.device == "cuda":
+            torch.cuda.set_rng_state(state)
+        else:
+            torch.set_rng_state(state)
+
+    @contextlib.contextmanager
+    def fork(self):
+        outside = self._get()
+        self._set(self._state)
+        try:
+            yield
+        finally:
+            self._state = self._get()
+            self._set(outside)
+
+    # For checkpoints: resuming must continue the TP stream, not restart it.
+    def state_dict(self):
+        return {"state": self._state.clone()}
+
+    def load_state_dict(self, sd):
+        self._state = sd["state"].clone()
+
+
+# --------------------------------------------------------------------------------------------
+# The layer factory (docs/interfaces.md, "layers")
+# --------------------------------------------------------------------------------------------
+
+
+def _mark_partition(param: nn.Parameter, dim: int) -> None:
+    # megatron sets these only when it initialises the weight itself; set them always, because
+    # tp_partition_dims() (and DeepSpeed's TP-aware grad norm) read them.
+    param.tensor_model_parallel = True
+    param.partition_dim = dim
+    param.partition_stride = 1
+
+
+def _layer_classes():
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
+
+    class _NoExtraState:
+        # megatron layers add an `_extra_state` entry to state_dict (Transformer Engine FP8
+        # metadata, always None here) and a load pre-hook that inserts it; without both, the
+        # state-dict keys are exactly the HF key tree and strict loading of HF weights works.
+        get_extra_state = nn.Module.get_extra_state
+        set_extra_state = nn.Module.set_extra_state
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self._load_state_dict_pre_hooks.clear()
+
+    class ColumnLinear(_NoExtraState, ColumnParallelLinear):
+        """Column-parallel linear returning one tensor (the output shard), like nn.Linear."""
+
+        def forward(self, x):
+            out, _ = super().forward(x)
+            return out
+
+    class RowLinear(_NoExtraState, RowParallelLinear):
+        """Row-parallel linear returning one tensor (the all-reduced output), like nn.Linear."""
+
+        def forward(self, x):
+            out, _ = super().forward(x)
+            return out
+
+    class VocabEmbedding(_NoExtraState, VocabParallelEmbedding):
+        pass
+
+    return ColumnLinear, RowLinear, VocabEmbedding
+
+
+class MegatronLayerFactory:
+    """The model's tensor-parallel seam on megatron-core layers (tp >= 1).
+
+    Needs `initialize_model_parallel()` first. Parameters keep the names nn.Linear/nn.Embedding
+    would have (`weight`, `bias`), so the HF key tree is unchanged; only shapes are per-rank:
+    column: weight [out/tp, in], bias [out/tp]; row: weight [out, in/tp], bias [out] (replicated);
+    vocab_embedding: weight [num/tp, dim]. The model decides how many heads are local from
+    `tp_size`.
+    """
+
+    def __init__(self, init_std: float = 0.02, seed: int = 1234, device: Optional[str] = None, params_dtype=torch.float32):
+        from megatron.core import parallel_state
+        from megatron.core.model_parallel_config import ModelParallelConfig
+
+        if not parallel_state.model_parallel_is_initialized():
+            raise RuntimeError("MegatronLayerFactory needs initialize_model_parallel() first")
+        self.tp_size = parallel_state.get_tensor_model_parallel_world_size()
+        self.tp_rank = parallel_state.get_tensor_model_parallel_rank()
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        on_cpu = self.device == "cpu"
+        self.config = ModelParallelConfig(
+            tensor_model_parallel_size=self.tp_size,
+            # CPU: megatron's GPU initialisation path allocates on torch.cuda.current_device().
+            use_cpu_initialization=on_cpu,
+            perform_initialization=True,
+            params_dtype=params_dtype,
+            # Needs apex's fused_weight_gradient_mlp_cuda, which is absent on PyPI and on CPU.
+            gradient_accumulation_fusion=False,
+            async_tensor_model_parallel_allreduce=not on_cpu,
+            sequence_parallel=False,
+        )
+        self.init_method = lambda w: nn.init.normal_(w, mean=0.0, std=init_std)
+        if not on_cpu:
+            # Megatron's GPU initialisation forks its CUDA RNG tracker, which must be seeded.
+            from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+            model_parallel_cuda_manual_seed(seed)
+        self.rng = TensorParallelRNG(seed, self.tp_rank, self.device)
+        self._classes = _layer_classes()
+
+    def column(self, in_f: int, out_f: int, bias: bool = True) -> nn.Module:
+        column_cls = self._classes[0]
+        layer = column_cls(
+            in_f, out_f, config=self.config, init_method=self.init_method, bias=bias,
+            gather_output=False,  # gather_output=True allocates on CUDA (FACTS.md) and is not needed
+            skip_bias_add=False,
+        )
+        _mark_partition(layer.weight, 0)
+        if bias:
+            _mark_partition(layer.bias, 0)
+        return layer
+
+    def row(self, in_f: int, out_f: int, bias: bool = True) -> nn.Module:
+        row_cls = self._classes[1]
+        layer = row_cls(
+            in_f, out_f, config=self.config, init_method=self.init_method, bias=bias,
+            input_is_parallel=True, skip_bias_add=False,
+        )
+        _mark_partition(layer.weight, 1)
+        return layer
+
+    def vocab_embedding(self, num: int, dim: int) -> nn.Module:
+        embedding_cls = self._classes[2]
+        layer = embedding_cls(num, dim, init_method=self.init_method, config=self.config)
+        _mark_partition(layer.weight, 0)
+        return layer
+
+    def vocab_cross_entropy(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mean cross entropy over labels != -100, `logits` holding this rank's vocabulary shard."""
+        from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+        logits = logits.reshape(-1, logits.shape[-1])
+        labels = labels.reshape(-1)
+        keep = labels != IGNORE_INDEX
+        # megatron's kernel works in place on its input (max subtraction, exp): give it a copy so
+        # the caller's logits (returned as prediction_logits) stay intact.
+        logits = logits.float() if logits.dtype != torch.float32 else logits.clone()
+        target = torch.where(keep, labels, torch.zeros_like(labels))
+        losses = vocab_parallel_cross_entropy(logits, target)
+        # Same convention as the dense factory: no masked token gives 0 (and zero grads), not NaN.
+        return (losses * keep).sum() / keep.sum().clamp(min=1)
+
+    def sharded_rng(self):
+        return self.rng.fork()
+
+
+# --------------------------------------------------------------------------------------------
+# Full HF weights <-> TP shards
+# --------------------------------------------------------------------------------------------
+
+# Which HF BertForPreTraining tensors are split, and along which dim, with the seam used as the
+# model uses it (column: dim 0 of weight and bias; row: dim 1 of weight; vocab: dim 0).
+_DEFAULT_RULES = [
+    (re.compile(r"attention\.self\.(query|key|value)\.(weight|bias)$"), 0),
+    (re.compile(r"intermediate\.dense\.(weight|bias)$"), 0),
+    (re.compile(r"attention\.output\.dense\.weight$"), 1),
+    (re.compile(r"layer\.\d+\.output\.dense\.weight$"), 1),
+    (re.compile(r"embeddings\.word_embeddings\.weight$"), 0),
+    (re.compile(r"cls\.predictions\.decoder\.(weight|bias)$"), 0),
+    (re.compile(r"cls\.predictions\.bias$"), 0),
+]
+
+
+def default_partition_dims(keys: Iterable[str]) -> Dict[str, int]:
+    """Split dims for HF BERT keys, from names alone (for checkpoints without a model at hand)."""
+    dims = {}
+    for key in keys:
+        for pattern, dim in _DEFAULT_RULES:
+            if pattern.search(key):
+                dims[key] = dim
+                break
+    return dims
+
+
+def tp_partition_dims(model: nn.Module) -> Dict[str, int]:
+    """{state-dict key: split dim} for every tensor-parallel parameter of a model, tied aliases included.
+
+    Read from the megatron attributes the factory sets, plus the HF name rules for sharded
+    parameters the model creates itself (the MLM output bias, sized from the decoder shard).
+    """
+    dims = {}
+    names = []
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names.append(name)
+        if getattr(param, "tensor_model_parallel", False):
+            dims[name] = int(param.partition_dim)
+    for name, dim in default_partition_dims(names).items():
+        dims.setdefault(name, dim)
+    return dims
+
+
+def mark_tensor_parallel_params(model: nn.Module) -> None:
+    """Tag every sharded parameter with megatron's attributes (call once after building a TP model).
+
+    DeepSpeed's gradient norm counts a parameter on every TP rank only when it carries
+    `tensor_model_parallel`; an untagged shard (cls.predictions.bias) would be counted on TP
+    rank 0 only, giving a wrong norm and wrong clipping.
+    """
+    params = dict(model.named_parameters(remove_duplicate=False))
+    for name, dim in tp_partition_dims(model).items():
+        if not getattr(params[name], "tensor_model_parallel", False):
+            _mark_partition(params[name], dim)
+
+
+def load_full_state_dict(model: nn.Module, full_sd: Mapping[str, torch.Tensor], tp_rank: Optional[int] = None,
+                         tp_size: Optional[int] = None) -> None:
+    """Load full (HF-layout) weights into a TP model: each rank takes its shard. Strict on keys."""
+    if tp_size is None:
+        from megatron.core import parallel_state
+
+        tp_rank = parallel_state.get_tensor_model_parallel_rank()
+        tp_size = parallel_state.get_tensor_model_parallel_world_size()
+    shard = shard_state_dict(full_sd, tp_rank, tp_size, tp_partition_dims(model))
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(shard))
+    unexpected = sorted(set(shard) - set(expected))
+    if missing or unexpected:
+        raise KeyError(f"full state dict does not match the model: missing {missing[:8]}, unexpected {unexpected[:8]}")
+    for key, tensor in expected.items():
+        if tuple(shard[key].shape) != tuple(tensor.shape):
+            raise ValueError(
+                f"{key}: shard shape {tuple(shard[key].shape)} != model shape {tuple(tensor.shape)} (tp {tp_size})"
+            )
+    model.load_state_dict(shard, strict=True)
+
+
+def shard_state_dict(
+    full_sd: Mapping[str, torch.Tensor], tp_rank: int, tp_size: int, partition_dims: Optional[Mapping[str, int]] = None
+) -> Dict[str, torch.Tensor]:
+    """This rank's shard of full (HF-layout) weights, same keys. Replicated tensors are copied."""
+    dims = default_partition_dims(full_sd.keys()) if partition_dims is None else partition_dims
+    out = {}
+    for key, tensor in full_sd.items():
+        dim = dims.get(key)
+        if dim is None or tp_size == 1:
+            out[key] = tensor.clone()
+            continue
+        size = tensor.shape[dim]
+        if size % tp_size:
+            raise ParallelConfigError(
+                f"{key}: size {size} along dim {dim} is not divisible by tp {tp_size}"
+            )
+        out[key] = tensor.chunk(tp_size, dim=dim)[tp_rank].clone()
+    return out
+
+
+def unshard_state_dicts(
+    shards: List[Mapping[str, torch.Tensor]], partition_dims: Optional[Mapping[str, int]] = None
+) -> Dict[str, torch.Tensor]:
+    """Full weights from the per-rank shards (index = tp rank). Inverse of `shard_state_dict`."""
+    if not shards:
+        raise ValueError("unshard_state_dicts needs at least one shard")
+    dims = default_partition_dims(shards[0].keys()) if partition_dims is None else partition_dims
+    keys = list(shards[0].keys())
+    for r, shard in enumerate(shards[1:], 1):
+        if set(shard.keys()) != set(keys):
+            raise ValueError(f"tp rank {r} holds other keys than tp rank 0: {sorted(set(shard) ^ set(keys))[:5]}")
+    out = {}
+    for key in keys:
+        dim = dims.get(key)
+        if dim is None or len(shards) == 1:
+            out[key] = shards[0][key].clone()
+        else:
+            out[key] = torch.cat([s[key] for s in shards], dim=dim)
+    return out
+
+
+def gather_full_state_dict(model: nn.Module, group=None) -> Dict[str, torch.Tensor]:
+    """All-gather the TP shards of `model` into full HF-layout CPU tensors on every TP rank."""
+    import torch.distributed as dist
+
+    if group is None:
+        from megatron.core import parallel_state
+
+        group = parallel_state.get_tensor_model_parallel_group()
+    tp_size = dist.get_world_size(group)
+    dims = tp_partition_dims(model)
+    out = {}
+    for key, tensor in model.state_dict().items():
+        tensor = tensor.detach()
+        dim = dims.get(key)
+        if dim is None or tp_size == 1:
+            out[key] = tensor.cpu().clone()
+            continue
+        parts = [torch.empty_like(tensor) for _ in range(tp_size)]
+        dist.all_gather(parts, tensor.contiguous(), group=group)
+        out[key] = torch.cat(parts, dim=dim).cpu()
+    return out
