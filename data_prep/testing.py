@@ -21,10 +21,13 @@ def build_tiny_dataset(out_dir: str, seq_lengths=(64,), n_docs: int = 200, seed:
     Extra keyword arguments go to `PrepConfig` (e.g. dupe_factor=2).
     """
     cache_dir = cache_dir or os.path.join(os.path.dirname(os.path.abspath(out_dir)), ".data_prep_cache")
+    vocab = overrides.pop("vocab", None)
+    if vocab is None and not overrides.get("train_spm_vocab_size"):
+        vocab = embedded_vocab()
     cfg = PrepConfig(
         inputs=[embedded_corpus_jsonl(cache_dir, max_docs=n_docs)],
         output_dir=out_dir,
-        vocab=overrides.pop("vocab", None) or embedded_vocab(),
+        vocab=vocab,
         seq_lengths=list(seq_lengths),
         seed=seed,
         valid_fraction=valid_fraction,
