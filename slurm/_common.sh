@@ -83,8 +83,8 @@ slurm_srun() {
   local extra=(${SRUN_ARGS:-})
 
   _SLURM_PREEMPTED=0
-  trap '_slurm_on_signal USR1' USR1
-  trap '_slurm_on_signal TERM' TERM
+  trap _slurm_on_preempt USR1
+  trap _slurm_on_term TERM
   # The inline wrapper turns SLURM's task ids into the variables torch.distributed reads.
   srun --kill-on-bad-exit=1 "${srun_opts[@]}" "${extra[@]}" \
     bash -c 'export RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID WORLD_SIZE=$SLURM_NTASKS
@@ -100,18 +100,22 @@ slurm_srun() {
   trap - USR1 TERM
 
   if [ "$_SLURM_PREEMPTED" = 1 ]; then
-    if [ "$rc" != 0 ]; then
-      slurm_die "the tasks exited with status $rc after the preemption signal: no checkpoint was confirmed, not requeueing"
+    if [ "$rc" = 0 ]; then
+      slurm_log "the tasks checkpointed and stopped"
+    else
+      # Still requeue: the time limit would end the job anyway, and the next start resumes from
+      # the newest complete checkpoint (`latest` only moves once a checkpoint is whole).
+      slurm_log "WARNING: the tasks exited with status $rc after the signal; the next start resumes from the last complete checkpoint"
     fi
     if [ "${REQUEUE:-1}" = 1 ]; then
-      slurm_log "tasks checkpointed and stopped; requeueing job $SLURM_JOB_ID (restart $((${SLURM_RESTART_COUNT:-0} + 1)))"
+      slurm_log "requeueing job $SLURM_JOB_ID (restart $((${SLURM_RESTART_COUNT:-0} + 1)))"
       scontrol requeue "$SLURM_JOB_ID"
       # The controller now ends this script; do not fall through to whatever follows.
-      sleep 60
+      sleep 300
       exit 0
     fi
-    slurm_log "tasks checkpointed and stopped; REQUEUE=0, leaving the job ended"
-    return 0
+    slurm_log "REQUEUE=0: not requeueing"
+    return "$rc"
   fi
   if [ "$rc" != 0 ]; then
     slurm_log "ERROR: step failed with status $rc (a task died or timed out; srun --kill-on-bad-exit stopped the others). See the task output above."
@@ -119,12 +123,21 @@ slurm_srun() {
   return "$rc"
 }
 
-_slurm_on_signal() {
+# USR1 is the scheduled warning before the time limit (#SBATCH --signal=B:USR1@T) or a manual
+# `scancel --signal=USR1 --batch JOBID`: checkpoint, stop, requeue.
+_slurm_on_preempt() {
   local sig=${TRAINER_SIGNAL:-USR1}
-  slurm_log "received SIG$1: sending SIG$sig to the tasks so that they checkpoint and exit"
+  slurm_log "received SIGUSR1: sending SIG$sig to the tasks so that they checkpoint and exit, then requeueing"
   _SLURM_PREEMPTED=1
   # srun forwards the signal to every task of the step.
   kill -s "$sig" "$_SLURM_SRUN_PID" 2>/dev/null || true
+}
+
+# TERM means SLURM itself is ending the job (scancel, scontrol requeue, time limit, preemption by
+# another job): srun and the tasks get it too. Never requeue here, or a cancelled job would
+# come back; just keep waiting so that srun can report the tasks' exit.
+_slurm_on_term() {
+  slurm_log "received SIGTERM: the job is being ended by SLURM; waiting for the tasks to stop"
 }
 
 # ---------------------------------------------------------------- chaining

@@ -1,7 +1,8 @@
 """A real two-node SLURM cluster on the machine the tests run on.
 
 `slurmctld` runs in the root network namespace; each compute node is a `slurmd` in its own
-network namespace (own address on a private bridge, own hostname via a UTS namespace), so jobs
+network namespace (own address on a private bridge, own hostname via a UTS namespace, own /tmp
+via a mount namespace), so jobs
 really span two hosts as far as SLURM, srun and TCP rendezvous are concerned. A private `munged`
 (own key and socket), the configuration, spool, state and logs all live under one temp dir.
 Everything is undone by `SlurmCluster.stop()`, which the pytest fixture calls as a finalizer and
@@ -59,9 +60,9 @@ def unavailable_reason() -> str | None:
     if missing:
         return (f"missing {', '.join(missing)}: install Debian slurm-wlm, munge and iproute2 "
                 "(scripts/setup.sh does)")
-    probe = subprocess.run(["unshare", "--net", "--uts", "true"], capture_output=True, text=True)
+    probe = subprocess.run(["unshare", "--net", "--uts", "--mount", "true"], capture_output=True, text=True)
     if probe.returncode != 0:
-        return f"network/UTS namespaces unavailable: {probe.stderr.strip() or probe.returncode}"
+        return f"network/UTS/mount namespaces unavailable: {probe.stderr.strip() or probe.returncode}"
     return None
 
 
@@ -113,7 +114,9 @@ class SlurmCluster:
     n_nodes: int = 2
     cpus_per_node: int = 2
     real_memory_mb: int = 4000
-    root: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="slurm-ci-")))
+    # Not under /tmp: each node gets its own /tmp (a bind mount in its mount namespace), and the
+    # cluster's files must stay visible to all nodes, like a shared filesystem.
+    root: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="slurm-ci-", dir="/var/tmp")))
 
     def __post_init__(self):
         self.root = Path(self.root)
@@ -133,7 +136,7 @@ class SlurmCluster:
         atexit.register(self.stop)
         self._started = True
         try:
-            for d in ("etc", "state", "run", "log", "munge", "jobs"):
+            for d in ("etc", "state", "run", "log", "munge", "jobs", "nodes"):
                 (self.root / d).mkdir(parents=True, exist_ok=True)
             self._start_munge()
             self._make_network()
@@ -290,9 +293,16 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
                    "slurmctld to answer ping", proc)
 
     def _start_slurmd(self, node: Node) -> None:
-        inner = f"hostname {node.name} && exec slurmd -D -f {self.conf} -N {node.name}"
+        # A private /tmp per node, as on real nodes: PMIx (srun --mpi=pmix) creates
+        # /tmp/spmix_appdir_<uid>_<job>.<step> on every node and fails if another node made it.
+        node_tmp = self.root / "nodes" / node.name / "tmp"
+        node_tmp.mkdir(parents=True)
+        node_tmp.chmod(0o1777)
+        inner = (f"mount --bind {node_tmp} /tmp && hostname {node.name} && "
+                 f"exec slurmd -D -f {self.conf} -N {node.name}")
         proc = subprocess.Popen(
-            ["nsenter", f"--net=/run/netns/{node.netns}", "unshare", "--uts", "sh", "-c", inner],
+            ["nsenter", f"--net=/run/netns/{node.netns}", "unshare", "--uts", "--mount",
+             "--propagation", "private", "sh", "-c", inner],
             stdout=subprocess.DEVNULL,
             stderr=open(self.root / "log" / f"slurmd_{node.name}.stderr", "w"),
             env=self.env())
