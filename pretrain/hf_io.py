@@ -28,6 +28,7 @@ logger = logging.getLogger(__name__)
 _DROPPED_BUFFERS = ("embeddings.position_ids", "embeddings.token_type_ids")
 _HEAD_PREFIXES = ("cls.",)
 _ENCODER_PREFIX = "bert."
+_ENCODER_SUBMODULES = ("embeddings.", "encoder.", "pooler.")
 
 
 def _read_weights(path: str) -> dict:
@@ -60,7 +61,7 @@ def normalize_hf_state_dict(state: Mapping[str, torch.Tensor]) -> dict:
     out = {}
     for key, value in state.items():
         key = key.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
-        if not key.startswith(_ENCODER_PREFIX) and not key.startswith(_HEAD_PREFIXES):
+        if key.startswith(_ENCODER_SUBMODULES):  # BertModel checkpoint: no "bert." prefix
             key = _ENCODER_PREFIX + key
         if key.endswith(_DROPPED_BUFFERS):
             continue
@@ -94,7 +95,8 @@ def load_into(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
     """Copy a state dict into ``model`` key by key; raise listing every missing/unexpected key.
 
     ``state_dict`` may use HF keys of either flavour. Loading into a bare ``BertModel`` (the
-    fine-tuning encoder) takes the ``bert.*`` part and deliberately skips pretraining heads.
+    fine-tuning encoder) takes the ``bert.*`` part and deliberately skips pretraining heads (and
+    the pooler when the encoder has none).
     """
     state = normalize_hf_state_dict(state_dict)
     is_encoder = not hasattr(model, "bert")
@@ -102,7 +104,10 @@ def load_into(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
         skipped = [k for k in state if k.startswith(_HEAD_PREFIXES)]
         if skipped:
             logger.info("loading into an encoder: skipping %d pretraining-head tensors", len(skipped))
-        state = {k[len(_ENCODER_PREFIX):]: v for k, v in state.items() if k.startswith(_ENCODER_PREFIX)}
+        state = {(k[len(_ENCODER_PREFIX):] if k.startswith(_ENCODER_PREFIX) else k): v
+                 for k, v in state.items() if not k.startswith(_HEAD_PREFIXES)}
+        if getattr(model, "pooler", True) is None:  # built with add_pooling_layer=False
+            state = {k: v for k, v in state.items() if not k.startswith("pooler.")}
     expected = _expected_keys(model)
     missing = sorted(expected - state.keys())
     unexpected = sorted(state.keys() - expected)

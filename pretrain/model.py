@@ -194,6 +194,10 @@ class BertSelfAttention(nn.Module):
         query = self.query(hidden_states).view(shape).transpose(1, 2)
         key = self.key(hidden_states).view(shape).transpose(1, 2)
         value = self.value(hidden_states).view(shape).transpose(1, 2)
+        if attention_mask is not None and attention_mask.dtype != query.dtype:
+            # Under autocast q/k/v are bf16/fp16 while the bias was built in fp32; SDPA wants
+            # one dtype, and the clamp keeps "masked" finite (fp32's min overflows fp16).
+            attention_mask = attention_mask.clamp(min=torch.finfo(query.dtype).min).to(query.dtype)
         dropout = self.dropout_prob if self.training else 0.0
         # Attention probabilities live on this rank's heads only: their dropout mask must differ
         # across TP ranks, hence the sharded RNG region.
@@ -351,7 +355,10 @@ class BertLMPredictionHead(nn.Module):
         self.bias = nn.Parameter(torch.zeros(self.decoder.weight.shape[0]))
 
     def forward(self, hidden_states):
-        return self.decoder(self.transform(hidden_states)) + self.bias
+        logits = self.decoder(self.transform(hidden_states))
+        # Cast the fp32 bias so that autocast logits stay in bf16/fp16 (half the memory of a
+        # promoted [tokens, vocab] tensor); the loss upcasts where it matters.
+        return logits + self.bias.to(logits.dtype)
 
 
 class BertPreTrainingHeads(nn.Module):

@@ -100,6 +100,10 @@ def test_pretraining_checkpoint_into_encoder_and_legacy_tied_keys(tmp_path):
     for name, p in encoder.state_dict().items():
         assert torch.equal(p, legacy["bert." + name]), name
 
+    load_into(BertModel(config, add_pooling_layer=False), legacy)
+    with pytest.raises(ValueError, match=r"unexpected keys: \['classifier.weight'\]"):
+        load_into(BertModel(config), {**legacy, "classifier.weight": torch.zeros(2, config.hidden_size)})
+
     legacy["cls.predictions.decoder.weight"] = torch.zeros_like(legacy["cls.predictions.decoder.weight"])
     with pytest.raises(ValueError, match="differs from bert.embeddings.word_embeddings.weight"):
         load_into(BertForPreTraining(config), legacy)

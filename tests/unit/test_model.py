@@ -143,6 +143,18 @@ def test_encoder_hidden_states_match_transformers_bertmodel():
     torch.testing.assert_close(out.pooler_output, ref.pooler_output, atol=1e-5, rtol=0)
 
 
+def test_bf16_autocast_with_padding_stays_close_to_fp32():
+    config = BertConfig(**TINY)
+    model = randomize_(BertForPreTraining(config), seed=9).eval()
+    ids, types, mask, labels, nsp = batch(config, seed=10)
+    reference = model(ids, types, mask, labels, nsp)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = model(ids, types, mask, labels, nsp)
+    assert low.prediction_logits.dtype == torch.bfloat16
+    assert torch.isfinite(low.loss)
+    torch.testing.assert_close(low.loss, reference.loss, atol=0.05 * reference.loss.item(), rtol=0)
+
+
 def test_gradient_checkpointing_gives_identical_loss_and_grads_with_dropout():
     config = BertConfig(**TINY)
     model = randomize_(BertForPreTraining(config), seed=7).train()  # dropout on
