@@ -168,8 +168,12 @@ def test_gradient_checkpointing_gives_identical_loss_and_grads_with_dropout():
         loss.backward()
         return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
+    calls = []
+    model.bert.encoder.layer[0].register_forward_pre_hook(lambda *_: calls.append(1))
     loss_plain, grads_plain = run(False)
+    assert len(calls) == 1
     loss_ckpt, grads_ckpt = run(True)
+    assert len(calls) == 3  # forward + recomputation in backward: checkpointing really ran
     # checkpoint() replays the dropout RNG: recomputation must reproduce the same masks.
     assert torch.equal(loss_plain, loss_ckpt)
     for name in grads_plain:
