@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 LATEST = "latest"
 STATE_FILE = "trainer_state.json"
 _TAG_RE = re.compile(r"^step_(\d+)$")
+_TIED_ALIASES = ("cls.predictions.decoder.weight",)
 
 
 class CheckpointError(ValueError):
@@ -125,7 +126,8 @@ def save(engine, run_dir: str, step: int, state: dict, keep_last: int, vocab_fil
         # mp_rank files DeepSpeed would try to load): never mix old and new files.
         shutil.rmtree(tag_dir)
     dist.barrier()
-    engine.save_checkpoint(run_dir, tag=tag, client_state={"trainer": state}, save_latest=False)
+    client = {"trainer": state, "iteration": step, "universal_checkpoint_info": universal_info()}
+    engine.save_checkpoint(run_dir, tag=tag, client_state=client, save_latest=False)
     os.makedirs(os.path.join(tag_dir, "rng"), exist_ok=True)
     torch.save({"rng": rng_state(), **(extra or {})}, os.path.join(tag_dir, "rng", f"rank_{rank}.pt"))
     dist.barrier()
@@ -138,6 +140,23 @@ def save(engine, run_dir: str, step: int, state: dict, keep_last: int, vocab_fil
     dist.barrier()
     log.info("saved checkpoint %s", tag_dir)
     return tag_dir
+
+
+def universal_info() -> dict:
+    """What DeepSpeed's ds_to_universal needs to re-partition this model's ZeRO state for another
+    dp size (used when a run resumes on a different number of ranks). Unlisted TP-split tensors
+    are concatenated along dim 0 (column-parallel and vocabulary rows), which is our layout."""
+    return {
+        "universal_checkpoint_version": 0.4,
+        "tp_replicated_parameter_patterns": [
+            r".*LayerNorm\.(weight|bias)$", r".*position_embeddings\.weight$", r".*token_type_embeddings\.weight$",
+            r".*pooler\.dense\.(weight|bias)$", r".*transform\.dense\.(weight|bias)$", r".*seq_relationship\.(weight|bias)$",
+            r".*attention\.output\.dense\.bias$", r".*layer\.\d+\.output\.dense\.bias$",
+        ],
+        "parameter_with_row_parallelism_patterns": [
+            r".*attention\.output\.dense\.weight$", r".*layer\.\d+\.output\.dense\.weight$",
+        ],
+    }
 
 
 def prune(run_dir: str, keep_last: int) -> None:
@@ -196,5 +215,7 @@ def fp32_shards(run_dir: str, tag: str) -> list[dict]:
                 if f"mp_rank_{r:02d}" in name:
                     os.symlink(f, os.path.join(tmp, tag, name.replace(f"mp_rank_{r:02d}", "mp_rank_00")))
             sd = get_fp32_state_dict_from_zero_checkpoint(tmp, tag=tag)
-            shards.append({k: v.detach().clone().float() for k, v in sd.items()})
+            # Tied aliases (the MLM decoder = the word embeddings) are listed by some mp ranks'
+            # files only; the owner key carries the tensor, so aliases are dropped everywhere.
+            shards.append({k: v.detach().clone().float() for k, v in sd.items() if k not in _TIED_ALIASES})
     return shards

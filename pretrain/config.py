@@ -52,6 +52,7 @@ class TrainConfig:
                         "trainer (phase 1 -> phase 2) or an HF BertForPreTraining directory; optimizer and schedule start fresh")
     save_dir: str = _f("", "run directory: checkpoints, metrics.jsonl, TensorBoard logs, loss-curve PNG; re-running resumes from it")
     save_interval: int = _f(1000, "save a checkpoint every N steps (and always at the end)")
+    exit_at_step: int = _f(0, "save and exit after this step (e.g. to fit a job's time slot); re-running continues to --train_steps")
     keep_last: int = _f(3, "checkpoints kept in --save_dir (older ones are deleted after a newer one is complete)")
     # --- evaluation and logging
     eval_interval: int = _f(1000, "evaluate on the held-out split every N steps (and at the end); 0 = only at the end")

@@ -292,6 +292,11 @@ class Trainer:
         state, extra = ckpt.load(self.engine, self.cfg.save_dir, tag, same_world=self.same_world, rng_tag=self.resume_tag)
         if extra.get("tp_rng") is not None and self.layers is not None:
             self.layers.rng.load_state_dict(extra["tp_rng"])
+        # The schedule is rebuilt from this run's flags (phase lengths may have been extended):
+        # the lr of the next step follows from it, not from the lr stored in the optimizer state.
+        sched = self.engine.lr_scheduler
+        for group, base, fn in zip(self.engine.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
+            group["lr"] = base * fn(sched.last_epoch)
         self.step = state["step"]
         self.consumed = state["consumed_samples"]
         self.skipped_total = state.get("skipped_total", 0)
@@ -425,7 +430,8 @@ class Trainer:
         flops_cfg = (self.model_config.hidden_size, self.model_config.num_hidden_layers,
                      self.model_config.intermediate_size, self.model_config.vocab_size, cfg.seq_length)
         last_eval = None
-        while self.step < cfg.train_steps:
+        stop_at = min(cfg.train_steps, cfg.exit_at_step) if cfg.exit_at_step > 0 else cfg.train_steps
+        while self.step < stop_at:
             t0 = time.perf_counter()
             micro = [next(it) for _ in range(res.grad_accum)]
             t1 = time.perf_counter()
@@ -468,14 +474,17 @@ class Trainer:
             if cfg.eval_interval and self.step % cfg.eval_interval == 0 and self.step != cfg.train_steps:
                 last_eval = self.evaluate()
                 self.metrics.eval(self.step, last_eval)
-            if self.step % cfg.save_interval == 0 and self.step != cfg.train_steps:
+            if self.step % cfg.save_interval == 0 and self.step != stop_at:
                 self.save()
 
         final_tag = _broadcast_object(ckpt.latest_tag(cfg.save_dir) if self.rank == 0 else None)
         if final_tag != ckpt.tag_for(self.step):
-            last_eval = self.evaluate()
-            self.metrics.eval(self.step, last_eval)
+            if self.step == cfg.train_steps:
+                last_eval = self.evaluate()
+                self.metrics.eval(self.step, last_eval)
             self.save()
+        if self.step < cfg.train_steps:
+            log.info("exiting at step %d (--exit_at_step); re-run the same command to continue to step %d", self.step, cfg.train_steps)
         if self.rank == 0:
             png = plot_losses(self.metrics.path, os.path.join(cfg.save_dir, "loss_curves.png"))
             if png:
