@@ -42,6 +42,7 @@ PURPOSE_TRUNCATE_B = 3
 PURPOSE_SELECT = 4
 PURPOSE_DECIDE = 5
 PURPOSE_RANDOM_TOKEN = 6
+_SALTS: dict[int, np.ndarray] = {}
 
 
 @dataclass
@@ -82,29 +83,33 @@ class MaskingConfig:
 
 
 def mix64(z: np.ndarray) -> np.ndarray:
-    """SplitMix64 finaliser on a uint64 array (returns a new array; wraps modulo 2**64)."""
+    """SplitMix64 finaliser on a uint64 array (returns a new array; wraps modulo 2**64).
+
+    Always on arrays (ndmin=1): numpy wraps uint64 array arithmetic silently, while the same
+    operation on a scalar warns about overflow.
+    """
     z = np.array(z, dtype=_U64, copy=True, ndmin=1)
-    with np.errstate(over="ignore"):
-        z ^= z >> _U64(30)
-        z *= _MIX1
-        z ^= z >> _U64(27)
-        z *= _MIX2
-        z ^= z >> _U64(31)
+    z ^= z >> _U64(30)
+    z *= _MIX1
+    z ^= z >> _U64(27)
+    z *= _MIX2
+    z ^= z >> _U64(31)
     return z
 
 
 def sample_keys(seed: int, indices: np.ndarray) -> np.ndarray:
     """One 64-bit key per global sample index: all randomness of sample i derives from it."""
     base = mix64(np.array([seed & 0xFFFFFFFFFFFFFFFF], dtype=_U64))
-    with np.errstate(over="ignore"):
-        return mix64(base + np.asarray(indices, dtype=_U64) * _GOLDEN)
+    return mix64(base + np.array(indices, dtype=_U64, ndmin=1) * _GOLDEN)
 
 
 def random_bits(keys: np.ndarray, purpose: int, counters: np.ndarray) -> np.ndarray:
     """uint64 bits for (key, purpose, counter); `counters` broadcasts against `keys`."""
-    salted = mix64(np.asarray(keys, dtype=_U64) ^ mix64(np.array([purpose], dtype=_U64)))
-    with np.errstate(over="ignore"):
-        return mix64(salted + (np.asarray(counters, dtype=_U64) + _U64(1)) * _GOLDEN)
+    salt = _SALTS.get(purpose)
+    if salt is None:
+        salt = _SALTS[purpose] = mix64(np.array([purpose], dtype=_U64))
+    salted = mix64(np.asarray(keys, dtype=_U64) ^ salt)
+    return mix64(salted + (np.array(counters, dtype=_U64, ndmin=1) + _U64(1)) * _GOLDEN)
 
 
 def to_unit_float(bits: np.ndarray) -> np.ndarray:
@@ -121,8 +126,7 @@ def binomial_half(keys: np.ndarray, purpose: int, trials: np.ndarray) -> np.ndar
     bits = random_bits(keys[:, None], purpose, np.arange(words, dtype=_U64)[None, :])
     nbits = np.clip(trials[:, None] - 64 * np.arange(words)[None, :], 0, 64).astype(_U64)
     # (1 << 64) is undefined in numpy: full words take the all-ones mask explicitly.
-    with np.errstate(over="ignore"):
-        masks = np.where(nbits >= _U64(64), _ALL_ONES, (_U64(1) << np.minimum(nbits, _U64(63))) - _U64(1))
+    masks = np.where(nbits >= _U64(64), _ALL_ONES, (_U64(1) << np.minimum(nbits, _U64(63))) - _U64(1))
     return np.bitwise_count(bits & masks).sum(axis=1).astype(np.int64)
 
 
