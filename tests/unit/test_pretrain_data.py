@@ -245,3 +245,36 @@ def test_user_errors_name_the_file_and_the_fix(data_dir, tmp_path):
     os.replace(other / "pairs_128_train.bin", bad / "pairs_128_train.bin")
     with pytest.raises(ValueError, match="does not belong to this corpus"):
         PretrainingDataset(str(bad), 128)
+
+
+@pytest.fixture(scope="module")
+def real_dir(tmp_path_factory):
+    """A real data_prep output: embedded Wikipedia text, bert-base-uncased vocab (~12 s)."""
+    testing = pytest.importorskip("data_prep.testing")
+    return testing.build_tiny_dataset(str(tmp_path_factory.mktemp("real") / "out"), seq_lengths=(128,), n_docs=50)
+
+
+def test_real_data_prep_output_with_the_bert_vocab(real_dir):
+    with open(os.path.join(real_dir, "vocab.txt"), encoding="utf-8") as f:
+        vocab = [line.rstrip("\n") for line in f]
+    bracketed = np.array([t.startswith("[") and t.endswith("]") for t in vocab])
+    assert bracketed.sum() > 990  # [PAD], [unused0..993], [UNK], [CLS], [SEP], [MASK]
+    ds = PretrainingDataset(real_dir, 128, masking=MaskingConfig(whole_word=True), seed=3)
+    assert not bracketed[ds.tables.replacement_ids].any()
+    assert len(ds.tables.replacement_ids) == len(vocab) - bracketed.sum()
+    pairs = ds.pair_index.pairs
+    batch = ds.get_batch(np.arange(4 * len(ds)))
+    orig = np.where(batch["labels"] != -100, batch["labels"], batch["input_ids"])
+    masked = batch["labels"] != -100
+    assert not (masked & bracketed[orig]).any()
+    for i in range(len(orig)):
+        rec = pairs[ds.epoch_order(i // len(ds))[i % len(ds)]]
+        full_a = _corpus_run(ds, rec["a_start"], rec["a_count"])
+        la = int(np.flatnonzero(orig[i] == vocab.index("[SEP]"))[0]) - 1
+        kept = orig[i, 1 : la + 1]
+        assert any(np.array_equal(full_a[f : f + la], kept) for f in range(len(full_a) - la + 1))
+        # whole words: a masked '##' piece has its word's previous piece masked too
+        cont = np.array([vocab[t].startswith("##") for t in orig[i]])
+        for c in np.flatnonzero(cont[2:]) + 2:
+            if orig[i, c - 1] not in (vocab.index("[SEP]"), vocab.index("[CLS]")):
+                assert masked[i, c] == masked[i, c - 1], f"sample {i}: {vocab[orig[i, c - 1]]} {vocab[orig[i, c]]}"
