@@ -278,3 +278,31 @@ def test_real_data_prep_output_with_the_bert_vocab(real_dir):
         for c in np.flatnonzero(cont[2:]) + 2:
             if orig[i, c - 1] not in (vocab.index("[SEP]"), vocab.index("[CLS]")):
                 assert masked[i, c] == masked[i, c - 1], f"sample {i}: {vocab[orig[i, c - 1]]} {vocab[orig[i, c]]}"
+
+
+def test_real_sentencepiece_output(tmp_path):
+    """SentencePiece corpus: specials from the model (control/unknown pieces), words from '▁'."""
+    testing = pytest.importorskip("data_prep.testing")
+    spm = pytest.importorskip("sentencepiece")
+    out = testing.build_tiny_dataset(str(tmp_path / "spm"), seq_lengths=(128,), n_docs=50, train_spm_vocab_size=600)
+    with open(os.path.join(out, "manifest.json"), encoding="utf-8") as f:
+        tok = json.load(f)["tokenizer"]
+    assert tok["type"] == "sentencepiece"
+    sp = spm.SentencePieceProcessor(model_file=os.path.join(out, tok["file"]))
+    pieces = [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
+    special = np.array([p.startswith("[") and p.endswith("]") or sp.is_unknown(i) or sp.is_control(i)
+                        for i, p in enumerate(pieces)])
+    ds = PretrainingDataset(out, 128, masking=MaskingConfig(whole_word=True), seed=9)
+    assert not special[ds.tables.replacement_ids].any()
+    batch = ds.get_batch(np.arange(3 * len(ds)))
+    orig = np.where(batch["labels"] != -100, batch["labels"], batch["input_ids"])
+    masked = batch["labels"] != -100
+    assert masked.sum() > 0 and not (masked & special[orig]).any()
+    masked_continuations = 0
+    for i in range(len(orig)):
+        for c in range(2, int(batch["attention_mask"][i].sum()) - 1):
+            inside = not special[orig[i, c]] and not special[orig[i, c - 1]]
+            if inside and not pieces[orig[i, c]].startswith("\u2581"):
+                assert masked[i, c] == masked[i, c - 1], f"sample {i}: word split at {c}"
+                masked_continuations += bool(masked[i, c])
+    assert masked_continuations > 20, "multi-piece words must occur and be masked whole"
