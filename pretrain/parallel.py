@@ -396,50 +396,47 @@ class MegatronMPU:
 
 
 class TensorParallelRNG:
-    """A second RNG stream, different on each TP rank, swapped in by `fork()`.
+    """Dropout RNG for tensor-parallel regions: `fork()` gives each TP rank its own stream.
 
     Inside a split region (attention probabilities of the local heads) each TP rank holds
     different activations, so its dropout mask must be independent, as it would be for those
     heads in a dense model. Outside (hidden states, replicated on every TP rank) every rank must
     drop the same elements, which the default generator gives when all TP ranks share a seed.
-    Megatron's tracker does this with CUDA generators only; this one swaps the default CPU or
-    CUDA generator state, so it works on both.
+
+    Megatron keeps a separate CUDA generator state per rank (its tracker fails on CPU, and its
+    state must be saved in checkpoints and replayed by its own activation checkpointing). Here the
+    per-rank stream is derived instead: entering `fork()` draws one number from the shared CPU
+    generator (the same on every TP rank, so replicated regions stay in step), seeds the device's
+    default generator with it mixed with the TP rank, and restores the outer state on exit. The
+    region's masks are thus a function of the shared RNG state alone, which torch's and
+    DeepSpeed's activation checkpointing already save and restore for recomputation, and which
+    the trainer's checkpoints already carry: recomputed and resumed masks are the same.
     """
 
-    # Same offset as Megatron, so the TP stream never coincides with the default-seed stream.
-    OFFSET = 2718
+    # Odd 64-bit constant (golden ratio), so rank r's seed differs from rank r+1's in many bits.
+    _MIX = 0x9E3779B97F4A7C15
 
-    def __init__(self, seed: int, tp_rank: int, device: str = "cpu"):
+    def __init__(self, tp_rank: int, device: str = "cpu"):
+        self.tp_rank = tp_rank
         self.device = torch.device(device).type
-        gen = torch.Generator(device=self.device)
-        gen.manual_seed(seed + self.OFFSET + tp_rank)
-        self._state = gen.get_state()
 
-    def _get(self):
-        return torch.cuda.get_rng_state() if self.device == "cuda" else torch.get_rng_state()
-
-    def _set(self, state):
+    def _generator(self):
         if self.device == "cuda":
-            torch.cuda.set_rng_state(state)
-        else:
-            torch.set_rng_state(state)
+            return torch.cuda.default_generators[torch.cuda.current_device()]
+        return torch.default_generator
 
     @contextlib.contextmanager
     def fork(self):
-        outside = self._get()
-        self._set(self._state)
+        # Drawn on the CPU generator even for CUDA: no device sync, and checkpointing always
+        # saves the CPU state.
+        base = int(torch.randint(0, 2**62, (1,)).item())
+        gen = self._generator()
+        outside = gen.get_state()
+        gen.manual_seed((base + self._MIX * (self.tp_rank + 1)) % 2**63)
         try:
             yield
         finally:
-            self._state = self._get()
-            self._set(outside)
-
-    # For checkpoints: resuming must continue the TP stream, not restart it.
-    def state_dict(self):
-        return {"state": self._state.clone()}
-
-    def load_state_dict(self, sd):
-        self._state = sd["state"].clone()
+            gen.set_state(outside)
 
 
 # --------------------------------------------------------------------------------------------
@@ -526,7 +523,7 @@ class MegatronLayerFactory:
             from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
             model_parallel_cuda_manual_seed(seed)
-        self.rng = TensorParallelRNG(seed, self.tp_rank, self.device)
+        self.rng = TensorParallelRNG(self.tp_rank, self.device)
         self._classes = _layer_classes()
 
     def column(self, in_f: int, out_f: int, bias: bool = True) -> nn.Module:

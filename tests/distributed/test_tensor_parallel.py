@@ -122,8 +122,89 @@ def _tp_vs_dense_worker(rank, world_size, tp):
         export_equal=all(torch.equal(exported[k], full_sd[k]) for k in full_sd) and set(exported) == set(full_sd),
         partition_dims=parallel.tp_partition_dims(model),
     )
+    result.update(_lamb_step(model, ref))
+    result.update(_dropout_checks(config, full_sd, factory, batch))
     parallel.destroy_model_parallel()
     return result
+
+
+def _lamb_step(model, ref):
+    """One LAMB step on the TP model (TP-aware norms) and on the dense model, from equal grads."""
+    from megatron.core import parallel_state
+
+    from pretrain import parallel
+    from pretrain.optim import build_optimizer
+
+    group = parallel_state.get_tensor_model_parallel_group()
+    opt = build_optimizer(model, "lamb", lr=0.05, tp_group=group)
+    opt_ref = build_optimizer(ref, "lamb", lr=0.05)
+    opt.step()
+    opt_ref.step()
+    after = parallel.gather_full_state_dict(model)
+    ref_sd = ref.state_dict()
+    ratios = [float(s["last_trust_ratio"]) for s in opt_ref.state.values()]
+    return dict(
+        lamb_weight_diff=max((after[k] - ref_sd[k]).abs().max().item() for k in ref_sd),
+        lamb_ratio_spread=max(ratios) / min(ratios),
+    )
+
+
+def _dropout_checks(config, full_sd, factory, batch):
+    """With dropout on: TP ranks agree on replicated regions, differ inside split ones, and
+    activation checkpointing recomputes the same masks."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    from pretrain.model import BertForPreTraining
+
+    group = parallel_state.get_tensor_model_parallel_group()
+    tp = dist.get_world_size(group)
+
+    def gathered(x):
+        parts = [torch.empty_like(x) for _ in range(tp)]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        return parts
+
+    # The fork: a different stream per TP rank inside, the shared stream untouched outside.
+    torch.manual_seed(7)
+    with factory.sharded_rng():
+        inside = torch.rand(4)
+    outside = torch.rand(4)
+    inside_parts, outside_parts = gathered(inside), gathered(outside)
+
+    drop_config = tiny_config(hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
+    model, _ = build_tp_model(drop_config, full_sd)
+    model.train()
+
+    def loss_and_grads(checkpointing):
+        model.zero_grad()
+        model.bert.encoder.gradient_checkpointing = checkpointing
+        torch.manual_seed(11)
+        out = model(**batch)
+        out.loss.backward()
+        return out.loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    loss_plain, grads_plain = loss_and_grads(False)
+    loss_ckpt, grads_ckpt = loss_and_grads(True)
+    model.eval()
+    with torch.no_grad():
+        loss_eval = model(**batch).loss
+    return dict(
+        fork_differs_across_tp=not torch.equal(inside_parts[0], inside_parts[1]),
+        outside_same_across_tp=torch.equal(outside_parts[0], outside_parts[1]),
+        outside_matches_plain_stream=torch.equal(outside, _one_draw_then_rand(7)),
+        dropout_loss_same_across_tp=torch.equal(*gathered(loss_plain.reshape(1))),
+        dropout_changed_loss=abs(loss_plain.item() - loss_eval.item()) > 1e-4,
+        ckpt_loss_diff=(loss_plain - loss_ckpt).abs().item(),
+        ckpt_grad_diff=max((a - b).abs().max().item() for a, b in zip(grads_plain, grads_ckpt)),
+    )
+
+
+def _one_draw_then_rand(seed):
+    # What the shared stream looks like after one fork: exactly one integer drawn from it.
+    torch.manual_seed(seed)
+    torch.randint(0, 2**62, (1,))
+    return torch.rand(4)
 
 
 @pytest.fixture(scope="module")
@@ -177,6 +258,27 @@ def test_name_rules_agree_with_the_model_layout(tp2_results):
     assert default_partition_dims(dims.keys()) == dims
     full_keys = dense_model(tiny_config()).state_dict().keys()
     assert default_partition_dims(full_keys) == dims
+
+
+def test_lamb_on_tp_shards_uses_full_weight_norms(tp2_results):
+    for r in tp2_results:
+        assert r["lamb_ratio_spread"] > 2  # trust ratios really differ between tensors
+        assert r["lamb_weight_diff"] < TOL
+
+
+def test_sharded_rng_streams(tp2_results):
+    for r in tp2_results:
+        assert r["fork_differs_across_tp"]
+        assert r["outside_same_across_tp"]
+        assert r["outside_matches_plain_stream"]
+
+
+def test_dropout_with_tp_keeps_ranks_in_step_and_survives_activation_checkpointing(tp2_results):
+    for r in tp2_results:
+        assert r["dropout_changed_loss"]
+        assert r["dropout_loss_same_across_tp"]
+        assert r["ckpt_loss_diff"] < 1e-6
+        assert r["ckpt_grad_diff"] < 1e-6
 
 
 def test_shard_unshard_roundtrip_without_processes():
