@@ -78,7 +78,13 @@ class _MPIComm:
         self.rank, self.size = self._c.Get_rank(), self._c.Get_size()
 
     def barrier(self):
-        self._c.Barrier()
+        # OpenMPI's Barrier spins a core at 100% while waiting; ranks that finish their shards early
+        # would steal CPU from the ones still tokenizing (and from rank 0's merge). Poll and sleep.
+        import time
+
+        req = self._c.Ibarrier()
+        while not req.Test():
+            time.sleep(0.05)
 
     def bcast(self, obj, root=0):
         return self._c.bcast(obj, root=root)

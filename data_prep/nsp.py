@@ -22,8 +22,11 @@ from .pairs import PAIR_DTYPE
 
 
 def document_rng(seed: int, seq_length: int, dupe: int, doc: int) -> random.Random:
-    # String seeds hash through SHA-512 in CPython: stable across runs, platforms and processes.
-    return random.Random(f"nsp/{seed}/{seq_length}/{dupe}/{doc}")
+    # An int seed is used bit for bit (stable across runs, platforms and processes, unlike hash());
+    # packing the fields into disjoint bit ranges gives every (seed, L, dupe, doc) its own stream.
+    if not (0 <= doc < 2**32 and 0 <= dupe < 2**16 and 0 <= seq_length < 2**16 and seed >= 0):
+        raise ValueError(f"rng fields out of range: seed={seed} L={seq_length} dupe={dupe} doc={doc}")
+    return random.Random((seed << 64) | (seq_length << 48) | (dupe << 32) | doc)
 
 
 def document_pairs(doc: int, first: int, lens: list[int], rng: random.Random, max_num_tokens: int,
@@ -91,27 +94,34 @@ def document_pairs(doc: int, first: int, lens: list[int], rng: random.Random, ma
     return out, target
 
 
-def split_pairs(seq_length: int, docs: np.ndarray, seed: int, dupe_factor: int, short_seq_prob: float,
-                doc_first: np.ndarray, doc_count: np.ndarray, sent_lens: np.ndarray, write, stats=None):
-    """Build all pairs of one split (documents `docs`, sorted) and pass record arrays to `write`."""
+def pairs_for_documents(seq_length: int, docs: np.ndarray, split_docs: np.ndarray, seed: int, dupe: int,
+                        short_seq_prob: float, doc_first: np.ndarray, doc_count: np.ndarray,
+                        sent_lens: np.ndarray, stats=None) -> np.ndarray:
+    """Pairs of `docs` (a run of the split `split_docs`) for one dupe round, as a PAIR_DTYPE array."""
     max_num_tokens = seq_length - 3
+    buf = []
+    for d in docs:
+        d = int(d)
+        n = int(doc_count[d])
+        if n < 2:
+            continue
+        first = int(doc_first[d])
+        rng = document_rng(seed, seq_length, dupe, d)
+        recs, target = document_pairs(d, first, sent_lens[first:first + n].tolist(), rng, max_num_tokens,
+                                      short_seq_prob, split_docs, doc_first, doc_count, sent_lens)
+        if stats is not None:
+            stats["documents"] += 1
+            stats["short_target_documents"] += target < max_num_tokens
+        buf.extend(recs)
+    return np.array(buf, dtype=PAIR_DTYPE) if buf else np.zeros(0, dtype=PAIR_DTYPE)
+
+
+def split_pairs(seq_length: int, docs: np.ndarray, seed: int, dupe_factor: int, short_seq_prob: float,
+                doc_first: np.ndarray, doc_count: np.ndarray, sent_lens: np.ndarray, write, stats=None,
+                block: int = 2048):
+    """Build all pairs of one split (documents `docs`, sorted) and pass record arrays to `write`,
+    in dupe-major, document order (the order the parallel path reproduces)."""
     for dupe in range(dupe_factor):
-        buf = []
-        for d in docs:
-            d = int(d)
-            n = int(doc_count[d])
-            if n < 2:
-                continue
-            first = int(doc_first[d])
-            rng = document_rng(seed, seq_length, dupe, d)
-            recs, target = document_pairs(d, first, sent_lens[first:first + n].tolist(), rng, max_num_tokens,
-                                          short_seq_prob, docs, doc_first, doc_count, sent_lens)
-            if stats is not None:
-                stats["documents"] += 1
-                stats["short_target_documents"] += target < max_num_tokens
-            buf.extend(recs)
-            if len(buf) >= 65536:
-                write(np.array(buf, dtype=PAIR_DTYPE))
-                buf = []
-        if buf:
-            write(np.array(buf, dtype=PAIR_DTYPE))
+        for i in range(0, len(docs), block):
+            write(pairs_for_documents(seq_length, docs[i:i + block], docs, seed, dupe, short_seq_prob,
+                                      doc_first, doc_count, sent_lens, stats))

@@ -262,31 +262,63 @@ def split_documents(doc_count: np.ndarray, valid_fraction: float, seed: int) -> 
     return np.flatnonzero(mask), valid
 
 
-def _build_pairs(cfg: PrepConfig, out_dir: str, sent_lens, doc_idx) -> tuple[dict, dict]:
-    from .nsp import split_pairs
+_PAIR_STATE: dict = {}
+PAIR_BLOCK = 2048  # documents per pair-building task
 
+
+def _pair_task(task):
+    seq_length, split, lo, hi, dupe = task
+    st = _PAIR_STATE
+    docs = st[split]
+    c: Counter = Counter()
+    from .nsp import pairs_for_documents
+
+    recs = pairs_for_documents(seq_length, docs[lo:hi], docs, st["seed"], dupe, st["short_seq_prob"],
+                               st["doc_first"], st["doc_count"], st["sent_lens"], c)
+    return recs, c["short_target_documents"]
+
+
+def _build_pairs(cfg: PrepConfig, out_dir: str, sent_lens, doc_idx) -> tuple[dict, dict]:
+    """One pair file per (length, split). Tasks are runs of documents; with several workers they
+    run in a pool and are written back in task order, so the bytes match the 1-worker run."""
     doc_first = np.asarray(doc_idx[:-1], dtype=np.int64)
     doc_count = np.diff(np.asarray(doc_idx, dtype=np.int64))
     train, valid = split_documents(doc_count, cfg.valid_fraction, cfg.seed)
+    _PAIR_STATE.update(train=train, valid=valid, seed=cfg.seed, short_seq_prob=cfg.short_seq_prob,
+                       doc_first=doc_first, doc_count=doc_count, sent_lens=np.asarray(sent_lens))
+    pool = None
+    if cfg.workers > 1:
+        import multiprocessing as mp
+
+        pool = mp.get_context("fork").Pool(cfg.workers)
     pairs, counts = {}, {}
-    for L in cfg.seq_lengths:
-        pairs[str(L)] = {}
-        counts[str(L)] = {}
-        for name, docs in (("train", train), ("valid", valid)):
-            fname = f"pairs_{L}_{name}.bin"
-            w = PairIndexWriter(os.path.join(out_dir, fname), L)
-            st: Counter = Counter()
-            try:
-                if len(docs):
-                    split_pairs(L, docs, cfg.seed, cfg.dupe_factor, cfg.short_seq_prob, doc_first, doc_count,
-                                sent_lens, w.write, st)
-            except BaseException:
-                w.abort()
-                raise
-            w.close()
-            pairs[str(L)][name] = fname
-            counts[str(L)][name] = {"pairs": w.count, "documents": int(len(docs)),
-                                    "short_target_documents": int(st["short_target_documents"])}
+    try:
+        for L in cfg.seq_lengths:
+            pairs[str(L)] = {}
+            counts[str(L)] = {}
+            for name, docs in (("train", train), ("valid", valid)):
+                fname = f"pairs_{L}_{name}.bin"
+                tasks = [(L, name, lo, min(lo + PAIR_BLOCK, len(docs)), dupe)
+                         for dupe in range(cfg.dupe_factor) for lo in range(0, len(docs), PAIR_BLOCK)]
+                results = pool.imap(_pair_task, tasks) if pool is not None else map(_pair_task, tasks)
+                w = PairIndexWriter(os.path.join(out_dir, fname), L)
+                short = 0
+                try:
+                    for recs, n_short in results:
+                        w.write(recs)
+                        short += n_short
+                except BaseException:
+                    w.abort()
+                    raise
+                w.close()
+                pairs[str(L)][name] = fname
+                counts[str(L)][name] = {"pairs": w.count, "documents": int(len(docs)),
+                                        "short_target_documents": int(short)}
+    finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+        _PAIR_STATE.clear()
     return pairs, counts
 
 
@@ -296,6 +328,23 @@ def run(cfg: PrepConfig, comm=None) -> dict:
     comm = comm or _SingleComm()
     cfg.validate()
     files = readers.expand_inputs(cfg.inputs)
+    if not cfg.train_spm_vocab_size:
+        load_tokenizer(cfg.vocab, cfg.lower_case)  # a bad vocab fails here, before anything is touched
+    import gc
+
+    import megatron.core.datasets.indexed_dataset  # noqa: F401  (torch and megatron, imported once)
+
+    # megatron-core's builder calls gc.collect() for every shard it merges; with torch loaded that
+    # walks ~10^6 objects each time (0.5 s per shard). Freezing what exists now makes it cheap;
+    # unfrozen again at the end so a long-lived caller (a test session) collects as usual.
+    gc.freeze()
+    try:
+        return _run(cfg, comm, files, t0)
+    finally:
+        gc.unfreeze()
+
+
+def _run(cfg: PrepConfig, comm, files: list[str], t0: float) -> dict:
     out = cfg.output_dir
     work = os.path.join(out, WORK_DIR)
     manifest_path = os.path.join(out, "manifest.json")
@@ -314,6 +363,7 @@ def run(cfg: PrepConfig, comm=None) -> dict:
 
     if cfg.train_spm_vocab_size:
         tok_file = _train_spm(cfg, files, work) if comm.rank == 0 else None
+        comm.barrier()  # the sleeping barrier: bcast alone would spin the other ranks meanwhile
         tok_file = comm.bcast(tok_file, root=0)
     else:
         tok_file = cfg.vocab

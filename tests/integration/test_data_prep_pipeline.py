@@ -105,7 +105,11 @@ def test_pair_indexes_respect_split_and_documents(base):
         assert 2 <= len(docs["valid"]) <= 0.1 * N_DOCS
 
 
-def test_two_workers_byte_identical(base, tmp_path, cache):
+def test_two_workers_byte_identical(base, tmp_path, cache, monkeypatch):
+    import data_prep.pipeline
+
+    # Small pair-building tasks so several run in the pool and must be written back in order.
+    monkeypatch.setattr(data_prep.pipeline, "PAIR_BLOCK", 17)
     out = build_tiny_dataset(str(tmp_path / "w2"), workers=2, cache_dir=cache, **KW)
     _same_dir(base, out)
 

@@ -1,0 +1,127 @@
+"""The CLI on bad user data and under mpirun: clean errors (no tracebacks), counted clean-ups,
+and byte-identical output for 2 MPI ranks and 1 process."""
+import filecmp
+import gzip
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from data_prep.embedded import embedded_corpus_jsonl, embedded_vocab
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _cli(*args, timeout=300, mpi=0):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    cmd = [sys.executable, "-m", "data_prep", "--no-progress", *args]
+    if mpi:
+        cmd = ["timeout", "-k", "10", str(timeout), "mpirun", "--allow-run-as-root", "--oversubscribe",
+               "-np", str(mpi), "-x", "OMP_NUM_THREADS", "-x", "PYTHONPATH", *cmd]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout + 30)
+
+
+def _assert_clean_error(r, *needles):
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+    for n in needles:
+        assert n in r.stderr, r.stderr[-2000:]
+
+
+def test_user_errors_are_clean(tmp_path):
+    vocab = embedded_vocab()
+    out = str(tmp_path / "out")
+    _assert_clean_error(_cli("--input", str(tmp_path / "missing.txt"), "--vocab", vocab, "--output-dir", out),
+                        "missing.txt: no such file")
+    ok = tmp_path / "ok.txt"
+    ok.write_text("A sentence. Another one.\n")
+    bad_vocab = tmp_path / "bad_vocab.txt"
+    bad_vocab.write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff")
+    _assert_clean_error(_cli("--input", str(ok), "--vocab", str(bad_vocab), "--output-dir", out),
+                        "bad_vocab.txt", "not a UTF-8")
+    _assert_clean_error(_cli("--input", str(ok), "--vocab", str(tmp_path / "nov.txt"), "--output-dir", out),
+                        "--vocab", "nov.txt: no such file")
+    _assert_clean_error(_cli("--input", str(ok), "--vocab", vocab, "--output-dir", out, "--seq-length", "4"),
+                        "--seq-length 4")
+    blank = tmp_path / "blank.txt"
+    blank.write_text("\n \n\n")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    _assert_clean_error(_cli("--input", str(blank), str(empty), "--vocab", vocab, "--output-dir", out),
+                        "no documents found")
+    assert not os.path.exists(os.path.join(out, "manifest.json"))
+
+
+def _dirty_corpus(tmp_path, long_words):
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / "empty.txt").write_text("")
+    (src / "blank.txt").write_text("\n\n  \n")
+    (src / "bytes.txt").write_bytes(b"Good text here. More text.\n\nBad \xff\xfe utf8. And a NUL\x00 byte.\n\n"
+                                    b"Third document, one sentence.\n")
+    # A 10 MB line without a sentence break.
+    line = "Short intro sentence. " + " ".join(long_words)
+    assert len(line) > 10_000_000
+    with gzip.open(src / "long.txt.gz", "wt") as f:
+        f.write(line + "\n")
+    (src / "docs.jsonl").write_text(json.dumps({"text": "Json doc one. It has two sentences."}) + "\n{broken\n")
+    return src, line
+
+
+def _check_dirty_run(tmp_path, src, line):
+    out = str(tmp_path / "out")
+    r = _cli("--input", str(src), "--vocab", embedded_vocab(), "--output-dir", out, "--seq-length", "64",
+             "--valid-fraction", "0")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr
+    m = json.load(open(os.path.join(out, "manifest.json")))
+    d = m["dropped"]
+    assert d["invalid_utf8_lines"] == 1 and d["nul_bytes_removed"] == 1 and d["bad_json_lines"] == 1
+    assert sorted(os.path.basename(p) for p in d["empty_files"]) == ["blank.txt", "empty.txt"]
+    assert d["long_lines_cut"] == 1 and d["long_sentences_cut"] >= 1
+    assert m["counts"]["documents"] == 5
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    from data_prep.tokenizer import WordPieceTokenizer
+
+    ds = IndexedDataset(os.path.join(out, "corpus"))
+    assert int(ds.sequence_lengths.max()) <= 512
+    # Directory walk is sorted: blank, bytes (3 docs), docs.jsonl, empty, long.txt.gz -> the last doc.
+    di = ds.document_indices
+    got = np.concatenate([ds[i] for i in range(di[4], di[5])])
+    # Nothing of the long line was lost or changed by the cuts.
+    assert got.tolist() == WordPieceTokenizer(embedded_vocab()).encode_text(line)
+    assert "dropped/cleaned" in r.stdout and "long_lines_cut" in r.stdout
+
+
+def test_dirty_corpus_is_cleaned_and_counted(tmp_path):
+    # 120-character words are one [UNK] each (BERT's 100-character word limit): a 10 MB line that
+    # is cheap to tokenize, so the default run stays fast.
+    words = [("w%d" % i).ljust(120, "x") for i in range(85_000)]
+    _check_dirty_run(tmp_path, *_dirty_corpus(tmp_path, words))
+
+
+@pytest.mark.slow
+def test_dirty_corpus_with_a_10mb_line_of_real_words(tmp_path):
+    # ~5.6M WordPiece tokens: ~100 s on a shared 2-core machine.
+    words = [f"tok{i % 5000}" for i in range(1_300_000)]
+    _check_dirty_run(tmp_path, *_dirty_corpus(tmp_path, words))
+
+
+@pytest.mark.skipif(shutil.which("mpirun") is None, reason="needs OpenMPI's mpirun")
+def test_mpirun_two_ranks_byte_identical(tmp_path):
+    corpus = embedded_corpus_jsonl(str(tmp_path / "cache"), max_docs=300)
+    args = ["--input", corpus, "--vocab", embedded_vocab(), "--seq-length", "64", "--seq-length", "128",
+            "--docs-per-shard", "40", "--valid-fraction", "0.05"]
+    r1 = _cli(*args, "--output-dir", str(tmp_path / "one"), "--mpi", "off")
+    assert r1.returncode == 0, r1.stderr[-3000:]
+    r2 = _cli(*args, "--output-dir", str(tmp_path / "two"), mpi=2, timeout=240)
+    assert r2.returncode == 0, (r2.stdout[-2000:], r2.stderr[-3000:])
+    files = sorted(os.listdir(tmp_path / "one"))
+    assert files == sorted(os.listdir(tmp_path / "two"))
+    for f in files:
+        assert filecmp.cmp(tmp_path / "one" / f, tmp_path / "two" / f, shallow=False), f
