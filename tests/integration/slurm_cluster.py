@@ -330,7 +330,10 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 
     # ------------------------------------------------------------------ client side
     def env(self, extra: dict | None = None) -> dict:
-        env = dict(os.environ)
+        # sbatch exports the submitter's environment to the job: leave out whatever another test
+        # in this process set for its own rendezvous, and any outer SLURM job's variables.
+        drop = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+        env = {k: v for k, v in os.environ.items() if k not in drop and not k.startswith(("SLURM_", "SBATCH_"))}
         env["SLURM_CONF"] = str(self.conf)
         env.update(extra or {})
         return env
