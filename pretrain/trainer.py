@@ -363,13 +363,14 @@ class Trainer:
             )
             n_mb = (mb["labels"] != -100).sum()
             mlm = out.mlm_loss.float() * n_mb
-            loss = mlm * scale + out.nsp_loss.float()
+            nsp = out.nsp_loss.float()
             if self.step + 1 in self.inject:
-                loss = loss * float("nan")
+                mlm, nsp = mlm * float("nan"), nsp * float("nan")
+            loss = mlm * scale + nsp
             self.engine.backward(loss)
             self.engine.step()
             mlm_sum += float(mlm.detach())
-            nsp_sum += float(out.nsp_loss.detach().float())
+            nsp_sum += float(nsp.detach())
             tokens += int(mb["attention_mask"].sum())
         mlm_g, nsp_g, tok_g = self._all_reduce([mlm_sum, nsp_sum, float(tokens)], self.dp_group)
         mlm_loss = mlm_g / max(n_global, 1.0)
@@ -475,7 +476,11 @@ class Trainer:
                 last_eval = self.evaluate()
                 self.metrics.eval(self.step, last_eval)
             if self.step % cfg.save_interval == 0 and self.step != stop_at:
-                self.save()
+                if consecutive:
+                    # Inside a run of skipped steps: keep `latest` at the last healthy step.
+                    log.warning("step %d: checkpoint postponed, the last %d step(s) were skipped", self.step, consecutive)
+                else:
+                    self.save()
 
         final_tag = _broadcast_object(ckpt.latest_tag(cfg.save_dir) if self.rank == 0 else None)
         if final_tag != ckpt.tag_for(self.step):
