@@ -32,18 +32,13 @@ def is_hf_dir(path: str) -> bool:
 
 
 def _exporter():
-    """pretrain.export_hf's consolidation function (checkpoint dir, output dir)."""
+    """pretrain.export_hf.export(checkpoint, out_dir): gathers ZeRO/TP shards into HF layout."""
     try:
-        from pretrain import export_hf
+        from pretrain.export_hf import export
     except ImportError as e:
         raise InputError(f"cannot consolidate a pretraining checkpoint: pretrain.export_hf is "
                          f"unavailable ({e}); pass an HF model directory instead") from None
-    for name in ("export_checkpoint", "export_hf", "export", "consolidate"):
-        fn = getattr(export_hf, name, None)
-        if callable(fn):
-            return fn
-    raise InputError("pretrain.export_hf has no export function; run "
-                     "`python -m pretrain.export_hf RUN_DIR/CHECKPOINT OUT_DIR` and pass OUT_DIR")
+    return export
 
 
 def resolve_model_dir(path: str, work_dir: str) -> str:

@@ -89,7 +89,8 @@ def load_wiki_extracts() -> list[tuple[str, str]]:
             if v.get("extract", "").strip()]
 
 
-_SENT = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9\"'(])")
+# no split after an initial ("Arthur C. Clarke")
+_SENT = re.compile(r"(?<![\s.][A-Z]\.)(?<=[.!?])\s+(?=[A-Z0-9\"'(])")
 
 
 def split_sentences(text: str) -> list[str]:
@@ -141,19 +142,20 @@ _ANSWER = re.compile(r"\b(1[0-9]{3}|20[0-9]{2})\b")
 
 
 def build_cloze_squad(n: int, seed: int = 0, offset: int = 0, max_sentences: int = 4,
-                      unanswerable: float = 0.0, title: str = "embedded") -> dict:
+                      unanswerable: float = 0.0, min_years: int = 1, title: str = "embedded") -> dict:
     """Cloze-style extractive QA in SQuAD JSON: the passage is the first sentences of an
-    article; the question is one of its sentences with a year replaced by "when"-style blank
-    (`____`), and the answer is that year's span in the passage. With `unanswerable` > 0
-    (SQuAD v2.0), that fraction of questions is asked against another article's passage and
-    marked impossible."""
+    article; the question is one of its sentences with a year replaced by a blank (`____`),
+    and the answer is that year's span in the passage. `min_years` keeps only passages with
+    at least that many distinct years, so that "pick a year" is not enough. With
+    `unanswerable` > 0 (SQuAD v2.0), that fraction of questions is asked against another
+    article's passage and marked impossible."""
     rng = random.Random(seed)
     items = []
     for t, text in load_wiki_extracts()[offset:]:
         sents = split_sentences(text)[:max_sentences]
         passage = " ".join(sents)
         cands = [(s, m) for s in sents for m in _ANSWER.finditer(s)]
-        if cands:
+        if cands and len({m.group(0) for _, m in cands}) >= min_years:
             items.append((t, passage, cands))
         if len(items) >= n:
             break

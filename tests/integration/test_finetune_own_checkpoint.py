@@ -1,0 +1,113 @@
+"""A checkpoint of our own pretraining (tiny config, a few DeepSpeed steps on the embedded
+corpus) fine-tunes through the same entry point: `python -m finetune --model RUN_DIR`
+consolidates it with pretrain.export_hf, then trains and evaluates. The consolidated encoder
+must be exactly the trainer's fp32 weights, and the other tasks run from the same export."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from finetune import datasets
+from finetune.runner import FinetuneArgs, run
+from finetune.train import TrainConfig
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SEQ = 64
+
+
+def _env():
+    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1", PYTHONPATH=REPO)
+    return env
+
+
+@pytest.fixture(scope="module")
+def pretrained_run(tmp_path_factory):
+    from data_prep.testing import build_tiny_dataset
+
+    d = tmp_path_factory.mktemp("own")
+    data = build_tiny_dataset(str(d / "data"), seq_lengths=(SEQ,), n_docs=200)
+    with open(os.path.join(REPO, "configs", "bert-tiny.json")) as f:
+        cfg = json.load(f)
+    cfg.update(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+    (d / "model.json").write_text(json.dumps(cfg))
+    with open(os.path.join(REPO, "configs", "zero1.json")) as f:
+        ds = json.load(f)
+    ds["bf16"]["enabled"] = False
+    ds["train_micro_batch_size_per_gpu"] = 8
+    (d / "ds.json").write_text(json.dumps(ds))
+    cmd = [sys.executable, os.path.join(REPO, "pretrain", "run.py"), "--ds_config", str(d / "ds.json"),
+           "--model_config", str(d / "model.json"), "--data", data, "--seq_length", str(SEQ),
+           "--train_steps", "6", "--global_batch_size", "8", "--log_interval", "3", "--eval_samples", "16",
+           "--save_dir", str(d / "run"), "--no-tensorboard"]
+    r = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return d
+
+
+def test_pretraining_checkpoint_finetunes_via_cli(pretrained_run):
+    d = pretrained_run
+    datasets.write_tsv(str(d / "pair_train.tsv"), datasets.build_next_sentence_pairs(64, seed=1))
+    datasets.write_tsv(str(d / "pair_test.tsv"), datasets.build_next_sentence_pairs(32, seed=2, offset=3000))
+    out = d / "ft_pair"
+    cmd = [sys.executable, "-m", "finetune", "--task", "pair", "--model", str(d / "run"),
+           "--train", str(d / "pair_train.tsv"), "--eval", str(d / "pair_test.tsv"), "--output-dir", str(out),
+           "--seeds", "1", "2", "--max-seq-length", str(SEQ), "--max-steps", "4", "--batch-size", "16"]
+    r = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads((out / "metrics.json").read_text())
+    assert summary["seeds"] == [1, 2] and len(summary["runs"]) == 2
+    accs = [x["accuracy"] for x in summary["runs"]]
+    assert summary["mean"]["accuracy"] == pytest.approx(sum(accs) / 2)
+    assert summary["std"]["accuracy"] == pytest.approx(abs(accs[0] - accs[1]) / 2 ** 0.5)
+
+    # the export is the trainer's own fp32 weights, key by key
+    from safetensors.torch import load_file
+
+    from pretrain import checkpoint as ckpt
+    from pretrain.parallel import unshard_state_dicts
+
+    run_dir, tag = ckpt.resolve(str(d / "run"))
+    trained = unshard_state_dicts(ckpt.fp32_shards(run_dir, tag))
+    exported = load_file(str(out / "consolidated" / "model.safetensors"))
+    key = "bert.encoder.layer.1.attention.self.query.weight"
+    assert torch.equal(exported[key], trained[key].float())
+    # and the fine-tuned model is saved in the HF layout transformers reads
+    import transformers
+
+    m = transformers.BertForSequenceClassification.from_pretrained(str(out / "seed_1"))
+    assert m.config.id2label == {0: "next", 1: "random"}
+
+
+@pytest.mark.parametrize("task", ["token", "qa", "features"])
+def test_other_tasks_run_from_the_export(pretrained_run, task):
+    d = pretrained_run
+    model = d / "ft_pair" / "consolidated"
+    if not model.is_dir():
+        pytest.skip("needs the export made by test_pretraining_checkpoint_finetunes_via_cli")
+    if task == "token":
+        sents = datasets.load_wnut16()
+        datasets.write_conll(str(d / "ner_train.txt"), sents[:64])
+        datasets.write_conll(str(d / "ner_test.txt"), sents[-32:])
+        files = ("ner_train.txt", "ner_test.txt")
+    elif task == "qa":
+        # SQuAD v2.0 with unanswerable questions exercises the null-score path
+        (d / "qa_train.json").write_text(json.dumps(datasets.build_cloze_squad(32, seed=1, unanswerable=0.3)))
+        (d / "qa_test.json").write_text(json.dumps(datasets.build_cloze_squad(16, seed=2, offset=4000,
+                                                                              unanswerable=0.3)))
+        files = ("qa_train.json", "qa_test.json")
+    else:
+        files = ("pair_train.tsv", "pair_test.tsv")
+    s = run(FinetuneArgs(task=task, model=str(model), train_file=str(d / files[0]), eval_file=str(d / files[1]),
+                         output_dir=str(d / f"ft_{task}"), seeds=[1], max_seq_length=SEQ, doc_stride=24,
+                         max_query_length=24, pooling="cls", layer=1, train=TrainConfig(max_steps=3, batch_size=16)))
+    m = s["runs"][0]
+    if task == "qa":
+        assert m["total"] == 16 and "NoAns_total" in m and 0 <= m["f1"] <= 100
+        assert (d / f"ft_{task}" / "seed_1" / "eval_null_odds.json").is_file()
+    elif task == "token":
+        assert 0 <= m["f1"] <= 1 and m["support"] > 0
+    else:
+        assert m["feature_dim"] == 32 and 0 <= m["accuracy"] <= 1
