@@ -204,13 +204,18 @@ def default_backend() -> str:
 
 
 def init_distributed(
-    backend: Optional[str] = None, timeout: timedelta = DEFAULT_TIMEOUT, env: Optional[Mapping[str, str]] = None
+    backend: Optional[str] = None,
+    timeout: timedelta = DEFAULT_TIMEOUT,
+    env: Optional[Mapping[str, str]] = None,
+    use_deepspeed: bool = True,
 ) -> LaunchEnv:
     """Start the default process group from whatever launcher started us; return where we are.
 
     Exports RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT so that DeepSpeed and torch's
     `env://` agree with what was detected. `timeout` bounds every collective: when a rank dies,
     the others fail with a timeout error instead of waiting forever. Idempotent.
+    `use_deepspeed=False` starts the group with torch alone (DeepSpeed on CPU JIT-builds its
+    shared-memory op at start-up; deepspeed.initialize() adopts an existing group either way).
     """
     import torch.distributed as dist
 
@@ -227,6 +232,8 @@ def init_distributed(
         torch.cuda.set_device(launch.local_rank)
     if not dist.is_initialized():
         try:
+            if not use_deepspeed:
+                raise ImportError
             import deepspeed
 
             # auto_mpi_discovery off: the environment above is already complete, and DeepSpeed's
