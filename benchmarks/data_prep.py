@@ -1,0 +1,144 @@
+"""data_prep throughput, disk cost and memory, side by side in one run on the same text and cores.
+
+1. tokens/s: the bare tokenizer (HF `tokenizers` WordPiece, `encode_batch` over whole documents,
+   its default thread pool) against the full pipeline (read, split, tokenize, shard, merge, pair
+   indexes for every --seq-length, manifest with checksums) with 1 and N workers, all in this
+   process after imports, best of --repeats. Goal: pipeline >= 0.7x the bare tokenizer.
+2. bytes on disk per token: corpus.bin + corpus.idx + pair indexes (vocab copy and manifest listed
+   apart). Goal: <= 2.1.
+3. peak RSS of a fresh `python -m data_prep` process tree (sampled) on the corpus and on the corpus
+   repeated 10x. Goal: flat, < 1 GiB.
+
+    .venv/bin/python benchmarks/data_prep.py [--workers 2] [--repeats 2] [--scale 10]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import psutil  # noqa: E402
+
+from data_prep.embedded import embedded_corpus_jsonl, embedded_vocab  # noqa: E402
+from data_prep.pipeline import PrepConfig, run  # noqa: E402
+from data_prep.tokenizer import WordPieceTokenizer  # noqa: E402
+
+
+def bare_tokenizer(texts, vocab):
+    tok = WordPieceTokenizer(vocab)
+    t = time.perf_counter()
+    encs = tok._tok.encode_batch(texts, add_special_tokens=False)
+    n = sum(len(e.ids) for e in encs)
+    return n / (time.perf_counter() - t), n
+
+
+def pipeline(corpus, vocab, out, workers, seq_lengths):
+    shutil.rmtree(out, ignore_errors=True)
+    cfg = PrepConfig(inputs=[corpus], output_dir=out, vocab=vocab, seq_lengths=list(seq_lengths),
+                     workers=workers, progress=False)
+    t = time.perf_counter()
+    m = run(cfg)
+    return m["counts"]["tokens"] / (time.perf_counter() - t), m
+
+
+def peak_rss_subprocess(corpus, vocab, out, workers, seq_lengths):
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [sys.executable, "-m", "data_prep", "--input", corpus, "--vocab", vocab, "--output-dir", out,
+           "--workers", str(workers), "--no-progress"]
+    for L in seq_lengths:
+        cmd += ["--seq-length", str(L)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    t = time.perf_counter()
+    p = psutil.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    peak_tree = peak_main = 0
+    while p.poll() is None:
+        try:
+            procs = [p] + p.children(recursive=True)
+            rss = [q.memory_info().rss for q in procs]
+            peak_tree = max(peak_tree, sum(rss))
+            peak_main = max(peak_main, rss[0])
+        except psutil.Error:
+            pass
+        time.sleep(0.05)
+    _, err = p.communicate()
+    if p.returncode:
+        raise SystemExit(f"data_prep failed:\n{err.decode()[-2000:]}")
+    return peak_main, peak_tree, time.perf_counter() - t
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--workers", type=int, default=os.cpu_count() or 2)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--scale", type=int, default=10)
+    ap.add_argument("--seq-length", type=int, action="append", dest="seq_lengths")
+    ap.add_argument("--work-dir", default=None)
+    args = ap.parse_args()
+    seq_lengths = args.seq_lengths or [128, 512]
+    work = args.work_dir or tempfile.mkdtemp(prefix="bench_data_prep_")
+    corpus = embedded_corpus_jsonl(os.path.join(work, "cache"))
+    vocab = embedded_vocab()
+    with open(corpus) as f:
+        texts = [json.loads(l)["text"] for l in f]
+    big = os.path.join(work, f"corpus_x{args.scale}.jsonl")
+    with open(big, "w") as out, open(corpus) as f:
+        data = f.read()
+        for _ in range(args.scale):
+            out.write(data)
+
+    import megatron.core.datasets.indexed_dataset  # noqa: F401  (imports are not throughput)
+
+    print(f"text: embedded corpus, {len(texts):,} documents, {sum(map(len, texts)):,} chars; "
+          f"{os.cpu_count()} cores; seq lengths {seq_lengths}")
+    best = {"bare": 0.0, "w1": 0.0, f"w{args.workers}": 0.0}
+    m = None
+    for _ in range(args.repeats):
+        tps, n_tok = bare_tokenizer(texts, vocab)
+        best["bare"] = max(best["bare"], tps)
+        for w in sorted({1, args.workers}):
+            tps, m = pipeline(corpus, vocab, os.path.join(work, "out"), w, seq_lengths)
+            best[f"w{w}"] = max(best[f"w{w}"], tps)
+    assert m["counts"]["tokens"] == n_tok, "pipeline and bare tokenizer disagree on the token count"
+    print("\n1. throughput (tokens/s, best of %d)" % args.repeats)
+    print(f"   bare tokenizer            {best['bare']:>12,.0f}   1.00x")
+    for w in sorted({1, args.workers}):
+        print(f"   pipeline, {w} worker(s)     {best[f'w{w}']:>12,.0f}   {best[f'w{w}'] / best['bare']:.2f}x   (goal >= 0.7x)")
+
+    out = os.path.join(work, "out")
+    sizes = {f: os.path.getsize(os.path.join(out, f)) for f in os.listdir(out)}
+    tokens = m["counts"]["tokens"]
+    sentences = m["counts"]["sentences"]
+    core = {k: v for k, v in sizes.items() if k.startswith(("corpus.", "pairs_"))}
+    print(f"\n2. bytes on disk per token ({tokens:,} tokens, {sentences:,} sentences, "
+          f"{tokens / sentences:.1f} tokens/sentence)")
+    for k in sorted(core):
+        print(f"   {k:<22} {core[k]:>12,} B  {core[k] / tokens:.3f} B/token")
+    total = sum(core.values())
+    print(f"   {'total (data+indexes)':<22} {total:>12,} B  {total / tokens:.3f} B/token   (goal <= 2.1)")
+    print(f"   of which the .idx costs 12 B/sentence = {12 * sentences / tokens:.3f} B/token; "
+          f"vocab copy + manifest add {sizes['vocab.txt'] + sizes['manifest.json']:,} B once")
+
+    print(f"\n3. peak RSS, fresh process (1 worker), corpus x1 vs x{args.scale}")
+    r1 = peak_rss_subprocess(corpus, vocab, os.path.join(work, "rss1"), 1, seq_lengths)
+    r10 = peak_rss_subprocess(big, vocab, os.path.join(work, "rss10"), 1, seq_lengths)
+    for name, (main_rss, tree, secs) in (("x1", r1), (f"x{args.scale}", r10)):
+        print(f"   {name:<4} main {main_rss / 2**20:>7.0f} MiB   {secs:>6.1f} s wall (incl. start-up)")
+    print(f"   ratio x{args.scale}/x1: {r10[0] / r1[0]:.2f}   (goal: flat, < 1024 MiB)")
+    if args.workers > 1:
+        rw = peak_rss_subprocess(big, vocab, os.path.join(work, "rssw"), args.workers, seq_lengths)
+        print(f"   x{args.scale} with {args.workers} workers: main {rw[0] / 2**20:.0f} MiB, "
+              f"whole tree {rw[1] / 2**20:.0f} MiB (forked workers share pages; RSS double-counts them)")
+    if not args.work_dir:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
