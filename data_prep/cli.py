@@ -5,6 +5,7 @@ import argparse
 import logging
 import os
 import sys
+import warnings
 
 from .errors import DataPrepError
 
@@ -89,6 +90,10 @@ class _MPIComm:
     def bcast(self, obj, root=0):
         return self._c.bcast(obj, root=root)
 
+    def abort(self, code: int):
+        # One failed rank would leave the others waiting in a barrier forever: stop the whole job.
+        self._c.Abort(code)
+
 
 def make_comm(mode: str):
     if mode == "off" or (mode == "auto" and not any(v in os.environ for v in _MPI_ENV)):
@@ -124,6 +129,7 @@ def config_from_args(args):
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    comm = None
     try:
         comm = make_comm(args.mpi)
         rank = comm.rank if comm else 0
@@ -131,16 +137,28 @@ def main(argv=None) -> int:
             level=logging.DEBUG if args.verbose else (logging.INFO if rank == 0 else logging.WARNING),
             format=("" if rank == 0 else f"[rank {rank}] ") + "%(levelname)s %(name)s: %(message)s",
         )
-        # megatron-core logs every index it opens at INFO; that drowns the report.
+        # megatron-core logs every index it opens at INFO, and warns on import that it has no GPU
+        # fusions (irrelevant to data prep); both would drown the report.
         logging.getLogger("megatron").setLevel(logging.WARNING)
+        warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
         from .pipeline import format_report, run
 
         cfg = config_from_args(args)
         manifest = run(cfg, comm)
     except DataPrepError as e:
-        logging.getLogger("data_prep").error("%s", e)
         print(f"data_prep: error: {e}", file=sys.stderr)
+        if comm is not None and comm.size > 1:
+            sys.stderr.flush()
+            comm.abort(2)
         return 2
+    except Exception:
+        if comm is not None and comm.size > 1:
+            import traceback
+
+            traceback.print_exc()
+            sys.stderr.flush()
+            comm.abort(1)
+        raise
     if manifest is not None:
         print(format_report(manifest))
         print(f"wrote {os.path.join(args.output_dir, 'manifest.json')}")

@@ -125,3 +125,11 @@ def test_mpirun_two_ranks_byte_identical(tmp_path):
     assert files == sorted(os.listdir(tmp_path / "two"))
     for f in files:
         assert filecmp.cmp(tmp_path / "one" / f, tmp_path / "two" / f, shallow=False), f
+
+
+@pytest.mark.skipif(shutil.which("mpirun") is None, reason="needs OpenMPI's mpirun")
+def test_mpirun_error_stops_all_ranks(tmp_path):
+    r = _cli("--input", str(tmp_path / "missing.txt"), "--vocab", embedded_vocab(), "--output-dir",
+             str(tmp_path / "o"), mpi=2, timeout=120)
+    assert r.returncode not in (0, 124, 137), r.returncode  # failed, and did not hang until the timeout
+    assert "missing.txt: no such file" in r.stderr
