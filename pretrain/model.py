@@ -224,8 +224,14 @@ class BertAttention(nn.Module):
         self.self = BertSelfAttention(config, layers)  # "self" is the HF key name
         self.output = BertSelfOutput(config, layers)
 
-    def forward(self, hidden_states, attention_mask):
-        return self.output(self.self(hidden_states, attention_mask), hidden_states)
+    def forward(self, hidden_states, attention_mask, rows=None):
+        context = self.self(hidden_states, attention_mask)
+        if rows is not None:
+            # Every token is a key/value, but only `rows` (flat B*S indices) are read after this
+            # layer: the output projection, LayerNorm and feed-forward skip all other tokens.
+            context = context.reshape(-1, context.shape[-1]).index_select(0, rows)
+            hidden_states = hidden_states.reshape(-1, hidden_states.shape[-1]).index_select(0, rows)
+        return self.output(context, hidden_states)
 
 
 class BertIntermediate(nn.Module):
@@ -256,8 +262,8 @@ class BertLayer(nn.Module):
         self.intermediate = BertIntermediate(config, layers)
         self.output = BertOutput(config, layers)
 
-    def forward(self, hidden_states, attention_mask):
-        attention_output = self.attention(hidden_states, attention_mask)
+    def forward(self, hidden_states, attention_mask, rows=None):
+        attention_output = self.attention(hidden_states, attention_mask, rows)
         return self.output(self.intermediate(attention_output), attention_output)
 
 
@@ -268,14 +274,16 @@ class BertEncoder(nn.Module):
         # Toggled by the trainer; recomputes each layer in backward instead of storing activations.
         self.gradient_checkpointing = False
 
-    def forward(self, hidden_states, attention_mask, output_hidden_states=False):
+    def forward(self, hidden_states, attention_mask, output_hidden_states=False, output_rows=None):
         all_hidden = [hidden_states] if output_hidden_states else None
-        for layer in self.layer:
+        last = len(self.layer) - 1
+        for i, layer in enumerate(self.layer):
+            rows = output_rows if i == last else None
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 hidden_states = torch.utils.checkpoint.checkpoint(
-                    layer, hidden_states, attention_mask, use_reentrant=False)
+                    layer, hidden_states, attention_mask, rows, use_reentrant=False)
             else:
-                hidden_states = layer(hidden_states, attention_mask)
+                hidden_states = layer(hidden_states, attention_mask, rows)
             if output_hidden_states:
                 all_hidden.append(hidden_states)
         return hidden_states, (tuple(all_hidden) if output_hidden_states else None)
@@ -320,13 +328,18 @@ class BertModel(nn.Module):
         self.pooler = BertPooler(config) if add_pooling_layer else None
 
     def forward(self, input_ids, token_type_ids=None, attention_mask=None,
-                output_hidden_states=False) -> BertModelOutput:
+                output_hidden_states=False, output_rows=None) -> BertModelOutput:
+        """``output_rows`` (optional, int64 indices into the flattened [B * S] tokens): the last
+        layer computes only these rows; ``last_hidden_state`` is then [len(rows), H] and
+        ``pooler_output`` None (the caller pools the [CLS] rows it asked for)."""
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
         hidden = self.embeddings(input_ids, token_type_ids)
         bias = _attention_bias(attention_mask, hidden.dtype)
-        hidden, all_hidden = self.encoder(hidden, bias, output_hidden_states)
-        pooled = self.pooler(hidden) if self.pooler is not None else None
+        hidden, all_hidden = self.encoder(hidden, bias, output_hidden_states, output_rows)
+        pooled = None
+        if self.pooler is not None and output_rows is None:
+            pooled = self.pooler(hidden)
         return BertModelOutput(hidden, pooled, all_hidden)
 
     def init_weights(self) -> None:
@@ -386,21 +399,25 @@ class BertForPreTraining(nn.Module):
 
     def forward(self, input_ids, token_type_ids=None, attention_mask=None, labels=None,
                 next_sentence_label=None) -> PreTrainingOutput:
-        sequence_output, pooled_output, _ = self.bert(input_ids, token_type_ids, attention_mask)
-        nsp_logits = self.cls.seq_relationship(pooled_output)
-
         mlm_loss = nsp_loss = mlm_labels = None
         if labels is not None:
-            # Sparse prediction: the transform and the vocabulary-sized decoder run only on the
-            # masked positions (~15% of tokens), in the row-major order of labels != -100.
+            # Sparse prediction: only the [CLS] rows (NSP) and the masked rows (~15% of tokens,
+            # in the row-major order of labels != -100) leave the last layer, and only the
+            # masked ones go through the MLM transform and the vocabulary-sized decoder.
+            batch, seq = input_ids.shape
             flat_labels = labels.reshape(-1)
-            index = (flat_labels != IGNORE_INDEX).nonzero().squeeze(1)
-            masked_hidden = sequence_output.reshape(-1, sequence_output.shape[-1]).index_select(0, index)
-            mlm_labels = flat_labels.index_select(0, index)
-            prediction_logits = self.cls.predictions(masked_hidden)
+            masked = (flat_labels != IGNORE_INDEX).nonzero().squeeze(1)
+            cls_rows = torch.arange(0, batch * seq, seq, device=masked.device)
+            rows = torch.cat([cls_rows, masked])
+            hidden = self.bert(input_ids, token_type_ids, attention_mask, output_rows=rows).last_hidden_state
+            pooled_output = self.bert.pooler(hidden[:batch, None])
+            mlm_labels = flat_labels.index_select(0, masked)
+            prediction_logits = self.cls.predictions(hidden[batch:])
             mlm_loss = self._layers.vocab_cross_entropy(prediction_logits, mlm_labels)
         else:
+            sequence_output, pooled_output, _ = self.bert(input_ids, token_type_ids, attention_mask)
             prediction_logits = self.cls.predictions(sequence_output)
+        nsp_logits = self.cls.seq_relationship(pooled_output)
         if next_sentence_label is not None:
             nsp_loss = F.cross_entropy(nsp_logits.float(), next_sentence_label.reshape(-1))
 

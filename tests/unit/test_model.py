@@ -106,6 +106,17 @@ def test_sparse_head_equals_full_head_loss_and_grads():
         torch.testing.assert_close(sparse_grads[name], p.grad, atol=1e-6, rtol=1e-5, msg=name)
 
 
+def test_last_layer_on_selected_rows_equals_full_rows():
+    config = BertConfig(**TINY)
+    model = randomize_(BertModel(config), seed=12).eval()
+    ids, types, mask, _, _ = batch(config, seed=13)
+    rows = torch.tensor([0, 5, 24, 30, 71, 95])
+    full = model(ids, types, mask).last_hidden_state.reshape(-1, config.hidden_size)
+    part = model(ids, types, mask, output_rows=rows)
+    assert part.pooler_output is None
+    torch.testing.assert_close(part.last_hidden_state, full[rows], atol=1e-6, rtol=0)
+
+
 def test_no_masked_token_gives_zero_loss_not_nan():
     config = BertConfig(**TINY)
     model = BertForPreTraining(config)
