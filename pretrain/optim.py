@@ -22,6 +22,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "Lamb",
+    "check_optimizer_for_zero",
     "param_groups",
     "build_optimizer",
     "warmup_poly_decay",
@@ -82,6 +83,13 @@ class Lamb(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self.tp_group = tp_group
 
+    def add_param_group(self, param_group):
+        # Which parameters are TP shards, recorded now: DeepSpeed's bf16/fp16 wrappers replace
+        # group["params"] with fp32 copies that lose megatron's attributes but keep the order.
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        group["tp_split"] = [bool(getattr(p, "tensor_model_parallel", False)) for p in group["params"]]
+
     @torch.no_grad()
     def step(self, closure: Optional[Callable] = None):
         loss = None
@@ -92,9 +100,17 @@ class Lamb(torch.optim.Optimizer):
         # Pass 1: moments and raw updates for every parameter; norms collected so that the
         # tensor-parallel ones can be reduced in one collective.
         work = []  # (param, update, group)
+        split_flags = []
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
-            for p in group["params"]:
+            if len(group["tp_split"]) != len(group["params"]):
+                raise RuntimeError(
+                    "Lamb: a parameter group now holds other tensors than it was built with (DeepSpeed "
+                    "ZeRO stage >= 1 flattens them into one partition), so the per-tensor trust ratio "
+                    "would be computed over unrelated weights. Use LAMB with ZeRO stage 0 "
+                    "(\"zero_optimization\": {\"stage\": 0}), or AdamW with ZeRO."
+                )
+            for p, split in zip(group["params"], group["tp_split"]):
                 if p.grad is None:
                     continue
                 grad = p.grad
@@ -121,6 +137,7 @@ class Lamb(torch.optim.Optimizer):
                 if group["weight_decay"] != 0.0:
                     update.add_(p.float(), alpha=group["weight_decay"])
                 work.append((p, update, group))
+                split_flags.append(split)
 
         if not work:
             return loss
@@ -130,8 +147,7 @@ class Lamb(torch.optim.Optimizer):
             import torch.distributed as dist
 
             if dist.get_world_size(self.tp_group) > 1:
-                split = torch.tensor([bool(getattr(p, "tensor_model_parallel", False)) for p, _, _ in work],
-                                     device=sq.device)
+                split = torch.tensor(split_flags, device=sq.device)
                 if bool(split.any()):
                     # Replicated parameters are identical on every TP rank: only the shards of
                     # split parameters are summed.
@@ -240,6 +256,22 @@ def build_optimizer(
         return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                                  fused=(device == "cuda"))
     raise OptimizerConfigError(f"{flag} {name!r} is not supported; use 'lamb' or 'adamw'")
+
+
+def check_optimizer_for_zero(name: str, zero_stage: int, flag: str = "--optimizer") -> None:
+    """Refuse LAMB under ZeRO >= 1, before anything starts.
+
+    ZeRO 1/2/3 hand the client optimizer one flat fp32 partition per parameter group (checked on
+    DeepSpeed 0.19.8), so a per-tensor trust ratio ||w|| / ||u|| would be taken over slices of
+    many unrelated tensors cut at arbitrary partition boundaries: that is not LAMB. Stage 0 keeps
+    one tensor per parameter in fp32, bf16 and fp16 (FP16_UnfusedOptimizer) alike.
+    """
+    if name.lower() == "lamb" and zero_stage >= 1:
+        raise OptimizerConfigError(
+            f"{flag} lamb needs ZeRO stage 0 (the ds_config has stage {zero_stage}): ZeRO shards the "
+            f"optimizer over flat partitions and LAMB's per-layer trust ratio cannot be computed there. "
+            f"Set \"zero_optimization\": {{\"stage\": 0}} or use {flag} adamw"
+        )
 
 
 def warmup_poly_decay(step: int, warmup_steps: int, total_steps: int, power: float = 1.0,

@@ -22,8 +22,8 @@ CLIP = 0.5
 TOL = 1e-5
 
 
-def _ds_config(stage):
-    return {
+def _ds_config(stage, optimizer="adamw"):
+    config = {
         "train_micro_batch_size_per_gpu": MICRO,
         "gradient_accumulation_steps": 1,
         "gradient_clipping": CLIP,
@@ -36,6 +36,9 @@ def _ds_config(stage):
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
     }
+    if optimizer != "adamw":
+        del config["optimizer"]  # a client optimizer is passed to deepspeed.initialize
+    return config
 
 
 def _global_batch(config, step):
@@ -46,10 +49,15 @@ def _micro(batch, dp_rank):
     return {k: v[dp_rank * MICRO:(dp_rank + 1) * MICRO] for k, v in batch.items()}
 
 
-def _reference(config):
+def _reference(config, optimizer="adamw"):
     """Per-step losses, pre-clip grad norms and final weights of the dense model."""
+    from pretrain.optim import build_optimizer
+
     model = dense_model(config)
-    opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
+    if optimizer == "adamw":
+        opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
+    else:
+        opt = build_optimizer(model, "lamb", lr=LR * 10)
     losses, norms = [], []
     for step in range(STEPS):
         batch = _global_batch(config, step)
@@ -62,17 +70,21 @@ def _reference(config):
     return losses, norms, {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def _train(config, full_sd, stage, use_mpu):
+def _train(config, full_sd, stage, use_mpu, optimizer="adamw"):
     import deepspeed
     import torch.distributed as dist
     from megatron.core import parallel_state
 
     from pretrain import parallel
+    from pretrain.optim import build_optimizer
 
     model, _ = build_tp_model(config, full_sd)
+    client = None
+    if optimizer == "lamb":
+        client = build_optimizer(model, "lamb", lr=LR * 10, tp_group=parallel_state.get_tensor_model_parallel_group())
     engine, _, _, _ = deepspeed.initialize(
-        model=model, model_parameters=model.parameters(), config=_ds_config(stage),
-        mpu=parallel.MegatronMPU() if use_mpu else None,
+        model=model, model_parameters=None if client else model.parameters(), optimizer=client,
+        config=_ds_config(stage, optimizer), mpu=parallel.MegatronMPU() if use_mpu else None,
     )
     dp_rank = parallel_state.get_data_parallel_rank()
     losses, norms = [], []
@@ -80,7 +92,8 @@ def _train(config, full_sd, stage, use_mpu):
         out = engine(**_micro(_global_batch(config, step), dp_rank))
         engine.backward(out.loss)
         engine.step()
-        norms.append(float(engine.get_global_grad_norm()))
+        norm = engine.get_global_grad_norm()  # None at stage 0 with a client optimizer
+        norms.append(float(norm) if norm is not None else float("nan"))
         loss = out.loss.detach().clone()
         dist.all_reduce(loss, group=parallel_state.get_data_parallel_group())
         losses.append(loss.item() / DP)
@@ -103,8 +116,28 @@ def _tp2_dp2_worker(rank, world_size, stage):
     losses, norms, weights = _train(config, full_sd, stage, use_mpu=True)
     weight_diff = max((weights[k] - ref_weights[k]).abs().max().item() for k in ref_weights)
     moved = max((ref_weights[k] - full_sd[k]).abs().max().item() for k in ref_weights)
-    return dict(losses=losses, norms=norms, wrong_losses=wrong_losses, ref_losses=ref_losses, ref_norms=ref_norms,
-                weight_diff=weight_diff, moved=moved)
+    result = dict(losses=losses, norms=norms, wrong_losses=wrong_losses, ref_losses=ref_losses, ref_norms=ref_norms,
+                  weight_diff=weight_diff, moved=moved)
+    if stage == 2:
+        result.update(_lamb_runs(config, full_sd))
+    return result
+
+
+def _lamb_runs(config, full_sd):
+    """Our LAMB as DeepSpeed's client optimizer: ZeRO stage 0 trains like the dense LAMB; under
+    ZeRO-2 (flat partitions) it refuses to step instead of computing a meaningless trust ratio."""
+    ref_losses, _, ref_weights = _reference(config, "lamb")
+    losses, _, weights = _train(config, full_sd, 0, use_mpu=True, optimizer="lamb")
+    try:
+        _train(config, full_sd, 2, use_mpu=True, optimizer="lamb")
+        zero2_error = None
+    except RuntimeError as exc:
+        zero2_error = str(exc)
+    return dict(
+        lamb_losses=losses, lamb_ref_losses=ref_losses,
+        lamb_weight_diff=max((weights[k] - ref_weights[k]).abs().max().item() for k in ref_weights),
+        lamb_zero2_error=zero2_error,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -134,6 +167,19 @@ def test_without_mpu_deepspeed_is_wrong_and_the_comparison_catches_it(zero2_resu
     for r in zero2_results:
         diffs = [abs(a - b) for a, b in zip(r["wrong_losses"], r["ref_losses"])]
         assert max(diffs) > 1e-3, f"without mpu the losses should differ from the reference: {diffs}"
+
+
+def test_tp2_dp2_lamb_zero0_matches_dense_lamb(zero2_results):
+    for r in zero2_results:
+        for step, (a, b) in enumerate(zip(r["lamb_losses"], r["lamb_ref_losses"])):
+            assert abs(a - b) < TOL, f"step {step}: {a} vs {b}"
+        assert r["lamb_ref_losses"][-1] != r["lamb_ref_losses"][0]
+        assert r["lamb_weight_diff"] < TOL
+
+
+def test_lamb_under_zero2_refuses_flat_partitions(zero2_results):
+    for r in zero2_results:
+        assert r["lamb_zero2_error"] is not None and "ZeRO stage 0" in r["lamb_zero2_error"]
 
 
 @pytest.mark.slow

@@ -214,3 +214,24 @@ def test_scheduler_rejects_bad_settings(kwargs, match):
     opt = torch.optim.SGD([nn.Parameter(torch.ones(1))], lr=0.1)
     with pytest.raises(OptimizerConfigError, match=match):
         build_scheduler(opt, **kwargs)
+
+
+def test_lamb_refused_under_zero_stages_that_flatten_parameters():
+    from pretrain.optim import check_optimizer_for_zero
+
+    check_optimizer_for_zero("lamb", 0)
+    for stage in (1, 2, 3):
+        check_optimizer_for_zero("adamw", stage)
+        with pytest.raises(OptimizerConfigError, match=f'stage {stage}.*"stage": 0.*--optimizer adamw'):
+            check_optimizer_for_zero("LAMB", stage)
+
+
+def test_lamb_step_refuses_a_flattened_group():
+    # What DeepSpeed ZeRO does to a client optimizer: one flat tensor replaces the group's params.
+    a, b = nn.Parameter(torch.ones(3)), nn.Parameter(torch.ones(2))
+    opt = Lamb([a, b], lr=0.1)
+    flat = nn.Parameter(torch.ones(5))
+    flat.grad = torch.ones(5)
+    opt.param_groups[0]["params"] = [flat]
+    with pytest.raises(RuntimeError, match="ZeRO stage 0"):
+        opt.step()
