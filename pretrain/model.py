@@ -405,6 +405,9 @@ class BertForPreTraining(nn.Module):
             # in the row-major order of labels != -100) leave the last layer, and only the
             # masked ones go through the MLM transform and the vocabulary-sized decoder.
             batch, seq = input_ids.shape
+            if labels.shape != input_ids.shape:
+                raise ValueError(f"labels {tuple(labels.shape)} must have the shape of input_ids "
+                                 f"{tuple(input_ids.shape)}, with -100 where no token is masked")
             flat_labels = labels.reshape(-1)
             masked = (flat_labels != IGNORE_INDEX).nonzero().squeeze(1)
             cls_rows = torch.arange(0, batch * seq, seq, device=masked.device)
