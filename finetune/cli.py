@@ -8,6 +8,7 @@ import json
 import logging
 import sys
 
+from .datasets import BUILTIN
 from .readers import InputError
 from .runner import TASKS, FinetuneArgs, run
 from .train import TrainConfig
@@ -34,8 +35,11 @@ def build_parser() -> argparse.ArgumentParser:
                                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", required=True, choices=TASKS)
     p.add_argument("--model", required=True, help="HF BERT directory or pretraining checkpoint")
-    p.add_argument("--train", required=True, dest="train_file", help="training file")
-    p.add_argument("--eval", required=True, dest="eval_file", help="evaluation file (same format)")
+    p.add_argument("--train", dest="train_file", help="training file")
+    p.add_argument("--eval", dest="eval_file", help="evaluation file (same format)")
+    p.add_argument("--dataset", default=None, choices=sorted(BUILTIN),
+                   help="built-in data instead of --train/--eval (written under OUT/data): pang-lee "
+                   "(classify, features), wnut16 (token), wiki-cloze (qa), wiki-next-sentence (pair)")
     p.add_argument("--output-dir", required=True)
     p.add_argument("--seeds", type=int, nargs="+", default=[42], help="one run per seed; mean and std reported")
     p.add_argument("--max-seq-length", type=int, default=128)

@@ -175,3 +175,46 @@ def build_cloze_squad(n: int, seed: int = 0, offset: int = 0, max_sentences: int
             "answers": [{"text": m.group(0), "answer_start": start}]}]})
     return {"version": "v2.0" if unanswerable else "1.1",
             "data": [{"title": title, "paragraphs": paragraphs}]}
+
+
+# Built-in datasets for `--dataset NAME`: (tasks it serves, writer of its train/eval files).
+BUILTIN = {
+    "pang-lee": ("classify", "features"),
+    "wnut16": ("token",),
+    "wiki-cloze": ("qa",),
+    "wiki-next-sentence": ("pair", "features"),
+}
+
+
+def write_builtin(name: str, task: str, out_dir: str) -> tuple[str, str]:
+    """Write the fixed train/eval files of a built-in dataset under `out_dir`; returns their paths.
+
+    pang-lee: the 3,000 / 1,000 split (GLUE SST-2 TSV). wnut16: all but the last 500 sentences /
+    the last 500 (CoNLL). wiki-cloze: 400 / 200 cloze questions (SQuAD v1.1 JSON) from disjoint
+    articles. wiki-next-sentence: 1,000 / 400 pairs (GLUE-style TSV) from disjoint articles."""
+    if name not in BUILTIN:
+        raise InputError(f"--dataset {name!r}: choose one of {sorted(BUILTIN)}")
+    if task not in BUILTIN[name]:
+        raise InputError(f"--dataset {name} is for --task {' or '.join(BUILTIN[name])}, not {task}")
+    os.makedirs(out_dir, exist_ok=True)
+    if name == "pang-lee":
+        train, test = polarity_split()
+        paths = (os.path.join(out_dir, "train.tsv"), os.path.join(out_dir, "test.tsv"))
+        write_tsv(paths[0], train)
+        write_tsv(paths[1], test)
+    elif name == "wnut16":
+        sents = load_wnut16()
+        paths = (os.path.join(out_dir, "train.conll"), os.path.join(out_dir, "test.conll"))
+        write_conll(paths[0], sents[:-500])
+        write_conll(paths[1], sents[-500:])
+    elif name == "wiki-cloze":
+        paths = (os.path.join(out_dir, "train.json"), os.path.join(out_dir, "test.json"))
+        for path, doc in zip(paths, (build_cloze_squad(400, seed=1, max_sentences=3, min_years=2),
+                                     build_cloze_squad(200, seed=2, offset=5000, max_sentences=3, min_years=2))):
+            with open(path, "w", encoding="utf-8") as f:
+                json.dump(doc, f)
+    else:
+        paths = (os.path.join(out_dir, "train.tsv"), os.path.join(out_dir, "test.tsv"))
+        write_tsv(paths[0], build_next_sentence_pairs(1000, seed=1))
+        write_tsv(paths[1], build_next_sentence_pairs(400, seed=2, offset=5000))
+    return paths

