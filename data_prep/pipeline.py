@@ -229,11 +229,10 @@ def _build_shards(cfg: PrepConfig, files: list[str], work: str, tok_file: str, c
 
 
 def _merge(work: str, n_shards: int, out_prefix: str, dtype) -> Counter:
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+    from .corpus import merge_shards
 
     totals: Counter = Counter()
-    tmp_bin = out_prefix + ".bin.tmp"
-    builder = IndexedDatasetBuilder(tmp_bin, dtype=dtype)
+    prefixes = []
     for sid in range(n_shards):
         info = shard_done(work, sid)
         if info is None:
@@ -241,10 +240,9 @@ def _merge(work: str, n_shards: int, out_prefix: str, dtype) -> Counter:
         totals.update(info["counts"])
         totals["input_documents"] += info["input_documents"]
         if info["counts"].get("documents", 0):
-            builder.add_index(shard_prefix(work, sid))
-    builder.finalize(out_prefix + ".idx.tmp")
-    os.replace(tmp_bin, out_prefix + ".bin")
-    os.replace(out_prefix + ".idx.tmp", out_prefix + ".idx")
+            prefixes.append(shard_prefix(work, sid))
+    if prefixes:
+        merge_shards(prefixes, out_prefix, dtype)
     return totals
 
 
@@ -330,19 +328,9 @@ def run(cfg: PrepConfig, comm=None) -> dict:
     files = readers.expand_inputs(cfg.inputs)
     if not cfg.train_spm_vocab_size:
         load_tokenizer(cfg.vocab, cfg.lower_case)  # a bad vocab fails here, before anything is touched
-    import gc
+    import megatron.core.datasets.indexed_dataset  # noqa: F401  (torch + megatron: start-up, not throughput)
 
-    import megatron.core.datasets.indexed_dataset  # noqa: F401  (torch and megatron, imported once)
-
-    # megatron-core's builder calls gc.collect() for every shard it merges; with torch loaded that
-    # walks ~10^6 objects each time (0.5 s per shard). Freezing what exists now makes it cheap;
-    # unfrozen again at the end so a long-lived caller (a test session) collects as usual.
-    gc.freeze()
-    startup = time.time() - t0
-    try:
-        return _run(cfg, comm, files, t0, startup)
-    finally:
-        gc.unfreeze()
+    return _run(cfg, comm, files, t0, time.time() - t0)
 
 
 def _run(cfg: PrepConfig, comm, files: list[str], t0: float, startup: float) -> dict:
