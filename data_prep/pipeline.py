@@ -174,6 +174,17 @@ def _train_spm(cfg: PrepConfig, files: list[str], work: str) -> str:
     return model
 
 
+def _executor(workers: int, initializer=None, initargs=()):
+    """Worker processes. fork: they inherit the imported modules (torch, megatron) and the pair
+    tables instead of re-importing or pickling them. A worker that dies (OOM killer) surfaces as
+    BrokenProcessPool instead of the silent hang of multiprocessing.Pool."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    return ProcessPoolExecutor(workers, mp_context=mp.get_context("fork"), initializer=initializer,
+                               initargs=initargs)
+
+
 def _chunks(doc_iter, size: int):
     buf = []
     sid = 0
@@ -193,10 +204,7 @@ def _build_shards(cfg: PrepConfig, files: list[str], work: str, tok_file: str, c
             "max_sentence_tokens": cfg.max_sentence_tokens, "work_dir": work, "in_worker": cfg.workers > 1}
     pool = None
     if cfg.workers > 1:
-        import multiprocessing as mp
-
-        # fork: workers inherit the imported modules (torch, megatron) instead of re-importing.
-        pool = mp.get_context("fork").Pool(cfg.workers, initializer=init_worker, initargs=(wcfg,))
+        pool = _executor(cfg.workers, init_worker, (wcfg,))
     else:
         init_worker(wcfg)
     pending: deque = deque()
@@ -215,16 +223,15 @@ def _build_shards(cfg: PrepConfig, files: list[str], work: str, tok_file: str, c
             if pool is None:
                 process_shard(sid, docs)
             else:
-                pending.append(pool.apply_async(process_shard, (sid, docs)))
+                pending.append(pool.submit(process_shard, sid, docs))
                 # A bounded window keeps memory flat: the reader never runs far ahead of workers.
                 while len(pending) >= 2 * cfg.workers:
-                    pending.popleft().get()
+                    pending.popleft().result()
         while pending:
-            pending.popleft().get()
+            pending.popleft().result()
     finally:
         if pool is not None:
-            pool.terminate()
-            pool.join()
+            pool.shutdown(wait=True, cancel_futures=True)
     return n_shards, stats, resumed
 
 
@@ -284,11 +291,7 @@ def _build_pairs(cfg: PrepConfig, out_dir: str, sent_lens, doc_idx) -> tuple[dic
     train, valid = split_documents(doc_count, cfg.valid_fraction, cfg.seed)
     _PAIR_STATE.update(train=train, valid=valid, seed=cfg.seed, short_seq_prob=cfg.short_seq_prob,
                        doc_first=doc_first, doc_count=doc_count, sent_lens=np.asarray(sent_lens))
-    pool = None
-    if cfg.workers > 1:
-        import multiprocessing as mp
-
-        pool = mp.get_context("fork").Pool(cfg.workers)
+    pool = _executor(cfg.workers) if cfg.workers > 1 else None
     pairs, counts = {}, {}
     try:
         for L in cfg.seq_lengths:
@@ -298,7 +301,7 @@ def _build_pairs(cfg: PrepConfig, out_dir: str, sent_lens, doc_idx) -> tuple[dic
                 fname = f"pairs_{L}_{name}.bin"
                 tasks = [(L, name, lo, min(lo + PAIR_BLOCK, len(docs)), dupe)
                          for dupe in range(cfg.dupe_factor) for lo in range(0, len(docs), PAIR_BLOCK)]
-                results = pool.imap(_pair_task, tasks) if pool is not None else map(_pair_task, tasks)
+                results = pool.map(_pair_task, tasks) if pool is not None else map(_pair_task, tasks)
                 w = PairIndexWriter(os.path.join(out_dir, fname), L)
                 short = 0
                 try:
@@ -314,8 +317,7 @@ def _build_pairs(cfg: PrepConfig, out_dir: str, sent_lens, doc_idx) -> tuple[dic
                                         "short_target_documents": int(short)}
     finally:
         if pool is not None:
-            pool.terminate()
-            pool.join()
+            pool.shutdown(wait=True, cancel_futures=True)
         _PAIR_STATE.clear()
     return pairs, counts
 
@@ -326,6 +328,14 @@ def run(cfg: PrepConfig, comm=None) -> dict:
     comm = comm or _SingleComm()
     cfg.validate()
     files = readers.expand_inputs(cfg.inputs)
+    out_abs = os.path.abspath(cfg.output_dir) + os.sep
+    inside = [f for f in files if os.path.abspath(f).startswith(out_abs)]
+    if inside:
+        # An output dir inside an input dir would otherwise feed our own vocab.txt back in.
+        log.warning("skipping %d input file(s) inside --output-dir %s", len(inside), cfg.output_dir)
+        files = [f for f in files if f not in inside]
+        if not files:
+            raise DataPrepError(f"--input: every input file is inside --output-dir {cfg.output_dir}")
     if not cfg.train_spm_vocab_size:
         load_tokenizer(cfg.vocab, cfg.lower_case)  # a bad vocab fails here, before anything is touched
     import megatron.core.datasets.indexed_dataset  # noqa: F401  (torch + megatron: start-up, not throughput)

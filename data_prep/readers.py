@@ -56,7 +56,8 @@ def expand_inputs(paths: list[str]) -> list[str]:
         if os.path.isdir(p):
             found = []
             for root, dirs, files in os.walk(p):
-                dirs.sort()
+                # Hidden folders hold tool state (ours: an output dir's .work shards), not corpora.
+                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
                 for f in sorted(files):
                     if f.startswith("."):
                         continue
