@@ -701,7 +701,11 @@ def unshard_state_dicts(
 
 
 def gather_full_state_dict(model: nn.Module, group=None) -> Dict[str, torch.Tensor]:
-    """All-gather the TP shards of `model` into full HF-layout CPU tensors on every TP rank."""
+    """All-gather the TP shards of `model` into full HF-layout CPU tensors on every TP rank.
+
+    Works on a DeepSpeed ZeRO-3 module too: its partitioned parameters are first gathered over
+    the data-parallel group (collective: every rank must call this).
+    """
     import torch.distributed as dist
 
     if group is None:
@@ -710,14 +714,21 @@ def gather_full_state_dict(model: nn.Module, group=None) -> Dict[str, torch.Tens
         group = parallel_state.get_tensor_model_parallel_group()
     tp_size = dist.get_world_size(group)
     dims = tp_partition_dims(model)
+    params = list(model.parameters())
+    zero3 = contextlib.nullcontext()
+    if any(hasattr(p, "ds_id") for p in params):
+        import deepspeed
+
+        zero3 = deepspeed.zero.GatheredParameters(params, modifier_rank=None)
     out = {}
-    for key, tensor in model.state_dict().items():
-        tensor = tensor.detach()
-        dim = dims.get(key)
-        if dim is None or tp_size == 1:
-            out[key] = tensor.cpu().clone()
-            continue
-        parts = [torch.empty_like(tensor) for _ in range(tp_size)]
-        dist.all_gather(parts, tensor.contiguous(), group=group)
-        out[key] = torch.cat(parts, dim=dim).cpu()
+    with zero3:
+        for key, tensor in model.state_dict().items():
+            tensor = tensor.detach()
+            dim = dims.get(key)
+            if dim is None or tp_size == 1:
+                out[key] = tensor.cpu().clone()
+                continue
+            parts = [torch.empty_like(tensor) for _ in range(tp_size)]
+            dist.all_gather(parts, tensor.contiguous(), group=group)
+            out[key] = torch.cat(parts, dim=dim).cpu()
     return out

@@ -36,6 +36,9 @@ def _ds_config(stage, optimizer="adamw"):
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
     }
+    if stage == 3:
+        # Otherwise the tiny model's parameters all stay unpartitioned (FACTS.md).
+        config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
     if optimizer != "adamw":
         del config["optimizer"]  # a client optimizer is passed to deepspeed.initialize
     return config
@@ -97,6 +100,8 @@ def _train(config, full_sd, stage, use_mpu, optimizer="adamw"):
         loss = out.loss.detach().clone()
         dist.all_reduce(loss, group=parallel_state.get_data_parallel_group())
         losses.append(loss.item() / DP)
+    if stage == 3:  # the parameters really are partitioned over the dp group
+        assert any(p.ds_tensor.numel() < p.ds_numel for p in engine.module.parameters())
     weights = parallel.gather_full_state_dict(engine.module)
     return losses, norms, weights
 
