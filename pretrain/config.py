@@ -204,6 +204,10 @@ def validate(cfg: TrainConfig, world_size: Optional[int] = None) -> Resolved:
     for name in ("seq_length", "train_steps", "tp", "save_interval", "keep_last", "log_interval", "eval_samples"):
         if getattr(cfg, name) < 1:
             raise ConfigError(f"--{name} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.warmup_steps > cfg.train_steps or not 0.0 <= cfg.warmup_proportion <= 1.0:
+        raise ConfigError(f"--warmup_steps {cfg.warmup_steps} / --warmup_proportion {cfg.warmup_proportion}: warm-up must fit in --train_steps {cfg.train_steps}")
+    if cfg.decay_power <= 0:
+        raise ConfigError(f"--decay_power must be > 0 (1 = linear), got {cfg.decay_power}")
     if cfg.eval_interval < 0 or cfg.max_nonfinite_steps < 1 or cfg.num_workers < 0:
         raise ConfigError("--eval_interval and --num_workers must be >= 0, --max_nonfinite_steps >= 1")
 

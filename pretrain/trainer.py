@@ -26,11 +26,11 @@ import torch
 
 from pretrain import checkpoint as ckpt
 from pretrain.config import ConfigError, Resolved
+from pretrain.optim import build_scheduler
 from pretrain.metrics import MetricsWriter, bert_flops_per_sequence, memory_gb, peak_tflops, plot_losses
 
 log = logging.getLogger(__name__)
 
-NO_DECAY_SUFFIXES = ("bias", "LayerNorm.weight", "LayerNorm.bias")
 
 
 class NonFiniteError(RuntimeError):
@@ -82,42 +82,26 @@ def _versions() -> dict:
 # Optimizer and schedule
 
 
-def lr_lambda(warmup: int, total: int, decay: str = "poly", power: float = 0.5):
-    """Multiplier of the peak lr after `s` applied steps: linear warm-up to 1 over `warmup`
-    steps, then polynomial (power `power`; linear = power 1) decay to 0 at `total`."""
-    power = 1.0 if decay == "linear" else power
-
-    def f(s: int) -> float:
-        s += 1  # the lr used by the (s+1)-th update: never 0 at the first step
-        if warmup > 0 and s <= warmup:
-            return s / warmup
-        if total <= warmup:
-            return 1.0
-        return max(0.0, 1.0 - (s - warmup) / (total - warmup)) ** power
-
-    return f
-
-
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """BERT's rule: no weight decay on biases and LayerNorm parameters."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():  # tied decoder weight appears once
-        if not p.requires_grad:
-            continue
-        (no_decay if name.endswith(NO_DECAY_SUFFIXES) else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    """pretrain.optim's groups (no decay on biases and LayerNorm), without the bookkeeping names."""
+    from pretrain import optim
+
+    groups = optim.param_groups(model, weight_decay)
+    for g in groups:
+        g.pop("names", None)
+    return groups
 
 
-def _client_optimizer(kind: str, groups: list[dict], params: dict):
+def _client_optimizer(kind: str, model: torch.nn.Module, params: dict, tp_group):
     """pretrain.optim's LAMB / AdamW (used where DeepSpeed has no implementation on the device)."""
     from pretrain import optim
 
-    kw = {k: v for k, v in params.items() if k in ("lr", "betas", "eps", "weight_decay")}
-    if "betas" in kw:
-        kw["betas"] = tuple(kw["betas"])
-    if kind == "lamb":
-        return optim.Lamb(groups, **kw)
-    return optim.AdamW(groups, **kw)
+    return optim.build_optimizer(
+        model, kind, lr=params["lr"], weight_decay=float(params.get("weight_decay", 0.0)),
+        betas=tuple(params.get("betas", (0.9, 0.999))), eps=float(params.get("eps", 1e-6)),
+        max_trust=params.get("max_coeff", 10.0), min_trust=params.get("min_coeff", 0.01),
+        tp_group=tp_group, flag="--ds_config optimizer.type",
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -223,15 +207,15 @@ class Trainer:
         use_client = cfg.optimizer == "client" or (res.optimizer_type == "lamb" and on_cpu)
         optimizer = None
         if use_client:
-            optimizer = _client_optimizer(res.optimizer_type, groups, res.optimizer_params)
+            optimizer = _client_optimizer(res.optimizer_type, model, res.optimizer_params, self.tp_group if cfg.tp > 1 else None)
             ds_config.pop("optimizer", None)
             log.info("optimizer: pretrain.optim %s (client optimizer)", res.optimizer_type)
         else:
             ds_config["optimizer"]["params"] = dict(res.optimizer_params)
             log.info("optimizer: DeepSpeed %s %s", ds_config["optimizer"]["type"], ds_config["optimizer"]["params"])
         warmup = cfg.warmup_steps if cfg.warmup_steps >= 0 else int(round(cfg.warmup_proportion * cfg.train_steps))
-        f = lr_lambda(warmup, cfg.train_steps, cfg.decay, cfg.decay_power)
-        schedule = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, f)  # noqa: E731
+        power = 1.0 if cfg.decay == "linear" else cfg.decay_power
+        schedule = lambda opt: build_scheduler(opt, warmup, cfg.train_steps, power=power)  # noqa: E731
         self.same_world = self.resume_state is not None and self.resume_state["world_size"] == res.world_size
         if self.resume_state is not None and self.resume_state["dp"] != res.dp:
             self._prepare_universal(ds_config)
@@ -290,7 +274,7 @@ class Trainer:
     def _resume(self) -> None:
         tag = getattr(self, "load_tag", self.resume_tag)
         state, extra = ckpt.load(self.engine, self.cfg.save_dir, tag, same_world=self.same_world, rng_tag=self.resume_tag)
-        if extra.get("tp_rng") is not None and self.layers is not None:
+        if extra.get("tp_rng") is not None and hasattr(getattr(self.layers, "rng", None), "load_state_dict"):
             self.layers.rng.load_state_dict(extra["tp_rng"])
         # The schedule is rebuilt from this run's flags (phase lengths may have been extended):
         # the lr of the next step follows from it, not from the lr stored in the optimizer state.
@@ -333,7 +317,8 @@ class Trainer:
 
     def save(self) -> None:
         # The TP dropout stream is per TP rank: it travels with the rank's RNG states.
-        extra = {"tp_rng": self.layers.rng.state_dict()} if self.layers is not None else None
+        rng = getattr(self.layers, "rng", None)
+        extra = {"tp_rng": rng.state_dict()} if hasattr(rng, "state_dict") else None
         ckpt.save(self.engine, self.cfg.save_dir, self.step, self._state(), self.cfg.keep_last, self.vocab_file, extra)
 
     # ------------------------------------------------------------------------------------------

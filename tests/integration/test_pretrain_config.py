@@ -1,0 +1,86 @@
+"""Configuration errors are found before any process group starts, with messages that say what
+to change; precedence is CLI > --config file > defaults."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from pretrain.config import ConfigError, load_config, validate
+from tests.distributed.test_zero import tiny_data, tiny_model_config  # noqa: F401
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ZERO2 = os.path.join(REPO, "configs", "zero2.json")
+
+
+def _args(tiny_data, model_cfg, *extra):
+    return ["--ds_config", ZERO2, "--model_config", model_cfg, "--data", tiny_data, "--seq_length", "64",
+            "--train_steps", "10", "--save_dir", "/tmp/unused_run", *extra]
+
+
+@pytest.fixture
+def model_cfg(tmp_path):
+    return tiny_model_config(tmp_path / "tiny.json")
+
+
+def test_every_shipped_ds_config_validates(tiny_data, model_cfg):
+    for name in sorted(os.listdir(os.path.join(REPO, "configs"))):
+        if name.startswith("zero"):
+            res = validate(load_config(_args(tiny_data, model_cfg, "--ds_config", os.path.join(REPO, "configs", name))), world_size=2)
+            assert res.micro_batch_size * res.grad_accum * res.dp == res.global_batch_size
+            assert res.precision == ("fp16" if "fp16" in name else "bf16")
+
+
+def test_batch_arithmetic(tiny_data, model_cfg, tmp_path):
+    res = validate(load_config(_args(tiny_data, model_cfg, "--global_batch_size", "256", "--micro_batch_size", "32")), world_size=4)
+    assert (res.micro_batch_size, res.grad_accum, res.dp, res.global_batch_size) == (32, 2, 4, 256)
+    res = validate(load_config(_args(tiny_data, model_cfg)), world_size=3)  # file: micro 32, accumulation 1
+    assert res.global_batch_size == 96
+    with pytest.raises(ConfigError, match="not a multiple of micro batch 32 x dp 3"):
+        validate(load_config(_args(tiny_data, model_cfg, "--global_batch_size", "100")), world_size=3)
+    ds = json.load(open(ZERO2))
+    ds.update(train_batch_size=100, train_micro_batch_size_per_gpu=32, gradient_accumulation_steps=1)
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(ds))
+    with pytest.raises(ConfigError, match=r"micro 32 x accumulation 1 x dp 2 = 64, but the global batch is 100"):
+        validate(load_config(_args(tiny_data, model_cfg, "--ds_config", str(bad))), world_size=2)
+
+
+def test_parallel_layout_errors(tiny_data, model_cfg):
+    with pytest.raises(ConfigError, match="num_attention_heads 4 .* not divisible"):
+        validate(load_config(_args(tiny_data, model_cfg, "--tp", "3")), world_size=3)
+    with pytest.raises(ConfigError, match="world size 3 is not a multiple of --tp 2"):
+        validate(load_config(_args(tiny_data, model_cfg, "--tp", "2")), world_size=3)
+
+
+def test_data_and_length_errors(tiny_data, model_cfg, tmp_path):
+    with pytest.raises(ConfigError, match="no such directory"):
+        validate(load_config(_args(str(tmp_path / "nope"), model_cfg)), world_size=1)
+    with pytest.raises(ConfigError, match=r"no pair index for it \(it has \[64\]\)"):
+        validate(load_config(_args(tiny_data, model_cfg, "--seq_length", "128")), world_size=1)
+    with pytest.raises(ConfigError, match="longer than the position table"):
+        validate(load_config(_args(tiny_data, model_cfg, "--seq_length", "1024")), world_size=1)
+    with pytest.raises(ConfigError, match="missing required flag"):
+        validate(load_config(["--ds_config", ZERO2]), world_size=1)
+
+
+def test_cli_overrides_file_overrides_defaults(tiny_data, model_cfg, tmp_path):
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(json.dumps({"lr": 0.5, "keep_last": 7, "seq_length": 64}))
+    cfg = load_config(_args(tiny_data, model_cfg, "--config", str(recipe), "--lr", "0.25"))
+    assert (cfg.lr, cfg.keep_last, cfg.log_interval) == (0.25, 7, 10)
+    recipe.write_text(json.dumps({"learning_rate": 0.5}))
+    with pytest.raises(ConfigError, match="unknown field"):
+        load_config(_args(tiny_data, model_cfg, "--config", str(recipe)))
+    # the shipped phase recipes name real files and validate (with a data dir of the right length)
+    for phase in ("phase1", "phase2"):
+        cfg = load_config(["--config", os.path.join(REPO, "configs", f"{phase}.json")])
+        assert os.path.isfile(os.path.join(REPO, cfg.ds_config)) and os.path.isfile(os.path.join(REPO, cfg.model_config))
+
+
+def test_cli_reports_errors_without_a_traceback(tiny_data, model_cfg):
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "pretrain", "run.py"), *_args(tiny_data, model_cfg, "--tp", "3")],
+                          capture_output=True, text=True, timeout=120, cwd=REPO, env={**os.environ, "WORLD_SIZE": "3"})
+    assert proc.returncode == 2
+    assert "error: --tp 3" in proc.stderr and "Traceback" not in proc.stderr
