@@ -248,6 +248,7 @@ class Trainer:
         self.vocab_file = os.path.join(cfg.data, tok.get("file", "vocab.txt"))
         self.metrics = MetricsWriter(cfg.save_dir, enabled=self.rank == 0, tensorboard=cfg.tensorboard)
         self.inject = {int(s) for s in cfg.inject_nonfinite_steps.split(",") if s.strip()}
+        self.unigram_id = self._most_frequent_label()
         self.peak = peak_tflops(cfg.peak_tflops)
 
     # ------------------------------------------------------------------------------------------
@@ -365,6 +366,14 @@ class Trainer:
             "tokens": tok_g, "lr": lr, "applied": self.engine.was_step_applied(),
         }
 
+    def _most_frequent_label(self, n: int = 4096) -> int:
+        """The most frequent masked token of the first `n` training samples: the unigram baseline
+        that held-out MLM accuracy is compared against (identical on every rank)."""
+        import numpy as np
+
+        labels = self.train_ds.get_batch(np.arange(n))["labels"]
+        return int(np.bincount(labels[labels != -100]).argmax())
+
     @torch.no_grad()
     def evaluate(self) -> dict:
         """Held-out MLM/NSP accuracy and losses over the same `eval_samples` every time."""
@@ -375,7 +384,7 @@ class Trainer:
         total = max(per_block, (self.cfg.eval_samples // per_block) * per_block)
         sampler = PretrainingSampler(total, self.dp_rank, res.dp, res.micro_batch_size)
         self.engine.eval()
-        sums = [0.0] * 7  # mlm correct, masked, mlm loss sum, nsp correct, nsp count, nsp loss sum, batches
+        sums = [0.0] * 7  # mlm correct, masked, mlm loss sum, nsp correct, nsp count, nsp loss sum, unigram correct
         for idx in sampler:
             mb = self._to_device({k: torch.as_tensor(v) for k, v in self.valid_ds.get_batch(idx).items()})
             out = self.engine(
@@ -395,12 +404,15 @@ class Trainer:
             sums[3] += float((nsp_pred == mb["next_sentence_label"]).sum())
             sums[4] += mb["next_sentence_label"].numel()
             sums[5] += float(out.nsp_loss.float()) * mb["next_sentence_label"].numel()
+            sums[6] += float((out.mlm_labels == self.unigram_id).sum())
         self.engine.train()
         s = self._all_reduce(sums, self.dp_group)
         return {
             "mlm_acc": s[0] / max(s[1], 1), "nsp_acc": s[3] / max(s[4], 1),
             "mlm_loss": s[2] / max(s[1], 1), "nsp_loss": s[5] / max(s[4], 1),
             "loss": s[2] / max(s[1], 1) + s[5] / max(s[4], 1), "samples": s[4],
+            # always predicting the most frequent training token: what MLM accuracy must beat
+            "unigram_acc": s[6] / max(s[1], 1),
         }
 
     # ------------------------------------------------------------------------------------------
