@@ -376,7 +376,9 @@ def _run(cfg: PrepConfig, comm, files: list[str], t0: float, startup: float) -> 
 
         bar = tqdm(unit=" docs", desc="tokenizing", dynamic_ncols=True)
     try:
+        t_shards = time.time()
         n_shards, rstats, resumed = _build_shards(cfg, files, work, tok_file, comm, bar)
+        phases = {"tokenize": time.time() - t_shards}
     finally:
         if bar is not None:
             bar.close()
@@ -388,7 +390,10 @@ def _run(cfg: PrepConfig, comm, files: list[str], t0: float, startup: float) -> 
                             "check the files and --input-format")
 
     prefix = os.path.join(out, "corpus")
+    t_phase = time.time()
     totals = _merge(work, n_shards, prefix, corpus_dtype(tok.vocab_size))
+    phases["merge"] = time.time() - t_phase
+    t_phase = time.time()
     if totals["documents"] == 0:
         raise DataPrepError(f"--input {' '.join(cfg.inputs)}: no document had any token after cleaning")
     if totals["sentences"] >= 2**32:
@@ -398,6 +403,8 @@ def _run(cfg: PrepConfig, comm, files: list[str], t0: float, startup: float) -> 
 
     ds = IndexedDataset(prefix)
     pairs, pair_counts = _build_pairs(cfg, out, ds.sequence_lengths, ds.document_indices)
+    phases["pairs"] = time.time() - t_phase
+    t_phase = time.time()
     del ds
 
     tok_copy = tok.copy_to(out)
@@ -440,11 +447,12 @@ def _run(cfg: PrepConfig, comm, files: list[str], t0: float, startup: float) -> 
         "files": {n: sha256_file(os.path.join(out, n)) for n in names},
     }
     _atomic_json(manifest_path, manifest)
+    phases["manifest"] = time.time() - t_phase
     if not cfg.keep_work:
         shutil.rmtree(work, ignore_errors=True)
     elapsed = time.time() - t0
     # Not in the file: timings differ run to run and the manifest must not.
-    manifest["_run"] = {"seconds": elapsed, "startup_seconds": startup,
+    manifest["_run"] = {"seconds": elapsed, "startup_seconds": startup, "phases": phases,
                         "tokens_per_s": totals["tokens"] / max(elapsed - startup, 1e-9),
                         "resumed_shards": resumed, "shards": n_shards}
     return manifest
@@ -466,4 +474,5 @@ def format_report(m: dict) -> str:
         lines.append(f"  {r['seconds']:.1f} s ({r['startup_seconds']:.1f} s start-up), "
                      f"{r['tokens_per_s']:,.0f} tokens/s after start-up, "
                      f"{r['shards']} shards ({r['resumed_shards']} resumed)")
+        lines.append("  phases: " + ", ".join(f"{k} {v:.1f} s" for k, v in r["phases"].items()))
     return "\n".join(lines)
