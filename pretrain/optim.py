@@ -90,84 +90,177 @@ class Lamb(torch.optim.Optimizer):
         group = self.param_groups[-1]
         group["tp_split"] = [bool(getattr(p, "tensor_model_parallel", False)) for p in group["params"]]
 
+    def attach_zero_partitions(self, zero_optimizer) -> None:
+        """Make LAMB exact under DeepSpeed ZeRO stage 1/2 (call right after deepspeed.initialize).
+
+        ZeRO replaces each parameter group by this rank's slice of the group's flattened
+        parameters. Knowing where every parameter lies in that flat buffer, the squared norms of
+        w and u are summed per parameter over the data-parallel group (and over the TP group for
+        TP shards), so each slice is scaled by the trust ratio of the whole tensor. Checked
+        against DeepSpeed 0.19.8's DeepSpeedZeroOptimizer (stage 1 and 2).
+        """
+        import torch.distributed as dist
+
+        for attr in ("round_robin_bit16_groups", "partition_size", "real_dp_process_group"):
+            if not hasattr(zero_optimizer, attr):
+                raise TypeError(
+                    f"attach_zero_partitions needs DeepSpeed's ZeRO stage 1/2 optimizer (engine.optimizer), "
+                    f"got {type(zero_optimizer).__name__}"
+                )
+        if getattr(zero_optimizer, "optimizer", None) is not self:
+            raise ValueError("attach_zero_partitions: this Lamb is not the optimizer wrapped by that ZeRO optimizer")
+        layouts = {}
+        for i, group in enumerate(self.param_groups):
+            params = zero_optimizer.round_robin_bit16_groups[i]
+            dp_group = zero_optimizer.real_dp_process_group[i]
+            size = int(zero_optimizer.partition_size[i])
+            lo = dist.get_rank(group=dp_group) * size
+            segments, offset = [], 0
+            # The flat buffer is the parameters of round_robin_bit16_groups[i] back to back
+            # (alignment padding only at the end); rank r owns [r * size, (r + 1) * size).
+            for j, prm in enumerate(params):
+                a, b = max(offset, lo), min(offset + prm.numel(), lo + size)
+                if a < b:
+                    segments.append((j, a - lo, b - a))
+                offset += prm.numel()
+            if len(group["params"]) != 1 or group["params"][0].numel() != size:
+                raise ValueError(f"parameter group {i} is not one flat partition of {size} elements")
+            # Keyed by the flat tensor, not the group index: DeepSpeed steps one group at a time
+            # with optimizer.param_groups temporarily set to that group alone.
+            layouts[id(group["params"][0])] = dict(
+                segments=segments,
+                split=[bool(getattr(prm, "tensor_model_parallel", False)) for prm in params],
+                dp_group=dp_group,
+            )
+        self._zero_layouts = layouts
+
     @torch.no_grad()
     def step(self, closure: Optional[Callable] = None):
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        layouts = getattr(self, "_zero_layouts", {})
 
-        # Pass 1: moments and raw updates for every parameter; norms collected so that the
-        # tensor-parallel ones can be reduced in one collective.
-        work = []  # (param, update, group)
-        split_flags = []
+        # Pass 1: moments and raw updates. Every (whole) tensor gets a row of squared norms
+        # [||w||^2, ||u||^2]; rows are summed over the dp group where a tensor is spread over
+        # ZeRO partitions and over the TP group where it is a TP shard, in one collective each.
+        rows, row_split, row_dp = [], [], []
+        work = []  # (param, update, group, segments: [(row, start, length)] or None, row)
+        dp_group = None
         for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            if len(group["tp_split"]) != len(group["params"]):
+            layout = layouts.get(id(group["params"][0])) if len(group["params"]) == 1 else None
+            if layout is None and len(group["tp_split"]) != len(group["params"]):
                 raise RuntimeError(
                     "Lamb: a parameter group now holds other tensors than it was built with (DeepSpeed "
-                    "ZeRO stage >= 1 flattens them into one partition), so the per-tensor trust ratio "
-                    "would be computed over unrelated weights. Use LAMB with ZeRO stage 0 "
-                    "(\"zero_optimization\": {\"stage\": 0}), or AdamW with ZeRO."
+                    "ZeRO flattens them into one partition), so the per-tensor trust ratio would be "
+                    "computed over unrelated weights. Call optimizer.attach_zero_partitions(engine.optimizer) "
+                    "after deepspeed.initialize (ZeRO 1/2), or use ZeRO stage 0."
                 )
-            for p, split in zip(group["params"], group["tp_split"]):
+            for p, split in zip(group["params"], group["tp_split"] if layout is None else [None]):
                 if p.grad is None:
                     continue
-                grad = p.grad
-                if grad.is_sparse:
-                    raise RuntimeError("Lamb does not support sparse gradients")
-                state = self.state[p]
-                if not state:
-                    state["step"] = 0
-                    # Moments in fp32 even for low-precision params: v underflows in bf16.
-                    state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
-                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
-                state["step"] += 1
-                t = state["step"]
-                m, v = state["exp_avg"], state["exp_avg_sq"]
-                g32 = grad.float()
-                m.mul_(beta1).add_(g32, alpha=1.0 - beta1)
-                v.mul_(beta2).addcmul_(g32, g32, value=1.0 - beta2)
-                if group["bias_correction"]:
-                    m_hat = m / (1.0 - beta1 ** t)
-                    v_hat = v / (1.0 - beta2 ** t)
-                else:
-                    m_hat, v_hat = m, v
-                update = m_hat / (v_hat.sqrt().add_(group["eps"]))
-                if group["weight_decay"] != 0.0:
-                    update.add_(p.float(), alpha=group["weight_decay"])
-                work.append((p, update, group))
-                split_flags.append(split)
+                update = self._adam_update(p, group)
+                if layout is None:
+                    rows.append(torch.stack([p.float().pow(2).sum(), update.pow(2).sum()]))
+                    row_split.append(split)
+                    row_dp.append(False)
+                    work.append((p, update, group, None, len(rows) - 1))
+                    continue
+                base = len(rows)
+                w32 = p.float()
+                zero = torch.zeros(2, device=p.device)
+                rows.extend(zero.clone() for _ in layout["split"])
+                row_split.extend(layout["split"])
+                row_dp.extend(True for _ in layout["split"])
+                segments = []
+                for j, start, length in layout["segments"]:
+                    rows[base + j] = torch.stack([
+                        w32.narrow(0, start, length).pow(2).sum(), update.narrow(0, start, length).pow(2).sum()
+                    ])
+                    segments.append((base + j, start, length))
+                dp_group = layout["dp_group"]
+                work.append((p, update, group, segments, None))
 
         if not work:
             return loss
 
-        sq = torch.stack([torch.stack([p.float().pow(2).sum(), u.pow(2).sum()]) for p, u, _ in work])
+        sq = torch.stack(rows)
+        sq = self._sum_rows(sq, row_dp, dp_group)
         if self.tp_group is not None:
-            import torch.distributed as dist
-
-            if dist.get_world_size(self.tp_group) > 1:
-                split = torch.tensor(split_flags, device=sq.device)
-                if bool(split.any()):
-                    # Replicated parameters are identical on every TP rank: only the shards of
-                    # split parameters are summed.
-                    partial = torch.where(split[:, None], sq, torch.zeros_like(sq))
-                    dist.all_reduce(partial, group=self.tp_group)
-                    sq = torch.where(split[:, None], partial, sq)
+            sq = self._sum_rows(sq, row_split, self.tp_group)
         norms = sq.sqrt()
 
-        for (p, update, group), (w_norm, u_norm) in zip(work, norms):
-            if group["trust_ratio"]:
-                ratio = torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm, torch.ones_like(w_norm))
-                if group["max_trust"] is not None:
-                    ratio = ratio.clamp(max=group["max_trust"])
-                if group["min_trust"] is not None:
-                    ratio = ratio.clamp(min=group["min_trust"])
-            else:
-                ratio = torch.ones_like(w_norm)
-            self.state[p]["last_trust_ratio"] = ratio.detach()
-            p.add_((update * (-group["lr"] * ratio)).to(p.dtype))
+        trust = {}
+        for p, update, group, segments, row in work:
+            if id(group) not in trust:
+                trust[id(group)] = self._trust(norms, group)
+            ratios = trust[id(group)]
+            if segments is None:
+                self.state[p]["last_trust_ratio"] = ratios[row].detach()
+                p.add_((update * (-group["lr"] * ratios[row])).to(p.dtype))
+                continue
+            for r, start, length in segments:
+                p.narrow(0, start, length).add_(
+                    (update.narrow(0, start, length) * (-group["lr"] * ratios[r])).to(p.dtype)
+                )
+            self.state[p]["last_trust_ratio"] = ratios[[r for r, _, _ in segments]].detach()
         return loss
+
+    def _adam_update(self, p, group):
+        """Advance the moments of `p`; return the raw LAMB update m_hat / (sqrt(v_hat) + eps) + wd * w."""
+        grad = p.grad
+        if grad.is_sparse:
+            raise RuntimeError("Lamb does not support sparse gradients")
+        beta1, beta2 = group["betas"]
+        state = self.state[p]
+        if not state:
+            state["step"] = 0
+            # Moments in fp32 even for low-precision params: v underflows in bf16.
+            state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
+            state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
+        state["step"] += 1
+        t = state["step"]
+        m, v = state["exp_avg"], state["exp_avg_sq"]
+        g32 = grad.float()
+        m.mul_(beta1).add_(g32, alpha=1.0 - beta1)
+        v.mul_(beta2).addcmul_(g32, g32, value=1.0 - beta2)
+        if group["bias_correction"]:
+            m_hat = m / (1.0 - beta1 ** t)
+            v_hat = v / (1.0 - beta2 ** t)
+        else:
+            m_hat, v_hat = m, v
+        update = m_hat / (v_hat.sqrt().add_(group["eps"]))
+        if group["weight_decay"] != 0.0:
+            update.add_(p.float(), alpha=group["weight_decay"])
+        return update
+
+    @staticmethod
+    def _sum_rows(sq, mask, group):
+        """Sum the rows selected by `mask` over `group` (others, identical on every rank, stay)."""
+        if group is None or not any(mask):
+            return sq
+        import torch.distributed as dist
+
+        if dist.get_world_size(group) == 1:
+            return sq
+        sel = torch.tensor(mask, device=sq.device)[:, None]
+        partial = torch.where(sel, sq, torch.zeros_like(sq))
+        dist.all_reduce(partial, group=group)
+        return torch.where(sel, partial, sq)
+
+    @staticmethod
+    def _trust(norms, group):
+        """Trust ratios for every row: ||w|| / ||u||, 1 when either is 0, clamped if configured."""
+        if not group["trust_ratio"]:
+            return torch.ones(norms.shape[0], device=norms.device)
+        w_norm, u_norm = norms[:, 0], norms[:, 1]
+        ratio = torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm, torch.ones_like(w_norm))
+        if group["max_trust"] is not None:
+            ratio = ratio.clamp(max=group["max_trust"])
+        if group["min_trust"] is not None:
+            ratio = ratio.clamp(min=group["min_trust"])
+        return ratio
 
 
 def _is_no_decay(module: nn.Module, param_name: str) -> bool:
@@ -259,18 +352,17 @@ def build_optimizer(
 
 
 def check_optimizer_for_zero(name: str, zero_stage: int, flag: str = "--optimizer") -> None:
-    """Refuse LAMB under ZeRO >= 1, before anything starts.
+    """Refuse LAMB under ZeRO-3, before anything starts.
 
-    ZeRO 1/2/3 hand the client optimizer one flat fp32 partition per parameter group (checked on
-    DeepSpeed 0.19.8), so a per-tensor trust ratio ||w|| / ||u|| would be taken over slices of
-    many unrelated tensors cut at arbitrary partition boundaries: that is not LAMB. Stage 0 keeps
-    one tensor per parameter in fp32, bf16 and fp16 (FP16_UnfusedOptimizer) alike.
+    ZeRO hands the client optimizer flat partitions instead of tensors. For stage 1/2 `Lamb`
+    recovers each tensor's extent (`attach_zero_partitions`); stage 3's partitioning is not
+    supported, and a per-tensor trust ratio over a flat partition would not be LAMB.
     """
-    if name.lower() == "lamb" and zero_stage >= 1:
+    if name.lower() == "lamb" and zero_stage >= 3:
         raise OptimizerConfigError(
-            f"{flag} lamb needs ZeRO stage 0 (the ds_config has stage {zero_stage}): ZeRO shards the "
-            f"optimizer over flat partitions and LAMB's per-layer trust ratio cannot be computed there. "
-            f"Set \"zero_optimization\": {{\"stage\": 0}} or use {flag} adamw"
+            f"{flag} lamb supports ZeRO stage 0, 1 or 2 (the ds_config has stage {zero_stage}): "
+            f"LAMB's per-tensor trust ratio is not implemented over ZeRO-3 partitions. "
+            f"Set \"zero_optimization\": {{\"stage\": 2}} or use {flag} adamw"
         )
 
 

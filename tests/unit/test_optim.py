@@ -216,14 +216,14 @@ def test_scheduler_rejects_bad_settings(kwargs, match):
         build_scheduler(opt, **kwargs)
 
 
-def test_lamb_refused_under_zero_stages_that_flatten_parameters():
+def test_lamb_refused_under_zero3():
     from pretrain.optim import check_optimizer_for_zero
 
-    check_optimizer_for_zero("lamb", 0)
-    for stage in (1, 2, 3):
-        check_optimizer_for_zero("adamw", stage)
-        with pytest.raises(OptimizerConfigError, match=f'stage {stage}.*"stage": 0.*--optimizer adamw'):
-            check_optimizer_for_zero("LAMB", stage)
+    for stage in (0, 1, 2):
+        check_optimizer_for_zero("lamb", stage)
+    check_optimizer_for_zero("adamw", 3)
+    with pytest.raises(OptimizerConfigError, match='stage 3.*"stage": 2.*--optimizer adamw'):
+        check_optimizer_for_zero("LAMB", 3)
 
 
 def test_lamb_step_refuses_a_flattened_group():
@@ -233,5 +233,5 @@ def test_lamb_step_refuses_a_flattened_group():
     flat = nn.Parameter(torch.ones(5))
     flat.grad = torch.ones(5)
     opt.param_groups[0]["params"] = [flat]
-    with pytest.raises(RuntimeError, match="ZeRO stage 0"):
+    with pytest.raises(RuntimeError, match="attach_zero_partitions"):
         opt.step()
