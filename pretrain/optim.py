@@ -321,12 +321,15 @@ def build_optimizer(
     min_trust: Optional[float] = 0.01,
     tp_group=None,
     device: Optional[str] = None,
+    zero_stage: Optional[int] = None,
     flag: str = "--optimizer",
 ) -> torch.optim.Optimizer:
     """LAMB or AdamW over `param_groups(model, weight_decay)`.
 
-    On GPU, LAMB is DeepSpeed's FusedLamb when it builds and tensor parallelism is off (FusedLamb
-    computes per-shard norms, which is wrong for TP shards); AdamW uses torch's fused kernel.
+    LAMB is DeepSpeed's FusedLamb only on GPU, without tensor parallelism and with
+    `zero_stage=0` stated: FusedLamb takes one trust ratio per tensor it is given, which is wrong
+    for TP shards and for ZeRO's flat partitions. Everywhere else it is `Lamb` (call
+    `attach_zero_partitions` under ZeRO 1/2). AdamW uses torch's fused kernel on GPU.
     """
     device = device or next(model.parameters()).device.type
     groups = param_groups(model, weight_decay)
@@ -339,7 +342,7 @@ def build_optimizer(
 
         tp_size = dist.get_world_size(tp_group)
     if name == "lamb":
-        if device == "cuda" and tp_size == 1:
+        if device == "cuda" and tp_size == 1 and zero_stage == 0:
             opt = _fused_lamb(groups, lr, betas, eps, weight_decay, max_trust, min_trust)
             if opt is not None:
                 return opt
