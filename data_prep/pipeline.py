@@ -415,6 +415,8 @@ def _run(cfg: PrepConfig, comm, files: list[str], t0: float, startup: float) -> 
         "one_sentence_documents_no_pairs": totals["one_sentence_documents"],
         "long_sentences_cut": totals["long_sentences_cut"],
         "long_lines_cut": rstats.counts["long_lines_cut"],
+        "oversized_lines_read_in_pieces": rstats.counts["oversized_lines_read_in_pieces"],
+        "oversized_json_lines": rstats.counts["oversized_json_lines"],
         "invalid_utf8_lines": rstats.counts["invalid_utf8_lines"],
         "nul_bytes_removed": rstats.counts["nul_bytes"],
         "bad_json_lines": rstats.counts["bad_json_lines"],

@@ -27,6 +27,8 @@ JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
 # memory of a single tokenizer call (a 10 MB line is ~2M tokens with offsets) and is far longer
 # than any real sentence, so it never changes the token ids (cuts happen at whitespace).
 MAX_LINE_CHARS = 1 << 16
+# Lines are read at most this many bytes at a time (memory bound for files without newlines).
+MAX_LINE_BYTES = 1 << 26
 
 
 @dataclass
@@ -124,31 +126,56 @@ def _doc_lines(text: str, counts: Counter) -> list[str]:
     return lines
 
 
-def _read_lines(path: str) -> Iterator[bytes]:
+def _read_lines(path: str, limit: int | None = None) -> Iterator[tuple[bytes, bool]]:
+    """(bytes, complete) per line. A line longer than `limit` bytes comes in pieces (complete=False
+    for all but the last) so one newline-free file cannot take memory proportional to its size;
+    text pieces end at a space (or at least at a character boundary) so no word or UTF-8
+    character is cut."""
+    limit = limit or MAX_LINE_BYTES
     # Reading in binary and decoding per line localises a bad byte to one line.
     f = _open_binary(path)
+    carry = b""
     try:
         while True:
             try:
-                line = f.readline()
+                chunk = f.readline(limit)
             except (EOFError, zlib.error, gzip.BadGzipFile) as e:
                 raise DataPrepError(
                     f"{path}: corrupt or truncated gzip ({e}); re-create or remove the file"
                 ) from e
-            if not line:
+            if not chunk:
+                if carry:
+                    yield carry, True
                 return
-            yield line
+            line = carry + chunk
+            carry = b""
+            if line.endswith(b"\n") or len(chunk) < limit:
+                yield line, True
+                continue
+            cut = line.rfind(b" ")
+            if cut <= 0:
+                cut = len(line)
+                while cut > 0 and (line[cut - 1] & 0xC0) == 0x80:
+                    cut -= 1  # back off UTF-8 continuation bytes...
+                if cut > 0 and line[cut - 1] >= 0xC0:
+                    cut -= 1  # ...and the lead byte of the character they belong to
+                if cut <= 0:
+                    cut = len(line)
+            line, carry = line[:cut], line[cut:]
+            yield line, False
     finally:
         f.close()
 
 
 def iter_text_documents(path: str, counts: Counter) -> Iterator[list[str]]:
     doc: list[str] = []
-    for raw in _read_lines(path):
+    for raw, complete in _read_lines(path):
+        if not complete:
+            counts["oversized_lines_read_in_pieces"] += 1
         text = _clean(raw, counts)
         if text.strip():
             doc.extend(_doc_lines(text, counts))
-        elif doc:
+        elif doc and complete:
             yield doc
             doc = []
     if doc:
@@ -156,7 +183,14 @@ def iter_text_documents(path: str, counts: Counter) -> Iterator[list[str]]:
 
 
 def iter_jsonl_documents(path: str, counts: Counter, key: str = "text") -> Iterator[list[str]]:
-    for raw in _read_lines(path):
+    skipping = False
+    for raw, complete in _read_lines(path):
+        if skipping or not complete:
+            # A JSON line larger than MAX_LINE_BYTES cannot be parsed in bounded memory: drop it.
+            if not skipping:
+                counts["oversized_json_lines"] += 1
+            skipping = not complete
+            continue
         text = _clean(raw, counts)
         if not text.strip():
             continue

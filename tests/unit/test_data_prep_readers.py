@@ -83,3 +83,21 @@ def test_missing_paths_and_bad_gzip_are_clear_errors(tmp_path):
     (tmp_path / "t.txt.gz").write_bytes(full[: len(full) // 2])
     with pytest.raises(DataPrepError, match=r"t.txt.gz: corrupt or truncated gzip"):
         _read([tmp_path / "t.txt.gz"])
+
+
+def test_newline_free_input_is_read_in_bounded_pieces(tmp_path, monkeypatch):
+    monkeypatch.setattr(readers, "MAX_LINE_BYTES", 1000)
+    words = ["wörd%d" % i for i in range(3000)] + ["é" * 1500]  # and one 3000-byte "word"
+    p = tmp_path / "one_line.txt"
+    p.write_text(" ".join(words) + "\n\nsecond doc\n")
+    docs, st = _read([p])
+    assert len(docs) == 2 and docs[1] == ["second doc"]
+    # Pieces end at spaces or character boundaries: nothing lost, no word or UTF-8 character cut
+    # (the 3000-byte word is the only one split, at character boundaries).
+    assert "".join(docs[0]).replace(" ", "") == "".join(words)
+    assert " ".join(docs[0]).split()[:3000] == words[:3000]
+    assert st.counts["oversized_lines_read_in_pieces"] > 20 and st.counts["invalid_utf8_lines"] == 0
+    j = tmp_path / "x.jsonl"
+    j.write_text(json.dumps({"text": "x " * 2000}) + "\n" + json.dumps({"text": "kept"}) + "\n")
+    docs, st = _read([j])
+    assert docs == [["kept"]] and st.counts["oversized_json_lines"] == 1
