@@ -214,8 +214,16 @@ def _run_features(a: FinetuneArgs, model_dir: str, data: _Data, seed: int, out_d
 def run(a: FinetuneArgs) -> dict:
     """Every seed of one task; returns (and writes to OUT/metrics.json) the summary."""
     a.validate()
+    previous = torch.get_num_threads()
     if a.threads:
         torch.set_num_threads(a.threads)
+    try:
+        return _run(a)
+    finally:
+        torch.set_num_threads(previous)  # callers (tests, notebooks) keep their own setting
+
+
+def _run(a: FinetuneArgs) -> dict:
     os.makedirs(a.output_dir, exist_ok=True)
     if a.dataset:
         from .datasets import write_builtin
