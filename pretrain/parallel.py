@@ -27,11 +27,10 @@ import re
 import socket
 import subprocess
 from datetime import timedelta
-from typing import Callable, Dict, Iterable, List, Mapping, Optional
+from typing import Dict, Iterable, List, Mapping, Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +44,7 @@ __all__ = [
     "first_host",
     "init_distributed",
     "validate_parallel_config",
+    "validate_model_for_tp",
     "initialize_model_parallel",
     "destroy_model_parallel",
     "MegatronMPU",

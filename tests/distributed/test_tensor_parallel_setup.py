@@ -16,7 +16,7 @@ from pretrain.parallel import (
     validate_model_for_tp,
     validate_parallel_config,
 )
-from tests.distributed._spawn import free_port, spawn
+from tests.distributed._spawn import spawn
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
