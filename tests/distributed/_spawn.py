@@ -80,7 +80,9 @@ def spawn(fn, world_size, args=(), timeout=120.0, env=None):
         p = ctx.Process(
             target=_child,
             args=(fn, rank, world_size, port, tuple(args), env, child_conn),
-            daemon=True,
+            # Not daemonic: a rank may start its own workers (DataLoader num_workers > 0), which
+            # daemonic processes cannot. The finally-block below kills whatever is left.
+            daemon=False,
         )
         p.start()
         child_conn.close()
