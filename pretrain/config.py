@@ -158,7 +158,7 @@ def world_size_from_env(env=None) -> int:
     """The number of processes the launcher started: torchrun/deepspeed (WORLD_SIZE), srun
     (SLURM_NTASKS), mpirun (OMPI_COMM_WORLD_SIZE / PMI_SIZE); 1 when started by hand."""
     env = os.environ if env is None else env
-    for key in ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_NTASKS"):
+    for key in ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "SLURM_NTASKS"):
         if env.get(key):
             return int(env[key])
     return 1
