@@ -5,6 +5,7 @@ with the embedded bert-base-uncased vocab.
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 
@@ -37,9 +38,14 @@ def build_tiny_dataset(out_dir: str, seq_lengths=(64,), n_docs: int = 200, seed:
         **overrides,
     )
     manifest = os.path.join(out_dir, "manifest.json")
-    if os.path.exists(manifest):
-        with open(manifest) as f:
-            if json.load(f).get("args") == json.loads(json.dumps(cfg.manifest_args())):
-                return out_dir
-    run(cfg)
+    os.makedirs(os.path.dirname(os.path.abspath(out_dir)), exist_ok=True)
+    # Several test processes (e.g. spawned ranks) may ask for the same directory at once: the
+    # first builds it, the others wait and reuse it.
+    with open(os.path.abspath(out_dir) + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if os.path.exists(manifest):
+            with open(manifest) as f:
+                if json.load(f).get("args") == json.loads(json.dumps(cfg.manifest_args())):
+                    return out_dir
+        run(cfg)
     return out_dir
