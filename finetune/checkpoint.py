@@ -87,24 +87,19 @@ def load_tokenizer(model_dir: str, vocab: str | None = None, lower_case: bool | 
     return BertTokenizerFast(vocab=table, do_lower_case=lower_case)
 
 
-def load_encoder_weights(model: nn.Module, model_dir: str) -> BertConfig:
-    """Copy the checkpoint's encoder into `model.bert` key by key (pretraining heads and any
-    earlier task head are skipped). A missing pooler is left freshly initialised, as
-    transformers does, with a warning."""
+def load_encoder_weights(encoder: nn.Module, model_dir: str) -> None:
+    """Copy the checkpoint's encoder into `encoder` (a `pretrain.model.BertModel`, e.g. a
+    head's `.bert`) key by key; pretraining heads and any earlier task head are skipped. A
+    missing pooler is left freshly initialised, as transformers does, with a warning."""
     _, state = hf_io.load_hf_dir(model_dir)
-    enc = {}
-    for k, v in state.items():
-        if k.startswith("bert.") and k[5:].startswith(_ENCODER_PARTS):
-            enc[k[5:]] = v
-    own = model.bert.state_dict()
-    has_pooler = any(k.startswith("pooler.") for k in own)
-    if not has_pooler:
+    enc = {k[5:]: v for k, v in state.items() if k.startswith("bert.") and k[5:].startswith(_ENCODER_PARTS)}
+    own = encoder.state_dict()
+    if not any(k.startswith("pooler.") for k in own):
         enc = {k: v for k, v in enc.items() if not k.startswith("pooler.")}
     elif not any(k.startswith("pooler.") for k in enc):
         log.warning("%s has no pooler weights: the pooler starts from random init", model_dir)
         enc.update({k: v for k, v in own.items() if k.startswith("pooler.")})
-    hf_io.load_into(model.bert, enc)
-    return model.config
+    hf_io.load_into(encoder, enc)
 
 
 def read_config(model_dir: str) -> BertConfig:

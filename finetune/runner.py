@@ -182,13 +182,7 @@ def _run_features(a: FinetuneArgs, model_dir: str, data: _Data, seed: int, out_d
 
     config = checkpoint.read_config(model_dir)
     encoder = BertModel(config, add_pooling_layer=True)
-
-    class _Holder(torch.nn.Module):  # load_encoder_weights copies into `.bert`
-        def __init__(self, bert):
-            super().__init__()
-            self.bert, self.config = bert, bert.config
-
-    checkpoint.load_encoder_weights(_Holder(encoder), model_dir)
+    checkpoint.load_encoder_weights(encoder, model_dir)
     try:
         tr = feat.extract(encoder, data.train_f, a.layer, a.pooling, a.train.eval_batch_size, tok.pad_token_id)
         ev = feat.extract(encoder, data.eval_f, a.layer, a.pooling, a.train.eval_batch_size, tok.pad_token_id)
@@ -252,7 +246,7 @@ def _run(a: FinetuneArgs) -> dict:
             set_seed(seed)  # the head's initialisation depends on the seed too
             n_labels = len(data.labels) if data.labels else (1 if a.regression else 2)
             model = build_head(a.task, config, n_labels, a.regression)
-            checkpoint.load_encoder_weights(model, model_dir)
+            checkpoint.load_encoder_weights(model.bert, model_dir)
             stats = train(model, data.train_f, a.train, seed, tok.pad_token_id)
             outputs = predict(model, data.eval_f, a.train.eval_batch_size, tok.pad_token_id)
             metrics, preds = _evaluate(a, data, outputs)

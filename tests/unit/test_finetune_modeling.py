@@ -46,7 +46,7 @@ def test_saved_head_matches_transformers(task, tiny_pretrained, tmp_path):
     tok = checkpoint.load_tokenizer(src)
     torch.manual_seed(1)
     model = build_head(task, checkpoint.read_config(src), num_labels=3)
-    checkpoint.load_encoder_weights(model, src)
+    checkpoint.load_encoder_weights(model.bert, src)
     # the encoder weights are the pretraining model's, key by key
     assert torch.equal(model.bert.encoder.layer[1].output.dense.weight,
                        pretrained.bert.encoder.layer[1].output.dense.weight)
@@ -79,7 +79,7 @@ def test_minilm_encoder_loads_without_pooler_for_token_head(minilm_dir):
     import transformers
 
     model = build_head("token", checkpoint.read_config(minilm_dir), num_labels=2)
-    checkpoint.load_encoder_weights(model, minilm_dir)
+    checkpoint.load_encoder_weights(model.bert, minilm_dir)
     ref = transformers.BertModel.from_pretrained(minilm_dir).eval()
     tok = checkpoint.load_tokenizer(minilm_dir)
     b = tok(["the rock is destined to be the 21st century 's new conan"], return_tensors="pt")
