@@ -191,10 +191,11 @@ def plot_losses(metrics_path: str, png_path: str) -> Optional[str]:
     ax1.set_ylabel("loss")
     ax1.legend()
     ax1.grid(alpha=0.3)
-    for key in ("mlm_acc", "nsp_acc"):
+    for key, style, label in (("mlm_acc", "o-", "held-out mlm_acc"), ("nsp_acc", "o-", "held-out nsp_acc"),
+                              ("unigram_acc", "k--", "unigram baseline (MLM)")):
         pts = [(r["step"], r[key]) for r in hist["eval"] if r.get(key) is not None]
         if pts:
-            ax2.plot(*zip(*pts), "o-", label=f"held-out {key}")
+            ax2.plot(*zip(*pts), style, label=label)
     ax2.set_xlabel("step")
     ax2.set_ylabel("accuracy")
     ax2.legend()
