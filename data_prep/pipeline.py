@@ -91,6 +91,10 @@ class PrepConfig:
         elif not self.vocab:
             raise DataPrepError("--vocab: give a WordPiece vocab.txt or a sentencepiece .model "
                                 "(or --train-spm-vocab-size N to train one, or --embedded)")
+        if self.lower_case is None:
+            # Resolved here, not later, so the manifest and any comparison with it see one value:
+            # WordPiece vocabs are usually uncased (bert-base-uncased), sentencepiece models cased.
+            self.lower_case = not (self.train_spm_vocab_size or str(self.vocab).endswith(".model"))
 
     def manifest_args(self) -> dict:
         return {k: v for k, v in asdict(self).items() if k not in RUNTIME_ONLY}
@@ -343,7 +347,24 @@ def run(cfg: PrepConfig, comm=None) -> dict:
     return _run(cfg, comm, files, t0, time.time() - t0)
 
 
+def library_versions() -> dict:
+    """Versions that decide the output bytes (tokenizer, splitter, index writer)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("tokenizers", "sentencepiece", "blingfire", "pysbd", "syntok", "megatron-core", "numpy"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out
+
+
 def _run(cfg: PrepConfig, comm, files: list[str], t0: float, startup: float) -> dict:
+    if comm.rank == 0:
+        log.info("data_prep: %d input file(s), %d rank(s) x %d worker(s); config %s; versions %s",
+                 len(files), comm.size, cfg.workers, json.dumps(cfg.manifest_args(), sort_keys=True),
+                 json.dumps(library_versions(), sort_keys=True))
     out = cfg.output_dir
     work = os.path.join(out, WORK_DIR)
     manifest_path = os.path.join(out, "manifest.json")
@@ -366,9 +387,7 @@ def _run(cfg: PrepConfig, comm, files: list[str], t0: float, startup: float) -> 
         tok_file = comm.bcast(tok_file, root=0)
     else:
         tok_file = cfg.vocab
-    tok = load_tokenizer(tok_file, cfg.lower_case)  # validates the vocab before any real work
-    if cfg.lower_case is None:
-        cfg.lower_case = tok.lower_case
+    tok = load_tokenizer(tok_file, cfg.lower_case)
 
     bar = None
     if cfg.progress and comm.rank == 0:
@@ -446,6 +465,7 @@ def _run(cfg: PrepConfig, comm, files: list[str], t0: float, startup: float) -> 
         "args": cfg.manifest_args(),
         "seed": cfg.seed,
         "sentence_splitter": cfg.splitter,
+        "versions": library_versions(),
         "files": {n: sha256_file(os.path.join(out, n)) for n in names},
     }
     _atomic_json(manifest_path, manifest)

@@ -37,6 +37,7 @@ def build_tiny_dataset(out_dir: str, seq_lengths=(64,), n_docs: int = 200, seed:
         docs_per_shard=overrides.pop("docs_per_shard", 50),
         **overrides,
     )
+    cfg.validate()
     manifest = os.path.join(out_dir, "manifest.json")
     os.makedirs(os.path.dirname(os.path.abspath(out_dir)), exist_ok=True)
     # Several test processes (e.g. spawned ranks) may ask for the same directory at once: the

@@ -61,6 +61,12 @@ def test_layout_and_manifest(base):
     assert verify(base) == []
 
 
+def test_fixture_helper_reuses_a_complete_dir(base, cache):
+    before = os.stat(os.path.join(base, "manifest.json")).st_mtime_ns
+    assert build_tiny_dataset(base, cache_dir=cache, **KW) == base
+    assert os.stat(os.path.join(base, "manifest.json")).st_mtime_ns == before
+
+
 def test_corpus_reads_back_exact_tokens(base, texts):
     import transformers
     from megatron.core.datasets.indexed_dataset import IndexedDataset
