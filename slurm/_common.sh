@@ -35,6 +35,8 @@ slurm_activate() {
     if [ -f "$VENV/bin/activate" ]; then
       # shellcheck disable=SC1091
       source "$VENV/bin/activate"
+      # DeepSpeed JIT-builds ops into this cache; one per venv, or two venvs rebuild each other's.
+      export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$VENV/torch_extensions}
     elif [ "$VENV" != "$REPO/.venv" ]; then
       slurm_die "VENV=$VENV has no bin/activate; point VENV at a virtual environment or set ACTIVATE"
     fi
