@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import atexit
 import ipaddress
+import json
 import logging
 import os
 import re
@@ -88,6 +89,44 @@ def _proc_alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
 
 
+STATE_FILE = "cluster.json"
+
+
+def remove_stale_clusters(base: str = "/var/tmp") -> None:
+    """Undo clusters whose test process died without cleaning up (SIGKILL, CI timeout)."""
+    for state_path in Path(base).glob(f"slurm-ci-*/{STATE_FILE}"):
+        try:
+            st = json.loads(state_path.read_text())
+        except (OSError, ValueError):
+            continue
+        if _proc_alive(st.get("owner_pid", -1)):
+            continue  # a live cluster of another test process
+        log.warning("removing stale SLURM test cluster %s", state_path.parent)
+        for pid in st.get("pids", []):
+            try:
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if any(d in cmd for d in (b"slurmd", b"slurmctld", b"munged")) and str(state_path.parent).encode() in cmd:
+                os.kill(pid, signal.SIGKILL)
+        for ns in st.get("netns", []):
+            for pid in _run(["ip", "netns", "pids", ns], check=False).stdout.split():
+                try:
+                    os.kill(int(pid), signal.SIGKILL)
+                except (ProcessLookupError, ValueError):
+                    pass
+            _run(["ip", "netns", "del", ns], check=False)
+        for link in st.get("veths", []) + [st.get("bridge")]:
+            if link:
+                _run(["ip", "link", "del", link], check=False)
+        marker = st.get("hosts_marker")
+        if marker:
+            kept = [ln for ln in HOSTS_FILE.read_text().splitlines(keepends=True) if not ln.rstrip().endswith(marker)]
+            with HOSTS_FILE.open("w") as f:
+                f.writelines(kept)
+        shutil.rmtree(state_path.parent, ignore_errors=True)
+
+
 def _pick_subnet() -> ipaddress.IPv4Network:
     """First /24 of the pool that no interface on this machine uses (concurrent clusters)."""
     out = _run(["ip", "-o", "-4", "addr", "show"]).stdout
@@ -133,9 +172,11 @@ class SlurmCluster:
         reason = unavailable_reason()
         if reason:
             raise ClusterUnavailable(reason)
+        remove_stale_clusters()
         atexit.register(self.stop)
         self._started = True
         try:
+            self._record()
             for d in ("etc", "state", "run", "log", "munge", "jobs", "nodes"):
                 (self.root / d).mkdir(parents=True, exist_ok=True)
             self._start_munge()
@@ -226,6 +267,7 @@ class SlurmCluster:
 
     def _add_hosts_lines(self) -> None:
         self._hosts_marker = f"# slurm-ci {self.root}"
+        self._record()
         lines = [f"{n.addr} {n.name} {self._hosts_marker}\n" for n in self.nodes]
         with HOSTS_FILE.open("a") as f:
             f.writelines(lines)
@@ -284,6 +326,14 @@ MinJobAge=3600
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 """)
 
+    def _record(self) -> None:
+        """What a later run needs to undo this cluster if this process dies without stop()."""
+        (self.root / STATE_FILE).write_text(json.dumps({
+            "owner_pid": os.getpid(), "hosts_marker": self._hosts_marker, "bridge": self._bridge,
+            "netns": [n.netns for n in self.nodes], "veths": [n.veth for n in self.nodes],
+            "pids": [p.pid for p in self._procs],
+        }))
+
     def _start_slurmctld(self) -> None:
         proc = subprocess.Popen(["slurmctld", "-D", "-i", "-f", str(self.conf)],
                                 stdout=subprocess.DEVNULL,
@@ -308,6 +358,7 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
             env=self.env())
         node.proc = proc
         self._procs.append(proc)
+        self._record()
 
     def _wait_idle(self) -> None:
         def all_idle() -> bool:
