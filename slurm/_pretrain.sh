@@ -18,21 +18,24 @@ PHASE2_CONFIG=${PHASE2_CONFIG:-configs/phase2.json}
 CHAIN_PHASE2=${CHAIN_PHASE2:-1}
 export DATA RUN_DIR
 
-# Chain phase 2 first thing, before this job changes its environment (MASTER_ADDR, PATH), and
-# only on the first start: a requeued phase 1 keeps the phase-2 job it already submitted.
+cd "$REPO"
+for f in "$MODEL_CONFIG" "$PHASE1_CONFIG" "$PHASE2_CONFIG" ${DS_CONFIG:+"$DS_CONFIG"}; do
+  [ -f "$f" ] || slurm_die "config file $f not found (relative paths are relative to $REPO); fix MODEL_CONFIG/PHASE1_CONFIG/PHASE2_CONFIG/DS_CONFIG"
+done
+[ -f "$DATA/manifest.json" ] || slurm_die "DATA=$DATA has no manifest.json: data prep did not finish there (run slurm/data_prep.sh)"
+
+# Chain phase 2 once the inputs are known good (a phase 1 that fails would leave it pending; with
+# --kill-on-invalid-dep it is then cancelled), before this job changes its environment
+# (MASTER_ADDR, PATH), and only on the first start: a requeued phase 1 keeps its phase 2.
 if [ "$PHASE" = 1 ] && [ "$CHAIN_PHASE2" = 1 ] && [ "${SLURM_RESTART_COUNT:-0}" = 0 ]; then
   mapfile -t _shape < <(slurm_same_shape_args)
   PHASE2_JOB_ID=$(cd "$SLURM_SUBMIT_DIR" && sbatch --parsable "${_shape[@]}" ${PHASE2_SBATCH_ARGS:-} \
-    --job-name="${SLURM_JOB_NAME}-phase2" --dependency="afterok:$SLURM_JOB_ID" \
+    --job-name="${SLURM_JOB_NAME}-phase2" --dependency="afterok:$SLURM_JOB_ID" --kill-on-invalid-dep=yes \
     --export=ALL,PHASE=2 "$SCRIPT" "$@")
   slurm_log "submitted phase 2 as job ${PHASE2_JOB_ID%%;*} (starts after job $SLURM_JOB_ID completes successfully)"
 fi
 
 slurm_activate
-for f in "$MODEL_CONFIG" "$PHASE1_CONFIG" "$PHASE2_CONFIG" ${DS_CONFIG:+"$DS_CONFIG"}; do
-  [ -f "$f" ] || slurm_die "config file $f not found (relative paths are relative to $REPO); fix MODEL_CONFIG/PHASE1_CONFIG/PHASE2_CONFIG/DS_CONFIG"
-done
-[ -f "$DATA/manifest.json" ] || slurm_die "DATA=$DATA has no manifest.json: data prep did not finish there (run slurm/data_prep.sh)"
 slurm_rendezvous
 
 args=(--model_config "$MODEL_CONFIG" --data "$DATA")

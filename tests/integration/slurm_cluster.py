@@ -386,7 +386,11 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
         drop = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
         env = {k: v for k, v in os.environ.items() if k not in drop and not k.startswith(("SLURM_", "SBATCH_"))}
         env["SLURM_CONF"] = str(self.conf)
-        env.update(extra or {})
+        for k, v in (extra or {}).items():
+            if v is None:
+                env.pop(k, None)  # None = make sure the job does not inherit it
+            else:
+                env[k] = v
         return env
 
     def run_cmd(self, cmd: list[str], check: bool = True, env: dict | None = None,

@@ -25,7 +25,7 @@ def report(request):
     """Lines printed after the module's tests (shown without -s, via the terminal reporter)."""
     lines: list[str] = []
     yield lines
-    show_report(request, "SLURM cluster: mechanics (toy gloo trainer)", lines)
+    show_report(request, "SLURM cluster: mechanics (toy gloo trainer), failures, bad input", lines)
 
 
 def submit_toy(cluster, name, *args, extra=()):
@@ -110,3 +110,23 @@ def test_dead_task_fails_the_job_with_a_message(slurm_cluster, report):
     assert info["JobState"] == "FAILED" and info["ExitCode"] != "0:0", log
     assert "rank 1: dying before step 3" in log
     assert "ERROR: step failed" in log, log
+
+
+def test_bad_input_fails_the_job_with_a_message_and_chains_nothing(slurm_cluster, report):
+    c = slurm_cluster
+    jobs = c.root / "jobs"
+    (jobs / "empty").mkdir()
+    cases = {"no DATA": ({"DATA": None}, "DATA is not set"),
+             "DATA without manifest": ({"DATA": str(jobs / "empty")}, "has no manifest.json"),
+             "missing config": ({"DATA": str(jobs / "empty"), "MODEL_CONFIG": "configs/nope.json"},
+                                "config file configs/nope.json not found")}
+    for name, (env, message) in cases.items():
+        job = c.sbatch("--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=1", "--gres=none",
+                       f"--output={jobs}/bad-%j.out", str(REPO / "slurm/pretrain_large.sh"), env=env, cwd=str(jobs))
+        info = c.wait_job(job, 60)
+        log = job_log(c, info)
+        report.append(f"job {job} ({name}): {info['JobState']} ExitCode={info['ExitCode']}: {log.strip().splitlines()[-1]}")
+        assert (info["JobState"], info["ExitCode"]) == ("FAILED", "2:0"), log
+        assert message in log and "Traceback" not in log, log
+    # No phase-2 job may be left waiting on a phase 1 that failed its checks.
+    assert c.run_cmd(["squeue", "-h"]).stdout.strip() == ""
