@@ -111,7 +111,8 @@ slurm_srun() {
     fi
     if [ "${REQUEUE:-1}" = 1 ]; then
       slurm_log "requeueing job $SLURM_JOB_ID (restart $((${SLURM_RESTART_COUNT:-0} + 1)))"
-      scontrol requeue "$SLURM_JOB_ID"
+      scontrol requeue "$SLURM_JOB_ID" ||
+        slurm_die "scontrol requeue failed (job submitted with --no-requeue, or requeue disabled on this cluster); resubmit the same command: it resumes from the run's latest checkpoint"
       # The controller now ends this script; do not fall through to whatever follows.
       sleep 300
       exit 0

@@ -130,3 +130,24 @@ def test_bad_input_fails_the_job_with_a_message_and_chains_nothing(slurm_cluster
         assert message in log and "Traceback" not in log, log
     # No phase-2 job may be left waiting on a phase 1 that failed its checks.
     assert c.run_cmd(["squeue", "-h"]).stdout.strip() == ""
+
+
+@pytest.mark.slow
+def test_time_limit_signal_requeues_until_done(slurm_cluster, report):
+    """The real `--signal=B:USR1@T` path: SLURM itself signals before a 1-minute limit (its
+    time-limit check runs about every 30 s), the job requeues as often as needed and finishes
+    with the uninterrupted losses."""
+    c = slurm_cluster
+    steps = 150
+    ref_dir, run_dir = c.root / "jobs/tl_ref", c.root / "jobs/tl_run"
+    ref = c.wait_job(submit_toy(c, "tl-ref", "--save_dir", str(ref_dir), "--train_steps", str(steps)), 120)
+    assert ref["JobState"] == "COMPLETED", job_log(c, ref)
+    job = submit_toy(c, "tl-run", "--save_dir", str(run_dir), "--train_steps", str(steps), "--step_seconds", "0.4",
+                     extra=["--time=1", "--signal=B:USR1@45"])
+    info = c.wait_job(job, 600)
+    log = job_log(c, info)
+    report.append(f"job {job} (--time=1 --signal=B:USR1@45, ~60 s of work): {info['JobState']} "
+                  f"Restarts={info['Restarts']} ExitCode={info['ExitCode']}")
+    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), log
+    assert int(info["Restarts"]) >= 1 and "received SIGUSR1" in log, log
+    assert losses(run_dir) == losses(ref_dir)
