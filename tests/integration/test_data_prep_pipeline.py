@@ -168,6 +168,14 @@ def test_verify_detects_truncation_and_corruption(base, tmp_path):
     problems = verify(out)
     assert len(problems) == 2
     assert "corpus.bin: SHA-256 mismatch" in problems[0] and "pairs_64_train.bin: SHA-256 mismatch" in problems[1]
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "data_prep.verify"]
+    ok = subprocess.run(cmd + [base], capture_output=True, text=True)
+    bad = subprocess.run(cmd + [out], capture_output=True, text=True)
+    assert ok.returncode == 0 and ok.stdout.startswith("OK")
+    assert bad.returncode == 1 and bad.stderr.count("FAIL") == 2 and "Traceback" not in bad.stderr
 
 
 def test_trained_sentencepiece_pipeline(tmp_path, texts, cache):
