@@ -125,6 +125,9 @@ def test_mpirun_two_ranks_byte_identical(tmp_path):
     r1 = _cli(*args, "--output-dir", str(tmp_path / "one"), "--mpi", "off")
     assert r1.returncode == 0, r1.stderr[-3000:]
     r2 = _cli(*args, "--output-dir", str(tmp_path / "two"), mpi=2, timeout=240)
+    if r2.returncode in (124, 137):
+        # An mpirun start has been seen to hang here ("OPAL ERROR: Unreachable"): one retry.
+        r2 = _cli(*args, "--output-dir", str(tmp_path / "two"), mpi=2, timeout=240)
     assert r2.returncode == 0, (r2.stdout[-2000:], r2.stderr[-3000:])
     files = sorted(os.listdir(tmp_path / "one"))
     assert files == sorted(os.listdir(tmp_path / "two"))
