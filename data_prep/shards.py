@@ -27,7 +27,9 @@ def corpus_dtype(vocab_size: int):
 
 def init_worker(cfg: dict) -> None:
     """Per-process state: built once per worker, not per shard."""
-    os.environ["TOKENIZERS_PARALLELISM"] = "false" if cfg.get("in_worker") else os.environ.get("TOKENIZERS_PARALLELISM", "true")
+    if cfg.get("in_worker"):
+        # The worker processes are the parallelism; a rayon thread pool in each would oversubscribe.
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
     tok = load_tokenizer(cfg["tokenizer_file"], cfg["lower_case"])
     _STATE.update(cfg=cfg, tok=tok, split=get_splitter(cfg["splitter"]))
 
