@@ -2,7 +2,6 @@
 create_instances_from_document (token lists, not spans) and statistically right over thousands of
 pairs."""
 import math
-import random
 from collections import Counter
 
 import numpy as np

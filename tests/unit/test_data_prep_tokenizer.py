@@ -1,7 +1,6 @@
 """WordPiece ids equal transformers' BertTokenizer (fast) and BertTokenizerLegacy (pure Python);
 sentence cuts via offsets equal tokenizing each sentence alone; sentencepiece special ids."""
 import json
-import os
 
 import numpy as np
 import pytest
