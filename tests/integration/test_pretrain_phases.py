@@ -16,11 +16,11 @@ def two_length_data(tmp_path_factory):
     return build_tiny_dataset(str(tmp_path_factory.getbasetemp() / "pretrain_tiny_data_64_128"), seq_lengths=(64, 128), n_docs=200)
 
 
-def _run(rank, world_size, values):
+def _run(rank, world_size, runs):
     from pretrain.config import from_dict, validate
     from pretrain.trainer import Trainer
 
-    return Trainer(validate(from_dict(values), world_size=world_size)).run()["history"]
+    return [Trainer(validate(from_dict(v), world_size=world_size)).run()["history"] for v in runs]
 
 
 def test_phase2_starts_from_phase1_weights(two_length_data, tmp_path):
@@ -35,8 +35,8 @@ def test_phase2_starts_from_phase1_weights(two_length_data, tmp_path):
     phase2 = trainer_values(ds_config=ds_cfg, model_config=model_cfg, data=two_length_data, save_dir=str(tmp_path / "p2"),
                             seq_length=128, train_steps=2, init_from=os.path.join(phase1["save_dir"], "latest"),
                             global_batch_size=4, lr=5e-4)
-    spawn(_run, world_size=1, args=(phase1,), timeout=300)
-    hist2 = spawn(_run, world_size=1, args=(phase2,), timeout=300)[0]
+    # one process for both phases: phase 2 builds a fresh engine, reading phase 1 from disk only
+    hist2 = spawn(_run, world_size=1, args=([phase1, phase2],), timeout=600)[0][1]
 
     # Reference: phase 1's final weights (gathered from its checkpoint) on phase 2's first global batch.
     model = BertForPreTraining(BertConfig.from_json_file(model_cfg))
