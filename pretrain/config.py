@@ -280,6 +280,8 @@ def validate(cfg: TrainConfig, world_size: Optional[int] = None) -> Resolved:
         raise ConfigError(f"--ds_config {cfg.ds_config}: optimizer params need a positive \"lr\" (or pass --lr)")
     opt["params"] = params
 
+    _check_resume(cfg, dp, global_bs)
+
     return Resolved(
         cfg=cfg,
         ds_config=ds,
@@ -372,3 +374,26 @@ def _check_data(cfg: TrainConfig, model: dict) -> dict:
             "use a model config whose vocab_size is at least the tokenizer's"
         )
     return manifest
+
+
+def _check_resume(cfg: TrainConfig, dp: int, global_bs: int) -> None:
+    """A re-run resumes from --save_dir: its checkpoint must fit this layout."""
+    latest = os.path.join(cfg.save_dir, "latest")
+    if not os.path.isfile(latest):
+        return
+    with open(latest) as f:
+        tag = f.read().strip()
+    state_path = os.path.join(cfg.save_dir, tag, "trainer_state.json")
+    if not os.path.isfile(state_path):
+        raise ConfigError(f"--save_dir {cfg.save_dir}: `latest` names {tag!r} but {state_path} is missing; fix `latest` or use a new --save_dir")
+    state = _read_json(state_path, "--save_dir checkpoint")
+    if state.get("tp") != cfg.tp:
+        raise ConfigError(
+            f"--save_dir {cfg.save_dir} holds a checkpoint written at tp={state.get('tp')}; resume with --tp {state.get('tp')}, "
+            f"or start a new --save_dir with --init_from {os.path.join(cfg.save_dir, 'latest')}"
+        )
+    if state.get("seq_length") != cfg.seq_length:
+        raise ConfigError(
+            f"--save_dir {cfg.save_dir} holds a seq_length {state.get('seq_length')} run; a new phase (e.g. seq {cfg.seq_length}) "
+            f"needs its own --save_dir and --init_from {os.path.join(cfg.save_dir, 'latest')}"
+        )

@@ -84,3 +84,17 @@ def test_cli_reports_errors_without_a_traceback(tiny_data, model_cfg):
                           capture_output=True, text=True, timeout=120, cwd=REPO, env={**os.environ, "WORLD_SIZE": "3"})
     assert proc.returncode == 2
     assert "error: --tp 3" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_resume_layout_mismatch_is_reported_before_start(tiny_data, model_cfg, tmp_path):
+    run = tmp_path / "run"
+    (run / "step_5").mkdir(parents=True)
+    (run / "latest").write_text("step_5")
+    (run / "step_5" / "trainer_state.json").write_text(json.dumps({"tp": 2, "seq_length": 64}))
+    args = ["--ds_config", ZERO2, "--model_config", model_cfg, "--data", tiny_data, "--seq_length", "64",
+            "--train_steps", "10", "--save_dir", str(run)]
+    with pytest.raises(ConfigError, match="written at tp=2; resume with --tp 2"):
+        validate(load_config(args), world_size=2)
+    (run / "step_5" / "trainer_state.json").write_text(json.dumps({"tp": 1, "seq_length": 128}))
+    with pytest.raises(ConfigError, match="needs its own --save_dir and --init_from"):
+        validate(load_config(args), world_size=2)
