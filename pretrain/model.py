@@ -14,6 +14,7 @@ devices or environment variables. Activation checkpointing is toggled from outsi
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ from pretrain.layers import IGNORE_INDEX, LayerFactory
 
 # Keys HF writes into config.json that do not change the network; accepted and dropped.
 _HF_BOOKKEEPING_KEYS = frozenset({
-    "architectures", "model_type", "transformers_version", "torch_dtype", "dtype",
+    "architectures", "transformers_version", "torch_dtype", "dtype",
     "_name_or_path", "gradient_checkpointing", "use_cache", "output_attentions",
     "output_hidden_states", "return_dict", "id2label", "label2id", "problem_type",
     "chunk_size_feed_forward", "is_encoder_decoder", "bos_token_id", "eos_token_id",
@@ -36,8 +37,9 @@ _HF_BOOKKEEPING_KEYS = frozenset({
     "pooler_num_attention_heads", "pooler_num_fc_layers", "pooler_size_per_head", "pooler_type",
     "tokenizer_class", "finetuning_task", "num_labels",
 })
-# HF keys that are accepted only with the value this encoder-only model implements.
-_HF_FIXED_KEYS = {"is_decoder": False, "add_cross_attention": False}
+# HF keys that are accepted only with the value this encoder-only model implements (a RoBERTa or
+# ELECTRA config.json has the same field names but another network, so model_type is checked).
+_HF_FIXED_KEYS = {"model_type": "bert", "is_decoder": False, "add_cross_attention": False}
 
 _ACTIVATIONS = {
     "gelu": F.gelu,  # HF "gelu" is the exact erf form
@@ -111,7 +113,8 @@ class BertConfig:
             elif key in _HF_FIXED_KEYS:
                 if value != _HF_FIXED_KEYS[key]:
                     raise ValueError(f"{source}: {key}={value!r} is not supported by this "
-                                     f"encoder-only BERT; set it to {_HF_FIXED_KEYS[key]!r}")
+                                     f"encoder-only BERT; set it to {_HF_FIXED_KEYS[key]!r}"
+                                     " (or remove the key)")
             elif key not in _HF_BOOKKEEPING_KEYS:
                 unknown.append(key)
         if unknown:
@@ -200,8 +203,9 @@ class BertSelfAttention(nn.Module):
             attention_mask = attention_mask.clamp(min=torch.finfo(query.dtype).min).to(query.dtype)
         dropout = self.dropout_prob if self.training else 0.0
         # Attention probabilities live on this rank's heads only: their dropout mask must differ
-        # across TP ranks, hence the sharded RNG region.
-        with self._sharded_rng():
+        # across TP ranks, hence the sharded RNG region. Entered only when dropout runs: the
+        # region draws from the shared RNG, and an eval pass must not shift training's masks.
+        with self._sharded_rng() if dropout > 0 else contextlib.nullcontext():
             context = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask,
                                                      dropout_p=dropout)
         return context.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim)
@@ -344,6 +348,7 @@ class BertModel(nn.Module):
 
     def init_weights(self) -> None:
         _init_weights(self, self.config.initializer_range)
+        _zero_padding_row(self.embeddings.word_embeddings, self.config.pad_token_id)
 
 
 class BertPredictionHeadTransform(nn.Module):
@@ -430,6 +435,7 @@ class BertForPreTraining(nn.Module):
 
     def init_weights(self) -> None:
         _init_weights(self, self.config.initializer_range)
+        _zero_padding_row(self.bert.embeddings.word_embeddings, self.config.pad_token_id)
 
 
 @torch.no_grad()
@@ -450,6 +456,16 @@ def _init_weights(model: nn.Module, std: float) -> None:
             param.zero_()
         else:
             param.normal_(mean=0.0, std=std)
+
+
+@torch.no_grad()
+def _zero_padding_row(embedding: nn.Module, pad_token_id: int) -> None:
+    """HF builds the word embeddings with ``padding_idx`` and zeroes that row at init. A
+    vocab-parallel shard holds rows ``[vocab_start_index, vocab_start_index + rows)`` (megatron's
+    attribute; 0 for a dense ``nn.Embedding``): only the shard owning the [PAD] row zeroes it."""
+    start = getattr(embedding, "vocab_start_index", 0)
+    if start <= pad_token_id < start + embedding.weight.shape[0]:
+        embedding.weight[pad_token_id - start].zero_()
 
 
 def count_parameters(model: nn.Module) -> int:

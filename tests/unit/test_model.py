@@ -198,6 +198,14 @@ def test_init_weights_like_hf_and_decoder_tied():
     model.init_weights()
     sd = dict(model.named_parameters())
     assert model.cls.predictions.decoder.weight is model.bert.embeddings.word_embeddings.weight
+    # HF zeroes the [PAD] row (nn.Embedding padding_idx); check it, then the rest as usual.
+    word = sd.pop("bert.embeddings.word_embeddings.weight")
+    assert torch.all(word[config.pad_token_id] == 0)
+    sd["word rows but [PAD]"] = word[torch.arange(word.shape[0]) != config.pad_token_id]
+    bare = BertModel(BertConfig(**dict(TINY, pad_token_id=7)))
+    randomize_(bare).init_weights()
+    assert torch.all(bare.embeddings.word_embeddings.weight[7] == 0)
+    assert torch.all(bare.embeddings.word_embeddings.weight[0] != 0)
     for name, p in sd.items():
         if name.endswith("LayerNorm.weight"):
             assert torch.all(p == 1), name
@@ -263,3 +271,41 @@ def test_config_files_and_errors(tmp_path):
         BertConfig.from_json_file(bad)
     with pytest.raises(ValueError, match="only 'absolute'"):
         BertConfig(position_embedding_type="relative_key")
+    # Another architecture's config.json has BERT's field names: refuse it, accept "bert".
+    bad.write_text(json.dumps({"model_type": "roberta", "hidden_size": 64, "num_attention_heads": 4}))
+    with pytest.raises(ValueError, match=r"model_type='roberta' is not supported.*'bert'"):
+        BertConfig.from_json_file(bad)
+    bad.write_text(json.dumps({"model_type": "bert", "hidden_size": 64, "num_attention_heads": 4}))
+    assert BertConfig.from_json_file(bad).hidden_size == 64
+
+
+def test_eval_pass_does_not_shift_training_dropout():
+    """The sharded-RNG region draws from the shared generator; an eval pass (no dropout) in
+    between two training steps must leave the next step's dropout masks, hence its loss, as they
+    would be without it (eval-invariance, exact resume)."""
+    from pretrain.parallel import TensorParallelRNG
+
+    class ForkingFactory(LayerFactory):
+        def __init__(self):
+            self.rng = TensorParallelRNG(tp_rank=0)
+
+        def sharded_rng(self):
+            return self.rng.fork()
+
+    config = BertConfig(**TINY)
+    model = randomize_(BertForPreTraining(config, layers=ForkingFactory()))
+    ids, types, mask, labels, nsp = batch(config)
+
+    def train_loss():
+        return model.train()(ids, types, mask, labels=labels, next_sentence_label=nsp).loss.item()
+
+    torch.manual_seed(5)
+    train_loss()
+    expected = train_loss()
+    torch.manual_seed(5)
+    train_loss()
+    with torch.no_grad():
+        model.eval()(ids, types, mask, labels=labels, next_sentence_label=nsp)
+    assert train_loss() == expected
+    # And the dropout really is random (the check above could not pass by a constant loss).
+    assert train_loss() != expected
