@@ -70,6 +70,34 @@ def document_sentences(lines: list[str], encoded, split, max_sentence_tokens: in
     return sents
 
 
+def tokenize_documents(tok, split, docs: list[list[str]], max_sentence_tokens: int, counts: Counter) -> list[list[np.ndarray]]:
+    """Per document, the token arrays of its sentences, each equal to tokenizing that sentence alone.
+
+    WordPiece: one batch call per shard on whole lines, cut at the splitter's character offsets
+    (cuts fall between pre-tokenizer words, so the ids are unchanged). Sentencepiece has no such
+    guarantee: a sentence that starts without whitespace before it ("...文。Then") is a mid-word
+    piece inside the line but gets the word-start marker alone, so it encodes each sentence.
+    """
+    if tok.type != "sentencepiece":
+        encoded = tok.encode_lines([ln for d in docs for ln in d])
+        out, pos = [], 0
+        for d in docs:
+            out.append(document_sentences(d, encoded[pos:pos + len(d)], split, max_sentence_tokens, counts))
+            pos += len(d)
+        return out
+    doc_sents = [[ln[a:b] for ln in d for a, b in split(ln)] for d in docs]
+    encoded = tok.encode_lines([s for d in doc_sents for s in d])
+    out, pos = [], 0
+    for d in doc_sents:
+        out.append(document_sentences(d, encoded[pos:pos + len(d)], _whole, max_sentence_tokens, counts))
+        pos += len(d)
+    return out
+
+
+def _whole(line: str) -> list[tuple[int, int]]:
+    return [(0, len(line))]
+
+
 def process_shard(shard_id: int, docs: list[list[str]]) -> dict:
     """Tokenize `docs` and write shard files; returns the shard's counts (also stored as JSON)."""
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
@@ -77,15 +105,11 @@ def process_shard(shard_id: int, docs: list[list[str]]) -> dict:
     cfg, tok, split = _STATE["cfg"], _STATE["tok"], _STATE["split"]
     prefix = shard_prefix(cfg["work_dir"], shard_id)
     counts: Counter = Counter()
-    flat = [ln for d in docs for ln in d]
-    encoded = tok.encode_lines(flat)
+    doc_sents = tokenize_documents(tok, split, docs, cfg["max_sentence_tokens"], counts)
     dtype = corpus_dtype(tok.vocab_size)
     tmp_bin = f"{prefix}.bin.tmp"
     builder = IndexedDatasetBuilder(tmp_bin, dtype=dtype)
-    pos = 0
-    for d in docs:
-        sents = document_sentences(d, encoded[pos:pos + len(d)], split, cfg["max_sentence_tokens"], counts)
-        pos += len(d)
+    for sents in doc_sents:
         if not sents:
             counts["empty_documents_after_tokenizing"] += 1
             continue

@@ -5,12 +5,16 @@ BertTokenizer) and sentencepiece (an existing model or one trained on the corpus
 token. Offsets let the pipeline tokenize a whole paragraph in one call and then cut it at the
 sentence splitter's boundaries: BERT's pre-tokenizer splits on whitespace and punctuation and its
 normaliser is per character, so cutting at a whitespace boundary gives the same ids as tokenizing
-each sentence alone, at a fraction of the per-call overhead.
+each sentence alone, at a fraction of the per-call overhead. Offsets are character offsets into
+the line as given (sentencepiece reports UTF-8 byte offsets into the lower-cased text; they are
+converted). Sentencepiece ids are *not* cut-invariant at a boundary without whitespace, so the
+pipeline encodes sentencepiece text per sentence (`shards.tokenize_documents`).
 """
 from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 
 import numpy as np
@@ -122,15 +126,12 @@ class SentencePieceTokenizer:
         self.file_name = "spm.model"
 
     def encode_lines(self, lines: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
-        if self.lower_case:
-            lines = [ln.lower() for ln in lines]
+        encoded = [ln.lower() for ln in lines] if self.lower_case else lines
         out = []
-        # Protos carry piece offsets; sentencepiece attaches the whitespace before a word to the
-        # word's piece, so a piece's begin may point at that space: skip it to get the word start.
-        for ln, proto in zip(lines, self._sp.encode(lines, return_type="proto")):
+        for ln, enc, proto in zip(lines, encoded, self._sp.encode(encoded, return_type="proto")):
             ids = np.fromiter((p.id for p in proto.pieces), dtype=np.int64)
-            starts = np.fromiter((_skip_space(ln, p.begin) for p in proto.pieces), dtype=np.int64, count=len(ids))
-            out.append((ids, starts))
+            begins = np.fromiter((p.begin for p in proto.pieces), dtype=np.int64, count=len(ids))
+            out.append((ids, _piece_char_starts(ln, enc, begins)))
         return out
 
     def encode_text(self, text: str) -> list[int]:
@@ -142,10 +143,33 @@ class SentencePieceTokenizer:
         return dst
 
 
-def _skip_space(s: str, i: int) -> int:
-    while i < len(s) and s[i] == " ":
-        i += 1
-    return i
+_SPACE_RUN = re.compile(r"\s+")
+
+
+def _piece_char_starts(line: str, encoded: str, begins: np.ndarray) -> np.ndarray:
+    """Sentencepiece piece begins (UTF-8 *byte* offsets into `encoded`, the possibly lower-cased
+    `line`) -> word-start *character* offsets into `line`, the string the splitter sees."""
+    raw = encoded.encode("utf-8")
+    if len(raw) != len(encoded):
+        lead = (np.frombuffer(raw, dtype=np.uint8) & 0xC0) != 0x80
+        char_of_byte = np.append(np.cumsum(lead) - 1, len(encoded))
+        begins = char_of_byte[begins]
+    # A word's piece may begin at the whitespace before it (any whitespace the normaliser maps to
+    # U+2581: tab, NBSP, ...); move it to the word so the word stays with its own sentence.
+    runs = [(m.start(), m.end()) for m in _SPACE_RUN.finditer(encoded)]
+    if runs:
+        rs = np.array([a for a, _ in runs], dtype=np.int64)
+        re_ = np.array([b for _, b in runs], dtype=np.int64)
+        k = np.searchsorted(rs, begins, side="right") - 1
+        inside = (k >= 0) & (begins < re_[np.maximum(k, 0)])
+        begins = np.where(inside, re_[np.maximum(k, 0)], begins)
+    if len(encoded) != len(line):
+        # str.lower() can lengthen a character ("İ" -> "i" + U+0307): map back to `line`.
+        orig = np.repeat(np.arange(len(line), dtype=np.int64), [len(c.lower()) for c in line])
+        if len(orig) != len(encoded):  # context-dependent lowering; never seen, fail loudly
+            raise DataPrepError(f"cannot align lower-cased text with the original: {line[:60]!r}")
+        begins = np.append(orig, len(line))[begins]
+    return begins
 
 
 def _atomic_copy(src: str, dst: str) -> None:

@@ -7,7 +7,7 @@ import pytest
 
 from data_prep.embedded import embedded_corpus_jsonl, embedded_vocab
 from data_prep.errors import DataPrepError
-from data_prep.shards import document_sentences
+from data_prep.shards import document_sentences, tokenize_documents
 from data_prep.splitter import get_splitter
 from data_prep.tokenizer import WordPieceTokenizer, load_tokenizer, train_sentencepiece
 
@@ -19,6 +19,15 @@ TRICKY = [
     "x" * 150 + " a word longer than 100 characters becomes [UNK]",
     "Emoji 😀 and math ∑∫ and ﬁ ligature and Ⅻ numeral",
     "U.S. Dr. Smith's 3.14 e-mail: test@example.com (http://example.com/a_b?c=d).",
+]
+# Sentence boundaries after multi-byte characters, behind tabs/NBSP, and around characters whose
+# lower() is longer than themselves ("İ" -> "i" + U+0307): offsets must stay character offsets
+# into the line the splitter sees.
+BOUNDARIES = [
+    "Café é è à ü déjà vu. The quick brown fox. Another sentence here.",
+    "İstanbul is large. İzmir is smaller.\tThe tab starts this one.\u00a0NBSP starts this one.",
+    "Ünïcödé everywhere: ñ ß ø. Ωmega comes next! 日本語の文。Then English again.",
+    "ΣΟΦΙΑ ΚΑΙ ΛΟΓΟΣ. Second sentence after Greek capitals.  Two spaces before this.",
 ]
 
 
@@ -46,21 +55,54 @@ def test_wordpiece_ids_equal_transformers(texts, lower):
                                 {"pad": "[PAD]", "unk": "[UNK]", "cls": "[CLS]", "sep": "[SEP]", "mask": "[MASK]"}.items()}
 
 
-def test_offset_cut_equals_tokenizing_each_sentence(texts):
+def _check_offset_cut(tok, texts):
     from collections import Counter
 
-    tok = WordPieceTokenizer(embedded_vocab())
     split = get_splitter("blingfire")
-    for t in texts[:300]:
+    n_multi = 0
+    for t in texts:
         lines = [ln.strip() for ln in t.split("\n") if ln.strip()]
-        sents = document_sentences(lines, tok.encode_lines(lines), split, 10**6, Counter())
+        sents = tokenize_documents(tok, split, [lines], 10**6, Counter())[0]
         expected = []
         for ln in lines:
             for a, b in split(ln):
                 ids = tok.encode_text(ln[a:b])
                 if ids:
                     expected.append(ids)
-        assert [s.tolist() for s in sents] == expected
+        n_multi += len(expected) > 1
+        assert [s.tolist() for s in sents] == expected, t[:80]
+    assert n_multi >= len(BOUNDARIES)
+
+
+@pytest.mark.parametrize("lower", [True, False])
+def test_offset_cut_equals_tokenizing_each_sentence(texts, lower):
+    _check_offset_cut(WordPieceTokenizer(embedded_vocab(), lower_case=lower), texts[:300] + BOUNDARIES)
+
+
+@pytest.fixture(scope="module")
+def spm_model(texts, tmp_path_factory):
+    d = tmp_path_factory.mktemp("spm")
+    sent_file = d / "s.txt"
+    sent_file.write_text("\n".join(texts[:300] + BOUNDARIES) + "\n")
+    return train_sentencepiece(str(sent_file), str(d / "m"), vocab_size=300)
+
+
+@pytest.mark.parametrize("lower", [True, False])
+def test_sentencepiece_offset_cut_equals_encoding_each_sentence(texts, spm_model, lower):
+    tok = load_tokenizer(spm_model, lower_case=lower)
+    sample = texts[:300] + BOUNDARIES
+    _check_offset_cut(tok, sample)
+    import sentencepiece as spm
+
+    # The per-sentence reference is sentencepiece itself, not our wrapper.
+    ref = spm.SentencePieceProcessor(model_file=spm_model)
+    split = get_splitter("blingfire")
+    from collections import Counter
+
+    for t in BOUNDARIES:
+        sents = tokenize_documents(tok, split, [[t]], 10**6, Counter())[0]
+        expected = [ref.encode(t[a:b].lower() if lower else t[a:b]) for a, b in split(t)]
+        assert [s.tolist() for s in sents] == [e for e in expected if e], t
 
 
 def test_long_sentence_is_cut_and_counted():
@@ -93,12 +135,10 @@ def test_bad_vocab_files_give_clear_errors(tmp_path):
         load_tokenizer(str(bad_model))
 
 
-def test_trained_sentencepiece_ids_and_specials(texts, tmp_path):
+def test_trained_sentencepiece_ids_and_specials(texts, spm_model):
     import sentencepiece as spm
 
-    sent_file = tmp_path / "s.txt"
-    sent_file.write_text("\n".join(t for t in texts[:300]) + "\n")
-    model = train_sentencepiece(str(sent_file), str(tmp_path / "m"), vocab_size=300)
+    model = spm_model
     tok = load_tokenizer(model)
     assert tok.special_ids == {"pad": 0, "unk": 1, "cls": 2, "sep": 3, "mask": 4}
     ref = spm.SentencePieceProcessor(model_file=model)
@@ -106,3 +146,10 @@ def test_trained_sentencepiece_ids_and_specials(texts, tmp_path):
         ids, starts = tok.encode_lines([t])[0]
         assert ids.tolist() == ref.encode(t)
         assert (np.diff(starts) >= 0).all()
+    # Offsets are character offsets of each piece's word, whatever the UTF-8 width before it.
+    line = "Café é\tdéjà\u00a0vu İx"
+    for lower in (False, True):
+        ids, starts = load_tokenizer(model, lower_case=lower).encode_lines([line])[0]
+        words = {line.index(w) for w in ("Café", "é\t", "déjà", "vu", "İx")}
+        assert words <= set(starts.tolist()), (lower, starts.tolist())
+        assert all(0 <= s <= len(line) and not line[s:s + 1].isspace() for s in starts.tolist())
