@@ -1,4 +1,4 @@
-"""Weights in the Hugging Face layout: ``config.json`` + ``model.safetensors`` (+ ``vocab.txt``).
+"""Weights in the Hugging Face layout: ``config.json`` + ``model.safetensors`` (+ ``vocab.txt`` or ``spm.model``).
 
 Because ``pretrain/model.py`` uses the HF key tree, both directions are a key-by-key copy; the
 only translations are the ones HF itself makes:
@@ -130,13 +130,42 @@ def load_into(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
         model.tie_weights()
 
 
+def _vocab_target_name(vocab_file: str) -> str:
+    # A WordPiece list is what transformers' BertTokenizer reads as "vocab.txt", whatever its
+    # source name; any other tokenizer file (a SentencePiece spm.model) keeps its own name, so a
+    # binary model never masquerades as a WordPiece list.
+    return "vocab.txt" if vocab_file.endswith(".txt") else os.path.basename(vocab_file)
+
+
+def _replace_atomically(out_dir: str, name: str, write) -> None:
+    # write(tmp_path) fills a temporary file next to the target; os.replace then swaps it in, so
+    # an interrupted export never leaves a truncated file under the final name.
+    target = os.path.join(out_dir, name)
+    tmp = os.path.join(out_dir, f".{name}.tmp{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def save_hf_dir(model, config: BertConfig, out_dir, vocab_file=None) -> None:
     """Write config.json + model.safetensors (+ vocab.txt) for transformers' BertForPreTraining.
 
-    ``model`` is a tp=1 ``BertForPreTraining`` or its (gathered) state dict.
+    ``model`` is a tp=1 ``BertForPreTraining`` or its (gathered) state dict. A ``*.txt``
+    ``vocab_file`` is written as ``vocab.txt``; another tokenizer file (``spm.model``) keeps its
+    basename. Every file is written to a temporary name and renamed into place.
     """
     from safetensors.torch import save_file
 
+    if vocab_file is not None:
+        vocab_file = os.fspath(vocab_file)
+        if not os.path.isfile(vocab_file):
+            raise ValueError(f"vocab file {vocab_file}: not found")
+        vocab_name = _vocab_target_name(vocab_file)
+        if vocab_name in ("config.json", "model.safetensors"):
+            raise ValueError(f"vocab file {vocab_file}: its name would overwrite the exported {vocab_name}")
     state = model.state_dict() if isinstance(model, nn.Module) else dict(model)
     state = normalize_hf_state_dict(state)
     out_dir = os.fspath(out_dir)
@@ -144,12 +173,15 @@ def save_hf_dir(model, config: BertConfig, out_dir, vocab_file=None) -> None:
     # safetensors refuses tensors sharing storage; the tied decoder was dropped above, and
     # clone() detaches everything else from optimizer/engine-owned storage.
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
-    save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    _replace_atomically(out_dir, "model.safetensors",
+                        lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     hf_config = {"architectures": ["BertForPreTraining"], "model_type": "bert", **config.to_dict()}
-    with open(os.path.join(out_dir, "config.json"), "w", encoding="utf-8") as fh:
-        json.dump(hf_config, fh, indent=2, sort_keys=True)
-        fh.write("\n")
+
+    def write_config(tmp):
+        with open(tmp, "w", encoding="utf-8") as fh:
+            json.dump(hf_config, fh, indent=2, sort_keys=True)
+            fh.write("\n")
+
+    _replace_atomically(out_dir, "config.json", write_config)
     if vocab_file is not None:
-        if not os.path.isfile(vocab_file):
-            raise ValueError(f"vocab file {vocab_file}: not found")
-        shutil.copyfile(vocab_file, os.path.join(out_dir, "vocab.txt"))
+        _replace_atomically(out_dir, vocab_name, lambda tmp: shutil.copyfile(vocab_file, tmp))

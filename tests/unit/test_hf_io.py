@@ -132,3 +132,30 @@ def test_load_hf_dir_errors_name_the_path(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(BertConfig(**TINY).to_dict()))
     with pytest.raises(ValueError, match=f"{tmp_path}.*no model.safetensors"):
         load_hf_dir(tmp_path)
+
+
+def test_export_keeps_a_non_txt_tokenizer_name_and_writes_atomically(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    config = BertConfig(**TINY)
+    model = randomize_(BertForPreTraining(config), seed=3)
+    spm = tmp_path / "spm.model"
+    spm.write_bytes(b"\x0a\x00binary sentencepiece proto")
+    out = tmp_path / "hf"
+    save_hf_dir(model, config, out, vocab_file=spm)
+    # A SentencePiece model is not a WordPiece list: it must not be exported as vocab.txt.
+    assert sorted(os.listdir(out)) == ["config.json", "model.safetensors", "spm.model"]
+    assert (out / "spm.model").read_bytes() == spm.read_bytes()
+    before = (out / "model.safetensors").read_bytes()
+
+    def crash(tensors, path, metadata=None):
+        with open(path, "wb") as fh:
+            fh.write(b"half a file")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", crash)
+    with pytest.raises(OSError, match="disk full"):
+        save_hf_dir(randomize_(BertForPreTraining(config), seed=4), config, out)
+    # The interrupted export left the previous weights intact and no temporary file behind.
+    assert (out / "model.safetensors").read_bytes() == before
+    assert sorted(os.listdir(out)) == ["config.json", "model.safetensors", "spm.model"]
