@@ -31,7 +31,7 @@ FORMAT_VERSION = 1
 WORK_DIR = ".work"
 # Arguments that change how the run is executed but never what it writes: kept out of the
 # manifest so that 1 worker and 8 workers give byte-identical directories.
-RUNTIME_ONLY = ("output_dir", "workers", "keep_work", "progress", "cache_dir")
+RUNTIME_ONLY = ("output_dir", "workers", "keep_work", "progress")
 
 
 @dataclass
@@ -71,8 +71,12 @@ class PrepConfig:
             raise DataPrepError(f"--valid-fraction {self.valid_fraction}: must be in [0, 0.5)")
         if not 0.0 <= self.short_seq_prob <= 1.0:
             raise DataPrepError(f"--short-seq-prob {self.short_seq_prob}: must be in [0, 1]")
-        if self.dupe_factor < 1:
-            raise DataPrepError(f"--dupe-factor {self.dupe_factor}: must be >= 1")
+        if not 1 <= self.dupe_factor < 2**16:
+            # The dupe round is a 16-bit field of each document's RNG seed (nsp.document_rng).
+            raise DataPrepError(f"--dupe-factor {self.dupe_factor}: must be between 1 and 65535")
+        if not 0 <= self.seed < 2**32:
+            # numpy's and sentencepiece's seeds are unsigned; 32 bits is what sentencepiece keeps.
+            raise DataPrepError(f"--seed {self.seed}: must be between 0 and {2**32 - 1}")
         if self.workers < 1:
             raise DataPrepError(f"--workers {self.workers}: must be >= 1")
         if self.docs_per_shard < 1:
@@ -88,6 +92,8 @@ class PrepConfig:
                 raise DataPrepError("--vocab and --train-spm-vocab-size exclude each other: drop one")
             if self.train_spm_vocab_size < 16:
                 raise DataPrepError(f"--train-spm-vocab-size {self.train_spm_vocab_size}: must be >= 16")
+            if self.spm_train_sentences < 1:
+                raise DataPrepError(f"--spm-train-sentences {self.spm_train_sentences}: must be >= 1")
         elif not self.vocab:
             raise DataPrepError("--vocab: give a WordPiece vocab.txt or a sentencepiece .model "
                                 "(or --train-spm-vocab-size N to train one, or --embedded)")
@@ -127,7 +133,7 @@ def _fingerprint(cfg: PrepConfig, files: list[str]) -> dict:
 
     return {
         "files": [stat(p) for p in files],
-        "tokenizer": sha256_file(cfg.vocab) if cfg.vocab else f"train-spm:{cfg.train_spm_vocab_size}:{cfg.spm_model_type}:{cfg.spm_train_sentences}",
+        "tokenizer": sha256_file(cfg.vocab) if cfg.vocab else f"train-spm:{cfg.train_spm_vocab_size}:{cfg.spm_model_type}:{cfg.spm_train_sentences}:{cfg.seed}",
         **{k: getattr(cfg, k) for k in ("lower_case", "splitter", "input_format", "json_key",
                                         "max_sentence_tokens", "docs_per_shard")},
         "format_version": FORMAT_VERSION,

@@ -33,7 +33,6 @@ MAX_LINE_BYTES = 1 << 26
 
 @dataclass
 class ReadStats:
-    files: int = 0
     empty_files: list = field(default_factory=list)
     counts: Counter = field(default_factory=Counter)
 
@@ -75,16 +74,20 @@ def expand_inputs(paths: list[str]) -> list[str]:
             out.append(p)
         else:
             raise DataPrepError(f"--input {p}: no such file or directory; check the path")
-        for f in out[-1:]:
-            if not os.access(f, os.R_OK):
-                raise DataPrepError(f"--input {f}: file is not readable (permissions)")
+    for f in out:
+        # Every file, before any work: a dangling link or an unreadable file deep in a directory
+        # should fail now, not after hours of tokenizing. (os.access says yes to root; open does not lie.)
+        _open_binary(f).close()
     return out
 
 
 def _open_binary(path: str):
-    if path.endswith(".gz"):
-        return gzip.open(path, "rb")
-    return open(path, "rb")
+    try:
+        if path.endswith(".gz"):
+            return gzip.open(path, "rb")
+        return open(path, "rb")
+    except OSError as e:
+        raise DataPrepError(f"{path}: cannot read ({e.strerror}); check the path and permissions") from e
 
 
 def _cut_long(line: str, counts: Counter) -> list[str]:
@@ -143,6 +146,8 @@ def _read_lines(path: str, limit: int | None = None) -> Iterator[tuple[bytes, bo
                 raise DataPrepError(
                     f"{path}: corrupt or truncated gzip ({e}); re-create or remove the file"
                 ) from e
+            except OSError as e:
+                raise DataPrepError(f"{path}: cannot read ({e.strerror})") from e
             if not chunk:
                 if carry:
                     yield carry, True
@@ -212,7 +217,6 @@ def iter_jsonl_documents(path: str, counts: Counter, key: str = "text") -> Itera
 def iter_documents(files: list[str], stats: ReadStats, fmt: str = "auto", json_key: str = "text"):
     """Yield (file_index, lines) for every document; empty documents are counted and skipped."""
     for i, path in enumerate(files):
-        stats.files += 1
         kind = detect_format(path, fmt)
         it = iter_jsonl_documents(path, stats.counts, json_key) if kind == "jsonl" else iter_text_documents(path, stats.counts)
         n = 0

@@ -1,6 +1,7 @@
 """Input discovery and bad-input clean-up: every case is either counted or a clear error."""
 import gzip
 import json
+import os
 
 import pytest
 
@@ -101,3 +102,34 @@ def test_newline_free_input_is_read_in_bounded_pieces(tmp_path, monkeypatch):
     j.write_text(json.dumps({"text": "x " * 2000}) + "\n" + json.dumps({"text": "kept"}) + "\n")
     docs, st = _read([j])
     assert docs == [["kept"]] and st.counts["oversized_json_lines"] == 1
+
+
+def test_unreadable_or_vanishing_inputs_are_clear_errors(tmp_path):
+    d = tmp_path / "corpus"
+    d.mkdir()
+    (d / "a.txt").write_text("one doc.\n")
+    (d / "b.txt").symlink_to(tmp_path / "gone.txt")  # dangling, and not the last file found
+    (d / "c.txt").write_text("another doc.\n")
+    with pytest.raises(DataPrepError, match=r"b.txt: cannot read \(No such file or directory\)"):
+        readers.expand_inputs([str(d)])
+    (d / "b.txt").unlink()
+    files = readers.expand_inputs([str(d)])
+    os.remove(files[1])  # vanishes between discovery and reading
+    with pytest.raises(DataPrepError, match=r"c.txt: cannot read \(No such file or directory\)"):
+        _read(files)
+
+
+def test_read_error_mid_file_is_a_clear_error(tmp_path, monkeypatch):
+    p = tmp_path / "a.txt"
+    p.write_text("line\n" * 10)
+
+    class Failing:
+        def readline(self, n):
+            raise OSError(5, "Input/output error")
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(readers, "_open_binary", lambda path: Failing())
+    with pytest.raises(DataPrepError, match=r"a.txt: cannot read \(Input/output error\)"):
+        _read([p])
