@@ -32,9 +32,10 @@ from typing import Dict, Iterable, List, Mapping, Optional
 import torch
 import torch.nn as nn
 
+from pretrain.layers import IGNORE_INDEX
+
 logger = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
 DEFAULT_TIMEOUT = timedelta(minutes=10)
 
 __all__ = [
@@ -521,7 +522,6 @@ class MegatronLayerFactory:
             params_dtype=params_dtype,
             # Needs apex's fused_weight_gradient_mlp_cuda, which is absent on PyPI and on CPU.
             gradient_accumulation_fusion=False,
-            async_tensor_model_parallel_allreduce=not on_cpu,
             sequence_parallel=False,
         )
         self.init_method = lambda w: nn.init.normal_(w, mean=0.0, std=init_std)
@@ -645,6 +645,12 @@ def load_full_state_dict(model: nn.Module, full_sd: Mapping[str, torch.Tensor], 
 
         tp_rank = parallel_state.get_tensor_model_parallel_rank()
         tp_size = parallel_state.get_tensor_model_parallel_world_size()
+    full_sd = dict(full_sd)
+    # HF files (hf_io.load_hf_dir) store a tied weight once, under its owner key; the model's
+    # state_dict also names the alias, so fill it in before the strict key check.
+    for alias, owner in getattr(model, "tied_weights", {}).items():
+        if alias not in full_sd and owner in full_sd:
+            full_sd[alias] = full_sd[owner]
     shard = shard_state_dict(full_sd, tp_rank, tp_size, tp_partition_dims(model))
     expected = model.state_dict()
     missing = sorted(set(expected) - set(shard))
@@ -722,7 +728,14 @@ def gather_full_state_dict(model: nn.Module, group=None) -> Dict[str, torch.Tens
         zero3 = deepspeed.zero.GatheredParameters(params, modifier_rank=None)
     out = {}
     with zero3:
-        for key, tensor in model.state_dict().items():
+        state = model.state_dict()  # inside the ZeRO-3 gather: outside it, parameters are empty
+        # A tied alias (the MLM decoder) is the owner's tensor: gather the vocabulary matrix once.
+        aliases = {alias: owner for alias, owner in getattr(model, "tied_weights", {}).items()
+                   if alias in state and owner in state}
+        for key, tensor in state.items():
+            if key in aliases:
+                out[key] = None  # filled from its owner below (keeps the state-dict key order)
+                continue
             tensor = tensor.detach()
             dim = dims.get(key)
             if dim is None or tp_size == 1:
@@ -731,4 +744,7 @@ def gather_full_state_dict(model: nn.Module, group=None) -> Dict[str, torch.Tens
             parts = [torch.empty_like(tensor) for _ in range(tp_size)]
             dist.all_gather(parts, tensor.contiguous(), group=group)
             out[key] = torch.cat(parts, dim=dim).cpu()
+    for alias, owner in aliases.items():
+        # A separate copy, as before: safetensors and callers that edit one key expect no sharing.
+        out[alias] = out[owner].clone()
     return out

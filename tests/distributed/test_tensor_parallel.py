@@ -111,8 +111,15 @@ def _tp_vs_dense_worker(rank, world_size, tp):
 
     grads = _gather_grads(model)
     grads_ref = {n: p.grad.numpy().copy() for n, p in ref.named_parameters()}
-    exported = parallel.gather_full_state_dict(model)
+    gathers = []
+    all_gather = dist.all_gather
+    dist.all_gather = lambda *a, **k: (gathers.append(1), all_gather(*a, **k))[1]
+    try:
+        exported = parallel.gather_full_state_dict(model)
+    finally:
+        dist.all_gather = all_gather
     result = dict(
+        export_gathers=len(gathers),
         loss=out.loss.item(), mlm=out.mlm_loss.item(), nsp=out.nsp_loss.item(),
         loss_ref=out_ref.loss.item(), mlm_ref=out_ref.mlm_loss.item(), nsp_ref=out_ref.nsp_loss.item(),
         logits_diff=(logits - logits_ref).abs().max().item(),
@@ -122,10 +129,35 @@ def _tp_vs_dense_worker(rank, world_size, tp):
         export_equal=all(torch.equal(exported[k], full_sd[k]) for k in full_sd) and set(exported) == set(full_sd),
         partition_dims=parallel.tp_partition_dims(model),
     )
+    result["hf_dir_logits_diff"], result["hf_dir_has_decoder_key"] = _load_from_hf_dir(config, ref, batch)
     result.update(_lamb_step(model, ref))
     result.update(_dropout_checks(config, full_sd, factory, batch))
     parallel.destroy_model_parallel()
     return result
+
+
+def _load_from_hf_dir(config, ref, batch):
+    """An HF directory (decoder weight stored once, under the embeddings) loads into a TP model,
+    whose gathered logits equal the dense model's."""
+    import tempfile
+
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    from pretrain.hf_io import load_hf_dir, save_hf_dir
+
+    with tempfile.TemporaryDirectory() as tmp:
+        save_hf_dir(ref, config, tmp)
+        _, hf_sd = load_hf_dir(tmp)
+    model, _ = build_tp_model(config, hf_sd)
+    args = batch["input_ids"], batch["token_type_ids"], batch["attention_mask"]
+    with torch.no_grad():
+        logits = model.eval()(*args).prediction_logits
+        parts = [torch.empty_like(logits) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, logits.contiguous(), group=parallel_state.get_tensor_model_parallel_group())
+        diff = (torch.cat(parts, dim=-1) - ref.eval()(*args).prediction_logits).abs().max().item()
+    ref.train()
+    return diff, "cls.predictions.decoder.weight" in hf_sd
 
 
 def _lamb_step(model, ref):
@@ -221,6 +253,12 @@ def test_tp2_losses_match_dense(tp2_results):
         assert r["logits_diff"] < TOL
 
 
+def test_tp2_loads_an_hf_directory(tp2_results):
+    for r in tp2_results:
+        assert not r["hf_dir_has_decoder_key"]  # the HF layout: tied decoder not stored
+        assert r["hf_dir_logits_diff"] < TOL
+
+
 def test_tp2_gathered_gradients_match_dense(tp2_results):
     for r in tp2_results:
         assert r["grad_scale"] > 1e-3
@@ -249,13 +287,26 @@ def test_tp2_shards_keep_hf_names_and_split_shapes(tp2_results):
 
 def test_tp2_export_gathers_back_the_full_weights(tp2_results):
     assert all(r["export_equal"] for r in tp2_results)
+    # One collective per sharded tensor: the tied decoder alias is copied, not gathered again.
+    sharded = set(tp2_results[0]["partition_dims"]) - {"cls.predictions.decoder.weight"}
+    assert all(r["export_gathers"] == len(sharded) for r in tp2_results)
 
 
 def test_name_rules_agree_with_the_model_layout(tp2_results):
     from pretrain.parallel import default_partition_dims
 
     dims = tp2_results[0]["partition_dims"]
-    assert default_partition_dims(dims.keys()) == dims
+    # Written out by hand from the megatron layer types: column layers split dim 0 (weight and
+    # bias), row layers split the weight's dim 1 (bias replicated), vocab-parallel dim 0.
+    expected = {"bert.embeddings.word_embeddings.weight": 0, "cls.predictions.decoder.weight": 0,
+                "cls.predictions.bias": 0}
+    for n in range(tiny_config().num_hidden_layers):
+        layer = f"bert.encoder.layer.{n}."
+        for name in ("attention.self.query", "attention.self.key", "attention.self.value",
+                     "intermediate.dense"):
+            expected[layer + name + ".weight"] = expected[layer + name + ".bias"] = 0
+        expected[layer + "attention.output.dense.weight"] = expected[layer + "output.dense.weight"] = 1
+    assert dims == expected
     full_keys = dense_model(tiny_config()).state_dict().keys()
     assert default_partition_dims(full_keys) == dims
 
