@@ -16,6 +16,8 @@ import struct
 
 import numpy as np
 
+from .atomic import commit, tmp_name
+
 _INDEX_HEADER = b"MMIDIDX\x00\x00"
 _DTYPE_CODES = {np.dtype(np.uint16): 8, np.dtype(np.int32): 4}
 
@@ -42,7 +44,7 @@ def merge_shards(prefixes: list[str], out_prefix: str, dtype) -> None:
     n_seq = sum(h[1] for h in headers)
     n_doc = 1 + sum(h[2] - 1 for h in headers)
 
-    tmp_bin, tmp_idx = out_prefix + ".bin.tmp", out_prefix + ".idx.tmp"
+    tmp_bin, tmp_idx = tmp_name(out_prefix + ".bin"), tmp_name(out_prefix + ".idx")
     with open(tmp_bin, "wb") as out:
         for p in prefixes:
             with open(p + ".bin", "rb") as f:
@@ -67,5 +69,5 @@ def merge_shards(prefixes: list[str], out_prefix: str, dtype) -> None:
                 seq_offset += len(lengths)
                 byte_offset += int(lengths.sum(dtype=np.int64)) * itemsize
                 del ds
-    os.replace(tmp_bin, out_prefix + ".bin")
-    os.replace(tmp_idx, out_prefix + ".idx")
+    commit(tmp_bin, out_prefix + ".bin")
+    commit(tmp_idx, out_prefix + ".idx")

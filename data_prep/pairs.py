@@ -10,6 +10,8 @@ import struct
 
 import numpy as np
 
+from .atomic import atomic_write, commit, os_error, tmp_name
+
 MAGIC = b"BERTNSP\x00"
 VERSION = 1
 _HEADER = struct.Struct("<8sIIQII")  # magic, version, seq_length, count, record size, reserved
@@ -28,13 +30,9 @@ class PairIndexError(ValueError):
 def write_pair_index(path: str, seq_length: int, records: np.ndarray) -> None:
     """Write `records` (PAIR_DTYPE) atomically: a reader never sees a partial file under `path`."""
     records = np.ascontiguousarray(records, dtype=PAIR_DTYPE)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "wb") as f:
+    with atomic_write(path, "wb") as f:
         f.write(_HEADER.pack(MAGIC, VERSION, seq_length, len(records), PAIR_DTYPE.itemsize, 0))
         f.write(records.tobytes())
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class PairIndex:
@@ -83,22 +81,32 @@ class PairIndexWriter:
         self.path = path
         self.seq_length = seq_length
         self.count = 0
-        self._tmp = f"{path}.tmp.{os.getpid()}"
-        self._f = open(self._tmp, "wb")
-        self._f.write(b"\x00" * HEADER_SIZE)
+        self._tmp = tmp_name(path)
+        try:
+            self._f = open(self._tmp, "wb")
+            self._f.write(b"\x00" * HEADER_SIZE)
+        except OSError as e:
+            raise os_error(path, "write", e) from e
 
     def write(self, records: np.ndarray) -> None:
         records = np.ascontiguousarray(records, dtype=PAIR_DTYPE)
-        self._f.write(records.tobytes())
+        try:
+            self._f.write(records.tobytes())
+        except OSError as e:
+            raise os_error(self.path, "write", e) from e
         self.count += len(records)
 
     def close(self) -> None:
-        self._f.seek(0)
-        self._f.write(_HEADER.pack(MAGIC, VERSION, self.seq_length, self.count, PAIR_DTYPE.itemsize, 0))
-        self._f.flush()
-        os.fsync(self._f.fileno())
-        self._f.close()
-        os.replace(self._tmp, self.path)
+        try:
+            self._f.seek(0)
+            self._f.write(_HEADER.pack(MAGIC, VERSION, self.seq_length, self.count, PAIR_DTYPE.itemsize, 0))
+            self._f.flush()
+            os.fsync(self._f.fileno())
+            self._f.close()
+        except OSError as e:
+            self.abort()
+            raise os_error(self.path, "write", e) from e
+        commit(self._tmp, self.path)
 
     def abort(self) -> None:
         self._f.close()

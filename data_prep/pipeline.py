@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from . import readers
+from .atomic import atomic_json, commit, os_error, remove_stale_tmp, tmp_name
 from .errors import DataPrepError
 from .pairs import PairIndexWriter
 from .shards import corpus_dtype, init_worker, process_shard, shard_done, shard_prefix
@@ -116,16 +117,6 @@ class _SingleComm:
         return obj
 
 
-def _atomic_json(path: str, obj) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _fingerprint(cfg: PrepConfig, files: list[str]) -> dict:
     def stat(p):
         st = os.stat(p)
@@ -151,8 +142,11 @@ def _prepare_work_dir(cfg: PrepConfig, files: list[str], work: str) -> bool:
     except (OSError, json.JSONDecodeError):
         pass
     shutil.rmtree(work, ignore_errors=True)
-    os.makedirs(work)
-    _atomic_json(fp_path, fp)
+    try:
+        os.makedirs(work)
+    except OSError as e:
+        raise os_error(work, "create the work directory", e) from e
+    atomic_json(fp_path, fp)
     return False
 
 
@@ -174,10 +168,10 @@ def _train_spm(cfg: PrepConfig, files: list[str], work: str) -> str:
             if n >= cfg.spm_train_sentences:
                 break
     log.info("training sentencepiece (%s, vocab %d) on %d sentences", cfg.spm_model_type, cfg.train_spm_vocab_size, n)
-    tmp_prefix = os.path.join(work, f"spm_tmp{os.getpid()}")
+    tmp_prefix = tmp_name(model)  # sentencepiece appends .model/.vocab
     train_sentencepiece(sent_file, tmp_prefix, cfg.train_spm_vocab_size, cfg.spm_model_type,
                         input_sentence_size=cfg.spm_train_sentences, seed=cfg.seed)
-    os.replace(tmp_prefix + ".model", model)
+    commit(tmp_prefix + ".model", model)
     for p in (tmp_prefix + ".vocab", sent_file):
         if os.path.exists(p):
             os.remove(p)
@@ -350,7 +344,13 @@ def run(cfg: PrepConfig, comm=None) -> dict:
         load_tokenizer(cfg.vocab, cfg.lower_case)  # a bad vocab fails here, before anything is touched
     import megatron.core.datasets.indexed_dataset  # noqa: F401  (torch + megatron: start-up, not throughput)
 
-    return _run(cfg, comm, files, t0, time.time() - t0)
+    try:
+        return _run(cfg, comm, files, t0, time.time() - t0)
+    except OSError as e:
+        # Output-side failures (full disk, read-only or vanished directory), here or in a worker:
+        # a message naming the path, not a traceback.
+        raise DataPrepError(f"{e.filename or cfg.output_dir}: {e.strerror or e}; check free space and "
+                            "permissions of --output-dir") from e
 
 
 def library_versions() -> dict:
@@ -379,10 +379,16 @@ def _run(cfg: PrepConfig, comm, files: list[str], t0: float, startup: float) -> 
             os.makedirs(out, exist_ok=True)
         except OSError as e:
             raise DataPrepError(f"--output-dir {out}: cannot create ({e.strerror})") from e
-        if os.path.exists(manifest_path):
+        if os.path.lexists(manifest_path):
             # Invalidate first: from here until the new manifest lands the directory is incomplete.
-            os.remove(manifest_path)
+            try:
+                os.remove(manifest_path)
+            except OSError as e:
+                raise os_error(manifest_path, "remove the old manifest", e) from e
+        remove_stale_tmp(out)
         resumed_dir = _prepare_work_dir(cfg, files, work)
+        if remove_stale_tmp(work):
+            log.info("removed temporary files of an interrupted run in %s", work)
         if resumed_dir:
             log.info("resuming from finished shards in %s", work)
     comm.barrier()
@@ -474,7 +480,7 @@ def _run(cfg: PrepConfig, comm, files: list[str], t0: float, startup: float) -> 
         "versions": library_versions(),
         "files": {n: sha256_file(os.path.join(out, n)) for n in names},
     }
-    _atomic_json(manifest_path, manifest)
+    atomic_json(manifest_path, manifest)
     phases["manifest"] = time.time() - t_phase
     if not cfg.keep_work:
         shutil.rmtree(work, ignore_errors=True)

@@ -13,6 +13,7 @@ from collections import Counter
 
 import numpy as np
 
+from .atomic import atomic_json, commit, tmp_name
 from .splitter import get_splitter
 from .tokenizer import load_tokenizer
 
@@ -107,7 +108,7 @@ def process_shard(shard_id: int, docs: list[list[str]]) -> dict:
     counts: Counter = Counter()
     doc_sents = tokenize_documents(tok, split, docs, cfg["max_sentence_tokens"], counts)
     dtype = corpus_dtype(tok.vocab_size)
-    tmp_bin = f"{prefix}.bin.tmp"
+    tmp_bin, tmp_idx = tmp_name(prefix + ".bin"), tmp_name(prefix + ".idx")
     builder = IndexedDatasetBuilder(tmp_bin, dtype=dtype)
     for sents in doc_sents:
         if not sents:
@@ -120,12 +121,10 @@ def process_shard(shard_id: int, docs: list[list[str]]) -> dict:
         counts["tokens"] += sum(lengths)
         if len(sents) == 1:
             counts["one_sentence_documents"] += 1
-    builder.finalize(f"{prefix}.idx.tmp")
-    os.replace(tmp_bin, prefix + ".bin")
-    os.replace(f"{prefix}.idx.tmp", prefix + ".idx")
+    builder.finalize(tmp_idx)
+    commit(tmp_bin, prefix + ".bin")
+    commit(tmp_idx, prefix + ".idx")
     result = {"shard": shard_id, "input_documents": len(docs), "counts": dict(counts)}
-    tmp = f"{prefix}.json.tmp"
-    with open(tmp, "w") as f:
-        json.dump(result, f)
-    os.replace(tmp, prefix + ".json")
+    # Written last: its presence is what marks the shard finished for a resumed run.
+    atomic_json(prefix + ".json", result)
     return result

@@ -15,10 +15,10 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import shutil
 
 import numpy as np
 
+from .atomic import atomic_copy
 from .errors import DataPrepError
 
 BERT_SPECIALS = {"pad": "[PAD]", "unk": "[UNK]", "cls": "[CLS]", "sep": "[SEP]", "mask": "[MASK]"}
@@ -83,7 +83,7 @@ class WordPieceTokenizer:
 
     def copy_to(self, out_dir: str) -> str:
         dst = os.path.join(out_dir, self.file_name)
-        _atomic_copy(self.vocab_file, dst)
+        atomic_copy(self.vocab_file, dst)
         return dst
 
 
@@ -139,7 +139,7 @@ class SentencePieceTokenizer:
 
     def copy_to(self, out_dir: str) -> str:
         dst = os.path.join(out_dir, self.file_name)
-        _atomic_copy(self.model_file, dst)
+        atomic_copy(self.model_file, dst)
         return dst
 
 
@@ -170,14 +170,6 @@ def _piece_char_starts(line: str, encoded: str, begins: np.ndarray) -> np.ndarra
             raise DataPrepError(f"cannot align lower-cased text with the original: {line[:60]!r}")
         begins = np.append(orig, len(line))[begins]
     return begins
-
-
-def _atomic_copy(src: str, dst: str) -> None:
-    if os.path.abspath(src) == os.path.abspath(dst):
-        return
-    tmp = f"{dst}.tmp.{os.getpid()}"
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
 
 
 def load_tokenizer(path: str, lower_case: bool | None = None):

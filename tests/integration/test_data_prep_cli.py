@@ -141,3 +141,13 @@ def test_mpirun_error_stops_all_ranks(tmp_path):
              str(tmp_path / "o"), mpi=2, timeout=120)
     assert r.returncode not in (0, 124, 137), r.returncode  # failed, and did not hang until the timeout
     assert "missing.txt: no such file" in r.stderr
+
+
+def test_unwritable_output_dir_is_a_clean_error(tmp_path):
+    ok = tmp_path / "ok.txt"
+    ok.write_text("A sentence. Another one.\n")
+    blocker = tmp_path / "some_file"
+    blocker.write_text("")
+    # A path under a regular file fails for root too (a chmod'ed directory would not).
+    _assert_clean_error(_cli("--input", str(ok), "--vocab", embedded_vocab(), "--output-dir", str(blocker / "sub")),
+                        "some_file/sub", "Not a directory")

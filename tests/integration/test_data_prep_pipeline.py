@@ -205,3 +205,39 @@ def test_trained_sentencepiece_pipeline(tmp_path, texts, cache):
         assert got == expected, d
         checked += not texts[d].isascii()
     assert checked >= 5
+
+
+def test_output_dir_failures_are_clear_errors(tmp_path, cache):
+    def cfg(out, **kw):
+        return PrepConfig(inputs=[embedded_corpus_jsonl(cache, max_docs=N_DOCS)], output_dir=str(out),
+                          vocab=embedded_vocab(), seq_lengths=[64], docs_per_shard=100, progress=False, **kw)
+
+    a = tmp_path / "a"
+    a.mkdir()
+    (a / ".work").write_text("")  # a regular file where the work directory goes
+    with pytest.raises(DataPrepError, match=r"\.work: cannot create the work directory"):
+        run(cfg(a))
+    b = tmp_path / "b"
+    (b / "manifest.json").mkdir(parents=True)
+    with pytest.raises(DataPrepError, match=r"manifest.json: cannot remove the old manifest \(Is a directory\)"):
+        run(cfg(b))
+    c = tmp_path / "c"
+    (c / "pairs_64_train.bin").mkdir(parents=True)  # fails late, at the rename of a finished file
+    with pytest.raises(DataPrepError, match=r"pairs_64_train.bin: cannot write \(Is a directory\)"):
+        run(cfg(c))
+    assert not os.path.exists(c / "manifest.json")
+    assert not [f for f in os.listdir(c) if ".tmp." in f]
+
+
+def test_stale_tmp_files_of_a_killed_run_are_removed(tmp_path, cache):
+    out = tmp_path / "s"
+    kw = dict(inputs=[embedded_corpus_jsonl(cache, max_docs=N_DOCS)], output_dir=str(out), vocab=embedded_vocab(),
+              seq_lengths=[64], docs_per_shard=100, progress=False, keep_work=True)
+    run(PrepConfig(**kw))
+    stale = [out / "corpus.bin.tmp.4242", out / "pairs_64_train.bin.tmp.4242",
+             out / ".work" / "shard_000001.bin.tmp.4242", out / ".work" / "manifest.json.tmp.1"]
+    for p in stale:
+        p.write_bytes(b"left by a killed run")
+    m = run(PrepConfig(**kw))
+    assert m["_run"]["resumed_shards"] == 2  # same fingerprint: the work dir was kept, only tmp files went
+    assert [p for p in stale if p.exists()] == []

@@ -1,0 +1,94 @@
+"""Write-then-rename, in one place: a reader never sees a partial file under its final name.
+
+Temporary names are `<final>.tmp.<pid>`; a run that is killed leaves them behind, and
+`remove_stale_tmp` deletes them when the next run starts in that directory. OS errors (read-only
+or full disk, a path under a regular file) become `DataPrepError`s naming the path.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from contextlib import contextmanager
+
+from .errors import DataPrepError
+
+# `.model`/`.vocab`: what sentencepiece appends to the temporary prefix it is given.
+_STALE = re.compile(r"\.tmp\.\d+(\.model|\.vocab)?$")
+
+
+def tmp_name(path: str) -> str:
+    return f"{path}.tmp.{os.getpid()}"
+
+
+def os_error(path: str, action: str, e: OSError) -> DataPrepError:
+    return DataPrepError(f"{path}: cannot {action} ({e.strerror or e}); check free space and permissions")
+
+
+def _discard(tmp: str) -> None:
+    try:
+        os.remove(tmp)
+    except OSError:
+        pass
+
+
+def commit(tmp: str, path: str) -> None:
+    """Rename a finished temporary file into place."""
+    try:
+        os.replace(tmp, path)
+    except OSError as e:
+        _discard(tmp)
+        raise os_error(path, "write", e) from e
+
+
+@contextmanager
+def atomic_write(path: str, mode: str = "wb", fsync: bool = True, **open_kw):
+    """`with atomic_write(p, "w") as f: ...` writes `p.tmp.<pid>` and renames it on success."""
+    tmp = tmp_name(path)
+    try:
+        with open(tmp, mode, **open_kw) as f:
+            yield f
+            f.flush()
+            if fsync:
+                os.fsync(f.fileno())
+    except OSError as e:
+        _discard(tmp)
+        raise os_error(path, "write", e) from e
+    except BaseException:
+        _discard(tmp)
+        raise
+    commit(tmp, path)
+
+
+def atomic_json(path: str, obj) -> None:
+    with atomic_write(path, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+def atomic_copy(src: str, dst: str) -> None:
+    if os.path.abspath(src) == os.path.abspath(dst):
+        return
+    with atomic_write(dst, "wb") as out, open(src, "rb") as f:
+        shutil.copyfileobj(f, out, 1 << 22)
+
+
+def remove_stale_tmp(directory: str) -> int:
+    """Delete `*.tmp.<pid>` files left by killed runs (call before any writer of this run starts)."""
+    n = 0
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return 0
+    except OSError as e:
+        raise os_error(directory, "list", e) from e
+    for name in names:
+        p = os.path.join(directory, name)
+        if _STALE.search(name) and os.path.isfile(p):
+            try:
+                os.remove(p)
+            except OSError as e:
+                raise os_error(p, "remove", e) from e
+            n += 1
+    return n
