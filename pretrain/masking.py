@@ -27,7 +27,7 @@ from typing import Optional
 
 import numpy as np
 
-IGNORE_INDEX = -100  # HF convention for "no MLM label here"
+from pretrain.layers import IGNORE_INDEX  # HF convention for "no MLM label here"
 
 _U64 = np.uint64
 _GOLDEN = _U64(0x9E3779B97F4A7C15)
