@@ -1,9 +1,9 @@
 """The data-prep pipeline: read -> shard (parallel workers, MPI ranks) -> merge -> split -> pairs
 -> manifest. `run(PrepConfig)` is what the CLI, the embedded demo and the test helpers call.
 
-Determinism: shards are fixed runs of documents in reading order, every random choice is seeded
-per document, and the merge goes in shard order, so output bytes do not depend on worker or rank
-counts. Atomicity: every file is written under a temporary name and renamed; manifest.json is
+Determinism: shard (i, k) is the k-th run of documents of input file i, every random choice is
+seeded per document, and the merge goes in (file, k) order, so output bytes do not depend on
+worker or rank counts. MPI ranks own whole input files (round-robin) and read only those. Atomicity: every file is written under a temporary name and renamed; manifest.json is
 removed at the start and written last, so a directory without it is never mistaken for complete.
 """
 from __future__ import annotations
@@ -14,6 +14,7 @@ import os
 import shutil
 import time
 from collections import Counter, deque
+from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -22,7 +23,7 @@ from . import readers
 from .atomic import atomic_json, commit, os_error, remove_stale_tmp, tmp_name
 from .errors import DataPrepError
 from .pairs import PairIndexWriter
-from .shards import corpus_dtype, init_worker, process_shard, shard_done, shard_prefix
+from .shards import corpus_dtype, file_done, file_marker, init_worker, process_shard, shard_done, shard_prefix
 from .splitter import SPLITTERS
 from .tokenizer import load_tokenizer, sha256_file, train_sentencepiece
 
@@ -191,19 +192,20 @@ def _executor(workers: int, initializer=None, initargs=()):
 
 def _chunks(doc_iter, size: int):
     buf = []
-    sid = 0
-    for _, lines in doc_iter:
+    for lines in doc_iter:
         buf.append(lines)
         if len(buf) == size:
-            yield sid, buf
-            sid += 1
+            yield buf
             buf = []
     if buf:
-        yield sid, buf
+        yield buf
 
 
-def _build_shards(cfg: PrepConfig, files: list[str], work: str, tok_file: str, comm, bar) -> tuple[int, readers.ReadStats, int]:
-    stats = readers.ReadStats()
+def _build_shards(cfg: PrepConfig, files: list[str], work: str, tok_file: str, comm, bar) -> int:
+    """Tokenize this rank's input files (file i belongs to rank i % size: each rank reads only its
+    own files, so a corpus of many files is read in parallel; one large file is one rank's work).
+    A file is finished by its marker, written after all its shards; returns the shards skipped
+    because a previous run finished them."""
     wcfg = {"tokenizer_file": tok_file, "lower_case": cfg.lower_case, "splitter": cfg.splitter,
             "max_sentence_tokens": cfg.max_sentence_tokens, "work_dir": work, "in_worker": cfg.workers > 1}
     pool = None
@@ -211,50 +213,81 @@ def _build_shards(cfg: PrepConfig, files: list[str], work: str, tok_file: str, c
         pool = _executor(cfg.workers, init_worker, (wcfg,))
     else:
         init_worker(wcfg)
+    # Futures and file markers in submission order: a file's marker is written only once every
+    # shard before it in the queue has finished.
     pending: deque = deque()
-    n_shards = 0
+
+    def settle(entry):
+        if isinstance(entry, dict):
+            atomic_json(file_marker(work, entry["file"]), entry)
+        else:
+            entry.result()
+
     resumed = 0
     try:
-        for sid, docs in _chunks(readers.iter_documents(files, stats, cfg.input_format, cfg.json_key), cfg.docs_per_shard):
-            n_shards = sid + 1
-            if bar is not None:
-                bar.update(len(docs))
-            if sid % comm.size != comm.rank:
+        for i in range(comm.rank, len(files), comm.size):
+            done = file_done(work, i)
+            if done is not None:
+                resumed += done["shards"]
                 continue
-            if shard_done(work, sid) is not None:
-                resumed += 1
-                continue
-            if pool is None:
-                process_shard(sid, docs)
-            else:
-                pending.append(pool.submit(process_shard, sid, docs))
-                # A bounded window keeps memory flat: the reader never runs far ahead of workers.
-                while len(pending) >= 2 * cfg.workers:
-                    pending.popleft().result()
+            stats = readers.ReadStats()
+            n = 0
+            docs_iter = readers.iter_file_documents(files[i], stats, cfg.input_format, cfg.json_key)
+            for k, docs in enumerate(_chunks(docs_iter, cfg.docs_per_shard)):
+                n = k + 1
+                if bar is not None:
+                    bar.update(len(docs))
+                if shard_done(work, (i, k)) is not None:
+                    resumed += 1
+                    continue
+                if pool is None:
+                    process_shard((i, k), docs)
+                else:
+                    pending.append(pool.submit(process_shard, (i, k), docs))
+                    # A bounded window keeps memory flat: the reader never runs far ahead of workers.
+                    while len(pending) >= 2 * cfg.workers:
+                        settle(pending.popleft())
+            pending.append({"file": i, "path": files[i], "shards": n, "read_counts": dict(stats.counts),
+                            "empty": bool(stats.empty_files)})
+            while pending and not isinstance(pending[0], Future):
+                settle(pending.popleft())
         while pending:
-            pending.popleft().result()
+            settle(pending.popleft())
     finally:
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
-    return n_shards, stats, resumed
+    return resumed
 
 
-def _merge(work: str, n_shards: int, out_prefix: str, dtype) -> Counter:
+def _merge(work: str, files: list[str], out_prefix: str, dtype) -> tuple[Counter, readers.ReadStats, int]:
+    """Merge every shard in (file, k) order; returns the shard counts, the reading counts of all
+    files (whichever rank read them) and the number of shards."""
     from .corpus import merge_shards
 
     totals: Counter = Counter()
+    rstats = readers.ReadStats()
     prefixes = []
-    for sid in range(n_shards):
-        info = shard_done(work, sid)
-        if info is None:
-            raise DataPrepError(f"shard {sid} in {work} is missing: a worker or MPI rank failed; re-run to resume")
-        totals.update(info["counts"])
-        totals["input_documents"] += info["input_documents"]
-        if info["counts"].get("documents", 0):
-            prefixes.append(shard_prefix(work, sid))
+    n_shards = 0
+    for i, path in enumerate(files):
+        done = file_done(work, i)
+        if done is None:
+            raise DataPrepError(f"{path}: not finished in {work}: a worker or MPI rank failed; re-run to resume")
+        rstats.counts.update(done["read_counts"])
+        if done["empty"]:
+            rstats.empty_files.append(path)
+        for k in range(done["shards"]):
+            info = shard_done(work, (i, k))
+            if info is None:
+                raise DataPrepError(f"shard {k} of {path} in {work} is missing: a worker or MPI rank failed; "
+                                    "re-run to resume")
+            totals.update(info["counts"])
+            totals["input_documents"] += info["input_documents"]
+            if info["counts"].get("documents", 0):
+                prefixes.append(shard_prefix(work, (i, k)))
+        n_shards += done["shards"]
     if prefixes:
         merge_shards(prefixes, out_prefix, dtype)
-    return totals
+    return totals, rstats, n_shards
 
 
 def split_documents(doc_count: np.ndarray, valid_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -408,7 +441,7 @@ def _run(cfg: PrepConfig, comm, files: list[str], t0: float, startup: float) -> 
         bar = tqdm(unit=" docs", desc="tokenizing", dynamic_ncols=True)
     try:
         t_shards = time.time()
-        n_shards, rstats, resumed = _build_shards(cfg, files, work, tok_file, comm, bar)
+        resumed = _build_shards(cfg, files, work, tok_file, comm, bar)
         phases = {"tokenize": time.time() - t_shards}
     finally:
         if bar is not None:
@@ -416,13 +449,12 @@ def _run(cfg: PrepConfig, comm, files: list[str], t0: float, startup: float) -> 
     comm.barrier()
     if comm.rank != 0:
         return None
+    prefix = os.path.join(out, "corpus")
+    t_phase = time.time()
+    totals, rstats, n_shards = _merge(work, files, prefix, corpus_dtype(tok.vocab_size))
     if n_shards == 0:
         raise DataPrepError(f"--input {' '.join(cfg.inputs)}: no documents found (all files empty or blank); "
                             "check the files and --input-format")
-
-    prefix = os.path.join(out, "corpus")
-    t_phase = time.time()
-    totals = _merge(work, n_shards, prefix, corpus_dtype(tok.vocab_size))
     phases["merge"] = time.time() - t_phase
     t_phase = time.time()
     if totals["documents"] == 0:

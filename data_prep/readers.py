@@ -214,17 +214,23 @@ def iter_jsonl_documents(path: str, counts: Counter, key: str = "text") -> Itera
         yield _doc_lines(value, counts)
 
 
+def iter_file_documents(path: str, stats: ReadStats, fmt: str = "auto", json_key: str = "text") -> Iterator[list[str]]:
+    """Yield the lines of every document of one file; empty documents are counted and skipped."""
+    kind = detect_format(path, fmt)
+    it = iter_jsonl_documents(path, stats.counts, json_key) if kind == "jsonl" else iter_text_documents(path, stats.counts)
+    n = 0
+    for lines in it:
+        if not lines:
+            stats.counts["empty_documents"] += 1
+            continue
+        n += 1
+        yield lines
+    if n == 0:
+        stats.empty_files.append(path)
+
+
 def iter_documents(files: list[str], stats: ReadStats, fmt: str = "auto", json_key: str = "text"):
-    """Yield (file_index, lines) for every document; empty documents are counted and skipped."""
+    """Yield (file_index, lines) for every document of every file, in order."""
     for i, path in enumerate(files):
-        kind = detect_format(path, fmt)
-        it = iter_jsonl_documents(path, stats.counts, json_key) if kind == "jsonl" else iter_text_documents(path, stats.counts)
-        n = 0
-        for lines in it:
-            if not lines:
-                stats.counts["empty_documents"] += 1
-                continue
-            n += 1
+        for lines in iter_file_documents(path, stats, fmt, json_key):
             yield i, lines
-        if n == 0:
-            stats.empty_files.append(path)

@@ -1,6 +1,6 @@
 """Tokenize one deterministic unit of documents (a shard) into a small Megatron dataset.
 
-A shard is the k-th run of `docs_per_shard` documents in the global reading order, so its content
+Shard (i, k) is the k-th run of `docs_per_shard` documents of input file i, so its content
 depends only on the inputs and the arguments: never on how many workers or MPI ranks exist. Each
 shard is finished by writing `<prefix>.json` last (atomic rename); a re-run finds those markers
 and skips the work, which is the resume path.
@@ -35,16 +35,30 @@ def init_worker(cfg: dict) -> None:
     _STATE.update(cfg=cfg, tok=tok, split=get_splitter(cfg["splitter"]))
 
 
-def shard_prefix(work_dir: str, shard_id: int) -> str:
-    return os.path.join(work_dir, f"shard_{shard_id:06d}")
+def shard_prefix(work_dir: str, shard_id: tuple[int, int]) -> str:
+    file_index, k = shard_id
+    return os.path.join(work_dir, f"shard_{file_index:06d}_{k:06d}")
 
 
-def shard_done(work_dir: str, shard_id: int) -> dict | None:
+def _read_json(path: str) -> dict | None:
     try:
-        with open(shard_prefix(work_dir, shard_id) + ".json") as f:
+        with open(path) as f:
             return json.load(f)
     except (OSError, json.JSONDecodeError):
         return None
+
+
+def shard_done(work_dir: str, shard_id: tuple[int, int]) -> dict | None:
+    return _read_json(shard_prefix(work_dir, shard_id) + ".json")
+
+
+def file_marker(work_dir: str, file_index: int) -> str:
+    return os.path.join(work_dir, f"file_{file_index:06d}.json")
+
+
+def file_done(work_dir: str, file_index: int) -> dict | None:
+    """Written once every shard of the file is finished: {"shards": n, "read_counts", "empty"}."""
+    return _read_json(file_marker(work_dir, file_index))
 
 
 def document_sentences(lines: list[str], encoded, split, max_sentence_tokens: int, counts: Counter) -> list[np.ndarray]:
@@ -99,7 +113,7 @@ def _whole(line: str) -> list[tuple[int, int]]:
     return [(0, len(line))]
 
 
-def process_shard(shard_id: int, docs: list[list[str]]) -> dict:
+def process_shard(shard_id: tuple[int, int], docs: list[list[str]]) -> dict:
     """Tokenize `docs` and write shard files; returns the shard's counts (also stored as JSON)."""
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
@@ -124,7 +138,7 @@ def process_shard(shard_id: int, docs: list[list[str]]) -> dict:
     builder.finalize(tmp_idx)
     commit(tmp_bin, prefix + ".bin")
     commit(tmp_idx, prefix + ".idx")
-    result = {"shard": shard_id, "input_documents": len(docs), "counts": dict(counts)}
+    result = {"shard": list(shard_id), "input_documents": len(docs), "counts": dict(counts)}
     # Written last: its presence is what marks the shard finished for a resumed run.
     atomic_json(prefix + ".json", result)
     return result

@@ -119,8 +119,14 @@ def test_dirty_corpus_with_a_10mb_line_of_real_words(tmp_path):
 
 @pytest.mark.skipif(shutil.which("mpirun") is None, reason="needs OpenMPI's mpirun")
 def test_mpirun_two_ranks_byte_identical(tmp_path):
-    corpus = embedded_corpus_jsonl(str(tmp_path / "cache"), max_docs=300)
-    args = ["--input", corpus, "--vocab", embedded_vocab(), "--seq-length", "64", "--seq-length", "128",
+    src = embedded_corpus_jsonl(str(tmp_path / "cache"), max_docs=300)
+    lines = open(src).read().splitlines(keepends=True)
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    # Several files: ranks own whole files (round-robin), so each rank reads a share.
+    for j, (lo, hi) in enumerate([(0, 70), (70, 90), (90, 200), (200, 300)]):
+        (corpus / f"part{j}.jsonl").write_text("".join(lines[lo:hi]))
+    args = ["--input", str(corpus), "--vocab", embedded_vocab(), "--seq-length", "64", "--seq-length", "128",
             "--docs-per-shard", "40", "--valid-fraction", "0.05"]
     r1 = _cli(*args, "--output-dir", str(tmp_path / "one"), "--mpi", "off")
     assert r1.returncode == 0, r1.stderr[-3000:]

@@ -125,7 +125,7 @@ def test_resume_from_finished_shards(base, tmp_path, cache):
     build_tiny_dataset(out, cache_dir=cache, keep_work=True, **KW)
     # Simulate a crash after some shards: drop two shard markers and every final output.
     work = os.path.join(out, ".work")
-    for f in ("shard_000002.json", "shard_000005.json"):
+    for f in ("shard_000000_000002.json", "shard_000000_000005.json", "file_000000.json"):
         os.remove(os.path.join(work, f))
     for f in _files(out):
         os.remove(os.path.join(out, f))
@@ -235,9 +235,57 @@ def test_stale_tmp_files_of_a_killed_run_are_removed(tmp_path, cache):
               seq_lengths=[64], docs_per_shard=100, progress=False, keep_work=True)
     run(PrepConfig(**kw))
     stale = [out / "corpus.bin.tmp.4242", out / "pairs_64_train.bin.tmp.4242",
-             out / ".work" / "shard_000001.bin.tmp.4242", out / ".work" / "manifest.json.tmp.1"]
+             out / ".work" / "shard_000000_000001.bin.tmp.4242", out / ".work" / "manifest.json.tmp.1"]
     for p in stale:
         p.write_bytes(b"left by a killed run")
     m = run(PrepConfig(**kw))
     assert m["_run"]["resumed_shards"] == 2  # same fingerprint: the work dir was kept, only tmp files went
     assert [p for p in stale if p.exists()] == []
+
+
+class _RankComm:
+    def __init__(self, rank, size):
+        self.rank, self.size = rank, size
+
+    def barrier(self):
+        pass
+
+    def bcast(self, obj, root=0):
+        return obj
+
+
+def test_mpi_ranks_read_only_their_own_files(base, tmp_path, cache, monkeypatch):
+    """Files go to ranks round-robin and a rank never opens another rank's file; ranks run one
+    after the other here (rank 0 last: it merges), into one directory, and give base's bytes."""
+    from data_prep import pipeline, readers
+
+    src = embedded_corpus_jsonl(cache, max_docs=N_DOCS)
+    lines = open(src).read().splitlines(keepends=True)
+    d = tmp_path / "in"
+    d.mkdir()
+    cuts = [0, 45, 50, 130, 131, N_DOCS]  # uneven files, one of a single document
+    for j in range(len(cuts) - 1):
+        (d / f"part{j}.jsonl").write_text("".join(lines[cuts[j]:cuts[j + 1]]))
+    opened = []
+    real = readers.iter_file_documents
+    monkeypatch.setattr(readers, "iter_file_documents", lambda p, *a, **k: (opened.append(os.path.basename(p)), real(p, *a, **k))[1])
+    out = tmp_path / "mpi"
+    cfg = dict(inputs=[str(d)], output_dir=str(out), vocab=embedded_vocab(), seq_lengths=[64, 128],
+               valid_fraction=0.05, docs_per_shard=30, progress=False)
+    # What rank 0 does before the first barrier of a real MPI run: create the work dir.
+    first = PrepConfig(**cfg)
+    first.validate()
+    os.makedirs(out)
+    pipeline._prepare_work_dir(first, readers.expand_inputs([str(d)]), str(out / ".work"))
+    assert run(PrepConfig(**cfg), comm=_RankComm(1, 2)) is None
+    assert opened == ["part1.jsonl", "part3.jsonl"]
+    opened.clear()
+    m = run(PrepConfig(**cfg), comm=_RankComm(0, 2))
+    assert opened == ["part0.jsonl", "part2.jsonl", "part4.jsonl"]
+    # Rank 0 started fresh (its fingerprint matched), so rank 1's files were merged, not re-read.
+    assert m["_run"]["shards"] == 2 + 1 + 3 + 1 + 3 and m["_run"]["resumed_shards"] == 0
+    single = run(PrepConfig(**dict(cfg, output_dir=str(tmp_path / "one"))))
+    _same_dir(out, tmp_path / "one")
+    for f in ("corpus.bin", "corpus.idx", "pairs_64_train.bin", "pairs_128_valid.bin"):
+        assert filecmp.cmp(out / f, os.path.join(base, f), shallow=False), f
+    assert single["counts"]["documents"] == m["counts"]["documents"]
