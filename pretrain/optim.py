@@ -6,8 +6,8 @@
   of the whole weight, not of this rank's shard.
 - `build_optimizer()`: LAMB (DeepSpeed's FusedLamb on GPU when it builds, else `Lamb`) or AdamW
   (torch's, fused on GPU), with bias and LayerNorm parameters excluded from weight decay.
-- `warmup_poly_decay()` / `build_scheduler()`: linear warm-up, then polynomial (power 1 = linear)
-  decay to `min_lr_ratio` at `total_steps`.
+- `warmup_poly_decay()` / `build_scheduler()`: linear warm-up to the peak lr (used once), then
+  polynomial (power 1 = linear) decay to `min_lr_ratio` at `total_steps`.
 """
 
 from __future__ import annotations
@@ -33,6 +33,14 @@ __all__ = [
 
 class OptimizerConfigError(ValueError):
     """An optimizer or schedule setting that cannot work, with what to change."""
+
+
+def _check_trust_bounds(min_trust, max_trust) -> None:
+    if max_trust is not None and min_trust is not None and min_trust > max_trust:
+        raise OptimizerConfigError(
+            f"LAMB min_trust ({min_trust}) must be <= max_trust ({max_trust}): the trust ratio is "
+            "clamped to [min_trust, max_trust] (DeepSpeed min_coeff/max_coeff); swap or fix them"
+        )
 
 
 class Lamb(torch.optim.Optimizer):
@@ -77,6 +85,7 @@ class Lamb(torch.optim.Optimizer):
             raise OptimizerConfigError(f"LAMB eps must be > 0, got {eps}")
         if weight_decay < 0.0:
             raise OptimizerConfigError(f"LAMB weight_decay must be >= 0, got {weight_decay}")
+        _check_trust_bounds(min_trust, max_trust)
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                         bias_correction=bias_correction, max_trust=max_trust, min_trust=min_trust,
                         trust_ratio=trust_ratio)
@@ -142,11 +151,14 @@ class Lamb(torch.optim.Optimizer):
                 loss = closure()
         layouts = getattr(self, "_zero_layouts", {})
 
-        # Pass 1: moments and raw updates. Every (whole) tensor gets a row of squared norms
-        # [||w||^2, ||u||^2]; rows are summed over the dp group where a tensor is spread over
-        # ZeRO partitions and over the TP group where it is a TP shard, in one collective each.
+        # Pass 1: moments and the norms of the raw updates. Every (whole) tensor gets a row of
+        # squared norms [||w||^2, ||u||^2]; rows are summed over the dp group where a tensor is
+        # spread over ZeRO partitions and over the TP group where it is a TP shard, in one
+        # collective each. The updates themselves are not kept: holding an fp32 update for every
+        # parameter at once would cost a full fp32 copy of the model (~1.3 GB at bert-large).
+        # Pass 2 recomputes each one from the moments (same ops, same bits) just before using it.
         rows, row_split, row_dp = [], [], []
-        work = []  # (param, update, group, segments: [(row, start, length)] or None, row)
+        work = []  # (param, group, segments: [(row, start, length)] or None, row)
         dp_group = None
         for group in self.param_groups:
             layout = layouts.get(id(group["params"][0])) if len(group["params"]) == 1 else None
@@ -160,12 +172,13 @@ class Lamb(torch.optim.Optimizer):
             for p, split in zip(group["params"], group["tp_split"] if layout is None else [None]):
                 if p.grad is None:
                     continue
-                update = self._adam_update(p, group)
+                self._advance_moments(p, group)
+                update = self._raw_update(p, group)
                 if layout is None:
                     rows.append(torch.stack([p.float().pow(2).sum(), update.pow(2).sum()]))
                     row_split.append(split)
                     row_dp.append(False)
-                    work.append((p, update, group, None, len(rows) - 1))
+                    work.append((p, group, None, len(rows) - 1))
                     continue
                 base = len(rows)
                 w32 = p.float()
@@ -180,7 +193,7 @@ class Lamb(torch.optim.Optimizer):
                     ])
                     segments.append((base + j, start, length))
                 dp_group = layout["dp_group"]
-                work.append((p, update, group, segments, None))
+                work.append((p, group, segments, None))
 
         if not work:
             return loss
@@ -192,7 +205,8 @@ class Lamb(torch.optim.Optimizer):
         norms = sq.sqrt()
 
         trust = {}
-        for p, update, group, segments, row in work:
+        for p, group, segments, row in work:
+            update = self._raw_update(p, group)
             if id(group) not in trust:
                 trust[id(group)] = self._trust(norms, group)
             ratios = trust[id(group)]
@@ -207,8 +221,8 @@ class Lamb(torch.optim.Optimizer):
             self.state[p]["last_trust_ratio"] = ratios[[r for r, _, _ in segments]].detach()
         return loss
 
-    def _adam_update(self, p, group):
-        """Advance the moments of `p`; return the raw LAMB update m_hat / (sqrt(v_hat) + eps) + wd * w."""
+    def _advance_moments(self, p, group):
+        """Advance the step count and the Adam moments of `p` by its gradient."""
         grad = p.grad
         if grad.is_sparse:
             raise RuntimeError("Lamb does not support sparse gradients")
@@ -220,17 +234,24 @@ class Lamb(torch.optim.Optimizer):
             state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
             state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
         state["step"] += 1
-        t = state["step"]
         m, v = state["exp_avg"], state["exp_avg_sq"]
         g32 = grad.float()
         m.mul_(beta1).add_(g32, alpha=1.0 - beta1)
         v.mul_(beta2).addcmul_(g32, g32, value=1.0 - beta2)
+
+    def _raw_update(self, p, group):
+        """The raw LAMB update m_hat / (sqrt(v_hat) + eps) + wd * w from the current moments (a
+        pure function of the state and `p`: calling it twice gives the same tensor)."""
+        beta1, beta2 = group["betas"]
+        state = self.state[p]
+        t = state["step"]
+        m, v = state["exp_avg"], state["exp_avg_sq"]
         if group["bias_correction"]:
             m_hat = m / (1.0 - beta1 ** t)
             v_hat = v / (1.0 - beta2 ** t)
         else:
-            m_hat, v_hat = m, v
-        update = m_hat / (v_hat.sqrt().add_(group["eps"]))
+            m_hat, v_hat = m, v.clone()  # sqrt_ below must not touch the moment itself
+        update = m_hat / (v_hat.sqrt_().add_(group["eps"]))
         if group["weight_decay"] != 0.0:
             update.add_(p.float(), alpha=group["weight_decay"])
         return update
@@ -342,6 +363,7 @@ def build_optimizer(
 
         tp_size = dist.get_world_size(tp_group)
     if name == "lamb":
+        _check_trust_bounds(min_trust, max_trust)  # before choosing FusedLamb, which does not check
         if device == "cuda" and tp_size == 1 and zero_stage == 0:
             opt = _fused_lamb(groups, lr, betas, eps, weight_decay, max_trust, min_trust)
             if opt is not None:
@@ -374,15 +396,19 @@ def warmup_poly_decay(step: int, warmup_steps: int, total_steps: int, power: flo
     """Learning-rate multiplier after `step` optimizer steps (the lr the next update uses).
 
     Warm-up: (step + 1) / warmup_steps for step < warmup_steps, so the very first update already
-    moves the weights and the full lr is reached on update number `warmup_steps`.
-    Decay: min_lr_ratio + (1 - min_lr_ratio) * ((total - step) / (total - warmup)) ** power, from
-    1 at the end of warm-up to min_lr_ratio at `total_steps`, and min_lr_ratio after it.
+    moves the weights and the full lr is used exactly once, by update number `warmup_steps`
+    (step = warmup_steps - 1).
+    Decay, from that peak step p = max(warmup_steps - 1, 0) on:
+    min_lr_ratio + (1 - min_lr_ratio) * ((total - step) / (total - p)) ** power, which is 1 at p
+    (continuous with the warm-up, no second step at the peak), min_lr_ratio at `total_steps`,
+    and min_lr_ratio after it.
     """
     if step < warmup_steps:
         return (step + 1) / warmup_steps
-    if total_steps <= warmup_steps:
-        return 1.0 if step < total_steps else min_lr_ratio
-    remaining = max(0.0, (total_steps - step) / (total_steps - warmup_steps))
+    peak = max(warmup_steps - 1, 0)
+    if total_steps <= peak:
+        return min_lr_ratio
+    remaining = max(0.0, (total_steps - step) / (total_steps - peak))
     return min_lr_ratio + (1.0 - min_lr_ratio) * remaining ** power
 
 

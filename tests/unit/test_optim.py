@@ -181,16 +181,21 @@ def test_build_optimizer_kinds_and_errors():
 
 
 def test_schedule_hand_computed_values():
-    # warm-up 4 steps, linear decay to 0 at step 10
-    expected = {0: 0.25, 1: 0.5, 2: 0.75, 3: 1.0, 4: 1.0, 5: 5 / 6, 7: 0.5, 9: 1 / 6, 10: 0.0, 12: 0.0}
+    # warm-up 4 steps (peak at step 3, used once), then linear decay over the 7 steps to 0 at 10
+    expected = {0: 0.25, 1: 0.5, 2: 0.75, 3: 1.0, 4: 6 / 7, 5: 5 / 7, 7: 3 / 7, 9: 1 / 7, 10: 0.0, 12: 0.0}
     for step, value in expected.items():
         assert math.isclose(warmup_poly_decay(step, 4, 10), value, abs_tol=1e-12), step
-    # polynomial power 2 with a floor of 10%: at step 7, remaining = 3/6 -> 0.1 + 0.9 * 0.25
-    assert math.isclose(warmup_poly_decay(7, 4, 10, power=2.0, min_lr_ratio=0.1), 0.325)
+    # polynomial power 2 with a floor of 10%: at step 7, remaining = 3/7 -> 0.1 + 0.9 * 9/49
+    assert math.isclose(warmup_poly_decay(7, 4, 10, power=2.0, min_lr_ratio=0.1), 0.1 + 0.9 * 9 / 49)
     assert math.isclose(warmup_poly_decay(10, 4, 10, power=2.0, min_lr_ratio=0.1), 0.1)
-    # no warm-up
-    assert warmup_poly_decay(0, 0, 10) == 1.0
-    assert math.isclose(warmup_poly_decay(5, 0, 10), 0.5)
+    # no warm-up (and a 1-step warm-up, which is the same thing)
+    for warmup in (0, 1):
+        assert warmup_poly_decay(0, warmup, 10) == 1.0
+        assert math.isclose(warmup_poly_decay(5, warmup, 10), 0.5)
+    # the peak lr is used by exactly one update, whatever the warm-up length
+    for warmup in (1, 2, 5, 10):
+        values = [warmup_poly_decay(s, warmup, 10) for s in range(11)]
+        assert values.count(1.0) == 1, (warmup, values)
 
 
 def test_scheduler_drives_optimizer_lr():
@@ -202,7 +207,7 @@ def test_scheduler_drives_optimizer_lr():
         seen.append(opt.param_groups[0]["lr"])
         opt.step()
         sched.step()
-    np.testing.assert_allclose(seen, [0.05, 0.1, 0.1, 0.075, 0.05, 0.025, 0.0], atol=1e-12)
+    np.testing.assert_allclose(seen, [0.05, 0.1, 0.08, 0.06, 0.04, 0.02, 0.0], atol=1e-12)
 
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -235,3 +240,21 @@ def test_lamb_step_refuses_a_flattened_group():
     opt.param_groups[0]["params"] = [flat]
     with pytest.raises(RuntimeError, match="attach_zero_partitions"):
         opt.step()
+
+
+def test_lamb_rejects_min_trust_above_max_trust():
+    p = nn.Parameter(torch.ones(2))
+    with pytest.raises(OptimizerConfigError, match=r"min_trust \(5.0\) must be <= max_trust \(2.0\)"):
+        Lamb([p], max_trust=2.0, min_trust=5.0)
+    Lamb([p], max_trust=2.0, min_trust=2.0)  # equal bounds: a fixed ratio, allowed
+    Lamb([p], max_trust=None, min_trust=5.0)  # one side open
+
+
+def test_lamb_without_bias_correction_keeps_the_moments():
+    # The update is recomputed from the moments in a second pass: it must not modify them.
+    p = nn.Parameter(torch.tensor([1.0, -2.0, 3.0]))
+    opt = Lamb([p], lr=0.1, bias_correction=False)
+    p.grad = torch.tensor([0.5, 0.25, -1.0])
+    opt.step()
+    torch.testing.assert_close(opt.state[p]["exp_avg_sq"], 0.001 * p.grad ** 2, rtol=0, atol=0)
+    torch.testing.assert_close(opt.state[p]["exp_avg"], 0.1 * p.grad, rtol=0, atol=0)
