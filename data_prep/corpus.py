@@ -10,7 +10,6 @@ builder and everything is read back by megatron-core's `IndexedDataset`.
 """
 from __future__ import annotations
 
-import os
 import shutil
 import struct
 

@@ -116,12 +116,7 @@ def pairs_for_documents(seq_length: int, docs: np.ndarray, split_docs: np.ndarra
     return np.array(buf, dtype=PAIR_DTYPE) if buf else np.zeros(0, dtype=PAIR_DTYPE)
 
 
-def split_pairs(seq_length: int, docs: np.ndarray, seed: int, dupe_factor: int, short_seq_prob: float,
-                doc_first: np.ndarray, doc_count: np.ndarray, sent_lens: np.ndarray, write, stats=None,
-                block: int = 2048):
-    """Build all pairs of one split (documents `docs`, sorted) and pass record arrays to `write`,
-    in dupe-major, document order (the order the parallel path reproduces)."""
-    for dupe in range(dupe_factor):
-        for i in range(0, len(docs), block):
-            write(pairs_for_documents(seq_length, docs[i:i + block], docs, seed, dupe, short_seq_prob,
-                                      doc_first, doc_count, sent_lens, stats))
+def pair_tasks(n_docs: int, dupe_factor: int, block: int) -> list[tuple[int, int, int]]:
+    """(dupe, lo, hi) runs of a split's documents, in the order their records are written:
+    dupe-major, then document order. Any worker count runs the same tasks, so the same bytes."""
+    return [(dupe, lo, min(lo + block, n_docs)) for dupe in range(dupe_factor) for lo in range(0, n_docs, block)]

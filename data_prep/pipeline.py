@@ -22,6 +22,7 @@ import numpy as np
 from . import readers
 from .atomic import atomic_json, commit, os_error, remove_stale_tmp, tmp_name
 from .errors import DataPrepError
+from .nsp import pair_tasks, pairs_for_documents
 from .pairs import PairIndexWriter
 from .shards import corpus_dtype, file_done, file_marker, init_worker, process_shard, shard_done, shard_prefix
 from .splitter import SPLITTERS
@@ -309,15 +310,15 @@ PAIR_BLOCK = 2048  # documents per pair-building task
 
 
 def _pair_task(task):
-    seq_length, split, lo, hi, dupe = task
+    seq_length, split, (dupe, lo, hi) = task
     st = _PAIR_STATE
     docs = st[split]
     c: Counter = Counter()
-    from .nsp import pairs_for_documents
-
     recs = pairs_for_documents(seq_length, docs[lo:hi], docs, st["seed"], dupe, st["short_seq_prob"],
                                st["doc_first"], st["doc_count"], st["sent_lens"], c)
-    return recs, c["short_target_documents"]
+    # Counted in the first round only: like "documents", a per-round figure (every round draws
+    # its own targets, so summing rounds would exceed the document count).
+    return recs, c["short_target_documents"] if dupe == 0 else 0
 
 
 def _build_pairs(cfg: PrepConfig, out_dir: str, sent_lens, doc_idx) -> tuple[dict, dict]:
@@ -336,8 +337,7 @@ def _build_pairs(cfg: PrepConfig, out_dir: str, sent_lens, doc_idx) -> tuple[dic
             counts[str(L)] = {}
             for name, docs in (("train", train), ("valid", valid)):
                 fname = f"pairs_{L}_{name}.bin"
-                tasks = [(L, name, lo, min(lo + PAIR_BLOCK, len(docs)), dupe)
-                         for dupe in range(cfg.dupe_factor) for lo in range(0, len(docs), PAIR_BLOCK)]
+                tasks = [(L, name, t) for t in pair_tasks(len(docs), cfg.dupe_factor, PAIR_BLOCK)]
                 results = pool.map(_pair_task, tasks) if pool is not None else map(_pair_task, tasks)
                 w = PairIndexWriter(os.path.join(out_dir, fname), L)
                 short = 0

@@ -2,13 +2,12 @@
 create_instances_from_document (token lists, not spans) and statistically right over thousands of
 pairs."""
 import math
-from collections import Counter
 
 import numpy as np
 import pytest
 
-from data_prep.nsp import document_pairs, document_rng, split_pairs
-from data_prep.pairs import PAIR_DTYPE
+from data_prep.nsp import document_pairs, document_rng
+from data_prep.pairs import PAIR_DTYPE, PairIndex
 
 
 def _synthetic_corpus(n_docs=3000, seed=0):
@@ -148,20 +147,39 @@ def test_short_seq_prob_zero_and_one():
     assert n_short >= 0.95 * n_docs
 
 
-def test_split_pairs_random_b_stays_in_split_and_is_deterministic():
+def _pipeline_pairs(tmp_path, doc_first, doc_count, sent_lens, workers, dupe_factor):
+    from data_prep.pipeline import PrepConfig, _build_pairs
+
+    out = tmp_path / f"w{workers}d{dupe_factor}"
+    out.mkdir()
+    cfg = PrepConfig(inputs=["unused"], output_dir=str(out), vocab="unused", seq_lengths=[64], seed=11,
+                     valid_fraction=0.125, dupe_factor=dupe_factor, workers=workers)
+    doc_idx = np.concatenate([[0], np.cumsum(doc_count)])
+    names, counts = _build_pairs(cfg, str(out), sent_lens, doc_idx)
+    return {s: PairIndex(str(out / names["64"][s])).pairs for s in ("train", "valid")}, counts["64"]
+
+
+def test_pipeline_pairs_stay_in_split_are_deterministic_and_counted_per_round(tmp_path, monkeypatch):
+    import data_prep.pipeline
+    from data_prep.pipeline import split_documents
+
+    monkeypatch.setattr(data_prep.pipeline, "PAIR_BLOCK", 37)  # many tasks, written back in order
     doc_first, doc_count, sent_lens = _synthetic_corpus(800, seed=5)
-    split = np.sort(np.random.default_rng(0).choice(800, size=100, replace=False))
     doc_of = np.repeat(np.arange(800), doc_count)
-    outs = []
-    for _ in range(2):
-        chunks = []
-        st = Counter()
-        split_pairs(64, split, 11, 2, 0.1, doc_first, doc_count, sent_lens, chunks.append, st)
-        outs.append(np.concatenate(chunks))
-    assert outs[0].tobytes() == outs[1].tobytes()
-    recs = outs[0]
-    assert set(np.unique(doc_of[recs["a_start"]])) <= set(split.tolist())
-    assert set(np.unique(doc_of[recs["b_start"]])) <= set(split.tolist())
-    # Two dupe rounds draw different choices: the second half is not a copy of the first.
-    half = len(recs) // 2
-    assert recs[:half].tobytes() != recs[half:2 * half].tobytes()
+    one, c1 = _pipeline_pairs(tmp_path, doc_first, doc_count, sent_lens, workers=1, dupe_factor=2)
+    two, c2 = _pipeline_pairs(tmp_path, doc_first, doc_count, sent_lens, workers=2, dupe_factor=2)
+    single, c_single = _pipeline_pairs(tmp_path, doc_first, doc_count, sent_lens, workers=1, dupe_factor=1)
+    splits = dict(zip(("train", "valid"), split_documents(doc_count, 0.125, 11)))
+    for name, docs in splits.items():
+        recs = one[name]
+        assert recs.tobytes() == two[name].tobytes()
+        assert set(np.unique(doc_of[recs["a_start"]])) <= set(docs.tolist())
+        assert set(np.unique(doc_of[recs["b_start"]])) <= set(docs.tolist())
+        # Two dupe rounds draw different choices; round 0 is the dupe_factor=1 run exactly.
+        n0 = len(single[name])
+        assert recs[:n0].tobytes() == single[name].tobytes() and recs[n0:].tobytes() != recs[:n0].tobytes()
+        # Counts are per round: the short-target documents of round 0, out of the split's documents.
+        assert c1[name]["documents"] == c_single[name]["documents"] == len(docs)
+        assert c1[name]["short_target_documents"] == c_single[name]["short_target_documents"] > 0
+        assert c1[name]["short_target_documents"] <= len(docs)
+        assert c1[name]["pairs"] == len(recs) and c1 == c2
