@@ -41,10 +41,10 @@ def prepare_data(args) -> tuple[str, str]:
         return out, "embedded Wikipedia corpus (10,033 lead extracts) via data_prep"
     except Exception as e:  # the synthetic corpus keeps the benchmark usable without data_prep
         logging.warning("embedded corpus unavailable (%s); using the synthetic test corpus", e)
-        from tests.unit.test_pretrain_data_fixtures import build_synthetic_dataset
+        from tests.unit._pretrain_fixtures import build_synthetic_dataset
 
         out = build_synthetic_dataset(os.path.join(args.cache_dir, "synthetic"), n_docs=3000, seq_lengths=(SEQ,))
-        return out, "synthetic corpus (tests/unit/test_pretrain_data_fixtures.py)"
+        return out, "synthetic corpus (tests/unit/_pretrain_fixtures.py)"
 
 
 def measure(dataset, micro: int, samples: int) -> tuple[float, float]:

@@ -12,7 +12,7 @@ import pytest
 
 from pretrain.data import PretrainingDataset
 from pretrain.masking import MaskingConfig, binomial_half, mix64
-from tests.unit.test_pretrain_data_fixtures import build_synthetic_dataset, synthetic_vocab
+from tests.unit._pretrain_fixtures import build_synthetic_dataset, synthetic_vocab
 
 Z = 4.5  # two-sided binomial bound; a correct implementation fails with probability ~7e-6
 N_SAMPLES = 2048

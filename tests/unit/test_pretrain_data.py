@@ -23,7 +23,7 @@ from pretrain.data import (
     truncation_counts,
 )
 from pretrain.masking import MaskingConfig
-from tests.unit.test_pretrain_data_fixtures import build_synthetic_dataset, special_ids, synthetic_vocab
+from tests.unit._pretrain_fixtures import build_synthetic_dataset, special_ids, synthetic_vocab
 
 SPECIAL = special_ids(synthetic_vocab())
 
