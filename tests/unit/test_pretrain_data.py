@@ -245,6 +245,15 @@ def test_user_errors_name_the_file_and_the_fix(data_dir, tmp_path):
     os.replace(other / "pairs_128_train.bin", bad / "pairs_128_train.bin")
     with pytest.raises(ValueError, match="does not belong to this corpus"):
         PretrainingDataset(str(bad), 128)
+    # a .bin that does not end where the index says the last sentence ends (a truncated copy,
+    # a corpus appended to after indexing): caught by the O(1) check on open
+    torn = tmp_path / "torn"
+    build_synthetic_dataset(str(torn), n_docs=8, seq_lengths=(128,))
+    PretrainingDataset(str(torn), 128)
+    with open(torn / "corpus.bin", "r+b") as fh:
+        fh.truncate(os.path.getsize(torn / "corpus.bin") - 4)
+    with pytest.raises(ValueError, match=r"corpus\.idx: sentences are not stored back to back"):
+        PretrainingDataset(str(torn), 128)
 
 
 @pytest.fixture(scope="module")
