@@ -1,8 +1,10 @@
 """`python -m data_prep.verify DIR`: is a data_prep directory complete and intact?
 
-Checks that manifest.json exists, that every file it lists has the recorded SHA-256, and that the
-corpus and pair indexes parse (the pair index checks its own size against its header). Exit 0 when
-all is well, 1 with one line per problem otherwise.
+Checks that manifest.json exists, that every file it lists has the recorded SHA-256, and (deep)
+that the corpus opens with megatron-core's `IndexedDataset` with as many sentences as the manifest
+says and a .bin as long as its index, that each pair index parses (it checks its own size against
+its header) and that no pair points past the corpus. Exit 0 when all is well, 1 with one line per
+problem otherwise.
 """
 from __future__ import annotations
 
@@ -10,6 +12,8 @@ import argparse
 import json
 import os
 import sys
+
+import numpy as np
 
 from .pairs import PairIndex, PairIndexError
 from .tokenizer import sha256_file
@@ -33,6 +37,9 @@ def verify(data_dir: str, deep: bool = True) -> list[str]:
             problems.append(f"{p}: SHA-256 mismatch (truncated or corrupted; re-run data_prep)")
     if problems or not deep:
         return problems
+    n_sent = _check_corpus(data_dir, m, problems)
+    if n_sent is None:
+        return problems
     for L, splits in m.get("pairs", {}).items():
         for split, name in splits.items():
             try:
@@ -42,11 +49,45 @@ def verify(data_dir: str, deep: bool = True) -> list[str]:
                 continue
             if str(idx.seq_length) != L:
                 problems.append(f"{name}: seq_length {idx.seq_length} but the manifest lists it under {L}")
-            n_sent = m["counts"]["sentences"]
-            if len(idx) and (int((idx.pairs["a_start"].astype("u8") + idx.pairs["a_count"]).max()) > n_sent
-                             or int((idx.pairs["b_start"].astype("u8") + idx.pairs["b_count"]).max()) > n_sent):
+            if _pairs_end(idx.pairs) > n_sent:
                 problems.append(f"{name}: pairs point past the corpus ({n_sent} sentences)")
     return problems
+
+
+CHUNK = 1 << 20  # pairs per step: memory stays flat whatever the index size
+
+
+def _pairs_end(pairs) -> int:
+    """One past the last sentence any pair uses."""
+    end = 0
+    for i in range(0, len(pairs), CHUNK):
+        p = pairs[i:i + CHUNK]
+        for start, count in (("a_start", "a_count"), ("b_start", "b_count")):
+            end = max(end, int((p[start].astype(np.int64) + p[count]).max()))
+    return end
+
+
+def _check_corpus(data_dir: str, m: dict, problems: list[str]) -> int | None:
+    """Sentences in the corpus, or None (with a problem recorded) when it cannot be used."""
+    prefix = os.path.join(data_dir, str(m.get("corpus", "corpus")))
+    try:
+        from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+        ds = IndexedDataset(prefix)
+        n_sent = len(ds)
+        expected_bin = int(ds.sequence_lengths.sum(dtype=np.int64)) * ds.index.dtype_size
+        del ds
+    except Exception as e:  # megatron-core raises AssertionError/ValueError/OSError on bad files
+        problems.append(f"{prefix}.idx/.bin: not a readable Megatron indexed dataset ({type(e).__name__}: {e})")
+        return None
+    if os.path.getsize(prefix + ".bin") != expected_bin:
+        problems.append(f"{prefix}.bin: {os.path.getsize(prefix + '.bin')} bytes but the index needs {expected_bin}")
+    listed = m.get("counts", {}).get("sentences") if isinstance(m.get("counts"), dict) else None
+    if listed is None:
+        problems.append("manifest.json: counts.sentences missing (hand-edited?); re-run data_prep")
+    elif listed != n_sent:
+        problems.append(f"manifest.json: counts.sentences {listed} but the corpus has {n_sent}")
+    return n_sent
 
 
 def main(argv=None) -> int:

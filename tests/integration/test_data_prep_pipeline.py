@@ -289,3 +289,38 @@ def test_mpi_ranks_read_only_their_own_files(base, tmp_path, cache, monkeypatch)
     for f in ("corpus.bin", "corpus.idx", "pairs_64_train.bin", "pairs_128_valid.bin"):
         assert filecmp.cmp(out / f, os.path.join(base, f), shallow=False), f
     assert single["counts"]["documents"] == m["counts"]["documents"]
+
+
+def test_verify_deep_checks_on_hand_edited_directories(base, tmp_path, monkeypatch):
+    import data_prep.verify
+    from data_prep.pairs import write_pair_index
+    from data_prep.tokenizer import sha256_file
+
+    monkeypatch.setattr(data_prep.verify, "CHUNK", 7)  # several chunks over the pair arrays
+    assert verify(base) == []
+
+    def edited(name, change):
+        out = tmp_path / name
+        shutil.copytree(base, out)
+        m = json.load(open(out / "manifest.json"))
+        change(out, m)
+        for f in m["files"]:
+            m["files"][f] = sha256_file(str(out / f))  # a consistent-looking hand edit
+        json.dump(m, open(out / "manifest.json", "w"))
+        return verify(str(out))
+
+    n_sent = json.load(open(os.path.join(base, "manifest.json")))["counts"]["sentences"]
+    assert edited("nocounts", lambda d, m: m.pop("counts")) == [
+        "manifest.json: counts.sentences missing (hand-edited?); re-run data_prep"]
+    assert edited("wrongcount", lambda d, m: m["counts"].update(sentences=n_sent + 1)) == [
+        f"manifest.json: counts.sentences {n_sent + 1} but the corpus has {n_sent}"]
+    probs = edited("badidx", lambda d, m: (d / "corpus.idx").write_bytes(b"garbage" * 10))
+    assert len(probs) == 1 and "not a readable Megatron indexed dataset" in probs[0]
+
+    def past_end(d, m):
+        recs = PairIndex(str(d / "pairs_64_train.bin")).pairs.copy()
+        recs[-1]["b_start"] = n_sent - 1
+        recs[-1]["b_count"] = 2  # the last pair's B runs one sentence past the corpus
+        write_pair_index(str(d / "pairs_64_train.bin"), 64, recs)
+
+    assert edited("pastend", past_end) == [f"pairs_64_train.bin: pairs point past the corpus ({n_sent} sentences)"]
