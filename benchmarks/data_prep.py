@@ -57,7 +57,10 @@ def peak_rss_subprocess(corpus, vocab, out, workers, seq_lengths):
         cmd += ["--seq-length", str(L)]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     t = time.perf_counter()
-    p = psutil.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    # Unread pipes would block the child once ~64 KB of output piled up (and stall the timing):
+    # the report goes nowhere, stderr to a file read only on failure.
+    err_file = tempfile.TemporaryFile()
+    p = psutil.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=err_file)
     peak_tree = peak_main = 0
     while p.poll() is None:
         try:
@@ -70,9 +73,11 @@ def peak_rss_subprocess(corpus, vocab, out, workers, seq_lengths):
         except psutil.Error:
             pass
         time.sleep(0.05)
-    _, err = p.communicate()
+    p.wait()
     if p.returncode:
-        raise SystemExit(f"data_prep failed:\n{err.decode()[-2000:]}")
+        err_file.seek(0)
+        raise SystemExit(f"data_prep failed:\n{err_file.read().decode(errors='replace')[-2000:]}")
+    err_file.close()
     return peak_main, peak_tree, time.perf_counter() - t
 
 
