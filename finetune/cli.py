@@ -80,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--classifier-c", type=float, default=1.0, help="inverse L2 strength of the logistic regression")
     p.add_argument("--no-save-model", dest="save_model", action="store_false")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when available)")
     p.add_argument("--log-level", default="INFO")
     return p
 

@@ -35,8 +35,9 @@ def extract(encoder, features: list[dict], layer: int = -1, pooling: str = "mean
         idx = order[i:i + batch_size]
         keep = ("input_ids", "token_type_ids", "attention_mask")
         batch = collate([{k: features[j][k] for k in keep} for j in idx], pad_id)
-        out = encoder(**batch, output_hidden_states=True)
-        hidden = out.hidden_states[layer]
+        device = next(encoder.parameters()).device
+        out = encoder(**{k: v.to(device) for k, v in batch.items()}, output_hidden_states=True)
+        hidden = out.hidden_states[layer].float().cpu()
         mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
         for row, j in enumerate(idx):
             n = len(features[j]["input_ids"])
@@ -45,7 +46,7 @@ def extract(encoder, features: list[dict], layer: int = -1, pooling: str = "mean
             elif pooling == "mean":
                 pooled[j] = ((hidden[row] * mask[row]).sum(0) / mask[row].sum()).numpy()
             elif pooling == "pooler":
-                pooled[j] = out.pooler_output[row].numpy()
+                pooled[j] = out.pooler_output[row].float().cpu().numpy()
             else:
                 pooled[j] = hidden[row, :n].numpy()
     if pooling == "tokens":

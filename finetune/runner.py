@@ -63,12 +63,15 @@ class FinetuneArgs:
     classifier_c: float = 1.0
     save_model: bool = True
     threads: int | None = None
+    device: str | None = None  # None: "cuda" when a GPU is visible, else "cpu"
 
     def validate(self) -> None:
         if self.task not in TASKS:
             raise InputError(f"--task {self.task!r}: choose one of {TASKS}")
         if not self.seeds:
             raise InputError("--seeds: give at least one seed")
+        if self.device and self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise InputError(f"--device {self.device}: no CUDA GPU visible here; use --device cpu")
         if len(set(self.seeds)) != len(self.seeds):
             raise InputError(f"--seeds {self.seeds}: seeds repeat")
         if self.max_seq_length < 8:
@@ -183,6 +186,7 @@ def _run_features(a: FinetuneArgs, model_dir: str, data: _Data, seed: int, out_d
     config = checkpoint.read_config(model_dir)
     encoder = BertModel(config, add_pooling_layer=True)
     checkpoint.load_encoder_weights(encoder, model_dir)
+    encoder.to(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     try:
         tr = feat.extract(encoder, data.train_f, a.layer, a.pooling, a.train.eval_batch_size, tok.pad_token_id)
         ev = feat.extract(encoder, data.eval_f, a.layer, a.pooling, a.train.eval_batch_size, tok.pad_token_id)
@@ -233,8 +237,9 @@ def _run(a: FinetuneArgs) -> dict:
     if len(tok) > config.vocab_size:
         raise InputError(f"vocabulary has {len(tok)} entries but the model only {config.vocab_size}; "
                          "pass the checkpoint's own vocab.txt with --vocab")
-    log.info("task %s, model %s, seeds %s, torch %s, %d threads", a.task, model_dir, a.seeds,
-             torch.__version__, torch.get_num_threads())
+    log.info("task %s, model %s, seeds %s, torch %s, device %s, %d threads", a.task, model_dir, a.seeds,
+             torch.__version__, a.device or ("cuda" if torch.cuda.is_available() else "cpu"), torch.get_num_threads())
+    device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     data = _Data(a, tok)
     runs = []
     for seed in a.seeds:
@@ -247,6 +252,7 @@ def _run(a: FinetuneArgs) -> dict:
             n_labels = len(data.labels) if data.labels else (1 if a.regression else 2)
             model = build_head(a.task, config, n_labels, a.regression)
             checkpoint.load_encoder_weights(model.bert, model_dir)
+            model.to(device)
             stats = train(model, data.train_f, a.train, seed, tok.pad_token_id)
             outputs = predict(model, data.eval_f, a.train.eval_batch_size, tok.pad_token_id)
             metrics, preds = _evaluate(a, data, outputs)

@@ -61,8 +61,10 @@ def _batches(features, batch_size, shuffle, rng):
         yield [features[j] for j in order[i:i + batch_size]]
 
 
-def _model_inputs(batch: dict) -> dict:
-    return {k: v for k, v in batch.items() if not k.startswith("_")}
+def _to(batch: dict, model) -> dict:
+    """The batch on the model's device (CPU here; a GPU when the model was moved there)."""
+    device = next(model.parameters()).device
+    return {k: v.to(device) for k, v in batch.items() if not k.startswith("_")}
 
 
 def train(model, features: list[dict], cfg: TrainConfig, seed: int, pad_id: int = 0) -> dict:
@@ -87,7 +89,7 @@ def train(model, features: list[dict], cfg: TrainConfig, seed: int, pad_id: int 
     while step < total:
         for feats in _batches(features, cfg.batch_size, True, rng):
             batch = collate([{k: v for k, v in f.items() if not k.startswith("_")} for f in feats], pad_id)
-            loss, _ = model(**_model_inputs(batch))
+            loss, _ = model(**_to(batch, model))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
@@ -118,13 +120,13 @@ def predict(model, features: list[dict], batch_size: int = 64, pad_id: int = 0) 
         idx = order[i:i + batch_size]
         keep = ("input_ids", "token_type_ids", "attention_mask")
         batch = collate([{k: features[j][k] for k in keep} for j in idx], pad_id)
-        _, logits = model(**batch)
+        _, logits = model(**_to(batch, model))
         for row, j in enumerate(idx):
             n = len(features[j]["input_ids"])
             if isinstance(logits, tuple):
-                out[j] = tuple(t[row, :n].float().numpy() for t in logits)
+                out[j] = tuple(t[row, :n].float().cpu().numpy() for t in logits)
             elif logits.dim() == 3:
-                out[j] = logits[row, :n].float().numpy()
+                out[j] = logits[row, :n].float().cpu().numpy()
             else:
-                out[j] = logits[row].float().numpy()
+                out[j] = logits[row].float().cpu().numpy()
     return out
