@@ -22,9 +22,15 @@ def test_two_node_data_prep_is_byte_identical_to_single_process(slurm_cluster, t
     c = slurm_cluster
     work = c.root / "jobs/data_prep"
     work.mkdir(parents=True)
-    corpus = embedded_corpus_jsonl(str(work / "cache"), max_docs=120)
+    lines = Path(embedded_corpus_jsonl(str(work / "cache"), max_docs=120)).read_text().splitlines(keepends=True)
+    # Ranks share out input files (rank i % size reads file i): four files, so both nodes read and
+    # tokenize some; small shards, and the same flags for both runs.
+    corpus = work / "input"
+    corpus.mkdir()
+    for i in range(4):
+        (corpus / f"part-{i}.jsonl").write_text("".join(lines[i::4]))
+    corpus = str(corpus)
     vocab = embedded_vocab()
-    # Small shards so that both ranks get several; the same flags for both runs.
     common = ["--seq-length", "64", "--seq-length", "128", "--docs-per-shard", "20", "--workers", "1"]
     out = work / "out"
 
