@@ -369,6 +369,11 @@ class PretrainingDataLoader(torch.utils.data.DataLoader):
     """
 
     def __init__(self, dataset: PretrainingDataset, sampler: PretrainingSampler, **kwargs):
+        # Samples never use torch's RNG, but each iter() of a DataLoader draws a worker base seed
+        # from its generator, by default the global one. That draw would shift every later dropout
+        # mask of a resumed run (restored RNG state, then a fresh iter()) against the uninterrupted
+        # run, so the loader draws from a private generator instead.
+        kwargs.setdefault("generator", torch.Generator().manual_seed(0))
         super().__init__(dataset, batch_sampler=sampler, collate_fn=collate_pretraining, **kwargs)
         self._consumed = sampler.consumed_samples
 

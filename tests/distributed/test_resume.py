@@ -7,6 +7,7 @@ import sys
 import time
 
 import numpy as np
+import psutil
 import pytest
 import torch
 
@@ -54,8 +55,30 @@ def test_sigkill_and_rerun_gives_identical_losses(tiny_data, tmp_path):
     deadline = time.monotonic() + 300
     while not os.path.exists(latest) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
-    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks, no chance to clean up
+    # The launcher and both ranks, no chance to clean up. torchrun starts its workers in their own
+    # sessions, so a process-group kill would miss them: kill the whole process tree by pid.
+    tree = [proc.pid] + [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
+    for pid in tree:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     proc.wait()
+
+    def alive():
+        out = []
+        for pid in tree:
+            try:
+                if psutil.Process(pid).status() not in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD):
+                    out.append(pid)
+            except psutil.NoSuchProcess:
+                pass
+        return out
+
+    deadline = time.monotonic() + 30
+    while alive() and time.monotonic() < deadline:  # SIGKILL is delivered asynchronously
+        time.sleep(0.05)
+    assert not alive(), f"processes survived SIGKILL: {alive()}"
     with open(latest) as f:
         killed_at = f.read().strip()
     assert killed_at != f"step_{steps}", "the run finished before it could be killed; the test proved nothing"

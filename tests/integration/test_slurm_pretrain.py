@@ -113,12 +113,4 @@ def test_pretrain_preempted_requeued_resumes_with_the_same_losses(slurm_cluster,
     assert [s for s, _ in train_losses(run / "phase2/metrics.jsonl")] == list(range(1, p2_steps + 1))
 
     # --- the resumed job's losses, recomputed steps included, are the uninterrupted job's (bitwise)
-    if mismatch and redone:
-        # Known trainer defect (pretrain/, not slurm/), reproduced without SLURM (torchrun, SIGKILL
-        # of all ranks after step 4 with step_3 as `latest`: resumed step 4 = 10.7679 instead of
-        # 10.7552). The step_3 files are identical either way; the likely cause is that
-        # `iter(self.loader)` draws the DataLoader's base seed from the global torch RNG *after*
-        # the resume restored it, shifting every later dropout mask. Everything SLURM-side above
-        # has passed; this becomes a pass by itself once the trainer resumes exactly.
-        pytest.xfail(f"trainer resume is not exact after a kill (pretrain/, see comment): {mismatch[:2]}")
     assert not mismatch, f"losses differ from the uninterrupted run: {mismatch}"
