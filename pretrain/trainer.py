@@ -17,8 +17,10 @@ import json
 import logging
 import math
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 from typing import Optional
 
@@ -32,6 +34,16 @@ from pretrain.metrics import MetricsWriter, bert_flops_per_sequence, memory_gb, 
 log = logging.getLogger(__name__)
 
 
+
+
+# Set by SIGUSR1: the scheduler's warning before a time limit or preemption (slurm/_common.sh
+# forwards it to every task). The loop checkpoints at the next step boundary and returns.
+_PREEMPT = threading.Event()
+
+
+def _install_preemption_handler() -> None:
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGUSR1, lambda signum, frame: _PREEMPT.set())
 
 class NonFiniteError(RuntimeError):
     pass
@@ -423,6 +435,7 @@ class Trainer:
         if self.step >= cfg.train_steps:
             log.info("step %d >= --train_steps %d: nothing to train", self.step, cfg.train_steps)
         it = iter(self.loader)
+        _install_preemption_handler()
         consecutive = 0
         window = {"time": 0.0, "wait": 0.0, "tokens": 0.0, "steps": 0, "masked": 0.0}
         flops_cfg = (self.model_config.hidden_size, self.model_config.num_hidden_layers,
@@ -478,6 +491,10 @@ class Trainer:
                     log.warning("step %d: checkpoint postponed, the last %d step(s) were skipped", self.step, consecutive)
                 else:
                     self.save()
+            if self._preempted():
+                log.warning("step %d: preemption signal (SIGUSR1) received: saving a checkpoint and exiting; "
+                            "re-run the same command (a SLURM job requeues itself) to continue", self.step)
+                break
 
         final_tag = _broadcast_object(ckpt.latest_tag(cfg.save_dir) if self.rank == 0 else None)
         if final_tag != ckpt.tag_for(self.step):
@@ -486,13 +503,18 @@ class Trainer:
                 self.metrics.eval(self.step, last_eval)
             self.save()
         if self.step < cfg.train_steps:
-            log.info("exiting at step %d (--exit_at_step); re-run the same command to continue to step %d", self.step, cfg.train_steps)
+            log.info("exiting at step %d (--exit_at_step or a preemption signal); re-run the same command to continue to step %d", self.step, cfg.train_steps)
         if self.rank == 0:
             png = plot_losses(self.metrics.path, os.path.join(cfg.save_dir, "loss_curves.png"))
             if png:
                 log.info("loss curves: %s", png)
         self.metrics.close()
         return {"history": history, "eval": last_eval, "step": self.step, "consumed_samples": self.consumed}
+
+    def _preempted(self) -> bool:
+        # The signal reaches the ranks at different steps: agree on one step to stop at, so that
+        # every rank takes part in the same checkpoint (one tiny all-reduce per step).
+        return self._all_reduce([float(_PREEMPT.is_set())], None)[0] > 0
 
     def _log_window(self, w: dict, m: dict, flops_cfg) -> None:
         res = self.res

@@ -98,9 +98,9 @@ def reference(model_config_path, data_dir, steps=STEPS):
     decay = [p for n, p in model.named_parameters() if not (n.endswith("bias") or "LayerNorm" in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=LR, betas=(0.9, 0.999), eps=1e-6)
-    # after s updates: warm-up (s + 1) / WARMUP, then sqrt decay ((T - s) / (T - WARMUP)) ** 0.5
+    # after s updates: warm-up (s + 1) / WARMUP (peak at s = WARMUP - 1), then sqrt decay ((T - s) / (T - WARMUP + 1)) ** 0.5
     # (the trainer's default "poly" 0.5 towards 0 at T = STEPS)
-    lrs = [LR * ((s + 1) / WARMUP if s < WARMUP else ((STEPS - s) / (STEPS - WARMUP)) ** 0.5) for s in range(steps)]
+    lrs = [LR * ((s + 1) / WARMUP if s < WARMUP else ((STEPS - s) / (STEPS - WARMUP + 1)) ** 0.5) for s in range(steps)]
     ds = PretrainingDataset(data_dir, SEQ, "train", seed=1234)
     losses = []
     for step in range(steps):
