@@ -280,6 +280,12 @@ def validate(cfg: TrainConfig, world_size: Optional[int] = None) -> Resolved:
         raise ConfigError(f"--ds_config {cfg.ds_config}: optimizer params need a positive \"lr\" (or pass --lr)")
     opt["params"] = params
 
+    from pretrain.optim import check_optimizer_for_zero
+
+    try:
+        check_optimizer_for_zero(otype, zero_stage, flag=f"--ds_config {cfg.ds_config} optimizer.type")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     _check_resume(cfg, dp, global_bs)
 
     return Resolved(

@@ -131,11 +131,13 @@ def build_model(res: Resolved, tp_rank: int, tp: int):
     layers = None
     model = dense
     if tp > 1:
-        from pretrain.parallel import MegatronLayerFactory, shard_state_dict, tp_partition_dims
+        from pretrain.parallel import MegatronLayerFactory, mark_tensor_parallel_params, shard_state_dict, tp_partition_dims
         from pretrain.hf_io import load_into
 
         layers = MegatronLayerFactory(init_std=config.initializer_range, seed=res.cfg.seed, device="cpu")
         model = BertForPreTraining(config, layers)
+        # Without the tags DeepSpeed counts cls.predictions.bias (a vocab shard) on TP rank 0 only.
+        mark_tensor_parallel_params(model)
         full = {k: v for k, v in dense.state_dict().items()}
         load_into(model, shard_state_dict(full, tp_rank, tp, tp_partition_dims(model)))
         del dense
@@ -216,7 +218,9 @@ class Trainer:
         ds_config = json.loads(json.dumps(res.ds_config))
         groups = param_groups(model, float(res.optimizer_params.get("weight_decay", 0.0)))
         on_cpu = not torch.cuda.is_available()
-        use_client = cfg.optimizer == "client" or (res.optimizer_type == "lamb" and on_cpu)
+        # LAMB is always ours: DeepSpeed's has no CPU kernel, and under ZeRO its FusedLamb takes one
+        # trust ratio per flat partition instead of per tensor (pretrain.optim.Lamb recovers them).
+        use_client = cfg.optimizer == "client" or res.optimizer_type == "lamb"
         optimizer = None
         if use_client:
             optimizer = _client_optimizer(res.optimizer_type, model, res.optimizer_params, self.tp_group if cfg.tp > 1 else None)
@@ -241,6 +245,8 @@ class Trainer:
             mpu=MegatronMPU(),
         )
         self.device = self.engine.device
+        if hasattr(optimizer, "attach_zero_partitions"):
+            optimizer.attach_zero_partitions(self.engine.optimizer)  # per-tensor trust ratios under ZeRO 1/2
 
         # --- resume
         self.step = 0
