@@ -46,7 +46,7 @@ class TrainConfig:
     decay: str = _f("poly", "decay after warm-up to 0 at train_steps: poly (power --decay_power) or linear", choices=("poly", "linear"))
     decay_power: float = _f(0.5, "power of the polynomial decay (BERT's NVIDIA recipe uses 0.5)")
     # --- model options
-    activation_checkpointing: bool = _f(False, "recompute each encoder layer in backward (saves activation memory, ~33% more compute)")
+    activation_checkpointing: bool = _f(False, "recompute each encoder layer in backward (saves activation memory, ~33%% more compute)")
     # --- phases, checkpoints, resume
     init_from: str = _f("", "start from these weights when --save_dir has no checkpoint yet: a checkpoint folder of this "
                         "trainer (phase 1 -> phase 2) or an HF BertForPreTraining directory; optimizer and schedule start fresh")

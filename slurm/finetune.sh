@@ -5,7 +5,7 @@
 #
 #   sbatch slurm/finetune.sh --task classify --model runs/bert-large/phase2/latest \
 #       --train train.tsv --eval dev.tsv --output-dir runs/ft/sst2 --seeds 1 2 3
-#   sbatch --array=1-5 slurm/finetune.sh --task ner ... --seeds SEED   # SEED <- SLURM_ARRAY_TASK_ID
+#   sbatch --array=1-5 slurm/finetune.sh --task token ... --seeds SEED   # SEED <- SLURM_ARRAY_TASK_ID
 #
 # Environment: VENV / ACTIVATE / CONTAINER_IMAGE, SRUN_ARGS. Arguments go to `python -m finetune`
 # (see `python -m finetune --help`); relative paths are relative to the submit directory.
