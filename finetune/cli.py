@@ -25,7 +25,11 @@ tasks and input formats:
   features   frozen vectors (--layer, --pooling) to .npy + logistic regression on them
 --model: an HF BERT directory (config.json, model.safetensors, vocab.txt) or a checkpoint of
 our pretraining run (consolidated through pretrain.export_hf into OUT/consolidated).
-Outputs: OUT/metrics.json (per seed, mean, std), OUT/seed_<S>/ (model, metrics, predictions).
+Outputs: OUT/metrics.json (per seed, mean, std), OUT/seed_<S>/ (model, metrics, predictions,
+train_losses.json: the loss of every step).
+--deepspeed CONFIG (e.g. configs/ds_finetune.json) trains through DeepSpeed; in several processes
+with `torchrun --nproc_per_node N -m finetune ...` or `deepspeed --num_gpus N --module finetune ...`
+(on CPU set DS_ACCELERATOR=cpu). --batch-size is then per process: global batch = batch x N.
 """
 
 
@@ -81,6 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-save-model", dest="save_model", action="store_false")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when available)")
+    p.add_argument("--deepspeed", default=None, metavar="CONFIG",
+                   help="DeepSpeed JSON config (ZeRO stage, bf16, optimizer type): train through "
+                   "deepspeed.initialize; --batch-size is per process (default: plain PyTorch)")
+    p.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=None,
+                   help=argparse.SUPPRESS)  # passed by the deepspeed launcher; LOCAL_RANK is used
     p.add_argument("--log-level", default="INFO")
     return p
 
@@ -90,7 +99,7 @@ def args_from_namespace(ns: argparse.Namespace) -> FinetuneArgs:
                         batch_size=ns.batch_size, eval_batch_size=ns.eval_batch_size,
                         warmup_ratio=ns.warmup_ratio, weight_decay=ns.weight_decay)
     skip = {"learning_rate", "epochs", "max_steps", "batch_size", "eval_batch_size", "warmup_ratio",
-            "weight_decay", "log_level"}
+            "weight_decay", "log_level", "local_rank"}
     return FinetuneArgs(train=train, **{k: v for k, v in vars(ns).items() if k not in skip})
 
 
@@ -102,6 +111,8 @@ def main(argv=None) -> int:
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if summary.get("deepspeed", {}).get("rank", 0) != 0:
+        return 0
     print(json.dumps({"task": summary["task"], "seeds": summary["seeds"], "mean": summary["mean"],
                       "std": summary["std"]}, indent=1))
     return 0

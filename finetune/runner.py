@@ -6,6 +6,11 @@ Output directory layout:
                               metrics.json and predictions (eval_predictions.*)
     OUT/consolidated/         HF export of a pretraining checkpoint given as --model
     OUT/seed_<S>/*.npy        frozen features (task "features")
+    OUT/seed_<S>/train_losses.json  the loss of every optimizer step (global-batch mean)
+
+With --deepspeed CONFIG the loop runs through a DeepSpeed engine, in one process or in
+several (torchrun, the deepspeed launcher); rank 0 evaluates and writes every output while
+the others wait at a barrier.
 """
 from __future__ import annotations
 
@@ -22,7 +27,7 @@ from . import checkpoint, features as feat, qa, tasks
 from .metrics import classification_metrics, mean_std
 from .modeling import build_head
 from .readers import InputError, read_conll, read_squad, read_text_file
-from .train import TrainConfig, predict, set_seed, train
+from .train import TrainConfig, deepspeed_config, predict, set_seed, train, train_deepspeed
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +69,7 @@ class FinetuneArgs:
     save_model: bool = True
     threads: int | None = None
     device: str | None = None  # None: "cuda" when a GPU is visible, else "cpu"
+    deepspeed: str | None = None  # a DeepSpeed JSON config: train through deepspeed.initialize
 
     def validate(self) -> None:
         if self.task not in TASKS:
@@ -84,6 +90,11 @@ class FinetuneArgs:
             raise InputError(f"--pooling {self.pooling!r}: choose one of {feat.POOLINGS}")
         if self.train.batch_size < 1 or self.train.learning_rate <= 0:
             raise InputError("--batch-size must be >= 1 and --learning-rate > 0")
+        if self.deepspeed is not None:
+            if not os.path.isfile(self.deepspeed):
+                raise InputError(f"--deepspeed {self.deepspeed}: no such file")
+            if self.task == "features":
+                raise InputError("--deepspeed applies to the fine-tuning tasks, not --task features")
         if self.dataset is None and (self.train_file is None or self.eval_file is None):
             raise InputError("give --train and --eval files, or a built-in --dataset")
         if self.dataset is not None:
@@ -221,14 +232,50 @@ def run(a: FinetuneArgs) -> dict:
         torch.set_num_threads(previous)  # callers (tests, notebooks) keep their own setting
 
 
+def _init_distributed(a: FinetuneArgs) -> tuple[int, int, dict | None]:
+    """(rank, world size, DeepSpeed config); (0, 1, None) without --deepspeed."""
+    if a.deepspeed is None:
+        return 0, 1, None
+    import deepspeed
+    import torch.distributed as dist
+
+    deepspeed.init_distributed(dist_backend="nccl" if (a.device or "").startswith("cuda") or
+                               (a.device is None and torch.cuda.is_available()) else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if world > 1 and (a.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda"):
+        a.device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
+    try:
+        ds = deepspeed_config(a.deepspeed, a.train, world)
+    except (ValueError, OSError) as e:
+        raise InputError(f"--deepspeed {e}") from None
+    log.info("deepspeed: rank %d of %d, global batch %d", rank, world, a.train.batch_size * world)
+    return rank, world, ds
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
 def _run(a: FinetuneArgs) -> dict:
-    os.makedirs(a.output_dir, exist_ok=True)
+    rank, world, ds = _init_distributed(a)
+    if rank == 0:
+        os.makedirs(a.output_dir, exist_ok=True)
     if a.dataset:
         from .datasets import write_builtin
 
+        if rank == 0:
+            write_builtin(a.dataset, a.task, os.path.join(a.output_dir, "data"))
+        _barrier(world)
         a.train_file, a.eval_file = write_builtin(a.dataset, a.task, os.path.join(a.output_dir, "data"))
         log.info("built-in dataset %s: %s, %s", a.dataset, a.train_file, a.eval_file)
-    model_dir = checkpoint.resolve_model_dir(a.model, a.output_dir)
+    if rank == 0:
+        model_dir = checkpoint.resolve_model_dir(a.model, a.output_dir)
+    _barrier(world)
+    if rank != 0:
+        model_dir = checkpoint.resolve_model_dir(a.model, a.output_dir)  # rank 0's export, already there
     config = checkpoint.read_config(model_dir)
     if a.max_seq_length > config.max_position_embeddings:
         raise InputError(f"--max-seq-length {a.max_seq_length} exceeds the model's "
@@ -244,7 +291,8 @@ def _run(a: FinetuneArgs) -> dict:
     runs = []
     for seed in a.seeds:
         out_dir = os.path.join(a.output_dir, f"seed_{seed}")
-        os.makedirs(out_dir, exist_ok=True)
+        if rank == 0:
+            os.makedirs(out_dir, exist_ok=True)
         if a.task == "features":
             metrics = _run_features(a, model_dir, data, seed, out_dir, tok)
         else:
@@ -253,15 +301,32 @@ def _run(a: FinetuneArgs) -> dict:
             model = build_head(a.task, config, n_labels, a.regression)
             checkpoint.load_encoder_weights(model.bert, model_dir)
             model.to(device)
-            stats = train(model, data.train_f, a.train, seed, tok.pad_token_id)
-            outputs = predict(model, data.eval_f, a.train.eval_batch_size, tok.pad_token_id)
-            metrics, preds = _evaluate(a, data, outputs)
-            metrics.update(stats)
-            _save_predictions(a, data, preds, out_dir)
-            if a.save_model:
-                checkpoint.save_finetuned(model, a.task, out_dir, tok, data.labels, a.regression)
-        log.info("seed %d: %s", seed, {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)})
-        _write_json(os.path.join(out_dir, "metrics.json"), {"seed": seed, **metrics})
+            if ds is None:
+                stats = train(model, data.train_f, a.train, seed, tok.pad_token_id)
+            else:
+                try:
+                    engine, stats = train_deepspeed(model, data.train_f, a.train, seed, ds, tok.pad_token_id)
+                except ValueError as e:
+                    raise InputError(str(e)) from None
+                model = engine.module  # ZeRO-1/2: every rank holds the full fp32 weights
+            losses = stats.pop("step_losses")
+            if rank == 0:
+                _write_json(os.path.join(out_dir, "train_losses.json"), {"seed": seed, "losses": losses})
+                outputs = predict(model, data.eval_f, a.train.eval_batch_size, tok.pad_token_id)
+                metrics, preds = _evaluate(a, data, outputs)
+                metrics.update(stats)
+                _save_predictions(a, data, preds, out_dir)
+                if a.save_model:
+                    checkpoint.save_finetuned(model, a.task, out_dir, tok, data.labels, a.regression)
+            else:
+                metrics = dict(stats)  # rank 0 evaluates and writes; the others wait below
+            del model
+            if ds is not None:
+                del engine
+        if rank == 0:
+            log.info("seed %d: %s", seed, {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)})
+            _write_json(os.path.join(out_dir, "metrics.json"), {"seed": seed, **metrics})
+        _barrier(world)
         runs.append({"seed": seed, **metrics})
     mean, std = mean_std([{k: v for k, v in r.items() if k != "seed"} for r in runs])
     summary = {"task": a.task, "model": a.model, "dataset": a.dataset, "model_dir": model_dir, "seeds": a.seeds,
@@ -269,5 +334,9 @@ def _run(a: FinetuneArgs) -> dict:
                "args": {k: v for k, v in asdict(a).items() if k != "train"}, "train_config": asdict(a.train),
                "runs": runs, "mean": mean, "std": std,
                "versions": {"torch": torch.__version__, "python": platform.python_version()}}
-    _write_json(os.path.join(a.output_dir, "metrics.json"), summary)
+    if ds is not None:
+        summary.update(deepspeed={"config": ds, "world_size": world, "rank": rank})
+    if rank == 0:
+        _write_json(os.path.join(a.output_dir, "metrics.json"), summary)
+    _barrier(world)
     return summary

@@ -1,6 +1,8 @@
 """The fine-tuning loop shared by every task: AdamW (no decay on biases and LayerNorm),
 linear warm-up then linear decay, gradient clipping, batches padded to their longest
-sequence. Plain single-process PyTorch; the task modules supply features and evaluation."""
+sequence. Plain single-process PyTorch by default; `train_deepspeed` runs the same loop
+through a DeepSpeed engine (one or several processes). The task modules supply features
+and evaluation."""
 from __future__ import annotations
 
 import logging
@@ -67,9 +69,22 @@ def _to(batch: dict, model) -> dict:
     return {k: v.to(device) for k, v in batch.items() if not k.startswith("_")}
 
 
+def _schedule(cfg: TrainConfig, total: int):
+    """Linear warm-up over warmup_ratio * total steps, then linear decay to 0 (a LambdaLR factor)."""
+    warmup = int(cfg.warmup_ratio * total)
+    return lambda s: (s + 1) / max(1, warmup) if s < warmup else max(0.0, (total - s) / max(1, total - warmup))
+
+
+def _param_groups(model, cfg: TrainConfig) -> list[dict]:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if name.endswith("bias") or "LayerNorm" in name else decay).append(p)
+    return [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
 def train(model, features: list[dict], cfg: TrainConfig, seed: int, pad_id: int = 0) -> dict:
-    """Train in place; returns {"steps", "final_loss", "seconds"}. Feature keys starting with
-    "_" are bookkeeping and are not passed to the model."""
+    """Train in place; returns {"steps", "final_loss", "train_seconds", "step_losses"}. Feature
+    keys starting with "_" are bookkeeping and are not passed to the model."""
     if not features:
         raise ValueError("no training examples")
     set_seed(seed)
@@ -105,7 +120,129 @@ def train(model, features: list[dict], cfg: TrainConfig, seed: int, pad_id: int 
                 break
     model.eval()
     return {"steps": step, "final_loss": float(np.mean(running[-cfg.log_every:])),
-            "train_seconds": round(time.time() - t0, 2)}
+            "train_seconds": round(time.time() - t0, 2), "step_losses": running}
+
+
+def deepspeed_config(path: str, cfg: TrainConfig, world_size: int) -> dict:
+    """The DeepSpeed config in `path`, completed from the loop's own settings. --batch-size is
+    the one source of truth for the per-process micro batch: a config that names another
+    train_micro_batch_size_per_gpu (or a train_batch_size other than batch x world) is an
+    error. The learning rate and weight decay come from the command line; the schedule is the
+    loop's (passed to deepspeed.initialize), so the config must not name a scheduler."""
+    import json
+
+    with open(path, encoding="utf-8") as f:
+        ds = json.load(f)
+    micro = ds.get("train_micro_batch_size_per_gpu")
+    if micro is not None and micro != "auto" and int(micro) != cfg.batch_size:
+        raise ValueError(f"{path}: train_micro_batch_size_per_gpu {micro} disagrees with --batch-size "
+                         f"{cfg.batch_size} (the per-process batch; drop it from the config or make them equal)")
+    ds["train_micro_batch_size_per_gpu"] = cfg.batch_size
+    gas = ds.get("gradient_accumulation_steps", 1)
+    if gas not in (1, "auto"):
+        raise ValueError(f"{path}: gradient_accumulation_steps {gas}: the fine-tuning loop steps every batch "
+                         "(use 1, and a larger --batch-size or more processes)")
+    ds["gradient_accumulation_steps"] = 1
+    tbs = ds.get("train_batch_size")
+    if tbs is not None and tbs != "auto" and int(tbs) != cfg.batch_size * world_size:
+        raise ValueError(f"{path}: train_batch_size {tbs} is not --batch-size {cfg.batch_size} x "
+                         f"{world_size} processes")
+    ds["train_batch_size"] = cfg.batch_size * world_size
+    if "scheduler" in ds:
+        raise ValueError(f"{path}: remove \"scheduler\": the loop's warm-up/decay (--warmup-ratio) is used")
+    if int(ds.get("zero_optimization", {}).get("stage", 0)) > 2:
+        raise ValueError(f"{path}: ZeRO stage 3 partitions the weights that evaluation and saving read "
+                         "on rank 0; use stage 0, 1 or 2")
+    opt = ds.setdefault("optimizer", {"type": "AdamW", "params": {"torch_adam": True}})
+    params = opt.setdefault("params", {})
+    params["lr"] = cfg.learning_rate
+    params["weight_decay"] = cfg.weight_decay  # per group: 0 for biases and LayerNorm
+    if ds.get("gradient_clipping") is None:
+        ds["gradient_clipping"] = cfg.max_grad_norm
+    return ds
+
+
+def train_deepspeed(model, features: list[dict], cfg: TrainConfig, seed: int, ds_config: dict,
+                    pad_id: int = 0) -> tuple[object, dict]:
+    """The loop of `train` through deepspeed.initialize (engine.backward / engine.step), in one
+    or several processes (torch.distributed already initialised). Every process draws the same
+    shuffled order; a global batch is cfg.batch_size x world examples and rank r takes the r-th
+    contiguous share of it. Each rank's loss is weighted by its share of the global batch, so
+    with DeepSpeed's gradient averaging the update is that of the global-batch mean (exactly so
+    for losses that are per-example means: classify, pair, qa; token loss is a per-rank mean
+    over labelled tokens). The logged and returned per-step loss is the global-batch mean,
+    all-reduced. Returns (engine, stats); engine.module is the trained model."""
+    import deepspeed
+    import torch.distributed as dist
+
+    if not features:
+        raise ValueError("no training examples")
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    glob = cfg.batch_size * world
+    per_epoch = math.ceil(len(features) / glob)
+    total = cfg.max_steps if cfg.max_steps else max(1, math.ceil(cfg.epochs * per_epoch))
+    if len(features) < world:
+        raise ValueError(f"{len(features)} training examples for {world} processes")
+    lam = _schedule(cfg, total)
+    engine, _, _, sched = deepspeed.initialize(
+        model=model, model_parameters=_param_groups(model, cfg), config=ds_config,
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lam))
+    set_seed(seed)  # as in `train`: the same dropout stream and shuffle on every rank
+    rng = random.Random(seed)
+    engine.train()
+    step, t0, running = 0, time.time(), []
+    while step < total:
+        for feats in _batches(features, glob, True, rng):
+            n_all = len(feats)
+            # contiguous, disjoint shares of the global batch; a short last batch is split as
+            # evenly as possible (a rank left without examples repeats the first one at weight 0)
+            bounds = [round(r * n_all / world) for r in range(world + 1)]
+            mine = feats[bounds[rank]:bounds[rank + 1]]
+            weight = len(mine) * world / n_all
+            if not mine:
+                mine = feats[:1]
+            batch = collate([{k: v for k, v in f.items() if not k.startswith("_")} for f in mine], pad_id)
+            loss, _ = engine(**_to(batch, engine.module))
+            engine.backward(loss if weight == 1.0 else loss * weight)
+            engine.step()
+            step += 1
+            if world > 1:
+                part = loss.detach().float().reshape(1) * (weight / world)
+                dist.all_reduce(part)
+                running.append(part.item())
+            else:
+                running.append(loss.item())
+            if step % cfg.log_every == 0 or step == total:
+                if rank == 0:
+                    gnorm = engine.get_global_grad_norm()
+                    log.info("step %d/%d loss %.4f grad_norm %.3f lr %.2e %.1f s (deepspeed, %d processes)",
+                             step, total, float(np.mean(running[-cfg.log_every:])),
+                             float(gnorm) if gnorm is not None else float("nan"),
+                             sched.get_last_lr()[0], time.time() - t0, world)
+            if step >= total:
+                break
+    engine.eval()
+    _full_fp32_weights(engine)
+    return engine, {"steps": step, "final_loss": float(np.mean(running[-cfg.log_every:])),
+                    "train_seconds": round(time.time() - t0, 2), "step_losses": running}
+
+
+@torch.no_grad()
+def _full_fp32_weights(engine) -> None:
+    """Make engine.module fp32 with the optimizer's fp32 master weights (bf16/fp16 engines keep
+    low-precision module weights; a collective, so every rank calls it). fp32 ZeRO-0/1/2 modules
+    already hold the full fp32 weights on every rank."""
+    module = engine.module
+    if all(p.dtype == torch.float32 for p in module.parameters()):
+        return
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    full = {name: safe_get_full_fp32_param(p) for name, p in module.named_parameters()}
+    module.float()
+    for name, p in module.named_parameters():
+        if full[name] is not None:
+            p.data.copy_(full[name].reshape(p.shape))
 
 
 @torch.no_grad()
