@@ -28,12 +28,15 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+
+REPO = Path(__file__).resolve().parents[2]
 
 log = logging.getLogger(__name__)
 
@@ -348,7 +351,13 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
         node_tmp = self.root / "nodes" / node.name / "tmp"
         node_tmp.mkdir(parents=True)
         node_tmp.chmod(0o1777)
-        inner = (f"mount --bind {node_tmp} /tmp && hostname {node.name} && "
+        # What the jobs run from stays visible when it lives under /tmp (a checkout or venv there,
+        # as in a CI clone): bind it into the node's /tmp first, then bind that tree over /tmp.
+        keep = sorted({os.path.realpath(p) for p in (str(REPO), sys.prefix)
+                       if os.path.realpath(p).startswith("/tmp/")})
+        keep = [p for p in keep if not any(p.startswith(q + "/") for q in keep)]
+        binds = "".join(f"mkdir -p {node_tmp}{p[4:]} && mount --bind {p} {node_tmp}{p[4:]} && " for p in keep)
+        inner = (f"{binds}mount --rbind {node_tmp} /tmp && hostname {node.name} && "
                  f"exec slurmd -D -f {self.conf} -N {node.name}")
         proc = subprocess.Popen(
             ["nsenter", f"--net=/run/netns/{node.netns}", "unshare", "--uts", "--mount",
