@@ -8,7 +8,7 @@ import logging
 import numpy as np
 import torch
 
-from .train import collate
+from .train import length_sorted_batches
 
 log = logging.getLogger(__name__)
 
@@ -29,13 +29,9 @@ def extract(encoder, features: list[dict], layer: int = -1, pooling: str = "mean
     if pooling == "pooler" and (encoder.pooler is None or layer not in (-1, n_layers)):
         raise ValueError("--pooling pooler needs the pooler and the last layer (--layer -1)")
     encoder.eval()
-    order = sorted(range(len(features)), key=lambda i: len(features[i]["input_ids"]))
     pooled = [None] * len(features)
-    for i in range(0, len(order), batch_size):
-        idx = order[i:i + batch_size]
-        keep = ("input_ids", "token_type_ids", "attention_mask")
-        batch = collate([{k: features[j][k] for k in keep} for j in idx], pad_id)
-        device = next(encoder.parameters()).device
+    device = next(encoder.parameters()).device
+    for idx, batch in length_sorted_batches(features, batch_size, pad_id):
         out = encoder(**{k: v.to(device) for k, v in batch.items()}, output_hidden_states=True)
         hidden = out.hidden_states[layer].float().cpu()
         mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)

@@ -245,18 +245,24 @@ def _full_fp32_weights(engine) -> None:
             p.data.copy_(full[name].reshape(p.shape))
 
 
+def length_sorted_batches(features: list[dict], batch_size: int, pad_id: int = 0):
+    """Yield (indices, padded model inputs) over features sorted by length, so that evaluation
+    computes little padding; callers put results back at `indices`."""
+    order = sorted(range(len(features)), key=lambda i: len(features[i]["input_ids"]))
+    keep = ("input_ids", "token_type_ids", "attention_mask")
+    for i in range(0, len(order), batch_size):
+        idx = order[i:i + batch_size]
+        yield idx, collate([{k: features[j][k] for k in keep} for j in idx], pad_id)
+
+
 @torch.no_grad()
 def predict(model, features: list[dict], batch_size: int = 64, pad_id: int = 0) -> list:
     """Model outputs per feature, in order, as numpy arrays (logits; for QA a (start, end)
     pair), cut back to each feature's own length. Evaluation batches are formed from
     features sorted by length so that little padding is computed."""
     model.eval()
-    order = sorted(range(len(features)), key=lambda i: len(features[i]["input_ids"]))
     out = [None] * len(features)
-    for i in range(0, len(order), batch_size):
-        idx = order[i:i + batch_size]
-        keep = ("input_ids", "token_type_ids", "attention_mask")
-        batch = collate([{k: features[j][k] for k in keep} for j in idx], pad_id)
+    for idx, batch in length_sorted_batches(features, batch_size, pad_id):
         _, logits = model(**_to(batch, model))
         for row, j in enumerate(idx):
             n = len(features[j]["input_ids"])
