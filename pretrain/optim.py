@@ -2,10 +2,13 @@
 
 - `Lamb`: LAMB (You et al. 2019, "Large Batch Optimization for Deep Learning: Training BERT in
   76 minutes"), the optimizer of the 64k-batch BERT recipe, as a plain torch.optim.Optimizer that
-  runs on CPU and GPU. Tensor-parallel aware: the trust ratio of a sharded weight uses the norm
-  of the whole weight, not of this rank's shard.
-- `build_optimizer()`: LAMB (DeepSpeed's FusedLamb on GPU when it builds, else `Lamb`) or AdamW
-  (torch's, fused on GPU), with bias and LayerNorm parameters excluded from weight decay.
+  runs on CPU and GPU, in two variants: "clamped" (DeepSpeed FusedLamb) and "nvidia" (apex
+  FusedLAMB, NVIDIA's BERT recipe). Tensor-parallel aware: the trust ratio of a sharded weight
+  uses the norm of the whole weight, not of this rank's shard.
+- `lamb_kwargs_from_ds_params()`: a ds_config's LAMB "params" block as `build_optimizer` kwargs.
+- `build_optimizer()`: LAMB (DeepSpeed's FusedLamb on GPU when it builds and can express the
+  variant, else `Lamb`) or AdamW (torch's, fused on GPU), with bias and LayerNorm parameters
+  excluded from weight decay.
 - `warmup_poly_decay()` / `build_scheduler()`: linear warm-up to the peak lr (used once), then
   polynomial (power 1 = linear) decay to `min_lr_ratio` at `total_steps`.
 """
@@ -13,7 +16,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -22,6 +25,9 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "Lamb",
+    "LAMB_VARIANTS",
+    "LambVariant",
+    "lamb_kwargs_from_ds_params",
     "check_optimizer_for_zero",
     "param_groups",
     "build_optimizer",
@@ -35,12 +41,80 @@ class OptimizerConfigError(ValueError):
     """An optimizer or schedule setting that cannot work, with what to change."""
 
 
-def _check_trust_bounds(min_trust, max_trust) -> None:
+class _VariantDefault:
+    """The default of `max_trust`/`min_trust`: the bounds of the chosen variant (see LAMB_VARIANTS).
+
+    A sentinel rather than None because None already means "no bound" in the clamped variant.
+    """
+
+    def __repr__(self):
+        return "<the variant's default>"
+
+
+VARIANT_DEFAULT = _VariantDefault()
+_ALGORITHM_KEYS = ("variant", "max_trust", "min_trust")
+
+
+def _clamped_trust(ratio: torch.Tensor, group: dict) -> torch.Tensor:
+    """DeepSpeed FusedLamb: every tensor gets the ratio, clamped to [min_trust, max_trust]."""
+    if group["max_trust"] is not None:
+        ratio = ratio.clamp(max=group["max_trust"])
+    if group["min_trust"] is not None:
+        ratio = ratio.clamp(min=group["min_trust"])
+    return ratio
+
+
+def _nvidia_trust(ratio: torch.Tensor, group: dict) -> torch.Tensor:
+    """apex FusedLAMB (use_nvlamb=False): the unclamped ratio where the group decays, else 1.
+
+    ZeRO keeps a group's hyper-parameters on its flat partition, so deciding per group holds
+    there as well as on whole tensors.
+    """
+    if group["weight_decay"] == 0.0:
+        return torch.ones_like(ratio)
+    return ratio
+
+
+class LambVariant(NamedTuple):
+    """How a LAMB variant turns the guarded ratios ||w|| / ||u|| (1 where either norm is 0) of
+    one parameter group into the ratios applied, and its (min_trust, max_trust) defaults; None
+    for a variant that has no clamp and so accepts no bounds."""
+
+    rule: Callable[[torch.Tensor, dict], torch.Tensor]
+    bounds: Optional[Tuple[Optional[float], Optional[float]]]
+
+
+LAMB_VARIANTS: Dict[str, LambVariant] = {
+    "clamped": LambVariant(_clamped_trust, (0.01, 10.0)),
+    "nvidia": LambVariant(_nvidia_trust, None),
+}
+
+
+def _resolve_trust_bounds(variant, min_trust, max_trust) -> Tuple[Optional[float], Optional[float]]:
+    """Check `variant` and its trust bounds; return the bounds with the variant's defaults filled in."""
+    if not isinstance(variant, str) or variant not in LAMB_VARIANTS:
+        raise OptimizerConfigError(
+            f"LAMB variant {variant!r} is unknown; use one of {sorted(LAMB_VARIANTS)} ('nvidia': "
+            "NVIDIA's BERT recipe, apex FusedLAMB; 'clamped': DeepSpeed FusedLamb)"
+        )
+    bounds = LAMB_VARIANTS[variant].bounds
+    if bounds is None:
+        given = {k: v for k, v in (("max_trust", max_trust), ("min_trust", min_trust))
+                 if v is not VARIANT_DEFAULT and v is not None}
+        if given:
+            raise OptimizerConfigError(
+                f"LAMB variant {variant!r} does not clamp the trust ratio, so {given} would be ignored: "
+                "drop them (ds_config: remove \"max_coeff\"/\"min_coeff\"), or use variant 'clamped'"
+            )
+        return None, None
+    min_trust = bounds[0] if min_trust is VARIANT_DEFAULT else min_trust
+    max_trust = bounds[1] if max_trust is VARIANT_DEFAULT else max_trust
     if max_trust is not None and min_trust is not None and min_trust > max_trust:
         raise OptimizerConfigError(
             f"LAMB min_trust ({min_trust}) must be <= max_trust ({max_trust}): the trust ratio is "
             "clamped to [min_trust, max_trust] (DeepSpeed min_coeff/max_coeff); swap or fix them"
         )
+    return min_trust, max_trust
 
 
 class Lamb(torch.optim.Optimizer):
@@ -50,14 +124,25 @@ class Lamb(torch.optim.Optimizer):
 
         m = b1 m + (1 - b1) g                 v = b2 v + (1 - b2) g^2
         m_hat = m / (1 - b1^t)                v_hat = v / (1 - b2^t)      (if bias_correction)
-        u = m_hat / (sqrt(v_hat) + eps) + weight_decay * w
-        r = ||w|| / ||u||  (1 when either norm is 0), clamped to [min_trust, max_trust] if given
+        u = m_hat / (sqrt(v_hat) + eps) + weight_decay * w                (decoupled decay)
+        r = ||w|| / ||u||  (1 when either norm is 0), then the variant's rule
         w = w - lr * r * u
 
     The zero guards: a weight of norm 0 (a freshly zeroed bias) or an update of norm 0 has no
-    meaningful ratio, so it falls back to plain Adam-with-decay (r = 1). `max_trust`/`min_trust`
-    mirror DeepSpeed's FusedLamb `max_coeff`/`min_coeff`, so that switching between the CPU and the
-    fused GPU optimizer does not change the algorithm; `None` disables the clamp.
+    meaningful ratio, so it falls back to plain Adam-with-decay (r = 1).
+
+    `variant` picks the rule (LAMB_VARIANTS):
+    - "clamped" (default): r clamped to [min_trust, max_trust] for every tensor. The bounds
+      mirror DeepSpeed's FusedLamb `min_coeff`/`max_coeff` (defaults 0.01 and 10), so that
+      switching between the CPU and the fused GPU optimizer does not change the algorithm;
+      `None` disables a bound.
+    - "nvidia": apex FusedLAMB as NVIDIA's BERT recipe runs it (use_nvlamb=False,
+      adam_w_mode=True, grad_averaging=True, bias_correction=True): r unclamped, and only for
+      parameter groups with weight_decay != 0; biases and LayerNorm (weight_decay 0) take the
+      plain Adam step lr * u. Trust bounds do not apply (passing any is an error). apex also
+      clips by the global gradient norm (max_grad_norm=1.0) inside the optimizer; here that is
+      DeepSpeed's "gradient_clipping": 1.0, applied before `step()` (up to DeepSpeed's 1e-6 in
+      the clip factor), so this optimizer does not clip.
 
     Tensor parallelism: pass `tp_group`; parameters tagged `tensor_model_parallel` (megatron's
     attribute, set by pretrain.parallel) get their squared norms summed over that group, so every
@@ -72,10 +157,11 @@ class Lamb(torch.optim.Optimizer):
         eps: float = 1e-6,
         weight_decay: float = 0.01,
         bias_correction: bool = True,
-        max_trust: Optional[float] = 10.0,
-        min_trust: Optional[float] = 0.01,
+        max_trust=VARIANT_DEFAULT,
+        min_trust=VARIANT_DEFAULT,
         trust_ratio: bool = True,
         tp_group=None,
+        variant: str = "clamped",
     ):
         if lr < 0.0:
             raise OptimizerConfigError(f"LAMB lr must be >= 0, got {lr}")
@@ -85,10 +171,10 @@ class Lamb(torch.optim.Optimizer):
             raise OptimizerConfigError(f"LAMB eps must be > 0, got {eps}")
         if weight_decay < 0.0:
             raise OptimizerConfigError(f"LAMB weight_decay must be >= 0, got {weight_decay}")
-        _check_trust_bounds(min_trust, max_trust)
+        min_trust, max_trust = _resolve_trust_bounds(variant, min_trust, max_trust)
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                         bias_correction=bias_correction, max_trust=max_trust, min_trust=min_trust,
-                        trust_ratio=trust_ratio)
+                        trust_ratio=trust_ratio, variant=variant)
         super().__init__(params, defaults)
         self.tp_group = tp_group
 
@@ -98,6 +184,20 @@ class Lamb(torch.optim.Optimizer):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         group["tp_split"] = [bool(getattr(p, "tensor_model_parallel", False)) for p in group["params"]]
+        _resolve_trust_bounds(group["variant"], None, None)  # a group may name its own variant
+
+    def load_state_dict(self, state_dict):
+        """torch's, except that the algorithm (variant, trust bounds) stays the one this optimizer
+        was built with: the job's config decides it, and a checkpoint saved before variants
+        existed has none (it was "clamped")."""
+        chosen = [{k: g[k] for k in _ALGORITHM_KEYS} for g in self.param_groups]
+        super().load_state_dict(state_dict)
+        for i, (group, keep) in enumerate(zip(self.param_groups, chosen)):
+            saved = {k: group.get(k, "clamped" if k == "variant" else None) for k in _ALGORITHM_KEYS}
+            if saved != keep:
+                logger.warning("LAMB parameter group %d: the checkpoint has %s, continuing with %s "
+                               "(from the config)", i, saved, keep)
+            group.update(keep)
 
     def attach_zero_partitions(self, zero_optimizer) -> None:
         """Make LAMB exact under DeepSpeed ZeRO stage 1/2 (call right after deepspeed.initialize).
@@ -272,16 +372,12 @@ class Lamb(torch.optim.Optimizer):
 
     @staticmethod
     def _trust(norms, group):
-        """Trust ratios for every row: ||w|| / ||u||, 1 when either is 0, clamped if configured."""
+        """Trust ratios for every row: ||w|| / ||u||, 1 when either is 0, then the variant's rule."""
         if not group["trust_ratio"]:
             return torch.ones(norms.shape[0], device=norms.device)
         w_norm, u_norm = norms[:, 0], norms[:, 1]
         ratio = torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm, torch.ones_like(w_norm))
-        if group["max_trust"] is not None:
-            ratio = ratio.clamp(max=group["max_trust"])
-        if group["min_trust"] is not None:
-            ratio = ratio.clamp(min=group["min_trust"])
-        return ratio
+        return LAMB_VARIANTS[group["variant"]].rule(ratio, group)
 
 
 def _is_no_decay(module: nn.Module, param_name: str) -> bool:
@@ -319,7 +415,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> List[Dict]:
 
 
 def _fused_lamb(groups, lr, betas, eps, weight_decay, max_trust, min_trust):
-    """DeepSpeed's CUDA FusedLamb, or None when it cannot be built here."""
+    """DeepSpeed's CUDA FusedLamb (the "clamped" variant only), or None when it cannot be built here."""
     try:
         from deepspeed.ops.lamb import FusedLamb
 
@@ -331,6 +427,62 @@ def _fused_lamb(groups, lr, betas, eps, weight_decay, max_trust, min_trust):
         return None
 
 
+# ds_config LAMB "params" key -> build_optimizer keyword (DeepSpeed FusedLamb's names, plus "variant").
+_DS_LAMB_KEYS = {"lr": "lr", "betas": "betas", "eps": "eps", "weight_decay": "weight_decay",
+                 "max_coeff": "max_trust", "min_coeff": "min_trust", "variant": "variant"}
+
+
+def lamb_kwargs_from_ds_params(params: dict, flag: str = "--ds_config optimizer.params") -> dict:
+    """A ds_config's LAMB `optimizer.params` block as `build_optimizer(..., **kwargs)` keywords.
+
+    Reads lr (required), betas, eps, weight_decay (defaults (0.9, 0.999), 1e-6, 0.0), "variant"
+    ("nvidia" or "clamped", default "clamped") and, for "clamped" only, max_coeff/min_coeff
+    (absent: DeepSpeed's 10 and 0.01; null: no bound). Unknown keys and wrong types are errors
+    that name `flag`, the key and what to write instead.
+    """
+    if not isinstance(params, dict):
+        raise OptimizerConfigError(f"{flag}: expected an object of LAMB parameters, got {type(params).__name__}")
+    unknown = sorted(set(params) - set(_DS_LAMB_KEYS))
+    if unknown:
+        hint = ""
+        if "max_grad_norm" in unknown:
+            hint = (' (clip with the ds_config\'s top-level "gradient_clipping" instead, which runs '
+                    'before the optimizer)')
+        raise OptimizerConfigError(
+            f"{flag}: unknown LAMB parameter(s) {unknown}{hint}; the known ones are {sorted(_DS_LAMB_KEYS)}"
+        )
+
+    def number(key, default):
+        value = params.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise OptimizerConfigError(f"{flag}: \"{key}\" must be a number, got {value!r}")
+        return float(value)
+
+    if "lr" not in params:
+        raise OptimizerConfigError(f"{flag}: LAMB needs \"lr\"")
+    betas = params.get("betas", (0.9, 0.999))
+    if (not isinstance(betas, (list, tuple)) or len(betas) != 2
+            or any(isinstance(b, bool) or not isinstance(b, (int, float)) for b in betas)):
+        raise OptimizerConfigError(f"{flag}: \"betas\" must be two numbers like [0.9, 0.999], got {betas!r}")
+    variant = params.get("variant", "clamped")
+    kwargs = dict(lr=number("lr", None), betas=(float(betas[0]), float(betas[1])), eps=number("eps", 1e-6),
+                  weight_decay=number("weight_decay", 0.0), variant=variant)
+    bounds = [k for k in ("max_coeff", "min_coeff") if k in params]
+    if bounds and variant in LAMB_VARIANTS and LAMB_VARIANTS[variant].bounds is None:
+        raise OptimizerConfigError(
+            f"{flag}: {bounds} clamp the trust ratio, which the {variant!r} variant does not do; "
+            f"remove them, or set \"variant\": \"clamped\" to keep the clamp"
+        )
+    for key in bounds:
+        kwargs[_DS_LAMB_KEYS[key]] = None if params[key] is None else number(key, None)
+    try:
+        _resolve_trust_bounds(variant, kwargs.get("min_trust", VARIANT_DEFAULT),
+                              kwargs.get("max_trust", VARIANT_DEFAULT))
+    except OptimizerConfigError as e:
+        raise OptimizerConfigError(f"{flag}: {e}") from None
+    return kwargs
+
+
 def build_optimizer(
     model: nn.Module,
     name: str = "lamb",
@@ -338,19 +490,22 @@ def build_optimizer(
     weight_decay: float = 0.01,
     betas: Tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-6,
-    max_trust: Optional[float] = 10.0,
-    min_trust: Optional[float] = 0.01,
+    max_trust=VARIANT_DEFAULT,
+    min_trust=VARIANT_DEFAULT,
     tp_group=None,
     device: Optional[str] = None,
     zero_stage: Optional[int] = None,
     flag: str = "--optimizer",
+    variant: str = "clamped",
 ) -> torch.optim.Optimizer:
     """LAMB or AdamW over `param_groups(model, weight_decay)`.
 
-    LAMB is DeepSpeed's FusedLamb only on GPU, without tensor parallelism and with
-    `zero_stage=0` stated: FusedLamb takes one trust ratio per tensor it is given, which is wrong
-    for TP shards and for ZeRO's flat partitions. Everywhere else it is `Lamb` (call
-    `attach_zero_partitions` under ZeRO 1/2). AdamW uses torch's fused kernel on GPU.
+    LAMB is DeepSpeed's FusedLamb only for the "clamped" variant, on GPU, without tensor
+    parallelism and with `zero_stage=0` stated: FusedLamb takes one clamped trust ratio per
+    tensor it is given, which is wrong for TP shards, for ZeRO's flat partitions and for the
+    "nvidia" variant (no clamp, no ratio on weight_decay-0 groups). Everywhere else it is `Lamb`
+    (call `attach_zero_partitions` under ZeRO 1/2). `variant`, `max_trust` and `min_trust` are
+    LAMB's (see `Lamb`). AdamW uses torch's fused kernel on GPU.
     """
     device = device or next(model.parameters()).device.type
     groups = param_groups(model, weight_decay)
@@ -363,13 +518,14 @@ def build_optimizer(
 
         tp_size = dist.get_world_size(tp_group)
     if name == "lamb":
-        _check_trust_bounds(min_trust, max_trust)  # before choosing FusedLamb, which does not check
-        if device == "cuda" and tp_size == 1 and zero_stage == 0:
+        # Checked before choosing FusedLamb, which does not check.
+        min_trust, max_trust = _resolve_trust_bounds(variant, min_trust, max_trust)
+        if variant == "clamped" and device == "cuda" and tp_size == 1 and zero_stage == 0:
             opt = _fused_lamb(groups, lr, betas, eps, weight_decay, max_trust, min_trust)
             if opt is not None:
                 return opt
         return Lamb(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                    max_trust=max_trust, min_trust=min_trust, tp_group=tp_group)
+                    max_trust=max_trust, min_trust=min_trust, tp_group=tp_group, variant=variant)
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                                  fused=(device == "cuda"))

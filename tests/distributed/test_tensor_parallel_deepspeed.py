@@ -52,7 +52,7 @@ def _micro(batch, dp_rank):
     return {k: v[dp_rank * MICRO:(dp_rank + 1) * MICRO] for k, v in batch.items()}
 
 
-def _reference(config, optimizer="adamw"):
+def _reference(config, optimizer="adamw", variant="clamped"):
     """Per-step losses, pre-clip grad norms and final weights of the dense model."""
     from pretrain.optim import build_optimizer
 
@@ -60,7 +60,7 @@ def _reference(config, optimizer="adamw"):
     if optimizer == "adamw":
         opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
     else:
-        opt = build_optimizer(model, "lamb", lr=LR * 10)
+        opt = build_optimizer(model, "lamb", lr=LR * 10, variant=variant)
     losses, norms = [], []
     for step in range(STEPS):
         batch = _global_batch(config, step)
@@ -73,7 +73,7 @@ def _reference(config, optimizer="adamw"):
     return losses, norms, {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def _train(config, full_sd, stage, use_mpu, optimizer="adamw", attach=True):
+def _train(config, full_sd, stage, use_mpu, optimizer="adamw", attach=True, variant="clamped"):
     import deepspeed
     import torch.distributed as dist
     from megatron.core import parallel_state
@@ -84,7 +84,8 @@ def _train(config, full_sd, stage, use_mpu, optimizer="adamw", attach=True):
     model, _ = build_tp_model(config, full_sd)
     client = None
     if optimizer == "lamb":
-        client = build_optimizer(model, "lamb", lr=LR * 10, tp_group=parallel_state.get_tensor_model_parallel_group())
+        client = build_optimizer(model, "lamb", lr=LR * 10, tp_group=parallel_state.get_tensor_model_parallel_group(),
+                                 variant=variant)
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=None if client else model.parameters(), optimizer=client,
         config=_ds_config(stage, optimizer), mpu=parallel.MegatronMPU() if use_mpu else None,
@@ -132,14 +133,22 @@ def _tp2_dp2_worker(rank, world_size, stage):
 
 def _lamb_runs(config, full_sd):
     """Our LAMB as DeepSpeed's client optimizer: under ZeRO stage 0 and (with the partition
-    layout attached) ZeRO-2 it trains like the dense LAMB; without the layout it refuses to step
-    rather than take a trust ratio over a flat slice of unrelated tensors."""
+    layout attached) ZeRO-2 it trains like the dense LAMB, in both variants (NVIDIA's decides
+    per parameter group, which ZeRO keeps on each flat partition); without the layout it
+    refuses to step rather than take a trust ratio over a flat slice of unrelated tensors."""
     ref_losses, _, ref_weights = _reference(config, "lamb")
     out = dict(lamb_ref_losses=ref_losses)
     for stage in (0, 2):
         losses, _, weights = _train(config, full_sd, stage, use_mpu=True, optimizer="lamb")
         out[f"lamb{stage}_losses"] = losses
         out[f"lamb{stage}_weight_diff"] = max((weights[k] - ref_weights[k]).abs().max().item() for k in ref_weights)
+    nv_ref_losses, _, nv_ref_weights = _reference(config, "lamb", variant="nvidia")
+    losses, _, weights = _train(config, full_sd, 2, use_mpu=True, optimizer="lamb", variant="nvidia")
+    out.update(
+        lamb_nvidia_ref_losses=nv_ref_losses, lamb_nvidia2_losses=losses,
+        lamb_nvidia2_weight_diff=max((weights[k] - nv_ref_weights[k]).abs().max().item() for k in nv_ref_weights),
+        lamb_nvidia_vs_clamped=max((nv_ref_weights[k] - ref_weights[k]).abs().max().item() for k in ref_weights),
+    )
     try:
         _train(config, full_sd, 2, use_mpu=True, optimizer="lamb", attach=False)
         out["lamb_unattached_error"] = None
@@ -184,6 +193,14 @@ def test_tp2_dp2_lamb_matches_dense_lamb(zero2_results, stage):
             assert abs(a - b) < TOL, f"step {step}: {a} vs {b}"
         assert r["lamb_ref_losses"][-1] != r["lamb_ref_losses"][0]
         assert r[f"lamb{stage}_weight_diff"] < TOL
+
+
+def test_tp2_dp2_zero2_nvidia_lamb_matches_dense_nvidia_lamb(zero2_results):
+    for r in zero2_results:
+        for step, (a, b) in enumerate(zip(r["lamb_nvidia2_losses"], r["lamb_nvidia_ref_losses"])):
+            assert abs(a - b) < TOL, f"step {step}: {a} vs {b}"
+        assert r["lamb_nvidia2_weight_diff"] < TOL
+        assert r["lamb_nvidia_vs_clamped"] > 1e-3  # the variants really differ on this model
 
 
 def test_lamb_under_zero2_without_the_partition_layout_refuses_to_step(zero2_results):

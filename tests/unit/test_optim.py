@@ -1,20 +1,28 @@
-"""LAMB against a NumPy transcription of the published update rule; schedule against hand values."""
+"""LAMB (both variants) against NumPy transcriptions of the published update rules; schedule
+against hand values."""
 
+import json
+import logging
 import math
+import os
 
 import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 
+from pretrain import optim
 from pretrain.optim import (
     Lamb,
     OptimizerConfigError,
     build_optimizer,
     build_scheduler,
+    lamb_kwargs_from_ds_params,
     param_groups,
     warmup_poly_decay,
 )
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def numpy_lamb(weights, grads_per_step, lr, b1, b2, eps, wd, max_trust=None, min_trust=None):
@@ -258,3 +266,187 @@ def test_lamb_without_bias_correction_keeps_the_moments():
     opt.step()
     torch.testing.assert_close(opt.state[p]["exp_avg_sq"], 0.001 * p.grad ** 2, rtol=0, atol=0)
     torch.testing.assert_close(opt.state[p]["exp_avg"], 0.1 * p.grad, rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# NVIDIA's variant (apex FusedLAMB as DeepLearningExamples' BERT uses it)
+
+
+def numpy_nvidia_lamb(weights, grads_per_step, decay, lr, b1, b2, eps):
+    """apex FusedLAMB (csrc/multi_tensor_lamb.cu; use_nvlamb=False, adam_w_mode=True,
+    grad_averaging=True, bias_correction=True; gradients already clipped), per tensor, in
+    float64 NumPy. `decay[i]` is the weight decay of tensor i's parameter group.
+
+    Stage 1: u = m_hat / (sqrt(v_hat) + eps) + decay * w. Stage 2: w -= lr * r * u with
+    r = ||w|| / ||u|| only where decay != 0 and both norms are non-zero, else r = 1; no clamp.
+    Returns the weights after every step and the ratios of the last step.
+    """
+    w = [x.astype(np.float64).copy() for x in weights]
+    m = [np.zeros_like(x) for x in w]
+    v = [np.zeros_like(x) for x in w]
+    history, ratios = [], []
+    for t, grads in enumerate(grads_per_step, start=1):
+        ratios = []
+        for i, g in enumerate(grads):
+            g = g.astype(np.float64)
+            m[i] = b1 * m[i] + (1 - b1) * g
+            v[i] = b2 * v[i] + (1 - b2) * g * g
+            u = (m[i] / (1 - b1 ** t)) / (np.sqrt(v[i] / (1 - b2 ** t)) + eps) + decay[i] * w[i]
+            p_norm, u_norm = np.linalg.norm(w[i]), np.linalg.norm(u)
+            r = p_norm / u_norm if (decay[i] != 0 and p_norm != 0 and u_norm != 0) else 1.0
+            ratios.append(r)
+            w[i] = w[i] - lr * r * u
+        history.append([x.copy() for x in w])
+    return history, ratios
+
+
+class _TwoGroupNet(nn.Module):
+    """Decayed weights (one large, one zero-initialised) and no-decay biases/LayerNorm (one zero)."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.dense = nn.Linear(6, 8)
+        self.LayerNorm = nn.LayerNorm(8)
+        self.out = nn.Linear(8, 3)
+        self.gate = nn.Linear(6, 3, bias=False)
+        with torch.no_grad():
+            self.dense.weight.copy_(torch.randn(8, 6, generator=g) * 15.0)  # ||w|| >> ||u||: r > 10
+            self.dense.bias.copy_(torch.randn(8, generator=g) * 0.02)  # small: r << 1 if it were applied
+            self.out.weight.copy_(torch.randn(3, 8, generator=g) * 0.3)
+            self.out.bias.zero_()  # ||w|| = 0
+            self.gate.weight.zero_()  # ||w|| = 0 in the decay group: the guard, not the group rule
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.LayerNorm(self.dense(x)))) + self.gate(x)
+
+
+def _train_two_group_net(steps, **opt_kwargs):
+    """Steps of build_optimizer's LAMB on _TwoGroupNet; the gradients each step saw (for a
+    reference), the weights before/after every step, and the last trust ratios, by name."""
+    model = _TwoGroupNet()
+    opt = build_optimizer(model, "lamb", **opt_kwargs)
+    names = [n for n, _ in model.named_parameters()]
+    start = [p.detach().double().numpy().copy() for p in model.parameters()]
+    g = torch.Generator().manual_seed(1)
+    grads, history = [], []
+    for _ in range(steps):
+        x, y = torch.randn(16, 6, generator=g), torch.randn(16, 3, generator=g)
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        grads.append([p.grad.double().numpy().copy() for p in model.parameters()])
+        opt.step()
+        history.append([p.detach().double().numpy().copy() for p in model.parameters()])
+    ratios = {n: float(opt.state[p]["last_trust_ratio"]) for n, p in zip(names, model.parameters())}
+    return names, start, grads, history, ratios, opt
+
+
+def test_nvidia_lamb_matches_apex_rule_over_several_steps():
+    lr, wd = 0.02, 0.01
+    names, start, grads, ours, our_ratios, opt = _train_two_group_net(5, lr=lr, weight_decay=wd, variant="nvidia")
+    assert sorted(g["weight_decay"] for g in opt.param_groups) == [0.0, wd]  # two groups, as the trainer builds
+    # The groups of NVIDIA's recipe, decided here from the names (bias / LayerNorm: no decay).
+    decay = [0.0 if (n.endswith("bias") or n.startswith("LayerNorm")) else wd for n in names]
+    ref, ref_ratios = numpy_nvidia_lamb(start, grads, decay, lr, 0.9, 0.999, 1e-6)
+    for step, (a, b) in enumerate(zip(ours, ref)):
+        for n, x, y in zip(names, a, b):
+            np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6, err_msg=f"step {step + 1} {n}")
+    np.testing.assert_allclose([our_ratios[n] for n in names], ref_ratios, rtol=1e-5)
+    by_name = dict(zip(names, ref_ratios))
+    assert by_name["dense.weight"] > 10  # unclamped: the clamped variant would cap it at 10
+    assert by_name["out.weight"] != 1.0
+    assert by_name["dense.bias"] == by_name["LayerNorm.weight"] == by_name["out.bias"] == 1.0
+    assert np.abs(ref[-1][names.index("out.bias")]).max() > 1e-3  # the zero bias moved (plain Adam)
+    # gate.weight started at 0, so step 1 fell back to r = 1 and it moved by lr * u.
+    assert np.abs(ref[0][names.index("gate.weight")]).max() > 0.5 * lr
+
+
+def test_nvidia_lamb_differs_from_clamped_where_it_should():
+    lr = 0.02
+    names, start, grads, hist_nv, ratios_nv, _ = _train_two_group_net(1, lr=lr, weight_decay=0.01, variant="nvidia")
+    _, _, _, hist_cl, ratios_cl, _ = _train_two_group_net(1, lr=lr, weight_decay=0.01)  # clamped, [0.01, 10]
+    i = names.index("dense.bias")
+    # Step 1 with bias correction: m_hat = g, v_hat = g^2, so a no-decay tensor takes exactly the
+    # Adam step -lr * g / (|g| + eps) (computed here in float32, as the optimizer does).
+    g32 = torch.tensor(grads[0][i], dtype=torch.float32)
+    expected = (torch.tensor(start[i], dtype=torch.float32) - lr * g32 / (g32.abs() + 1e-6)).double().numpy()
+    np.testing.assert_allclose(hist_nv[0][i], expected, rtol=1e-6, atol=1e-7)
+    assert ratios_nv["dense.bias"] == 1.0
+    # The clamped variant scales the same tensor by its (small) ratio instead.
+    assert ratios_cl["dense.bias"] < 0.1
+    assert np.abs(hist_cl[0][i] - start[i]).max() < 0.1 * np.abs(hist_nv[0][i] - start[i]).max()
+    # ... and caps the large weight's ratio, which the nvidia variant leaves as it is.
+    assert ratios_cl["dense.weight"] == 10.0 < ratios_nv["dense.weight"]
+
+
+def test_build_optimizer_keeps_fused_lamb_for_the_clamped_variant_only(monkeypatch):
+    fused = object()
+    monkeypatch.setattr(optim, "_fused_lamb", lambda *a, **k: fused)
+    model = _TwoGroupNet()
+    assert build_optimizer(model, "lamb", device="cuda", zero_stage=0) is fused
+    opt = build_optimizer(model, "lamb", device="cuda", zero_stage=0, variant="nvidia")
+    assert isinstance(opt, Lamb)
+    assert {g["variant"] for g in opt.param_groups} == {"nvidia"}
+    assert {(g["min_trust"], g["max_trust"]) for g in opt.param_groups} == {(None, None)}
+
+
+def test_lamb_variant_errors():
+    p = nn.Parameter(torch.ones(2))
+    with pytest.raises(OptimizerConfigError, match=r"variant 'apex' is unknown; use one of \['clamped', 'nvidia'\]"):
+        Lamb([p], variant="apex")
+    with pytest.raises(OptimizerConfigError, match="unknown"):
+        Lamb([{"params": [p], "variant": "NVIDIA"}])  # a group's own variant is checked too
+    with pytest.raises(OptimizerConfigError, match=r"'nvidia' does not clamp.*'max_trust': 10.0.*variant 'clamped'"):
+        Lamb([p], variant="nvidia", max_trust=10.0)
+    with pytest.raises(OptimizerConfigError, match="'min_trust': 0.01"):
+        build_optimizer(_TwoGroupNet(), "lamb", variant="nvidia", min_trust=0.01)
+    Lamb([p], variant="nvidia", max_trust=None, min_trust=None)  # "no bound" is what nvidia does
+
+
+def test_lamb_checkpoint_keeps_the_configured_variant(caplog):
+    # A checkpoint from before variants (no "variant" key: it was clamped) resumes with the
+    # variant and bounds of the optimizer built from the job's config, and says so.
+    w = nn.Parameter(torch.ones(3))
+    old = Lamb([w], lr=0.1)
+    w.grad = torch.ones(3)
+    old.step()
+    saved = old.state_dict()
+    for g in saved["param_groups"]:
+        del g["variant"]
+    new = Lamb([w], lr=0.1, variant="nvidia")
+    with caplog.at_level(logging.WARNING, logger="pretrain.optim"):
+        new.load_state_dict(saved)
+    assert (new.param_groups[0]["variant"], new.param_groups[0]["max_trust"]) == ("nvidia", None)
+    assert new.state[w]["step"] == 1  # the moments did load
+    assert "'variant': 'clamped'" in caplog.text and "'variant': 'nvidia'" in caplog.text
+
+
+def test_lamb_kwargs_from_the_shipped_phase_config():
+    with open(os.path.join(REPO, "configs", "zero2_lamb.json")) as f:
+        params = json.load(f)["optimizer"]["params"]
+    kwargs = lamb_kwargs_from_ds_params(params, "--ds_config configs/zero2_lamb.json optimizer.params")
+    assert kwargs == dict(lr=0.006, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01, variant="nvidia")
+    opt = build_optimizer(_TwoGroupNet(), "lamb", **kwargs)
+    assert isinstance(opt, Lamb) and {g["variant"] for g in opt.param_groups} == {"nvidia"}
+    # The clamped variant with DeepSpeed's names; null disables a bound.
+    clamped = lamb_kwargs_from_ds_params({"lr": 1e-3, "max_coeff": 5, "min_coeff": None})
+    assert clamped == dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0, variant="clamped",
+                           max_trust=5.0, min_trust=None)
+    assert build_optimizer(_TwoGroupNet(), "lamb", **clamped).param_groups[0]["max_trust"] == 5.0
+
+
+@pytest.mark.parametrize("params,match", [
+    ({"lr": 1e-3, "max_grad_norm": 1.0},
+     r"FLAG: unknown LAMB parameter\(s\) \['max_grad_norm'\].*gradient_clipping"
+     r".*\['betas', 'eps', 'lr', 'max_coeff', 'min_coeff', 'variant', 'weight_decay'\]"),
+    ({"lr": 1e-3, "variant": "nvidia", "max_coeff": 10.0},
+     r"FLAG: \['max_coeff'\] clamp.*'nvidia'.*\"variant\": \"clamped\""),
+    ({"lr": 1e-3, "variant": "apex"}, r"FLAG: LAMB variant 'apex' is unknown"),
+    ({"lr": 1e-3, "betas": [0.9]}, r"FLAG: \"betas\" must be two numbers"),
+    ({"lr": "fast"}, r"FLAG: \"lr\" must be a number"),
+    ({"betas": [0.9, 0.999]}, r"FLAG: LAMB needs \"lr\""),
+    ({"lr": 1e-3, "max_coeff": 1.0, "min_coeff": 2.0}, r"FLAG: LAMB min_trust \(2.0\) must be <= max_trust"),
+])
+def test_lamb_kwargs_from_ds_params_rejects_bad_blocks(params, match):
+    with pytest.raises(OptimizerConfigError, match=match):
+        lamb_kwargs_from_ds_params(params, "FLAG")
