@@ -193,6 +193,22 @@ def load(engine, run_dir: str, tag: str, same_world: bool, rng_tag: Optional[str
 # Offline: full fp32 weights out of ZeRO (and tensor-parallel) shards, without a process group
 
 
+def full_weights(run_dir: str, tag: str) -> dict:
+    """The checkpoint's full fp32 weights in the HF layout, with its real vocabulary: ZeRO
+    partitions gathered, TP shards joined, vocabulary rows cut to the model config's vocab_size
+    (training pads them for tensor parallelism, pretrain/vocab.py). Every offline reader (HF export,
+    --init_from, tests comparing against a dense model) takes the weights from here."""
+    from pretrain.parallel import unshard_state_dicts
+    from pretrain.vocab import resize_vocab
+
+    state = read_state(run_dir, tag)
+    shards = fp32_shards(run_dir, tag)
+    if len(shards) != state["tp"]:
+        raise CheckpointError(f"{os.path.join(run_dir, tag)}: {len(shards)} tensor-parallel shard sets, "
+                              f"trainer state says tp={state['tp']}")
+    return resize_vocab(unshard_state_dicts(shards), state["model_config"]["vocab_size"])
+
+
 def fp32_shards(run_dir: str, tag: str) -> list[dict]:
     """One full-size (ZeRO-gathered) fp32 state dict per tensor-parallel rank, in TP-rank order.
 
@@ -200,6 +216,8 @@ def fp32_shards(run_dir: str, tag: str) -> list[dict]:
     as rank 0's; each TP rank's files are linked into such a folder in turn.
     """
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from pretrain.quiet import captured_output
 
     tag_dir = os.path.join(os.path.abspath(run_dir), tag)
     files = glob.glob(os.path.join(tag_dir, "*_states.pt"))
@@ -214,7 +232,8 @@ def fp32_shards(run_dir: str, tag: str) -> list[dict]:
                 name = os.path.basename(f)
                 if f"mp_rank_{r:02d}" in name:
                     os.symlink(f, os.path.join(tmp, tag, name.replace(f"mp_rank_{r:02d}", "mp_rank_00")))
-            sd = get_fp32_state_dict_from_zero_checkpoint(tmp, tag=tag)
+            with captured_output("deepspeed zero_to_fp32"):  # its progress prints and bar
+                sd = get_fp32_state_dict_from_zero_checkpoint(tmp, tag=tag)
             # Tied aliases (the MLM decoder = the word embeddings) are listed by some mp ranks'
             # files only; the owner key carries the tensor, so aliases are dropped everywhere.
             shards.append({k: v.detach().clone().float() for k, v in sd.items() if k not in _TIED_ALIASES})

@@ -18,6 +18,10 @@ if __package__ in (None, ""):
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
+from pretrain.quiet import filter_third_party_warnings  # noqa: E402
+
+filter_third_party_warnings()
+
 from pretrain import checkpoint as ckpt  # noqa: E402
 
 log = logging.getLogger("pretrain.export_hf")
@@ -27,15 +31,11 @@ def export(checkpoint_path: str, out_dir: str) -> str:
     """Write the HF directory; returns out_dir."""
     from pretrain.hf_io import save_hf_dir
     from pretrain.model import BertConfig
-    from pretrain.parallel import unshard_state_dicts
 
     run_dir, tag = ckpt.resolve(checkpoint_path)
     state = ckpt.read_state(run_dir, tag)
     config = BertConfig.from_dict(state["model_config"], source=f"{os.path.join(run_dir, tag, ckpt.STATE_FILE)}")
-    shards = ckpt.fp32_shards(run_dir, tag)
-    if len(shards) != state["tp"]:
-        raise ckpt.CheckpointError(f"{os.path.join(run_dir, tag)}: {len(shards)} tensor-parallel shard sets, trainer state says tp={state['tp']}")
-    full = unshard_state_dicts(shards)
+    full = ckpt.full_weights(run_dir, tag)  # padded vocabulary rows already cut off
     vocab = None
     for name in ("vocab.txt",):
         if os.path.isfile(os.path.join(run_dir, tag, name)):

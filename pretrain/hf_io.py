@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from pretrain.model import BertConfig, BertForPreTraining
+from pretrain.vocab import resize_vocab
 
 logger = logging.getLogger(__name__)
 
@@ -153,7 +154,8 @@ def _replace_atomically(out_dir: str, name: str, write) -> None:
 def save_hf_dir(model, config: BertConfig, out_dir, vocab_file=None) -> None:
     """Write config.json + model.safetensors (+ vocab.txt) for transformers' BertForPreTraining.
 
-    ``model`` is a tp=1 ``BertForPreTraining`` or its (gathered) state dict. A ``*.txt``
+    ``model`` is a tp=1 ``BertForPreTraining`` or its (gathered) state dict; vocabulary rows past
+    ``config.vocab_size`` (training's padding, ``pretrain/vocab.py``) are cut off. A ``*.txt``
     ``vocab_file`` is written as ``vocab.txt``; another tokenizer file (``spm.model``) keeps its
     basename. Every file is written to a temporary name and renamed into place.
     """
@@ -167,7 +169,7 @@ def save_hf_dir(model, config: BertConfig, out_dir, vocab_file=None) -> None:
         if vocab_name in ("config.json", "model.safetensors"):
             raise ValueError(f"vocab file {vocab_file}: its name would overwrite the exported {vocab_name}")
     state = model.state_dict() if isinstance(model, nn.Module) else dict(model)
-    state = normalize_hf_state_dict(state)
+    state = resize_vocab(normalize_hf_state_dict(state), config.vocab_size)
     out_dir = os.fspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     # safetensors refuses tensors sharing storage; the tied decoder was dropped above, and

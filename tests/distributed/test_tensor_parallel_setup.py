@@ -94,7 +94,9 @@ def test_validation_messages_say_what_to_change():
         validate_parallel_config(6, 4)
     with pytest.raises(ParallelConfigError, match="num_attention_heads 12 is not divisible by --tp 8"):
         validate_parallel_config(8, 8, num_attention_heads=12)
-    with pytest.raises(ParallelConfigError, match=r'vocab_size 30522 is not divisible by --tp 4.*"vocab_size": 30524'):
+    # Unpadded rows: the message points at the padding helper and names the padded size.
+    with pytest.raises(ParallelConfigError, match=r"30522 vocabulary rows are not divisible by --tp 4.*"
+                                                  r"padded_vocab_size.*pads to 30720"):
         validate_parallel_config(4, 4, num_attention_heads=16, vocab_size=30522)
     with pytest.raises(ParallelConfigError, match="intermediate_size 100"):
         validate_parallel_config(8, 8, intermediate_size=100)
@@ -107,8 +109,10 @@ def test_validation_reads_the_model_config():
 
     large = BertConfig.from_json_file(os.path.join(REPO, "configs", "bert-large.json"))
     assert validate_model_for_tp(large, world_size=4, tp_size=2) == 2
-    with pytest.raises(ParallelConfigError, match="vocab_size"):
-        validate_model_for_tp(large, world_size=8, tp_size=8)
+    # 30522 rows do not split 8 ways; padded as the trainer pads them (128 x 8 -> 30720) they do.
+    assert validate_model_for_tp(large, world_size=8, tp_size=8) == 1
+    with pytest.raises(ParallelConfigError, match="vocabulary rows"):
+        validate_model_for_tp(large, world_size=8, tp_size=8, make_vocab_size_divisible_by=None)
 
 
 # ---------------------------------------------------------------- real process groups

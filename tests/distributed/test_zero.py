@@ -78,11 +78,10 @@ def _run_trainers(rank, world_size, runs):
 
 
 def final_weights(save_dir):
+    """The saved fp32 weights, TP shards joined and the vocabulary padding cut off (the export path)."""
     from pretrain import checkpoint as ckpt
-    from pretrain.parallel import unshard_state_dicts
 
-    run_dir, tag = ckpt.resolve(save_dir)
-    return unshard_state_dicts(ckpt.fp32_shards(run_dir, tag))
+    return ckpt.full_weights(*ckpt.resolve(save_dir))
 
 
 def reference(model_config_path, data_dir, steps=STEPS):

@@ -74,6 +74,10 @@ def test_pretraining_checkpoint_finetunes_via_cli(pretrained_run):
     exported = load_file(str(out / "consolidated" / "model.safetensors"))
     key = "bert.encoder.layer.1.attention.self.query.weight"
     assert torch.equal(exported[key], trained[key].float())
+    # training pads the vocabulary (30522 -> 30592 rows); the export holds exactly the real rows
+    words = "bert.embeddings.word_embeddings.weight"
+    assert trained[words].shape[0] == 30592 and exported[words].shape[0] == 30522
+    assert torch.equal(exported[words], trained[words][:30522].float())
     # and the fine-tuned model is saved in the HF layout transformers reads
     import transformers
 
