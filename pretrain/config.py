@@ -37,6 +37,13 @@ class TrainConfig:
     micro_batch_size: int = _f(0, "per-rank micro batch; 0 = take train_micro_batch_size_per_gpu from --ds_config")
     global_batch_size: int = _f(0, "samples per optimizer step over all ranks; 0 = from --ds_config (or micro x accumulation x dp)")
     tp: int = _f(1, "tensor-parallel size (megatron-core); world size must be dp x tp")
+    make_vocab_size_divisible_by: int = _f(128, "pad the word embeddings and MLM decoder to a multiple of this x --tp rows "
+                                           "(Megatron's rule: TP splits them by rows, 128 keeps the decoder GEMM efficient); "
+                                           "padded ids are never predicted, and exports keep the model config's vocab_size")
+    precision: str = _f("config", "config: as --ds_config says (its bf16/fp16 blocks; \"enabled\": \"auto\" = native); auto: the "
+                        "device's native precision (bf16 on GPUs of compute capability >= 8 and on CPUs with AVX512-BF16/AMX, "
+                        "fp16 with dynamic loss scaling on older GPUs, fp32 on other CPUs); fp32/bf16/fp16: that one",
+                        choices=("config", "auto", "fp32", "bf16", "fp16"))
     # --- optimizer and schedule (the optimizer's hyper-parameters come from --ds_config's "optimizer" block)
     optimizer: str = _f("auto", "auto: DeepSpeed's optimizer from --ds_config, or pretrain.optim's where DeepSpeed has none on this "
                         "device (LAMB on CPU); client: always pretrain.optim's implementation", choices=("auto", "client"))
@@ -63,7 +70,8 @@ class TrainConfig:
     # --- robustness and reproducibility
     max_nonfinite_steps: int = _f(10, "stop after this many consecutive skipped steps with non-finite loss or gradients")
     seed: int = _f(1234, "seed of the sample order, masking and weight init")
-    num_workers: int = _f(0, "DataLoader worker processes per rank (samples depend only on (seed, index), not on workers)")
+    num_workers: int = _f(-1, "DataLoader worker processes per rank; -1 = auto: up to 4 on GPU (with pinned memory), 0 on CPU "
+                          "(samples depend only on (seed, index), not on workers)")
     inject_nonfinite_steps: str = _f("", "testing aid: comma-separated steps whose loss is made NaN (exercises the skip logic)")
     config: str = _f("", "JSON file with any of these fields (e.g. configs/phase1.json); command-line flags override it")
 
@@ -181,10 +189,13 @@ class Resolved:
     grad_accum: int
     global_batch_size: int
     zero_stage: int
-    precision: str  # "fp32" | "bf16" | "fp16"
+    precision: str  # "fp32" | "bf16" | "fp16", resolved for the device (never "auto")
     optimizer_type: str  # "adamw" | "lamb"
     optimizer_params: dict
     manifest: dict
+    device: str = "cpu"  # "cuda" | "cpu"
+    precision_warning: Optional[str] = None  # logged once at start (bf16 asked on a CPU that emulates it)
+    padded_vocab_size: int = 0  # word-embedding / MLM-decoder rows: vocab_size padded (pretrain/vocab.py)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -195,21 +206,28 @@ class Resolved:
 _DS_BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
 
 
-def validate(cfg: TrainConfig, world_size: Optional[int] = None) -> Resolved:
-    """Check everything that can be checked without a process group; raise ConfigError."""
+def validate(cfg: TrainConfig, world_size: Optional[int] = None, device: Optional[str] = None) -> Resolved:
+    """Check everything that can be checked without a process group; raise ConfigError.
+
+    `device` ("cuda" or "cpu", default: where training will run) decides what "auto" precision is.
+    """
+    from pretrain import precision as prec
+
     world_size = world_size_from_env() if world_size is None else world_size
+    device = prec.device_type() if device is None else device
     missing = [k for k in _REQUIRED if not getattr(cfg, k)]
     if missing:
         raise ConfigError("missing required flag(s): " + ", ".join(f"--{k}" for k in missing))
-    for name in ("seq_length", "train_steps", "tp", "save_interval", "keep_last", "log_interval", "eval_samples"):
+    for name in ("seq_length", "train_steps", "tp", "save_interval", "keep_last", "log_interval", "eval_samples",
+                 "make_vocab_size_divisible_by"):
         if getattr(cfg, name) < 1:
             raise ConfigError(f"--{name} must be >= 1, got {getattr(cfg, name)}")
     if cfg.warmup_steps > cfg.train_steps or not 0.0 <= cfg.warmup_proportion <= 1.0:
         raise ConfigError(f"--warmup_steps {cfg.warmup_steps} / --warmup_proportion {cfg.warmup_proportion}: warm-up must fit in --train_steps {cfg.train_steps}")
     if cfg.decay_power <= 0:
         raise ConfigError(f"--decay_power must be > 0 (1 = linear), got {cfg.decay_power}")
-    if cfg.eval_interval < 0 or cfg.max_nonfinite_steps < 1 or cfg.num_workers < 0:
-        raise ConfigError("--eval_interval and --num_workers must be >= 0, --max_nonfinite_steps >= 1")
+    if cfg.eval_interval < 0 or cfg.max_nonfinite_steps < 1 or cfg.num_workers < -1:
+        raise ConfigError("--eval_interval must be >= 0, --num_workers >= 0 (or -1 = auto), --max_nonfinite_steps >= 1")
 
     model = _read_json(cfg.model_config, "--model_config")
     if not isinstance(model, dict):
@@ -233,6 +251,7 @@ def validate(cfg: TrainConfig, world_size: Optional[int] = None) -> Resolved:
     if world_size % cfg.tp:
         raise ConfigError(f"world size {world_size} is not a multiple of --tp {cfg.tp}: start dp x tp processes")
     dp = world_size // cfg.tp
+    padded_vocab = _padded_vocab(cfg, model, world_size)
 
     manifest = _check_data(cfg, model)
 
@@ -253,11 +272,7 @@ def validate(cfg: TrainConfig, world_size: Optional[int] = None) -> Resolved:
     zero_stage = int(ds.get("zero_optimization", {}).get("stage", 0))
     if zero_stage not in (1, 2, 3):
         raise ConfigError(f"--ds_config {cfg.ds_config}: zero_optimization.stage must be 1, 2 or 3 (got {zero_stage})")
-    fp16 = ds.get("fp16", {}).get("enabled", False)
-    bf16 = ds.get("bf16", {}).get("enabled", False)
-    if fp16 and bf16:
-        raise ConfigError(f"--ds_config {cfg.ds_config}: enable either fp16 or bf16, not both")
-    precision = "fp16" if fp16 else "bf16" if bf16 else "fp32"
+    ds, precision, precision_warning = _resolve_precision(cfg, ds, device)
     if ds.get("gradient_clipping", 0) <= 0:
         # DeepSpeed only computes the global grad norm (and so only detects non-finite gradients
         # in fp32) when clipping is on; the skip logic and the logged grad norm depend on it.
@@ -280,13 +295,15 @@ def validate(cfg: TrainConfig, world_size: Optional[int] = None) -> Resolved:
         raise ConfigError(f"--ds_config {cfg.ds_config}: optimizer params need a positive \"lr\" (or pass --lr)")
     opt["params"] = params
 
-    from pretrain.optim import check_optimizer_for_zero
+    from pretrain.optim import check_optimizer_for_zero, lamb_kwargs_from_ds_params
 
     try:
         check_optimizer_for_zero(otype, zero_stage, flag=f"--ds_config {cfg.ds_config} optimizer.type")
+        if otype == "lamb":
+            lamb_kwargs_from_ds_params(params, flag=f"--ds_config {cfg.ds_config} optimizer.params")
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    _check_resume(cfg, dp, global_bs)
+    _check_resume(cfg, dp, global_bs, padded_vocab)
 
     return Resolved(
         cfg=cfg,
@@ -302,7 +319,30 @@ def validate(cfg: TrainConfig, world_size: Optional[int] = None) -> Resolved:
         optimizer_type=otype,
         optimizer_params=params,
         manifest=manifest,
+        padded_vocab_size=padded_vocab,
+        device=device,
+        precision_warning=precision_warning,
     )
+
+
+def _resolve_precision(cfg: TrainConfig, ds: dict, device: str) -> tuple:
+    """The ds_config with its precision blocks set for `device`, the precision, and a warning."""
+    from pretrain import precision as prec
+
+    src = f"--ds_config {cfg.ds_config}"
+    try:
+        requested = prec.requested_precision(ds)
+    except ValueError as e:
+        raise ConfigError(f"{src}: {e}") from None
+    if cfg.precision != "config":
+        requested, src = cfg.precision, f"--precision {cfg.precision}"
+    elif requested == "bf16":
+        src = f"{src} (\"bf16\": {{\"enabled\": true}})"
+    try:
+        precision, warning = prec.resolve(requested, device, src)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return prec.apply_precision(ds, precision), precision, warning
 
 
 def _resolve_batch(cfg: TrainConfig, ds: dict, dp: int) -> tuple[int, int, int]:
@@ -382,7 +422,20 @@ def _check_data(cfg: TrainConfig, model: dict) -> dict:
     return manifest
 
 
-def _check_resume(cfg: TrainConfig, dp: int, global_bs: int) -> None:
+def _padded_vocab(cfg: TrainConfig, model: dict, world_size: int) -> int:
+    """The word-embedding rows this run trains: vocab_size padded for --tp (pretrain/vocab.py)."""
+    from pretrain.parallel import validate_parallel_config
+    from pretrain.vocab import padded_vocab_size
+
+    try:
+        padded = padded_vocab_size(model["vocab_size"], cfg.make_vocab_size_divisible_by, cfg.tp)
+        validate_parallel_config(world_size, cfg.tp, vocab_size=padded)
+    except ValueError as e:
+        raise ConfigError(f"--model_config {cfg.model_config}: {e}") from None
+    return padded
+
+
+def _check_resume(cfg: TrainConfig, dp: int, global_bs: int, padded_vocab: int) -> None:
     """A re-run resumes from --save_dir: its checkpoint must fit this layout."""
     latest = os.path.join(cfg.save_dir, "latest")
     if not os.path.isfile(latest):
@@ -402,4 +455,13 @@ def _check_resume(cfg: TrainConfig, dp: int, global_bs: int) -> None:
         raise ConfigError(
             f"--save_dir {cfg.save_dir} holds a seq_length {state.get('seq_length')} run; a new phase (e.g. seq {cfg.seq_length}) "
             f"needs its own --save_dir and --init_from {os.path.join(cfg.save_dir, 'latest')}"
+        )
+    # The resolved config of the run records its padded vocabulary; checkpoints from before padding have none.
+    rows = state.get("config", {}).get("padded_vocab_size") or state.get("model_config", {}).get("vocab_size")
+    if rows is not None and rows != padded_vocab:
+        raise ConfigError(
+            f"--save_dir {cfg.save_dir} holds a checkpoint with {rows} vocabulary rows, this run pads to {padded_vocab} "
+            f"(--make_vocab_size_divisible_by {cfg.make_vocab_size_divisible_by} x --tp {cfg.tp}); resume with the "
+            "--make_vocab_size_divisible_by of that run (1 for checkpoints written before padding), or start a new "
+            f"--save_dir with --init_from {os.path.join(cfg.save_dir, 'latest')}"
         )

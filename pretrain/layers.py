@@ -20,9 +20,9 @@ Contract each implementation keeps (the model relies on it):
   returns full embeddings.
 - ``vocab_cross_entropy(logits, labels)``: logits ``[..., V / tp]`` against global label ids,
   mean over ``labels != -100``.
-- ``sharded_rng()``: context manager entered around dropout on TP-split activations (attention
-  probabilities), so that each TP rank draws its own mask there while replicated regions keep
-  one shared stream.
+- ``sharded_rng(device)``: context manager entered around dropout on TP-split activations
+  (attention probabilities) living on ``device``, so that each TP rank draws its own mask there
+  while replicated regions keep one shared stream (of that device's generator).
 """
 
 from __future__ import annotations
@@ -59,5 +59,5 @@ class LayerFactory:
         count = (labels != IGNORE_INDEX).sum().clamp(min=1)
         return total / count
 
-    def sharded_rng(self):
+    def sharded_rng(self, device=None):
         return contextlib.nullcontext()

@@ -152,15 +152,18 @@ class PreTrainingOutput(NamedTuple):
     loss: Optional[torch.Tensor]  # mlm_loss + nsp_loss (whichever labels were given)
     mlm_loss: Optional[torch.Tensor]
     nsp_loss: Optional[torch.Tensor]
-    prediction_logits: torch.Tensor  # [n_masked, V] with labels, else [B, S, V] (V / tp shards)
+    # [n_masked, V] with labels, else [B, S, V] (V / tp shards); V = the padded vocabulary, whose
+    # padded ids hold the dtype's lowest value
+    prediction_logits: torch.Tensor
     seq_relationship_logits: torch.Tensor  # [B, 2]
     mlm_labels: Optional[torch.Tensor]  # [n_masked] targets matching prediction_logits rows
 
 
 class BertEmbeddings(nn.Module):
-    def __init__(self, config: BertConfig, layers: LayerFactory):
+    def __init__(self, config: BertConfig, layers: LayerFactory, vocab_rows: int):
         super().__init__()
-        self.word_embeddings = layers.vocab_embedding(config.vocab_size, config.hidden_size)
+        with _keep_rng_state():
+            self.word_embeddings = layers.vocab_embedding(vocab_rows, config.hidden_size)
         self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
         self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
         # Capital L as in the TF original, so checkpoint keys stay "LayerNorm.weight".
@@ -205,7 +208,9 @@ class BertSelfAttention(nn.Module):
         # Attention probabilities live on this rank's heads only: their dropout mask must differ
         # across TP ranks, hence the sharded RNG region. Entered only when dropout runs: the
         # region draws from the shared RNG, and an eval pass must not shift training's masks.
-        with self._sharded_rng() if dropout > 0 else contextlib.nullcontext():
+        # The region forks the generator of the device the activations are on (CUDA's for a GPU
+        # run: SDPA's dropout draws from it there, not from the CPU generator).
+        with self._sharded_rng(query.device) if dropout > 0 else contextlib.nullcontext():
             context = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask,
                                                      dropout_p=dropout)
         return context.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim)
@@ -320,14 +325,23 @@ def _attention_bias(attention_mask, dtype):
 
 class BertModel(nn.Module):
     def __init__(self, config: BertConfig, layers: Optional[LayerFactory] = None,
-                 add_pooling_layer: bool = True):
+                 add_pooling_layer: bool = True, padded_vocab_size: Optional[int] = None):
+        """``padded_vocab_size``: rows of the word embeddings (and of the tied MLM decoder), at
+        least ``config.vocab_size`` and divisible by tp (``pretrain.vocab.padded_vocab_size``);
+        None = exactly ``config.vocab_size``. Rows past the vocabulary stay zero, unused."""
         super().__init__()
         layers = layers if layers is not None else LayerFactory()
         if config.num_attention_heads % layers.tp_size:
             raise ValueError(f"num_attention_heads ({config.num_attention_heads}) must be divisible "
                              f"by the tensor-parallel size ({layers.tp_size})")
+        rows = config.vocab_size if padded_vocab_size is None else padded_vocab_size
+        if rows < config.vocab_size or rows % layers.tp_size:
+            raise ValueError(f"padded_vocab_size {rows} must be >= vocab_size ({config.vocab_size}) and "
+                             f"divisible by the tensor-parallel size ({layers.tp_size}); use "
+                             "pretrain.vocab.padded_vocab_size(vocab_size, divisible_by, tp)")
         self.config = config
-        self.embeddings = BertEmbeddings(config, layers)
+        self.padded_vocab_size = rows
+        self.embeddings = BertEmbeddings(config, layers, rows)
         self.encoder = BertEncoder(config, layers)
         self.pooler = BertPooler(config) if add_pooling_layer else None
 
@@ -347,7 +361,7 @@ class BertModel(nn.Module):
         return BertModelOutput(hidden, pooled, all_hidden)
 
     def init_weights(self) -> None:
-        _init_weights(self, self.config.initializer_range)
+        _init_weights(self, self.config.initializer_range, self.embeddings.word_embeddings, self.config.vocab_size)
         _zero_padding_row(self.embeddings.word_embeddings, self.config.pad_token_id)
 
 
@@ -363,26 +377,38 @@ class BertPredictionHeadTransform(nn.Module):
 
 
 class BertLMPredictionHead(nn.Module):
-    def __init__(self, config: BertConfig, layers: LayerFactory):
+    def __init__(self, config: BertConfig, layers: LayerFactory, vocab_rows: Optional[int] = None,
+                 real_rows: Optional[int] = None):
+        """``vocab_rows``: the (padded) vocabulary size; ``real_rows``: how many of this rank's
+        decoder rows are real tokens (default all), the rest are padding and never predicted."""
         super().__init__()
         self.transform = BertPredictionHeadTransform(config)
         # The weight is replaced by the word embeddings (tied) in BertForPreTraining; a column
         # layer takes the replicated hidden states and yields this rank's vocabulary slice,
         # which is exactly the slice of the vocab-parallel embedding it shares.
-        self.decoder = layers.column(config.hidden_size, config.vocab_size, bias=False)
+        with _keep_rng_state():
+            self.decoder = layers.column(config.hidden_size, vocab_rows or config.vocab_size, bias=False)
         self.bias = nn.Parameter(torch.zeros(self.decoder.weight.shape[0]))
+        self.real_rows = self.decoder.weight.shape[0] if real_rows is None else real_rows
 
     def forward(self, hidden_states):
         logits = self.decoder(self.transform(hidden_states))
         # Cast the fp32 bias so that autocast logits stay in bf16/fp16 (half the memory of a
         # promoted [tokens, vocab] tensor); the loss upcasts where it matters.
-        return logits + self.bias.to(logits.dtype)
+        logits = logits + self.bias.to(logits.dtype)
+        if self.real_rows < logits.shape[-1]:
+            # Padded vocabulary ids must never win: the most negative logit has probability
+            # exactly 0 in the loss's softmax (so the loss and gradients are the unpadded
+            # model's, the padded rows get none) and never is an argmax.
+            logits[..., self.real_rows:] = torch.finfo(logits.dtype).min
+        return logits
 
 
 class BertPreTrainingHeads(nn.Module):
-    def __init__(self, config: BertConfig, layers: LayerFactory):
+    def __init__(self, config: BertConfig, layers: LayerFactory, vocab_rows: Optional[int] = None,
+                 real_rows: Optional[int] = None):
         super().__init__()
-        self.predictions = BertLMPredictionHead(config, layers)
+        self.predictions = BertLMPredictionHead(config, layers, vocab_rows, real_rows)
         self.seq_relationship = nn.Linear(config.hidden_size, 2)
 
 
@@ -390,20 +416,29 @@ class BertForPreTraining(nn.Module):
     # State-dict keys that alias another parameter (not stored separately in HF checkpoints).
     tied_weights = {"cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight"}
 
-    def __init__(self, config: BertConfig, layers: Optional[LayerFactory] = None):
+    def __init__(self, config: BertConfig, layers: Optional[LayerFactory] = None,
+                 padded_vocab_size: Optional[int] = None):
+        """``padded_vocab_size``: see ``BertModel``; the decoder and ``cls.predictions.bias``
+        get the same rows as the word embeddings, and padded ids get the lowest logit."""
         super().__init__()
         layers = layers if layers is not None else LayerFactory()
         self.config = config
         self._layers = layers
-        self.bert = BertModel(config, layers)
-        self.cls = BertPreTrainingHeads(config, layers)
+        self.bert = BertModel(config, layers, padded_vocab_size=padded_vocab_size)
+        self.padded_vocab_size = self.bert.padded_vocab_size
+        real_rows = _real_vocab_rows(self.bert.embeddings.word_embeddings, config.vocab_size)
+        self.cls = BertPreTrainingHeads(config, layers, self.padded_vocab_size, real_rows)
         self.tie_weights()
 
     def tie_weights(self) -> None:
         self.cls.predictions.decoder.weight = self.bert.embeddings.word_embeddings.weight
 
     def forward(self, input_ids, token_type_ids=None, attention_mask=None, labels=None,
-                next_sentence_label=None) -> PreTrainingOutput:
+                next_sentence_label=None, masked_positions=None) -> PreTrainingOutput:
+        """``masked_positions`` (optional, with ``labels``): the flat [B * S] indices of
+        ``labels != -100`` in row-major order, computed by the caller where the labels are still on
+        the host. Without it the model finds them itself with ``nonzero``, which on a GPU waits for
+        every queued kernel (the output size depends on the data) once per micro-batch."""
         mlm_loss = nsp_loss = mlm_labels = None
         if labels is not None:
             # Sparse prediction: only the [CLS] rows (NSP) and the masked rows (~15% of tokens,
@@ -414,7 +449,10 @@ class BertForPreTraining(nn.Module):
                 raise ValueError(f"labels {tuple(labels.shape)} must have the shape of input_ids "
                                  f"{tuple(input_ids.shape)}, with -100 where no token is masked")
             flat_labels = labels.reshape(-1)
-            masked = (flat_labels != IGNORE_INDEX).nonzero().squeeze(1)
+            if masked_positions is None:
+                masked = (flat_labels != IGNORE_INDEX).nonzero().squeeze(1)
+            else:
+                masked = masked_positions.reshape(-1).to(device=flat_labels.device, dtype=torch.long)
             cls_rows = torch.arange(0, batch * seq, seq, device=masked.device)
             rows = torch.cat([cls_rows, masked])
             hidden = self.bert(input_ids, token_type_ids, attention_mask, output_rows=rows).last_hidden_state
@@ -434,14 +472,20 @@ class BertForPreTraining(nn.Module):
         return PreTrainingOutput(loss, mlm_loss, nsp_loss, prediction_logits, nsp_logits, mlm_labels)
 
     def init_weights(self) -> None:
-        _init_weights(self, self.config.initializer_range)
-        _zero_padding_row(self.bert.embeddings.word_embeddings, self.config.pad_token_id)
+        embeddings = self.bert.embeddings.word_embeddings
+        _init_weights(self, self.config.initializer_range, embeddings, self.config.vocab_size)
+        _zero_padding_row(embeddings, self.config.pad_token_id)
 
 
 @torch.no_grad()
-def _init_weights(model: nn.Module, std: float) -> None:
+def _init_weights(model: nn.Module, std: float, word_embeddings: nn.Module, vocab_size: int) -> None:
     """HF's BERT init: N(0, initializer_range) for weight matrices and embeddings, zero biases,
-    LayerNorm weight 1 / bias 0. Works on TP shards too (each rank fills its own slice)."""
+    LayerNorm weight 1 / bias 0. Works on TP shards too (each rank fills its own slice).
+
+    Padded vocabulary rows of ``word_embeddings`` are zeroed, and only the real rows are drawn,
+    in place of the whole matrix: the generator then yields the unpadded model's numbers for
+    every parameter, so padded and unpadded models built after one seed have equal weights."""
+    real_rows = _real_vocab_rows(word_embeddings, vocab_size)
     seen = set()
     for name, param in model.named_parameters():  # shared (tied) parameters appear once
         if id(param) in seen:
@@ -454,8 +498,27 @@ def _init_weights(model: nn.Module, std: float) -> None:
                 param.zero_()
         elif name.endswith("bias"):
             param.zero_()
+        elif param is word_embeddings.weight and real_rows < param.shape[0]:
+            param[:real_rows].normal_(mean=0.0, std=std)
+            param[real_rows:].zero_()
         else:
             param.normal_(mean=0.0, std=std)
+
+
+def _keep_rng_state():
+    """Around building the vocabulary-sized layers: their construction-time values are replaced by
+    ``init_weights`` (or loaded weights), but drawing them would advance the generator by an amount
+    that depends on the padded row count, so a padded model's ``init_weights`` would then draw
+    other numbers than an unpadded one built after the same seed."""
+    return torch.random.fork_rng(devices=[])
+
+
+def _real_vocab_rows(embedding: nn.Module, vocab_size: int) -> int:
+    """How many rows of a (vocab-parallel) word-embedding shard are real token ids; the shard
+    holds ids ``[vocab_start_index, ...)`` (megatron's attribute; 0 for a dense ``nn.Embedding``)
+    and ids >= ``vocab_size`` are padding (``pretrain/vocab.py``)."""
+    start = getattr(embedding, "vocab_start_index", 0)
+    return max(0, min(embedding.weight.shape[0], vocab_size - start))
 
 
 @torch.no_grad()

@@ -239,10 +239,13 @@ def init_distributed(
 
             # auto_mpi_discovery off: the environment above is already complete, and DeepSpeed's
             # own discovery would force port 29500.
-            deepspeed.init_distributed(
-                dist_backend=backend, auto_mpi_discovery=False, timeout=timeout, init_method="env://",
-                verbose=False,
-            )
+            from pretrain.quiet import captured_output
+
+            with captured_output("deepspeed.init_distributed"):  # its "op built successfully" print
+                deepspeed.init_distributed(
+                    dist_backend=backend, auto_mpi_discovery=False, timeout=timeout, init_method="env://",
+                    verbose=False,
+                )
         except ImportError:
             dist.init_process_group(backend=backend, timeout=timeout, init_method="env://")
     logger.info(
@@ -269,7 +272,9 @@ def validate_parallel_config(
 ) -> int:
     """Check that `tp_size` can split this model on `world_size` ranks; return the dp size.
 
-    Every message names what to change. Call it before `init_distributed()`.
+    `vocab_size` is the number of word-embedding rows the model is built with, i.e. the padded
+    vocabulary (`pretrain.vocab.padded_vocab_size`). Every message names what to change. Call it
+    before `init_distributed()`.
     """
     if not isinstance(tp_size, int) or tp_size < 1:
         raise ParallelConfigError(f"{tp_flag} must be a positive integer, got {tp_size!r}")
@@ -291,24 +296,33 @@ def validate_parallel_config(
             f"feed-forward layer is split column-wise; use a {tp_flag} that divides {intermediate_size}"
         )
     if vocab_size is not None and vocab_size % tp_size:
-        padded = -(-vocab_size // tp_size) * tp_size
+        from pretrain.vocab import padded_vocab_size
+
         raise ParallelConfigError(
-            f"vocab_size {vocab_size} is not divisible by {tp_flag} {tp_size}: the word embeddings are "
-            f"split by vocabulary rows. Set \"vocab_size\": {padded} (or another multiple of {tp_size}) "
-            f"in the model config; the extra rows are never-used token ids"
+            f"{vocab_size} vocabulary rows are not divisible by {tp_flag} {tp_size}: the word embeddings are "
+            f"split by rows. Keep the model config's real vocab_size and pad the rows with "
+            f"pretrain.vocab.padded_vocab_size(vocab_size, divisible_by, tp) (the trainer's "
+            f"--make_vocab_size_divisible_by, default 128, pads to {padded_vocab_size(vocab_size, 128, tp_size)} here)"
         )
     return world_size // tp_size
 
 
-def validate_model_for_tp(config, world_size: int, tp_size: int, tp_flag: str = "--tp") -> int:
-    """`validate_parallel_config` with the sizes read from a BertConfig-like object."""
+def validate_model_for_tp(config, world_size: int, tp_size: int, tp_flag: str = "--tp",
+                          make_vocab_size_divisible_by: Optional[int] = 128) -> int:
+    """`validate_parallel_config` with the sizes read from a BertConfig-like object; the vocabulary
+    is padded as the trainer pads it (None: unpadded, `config.vocab_size` rows)."""
+    from pretrain.vocab import padded_vocab_size
+
+    vocab_rows = getattr(config, "vocab_size", None)
+    if vocab_rows is not None and make_vocab_size_divisible_by is not None:
+        vocab_rows = padded_vocab_size(vocab_rows, make_vocab_size_divisible_by, tp_size)
     return validate_parallel_config(
         world_size,
         tp_size,
         num_attention_heads=getattr(config, "num_attention_heads", None),
         hidden_size=getattr(config, "hidden_size", None),
         intermediate_size=getattr(config, "intermediate_size", None),
-        vocab_size=getattr(config, "vocab_size", None),
+        vocab_size=vocab_rows,
         tp_flag=tp_flag,
     )
 
@@ -404,21 +418,25 @@ class MegatronMPU:
 
 
 class TensorParallelRNG:
-    """Dropout RNG for tensor-parallel regions: `fork()` gives each TP rank its own stream.
+    """Dropout RNG for tensor-parallel regions: `fork(device)` gives each TP rank its own stream.
 
     Inside a split region (attention probabilities of the local heads) each TP rank holds
     different activations, so its dropout mask must be independent, as it would be for those
     heads in a dense model. Outside (hidden states, replicated on every TP rank) every rank must
-    drop the same elements, which the default generator gives when all TP ranks share a seed.
+    drop the same elements, which the default generators give when all TP ranks share a seed.
 
-    Megatron keeps a separate CUDA generator state per rank (its tracker fails on CPU, and its
-    state must be saved in checkpoints and replayed by its own activation checkpointing). Here the
-    per-rank stream is derived instead: entering `fork()` draws one number from the shared CPU
-    generator (the same on every TP rank, so replicated regions stay in step), seeds the device's
-    default generator with it mixed with the TP rank, and restores the outer state on exit. The
-    region's masks are thus a function of the shared RNG state alone, which torch's and
-    DeepSpeed's activation checkpointing already save and restore for recomputation, and which
-    the trainer's checkpoints already carry: recomputed and resumed masks are the same.
+    The generator forked is the one of the device the region's activations live on: on a GPU,
+    dropout and SDPA draw from that device's CUDA generator, not from the CPU one (reseeding the
+    CPU generator there would leave every TP rank applying the same masks to different heads).
+    Megatron keeps a separate CUDA generator state per rank in its RNG tracker (which fails on
+    CPU, and whose state must be saved in checkpoints and replayed by its own activation
+    checkpointing). Here the per-rank stream is derived instead: entering `fork()` draws one
+    number from the shared CPU generator (the same on every TP rank, so replicated regions stay
+    in step; drawn on the CPU so no device synchronisation), seeds the device's generator with it
+    mixed with the TP rank, and restores that generator's outer state on exit. The region's masks
+    are thus a function of the shared CPU RNG state alone, which torch's activation checkpointing
+    saves and restores for recomputation (together with the CUDA state of the inputs' device),
+    and which the trainer's checkpoints carry: recomputed and resumed masks are the same.
     """
 
     # Odd 64-bit constant (golden ratio), so rank r's seed differs from rank r+1's in many bits.
@@ -426,19 +444,25 @@ class TensorParallelRNG:
 
     def __init__(self, tp_rank: int, device: str = "cpu"):
         self.tp_rank = tp_rank
-        self.device = torch.device(device).type
+        self.device = torch.device(device)
 
-    def _generator(self):
-        if self.device == "cuda":
-            return torch.cuda.default_generators[torch.cuda.current_device()]
-        return torch.default_generator
+    @staticmethod
+    def generator(device) -> torch.Generator:
+        """The default generator that random ops on `device` draw from."""
+        device = torch.device(device)
+        if device.type == "cuda":
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            return torch.cuda.default_generators[index]
+        if device.type == "cpu":
+            return torch.default_generator
+        raise ValueError(f"TensorParallelRNG: no default generator for device {device}")
 
     @contextlib.contextmanager
-    def fork(self):
-        # Drawn on the CPU generator even for CUDA: no device sync, and checkpointing always
-        # saves the CPU state.
+    def fork(self, device=None):
+        """Enter around dropout on TP-split activations living on `device` (default: the
+        device given at construction)."""
         base = int(torch.randint(0, 2**62, (1,)).item())
-        gen = self._generator()
+        gen = self.generator(self.device if device is None else device)
         outside = gen.get_state()
         gen.manual_seed((base + self._MIX * (self.tp_rank + 1)) % 2**63)
         try:
@@ -575,8 +599,8 @@ class MegatronLayerFactory:
         # Same convention as the dense factory: no masked token gives 0 (and zero grads), not NaN.
         return (losses * keep).sum() / keep.sum().clamp(min=1)
 
-    def sharded_rng(self):
-        return self.rng.fork()
+    def sharded_rng(self, device=None):
+        return self.rng.fork(device)
 
 
 # --------------------------------------------------------------------------------------------

@@ -14,6 +14,10 @@ if __package__ in (None, ""):
     # `deepspeed pretrain/run.py` runs this file as a script: make the repository importable.
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from pretrain.quiet import filter_third_party_warnings  # noqa: E402
+
+filter_third_party_warnings()  # before anything imports megatron-core or DeepSpeed
+
 from pretrain.config import ConfigError, load_config, validate  # noqa: E402
 
 

@@ -105,15 +105,66 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 def _client_optimizer(kind: str, model: torch.nn.Module, params: dict, tp_group):
-    """pretrain.optim's LAMB / AdamW (used where DeepSpeed has no implementation on the device)."""
+    """pretrain.optim's LAMB / AdamW (used where DeepSpeed has no implementation on the device).
+    Built after the model is placed: the implementation (fused kernels on GPU) follows the device."""
     from pretrain import optim
 
+    if kind == "lamb":
+        kwargs = optim.lamb_kwargs_from_ds_params(params, flag="--ds_config optimizer.params")
+        return optim.build_optimizer(model, "lamb", **kwargs, tp_group=tp_group, flag="--ds_config optimizer.type")
     return optim.build_optimizer(
         model, kind, lr=params["lr"], weight_decay=float(params.get("weight_decay", 0.0)),
         betas=tuple(params.get("betas", (0.9, 0.999))), eps=float(params.get("eps", 1e-6)),
-        max_trust=params.get("max_coeff", 10.0), min_trust=params.get("min_coeff", 0.01),
         tp_group=tp_group, flag="--ds_config optimizer.type",
     )
+
+
+def deepspeed_optimizer_params(params: dict, device_type: str) -> dict:
+    """The ds_config optimizer params as DeepSpeed gets them: with `"torch_adam": true` DeepSpeed
+    builds torch.optim.AdamW from them, which on a GPU should be the fused (single-kernel) one."""
+    out = dict(params)
+    if device_type == "cuda" and out.get("torch_adam") and not out.get("foreach"):
+        out.setdefault("fused", True)
+    return out
+
+
+def describe_optimizer(optimizer) -> str:
+    """Which implementation runs, for the start-up log: the class (inside DeepSpeed's ZeRO/bf16
+    wrapper), the device of its state and whether torch's fused/foreach kernels are on."""
+    wrapper = type(optimizer).__name__
+    inner = getattr(optimizer, "optimizer", optimizer)
+    name = f"{type(inner).__module__}.{type(inner).__name__}"
+    flags = [f"{k}={inner.defaults[k]}" for k in ("fused", "foreach") if k in getattr(inner, "defaults", {}) and inner.defaults[k] is not None]
+    if hasattr(inner, "defaults") and "variant" in inner.defaults:
+        flags.append(f"variant={inner.defaults['variant']}")
+    params = [p for g in getattr(inner, "param_groups", []) for p in g["params"]]
+    device = params[0].device if params else "?"
+    wrapped = f" inside DeepSpeed's {wrapper}" if inner is not optimizer else ""
+    return f"{name}({', '.join(flags)}) on {device}{wrapped}"
+
+
+def loader_workers(configured: int, device_type: str, cpus_per_rank: Optional[int] = None) -> int:
+    """DataLoader worker processes per rank: `configured` if >= 0; else (auto) on a GPU up to 4
+    workers from this rank's share of the cores, so that sample building and masking run beside
+    the device step; on CPU none (the step itself needs every core)."""
+    if configured >= 0:
+        return configured
+    if device_type != "cuda":
+        return 0
+    if cpus_per_rank is None:
+        cpus_per_rank = cpu_share()
+    return max(1, min(4, cpus_per_rank - 1))
+
+
+def cpu_share() -> int:
+    """Cores this rank may use: its affinity mask when the launcher binds (srun --cpu-bind,
+    deepspeed --bind_cores_to_rank), else the node's cores divided by the ranks on the node."""
+    node = os.cpu_count() or 1
+    mine = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else node
+    if mine < node:
+        return mine
+    ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "0")) or max(1, torch.cuda.device_count())
+    return max(1, node // ranks)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -121,12 +172,15 @@ def _client_optimizer(kind: str, model: torch.nn.Module, params: dict, tp_group)
 
 
 def build_model(res: Resolved, tp_rank: int, tp: int):
-    """Dense model from the seed, then (tp > 1) this rank's TP shard of the same weights."""
+    """Dense model from the seed, then (tp > 1) this rank's TP shard of the same weights.
+
+    The vocabulary is padded to `res.padded_vocab_size` rows (pretrain/vocab.py); the real rows
+    get the numbers an unpadded model built after the same seed gets."""
     from pretrain.model import BertConfig, BertForPreTraining
 
     config = BertConfig.from_dict(res.model_config, source=f"--model_config {res.cfg.model_config}")
     torch.manual_seed(res.cfg.seed)
-    dense = BertForPreTraining(config)
+    dense = BertForPreTraining(config, padded_vocab_size=res.padded_vocab_size)
     dense.init_weights()
     layers = None
     model = dense
@@ -135,7 +189,7 @@ def build_model(res: Resolved, tp_rank: int, tp: int):
         from pretrain.hf_io import load_into
 
         layers = MegatronLayerFactory(init_std=config.initializer_range, seed=res.cfg.seed, device="cpu")
-        model = BertForPreTraining(config, layers)
+        model = BertForPreTraining(config, layers, padded_vocab_size=res.padded_vocab_size)
         # Without the tags DeepSpeed counts cls.predictions.bias (a vocab shard) on TP rank 0 only.
         mark_tensor_parallel_params(model)
         full = {k: v for k, v in dense.state_dict().items()}
@@ -147,9 +201,13 @@ def build_model(res: Resolved, tp_rank: int, tp: int):
 
 
 def load_init_weights(path: str, config, model, tp_rank: int, tp: int) -> None:
-    """--init_from: full fp32 weights from a trainer checkpoint or an HF directory, into `model`."""
+    """--init_from: full fp32 weights from a trainer checkpoint or an HF directory, into `model`.
+
+    Both sources give the real vocabulary (a checkpoint's padding, maybe for another tp, is cut
+    off by ckpt.full_weights); it is padded again to this model's rows."""
     from pretrain.hf_io import load_hf_dir, load_into
-    from pretrain.parallel import shard_state_dict, tp_partition_dims, unshard_state_dicts
+    from pretrain.parallel import shard_state_dict, tp_partition_dims
+    from pretrain.vocab import resize_vocab
 
     if os.path.isfile(os.path.join(path, "config.json")) and not os.path.isfile(os.path.join(path, ckpt.STATE_FILE)):
         _, full = load_hf_dir(path)
@@ -158,8 +216,13 @@ def load_init_weights(path: str, config, model, tp_rank: int, tp: int) -> None:
             run_dir, tag = ckpt.resolve(path)
         except ckpt.CheckpointError as e:
             raise ConfigError(f"--init_from {path}: {e}") from None
-        full = unshard_state_dicts(ckpt.fp32_shards(run_dir, tag))
+        full = ckpt.full_weights(run_dir, tag)
+    words = full.get("bert.embeddings.word_embeddings.weight")
+    if words is not None and words.shape[0] != config.vocab_size:
+        raise ConfigError(f"--init_from {path}: its vocabulary has {words.shape[0]} tokens, --model_config says vocab_size "
+                          f"{config.vocab_size}; use the model config (and tokenizer) of the run it comes from")
     full = {k: v for k, v in full.items() if k in dict(model.state_dict())}
+    full = resize_vocab(full, config.vocab_size, model.padded_vocab_size)
     load_into(model, shard_state_dict(full, tp_rank, tp, tp_partition_dims(model)) if tp > 1 else full)
 
 
@@ -198,6 +261,8 @@ class Trainer:
             res.world_size, res.dp, cfg.tp, res.zero_stage, res.precision, res.micro_batch_size, res.grad_accum,
             res.dp, res.global_batch_size, _versions(), _git_sha(),
         )
+        if res.precision_warning and self.rank == 0:
+            log.warning("precision: %s", res.precision_warning)
 
         # --- resume decision before the engine exists (dp change needs another load path)
         self.resume_tag = ckpt.latest_tag(cfg.save_dir) if dist.get_rank() == 0 else None
@@ -214,10 +279,12 @@ class Trainer:
             load_init_weights(cfg.init_from, self.model_config, model, self.tp_rank, cfg.tp)
             log.info("initialised weights from %s (optimizer and schedule start fresh)", cfg.init_from)
 
-        # --- optimizer, schedule, engine
+        # --- placement, then optimizer (its implementation depends on where the parameters are:
+        # fused kernels on GPU), schedule, engine
+        device = torch.device("cuda", launch.local_rank) if res.device == "cuda" else torch.device("cpu")
+        model.to(device)
         ds_config = json.loads(json.dumps(res.ds_config))
         groups = param_groups(model, float(res.optimizer_params.get("weight_decay", 0.0)))
-        on_cpu = not torch.cuda.is_available()
         # LAMB is always ours: DeepSpeed's has no CPU kernel, and under ZeRO its FusedLamb takes one
         # trust ratio per flat partition instead of per tensor (pretrain.optim.Lamb recovers them).
         use_client = cfg.optimizer == "client" or res.optimizer_type == "lamb"
@@ -225,10 +292,8 @@ class Trainer:
         if use_client:
             optimizer = _client_optimizer(res.optimizer_type, model, res.optimizer_params, self.tp_group if cfg.tp > 1 else None)
             ds_config.pop("optimizer", None)
-            log.info("optimizer: pretrain.optim %s (client optimizer)", res.optimizer_type)
         else:
-            ds_config["optimizer"]["params"] = dict(res.optimizer_params)
-            log.info("optimizer: DeepSpeed %s %s", ds_config["optimizer"]["type"], ds_config["optimizer"]["params"])
+            ds_config["optimizer"]["params"] = deepspeed_optimizer_params(res.optimizer_params, device.type)
         warmup = cfg.warmup_steps if cfg.warmup_steps >= 0 else int(round(cfg.warmup_proportion * cfg.train_steps))
         power = 1.0 if cfg.decay == "linear" else cfg.decay_power
         schedule = lambda opt: build_scheduler(opt, warmup, cfg.train_steps, power=power)  # noqa: E731
@@ -247,6 +312,7 @@ class Trainer:
         self.device = self.engine.device
         if hasattr(optimizer, "attach_zero_partitions"):
             optimizer.attach_zero_partitions(self.engine.optimizer)  # per-tensor trust ratios under ZeRO 1/2
+        log.info("optimizer: %s", describe_optimizer(self.engine.optimizer))
 
         # --- resume
         self.step = 0
@@ -258,10 +324,12 @@ class Trainer:
         # --- data
         self.train_ds = PretrainingDataset(cfg.data, cfg.seq_length, "train", seed=cfg.seed)
         self.valid_ds = PretrainingDataset(cfg.data, cfg.seq_length, "valid", seed=cfg.seed)
+        workers = loader_workers(cfg.num_workers, self.device.type)
         self.loader = build_dataloader(
             self.train_ds, res.micro_batch_size, dp_rank=self.dp_rank, dp_size=res.dp,
-            consumed_samples=self.consumed, num_workers=cfg.num_workers,
+            consumed_samples=self.consumed, num_workers=workers, pin_memory=self.device.type == "cuda",
         )
+        log.info("data: %d loader worker(s) per rank%s", workers, ", pinned memory" if self.device.type == "cuda" else "")
         tok = res.manifest.get("tokenizer", {})
         self.vocab_file = os.path.join(cfg.data, tok.get("file", "vocab.txt"))
         self.metrics = MetricsWriter(cfg.save_dir, enabled=self.rank == 0, tensorboard=cfg.tensorboard)
@@ -311,8 +379,10 @@ class Trainer:
             )
         if not self.same_world:
             # RNG streams are per rank; with another rank layout they cannot continue, so each
-            # rank gets a fresh stream derived from (seed, step, rank).
-            torch.manual_seed(self.cfg.seed * 1000003 + self.step * 1009 + self.rank)
+            # rank gets a fresh stream derived from (seed, step, dp rank). Not the global rank: the
+            # ranks of one TP group must draw the same replicated-region dropout masks (hidden
+            # states, embeddings), or their copies of LayerNorm/bias/embedding weights drift apart.
+            torch.manual_seed(self.cfg.seed * 1000003 + self.step * 1009 + self.dp_rank)
         log.info("resumed from %s: step %d, %d samples consumed", os.path.join(self.cfg.save_dir, tag), self.step, self.consumed)
 
     def _state(self) -> dict:
@@ -343,7 +413,13 @@ class Trainer:
     # ------------------------------------------------------------------------------------------
 
     def _to_device(self, batch: dict) -> dict:
-        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        out = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        if "labels" in batch:
+            # Found on the host, where the labels still are: the model's own `nonzero` on the GPU
+            # would wait for every queued kernel, once per micro-batch.
+            rows = (batch["labels"].reshape(-1) != -100).nonzero().squeeze(1)
+            out["masked_positions"] = rows.to(self.device, non_blocking=True)
+        return out
 
     def _all_reduce(self, values: list[float], group) -> list[float]:
         t = torch.tensor(values, dtype=torch.float64, device=self.device)
@@ -351,37 +427,42 @@ class Trainer:
         return t.tolist()
 
     def train_step(self, micro_batches: list[dict]) -> dict:
-        """One optimizer step over this rank's micro-batches; returns global-batch metrics."""
+        """One optimizer step over this rank's micro-batches.
+
+        Returns the global-batch metrics as tensors on the device (plus host-side counts): nothing
+        here waits for the device; `run()` reads them once per log interval.
+        """
         res = self.res
-        n_local = sum(int((mb["labels"] != -100).sum()) for mb in micro_batches)
-        n_global = self._all_reduce([float(n_local)], self.dp_group)[0]
-        scale = res.dp * res.grad_accum / max(n_global, 1.0)
-        mlm_sum = nsp_sum = 0.0
-        tokens = 0
+        n_local = sum(int((mb["labels"] != -100).sum()) for mb in micro_batches)  # host tensors
+        n_global = torch.tensor([float(n_local)], dtype=torch.float64, device=self.device)
+        self.dist.all_reduce(n_global, group=self.dp_group)
+        scale = (res.dp * res.grad_accum / n_global.clamp(min=1.0)).float()
+        tokens = sum(int(mb["attention_mask"].sum()) for mb in micro_batches)  # non-pad, host tensors
+        # mlm loss sum, nsp loss sum, non-pad tokens: one all-reduce at the end of the step
+        sums = torch.tensor([0.0, 0.0, float(tokens)], dtype=torch.float64, device=self.device)
         lr = self.engine.get_lr()[0]  # the lr this step uses (the scheduler moves on in step())
         for mb in micro_batches:
             mb = self._to_device(mb)
             out = self.engine(
                 input_ids=mb["input_ids"], token_type_ids=mb["token_type_ids"], attention_mask=mb["attention_mask"],
                 labels=mb["labels"], next_sentence_label=mb["next_sentence_label"],
+                masked_positions=mb["masked_positions"],
             )
-            n_mb = (mb["labels"] != -100).sum()
+            n_mb = mb["masked_positions"].numel()
             mlm = out.mlm_loss.float() * n_mb
             nsp = out.nsp_loss.float()
             if self.step + 1 in self.inject:
                 mlm, nsp = mlm * float("nan"), nsp * float("nan")
-            loss = mlm * scale + nsp
+            loss = mlm * scale[0] + nsp
             self.engine.backward(loss)
             self.engine.step()
-            mlm_sum += float(mlm.detach())
-            nsp_sum += float(nsp.detach())
-            tokens += int(mb["attention_mask"].sum())
-        mlm_g, nsp_g, tok_g = self._all_reduce([mlm_sum, nsp_sum, float(tokens)], self.dp_group)
-        mlm_loss = mlm_g / max(n_global, 1.0)
-        nsp_loss = nsp_g / (res.grad_accum * res.dp)
+            sums[:2] += torch.stack([mlm.detach(), nsp.detach()]).double()
+        self.dist.all_reduce(sums, group=self.dp_group)
+        mlm_loss = sums[0] / n_global[0].clamp(min=1.0)
+        nsp_loss = sums[1] / (res.grad_accum * res.dp)
         return {
-            "loss": mlm_loss + nsp_loss, "mlm_loss": mlm_loss, "nsp_loss": nsp_loss, "masked": n_global,
-            "tokens": tok_g, "lr": lr, "applied": self.engine.was_step_applied(),
+            "loss": mlm_loss + nsp_loss, "mlm_loss": mlm_loss, "nsp_loss": nsp_loss, "masked": n_global[0],
+            "tokens": sums[2], "lr": lr, "applied": self.engine.was_step_applied(),
         }
 
     def _most_frequent_label(self, n: int = 4096) -> int:
@@ -407,7 +488,7 @@ class Trainer:
             mb = self._to_device({k: torch.as_tensor(v) for k, v in self.valid_ds.get_batch(idx).items()})
             out = self.engine(
                 input_ids=mb["input_ids"], token_type_ids=mb["token_type_ids"], attention_mask=mb["attention_mask"],
-                labels=mb["labels"], next_sentence_label=mb["next_sentence_label"],
+                labels=mb["labels"], next_sentence_label=mb["next_sentence_label"], masked_positions=mb["masked_positions"],
             )
             logits = out.prediction_logits.float()
             if self.cfg.tp > 1:
@@ -443,9 +524,10 @@ class Trainer:
         it = iter(self.loader)
         _install_preemption_handler()
         consecutive = 0
-        window = {"time": 0.0, "wait": 0.0, "tokens": 0.0, "steps": 0, "masked": 0.0}
+        pending = []  # this interval's per-step metrics, still on the device
+        window = _new_window()
         flops_cfg = (self.model_config.hidden_size, self.model_config.num_hidden_layers,
-                     self.model_config.intermediate_size, self.model_config.vocab_size, cfg.seq_length)
+                     self.model_config.intermediate_size, res.padded_vocab_size, cfg.seq_length)  # the rows the decoder runs
         last_eval = None
         stop_at = min(cfg.train_steps, cfg.exit_at_step) if cfg.exit_at_step > 0 else cfg.train_steps
         while self.step < stop_at:
@@ -455,29 +537,17 @@ class Trainer:
             m = self.train_step(micro)
             self.step += 1
             self.consumed += res.global_batch_size
+            pending.append(m)
+            consecutive = self._count_skipped(m, consecutive)
+            # The host waits for the device only here, once per log interval (and before an eval,
+            # a save or the end), not per micro-batch: the last step of an interval absorbs the
+            # device's backlog, so the interval's time is right.
+            boundary = self.step % cfg.log_interval == 0 or self.step == stop_at
+            sync = boundary or (cfg.eval_interval and self.step % cfg.eval_interval == 0) or self.step % cfg.save_interval == 0
+            if sync:
+                history.extend(self._materialise(pending))
+                pending = []
             t2 = time.perf_counter()
-            history.append({"step": self.step, "loss": m["loss"], "mlm_loss": m["mlm_loss"], "nsp_loss": m["nsp_loss"],
-                            "applied": m["applied"]})
-
-            finite = math.isfinite(m["loss"])
-            if not m["applied"]:
-                self.skipped_total += 1
-                # fp16 loss-scale overflows with a finite loss are the scaler calibrating itself,
-                # not a diverging run: reported, but only non-finite losses count towards stopping.
-                counts = not finite or res.precision != "fp16"
-                consecutive = consecutive + 1 if counts else 0
-                log.warning("step %d skipped: non-finite %s (%d in a row, %d in total)", self.step,
-                            "loss" if not finite else "gradients", consecutive, self.skipped_total)
-                if consecutive >= cfg.max_nonfinite_steps:
-                    msg = (f"stopping: {consecutive} consecutive steps with non-finite loss/gradients (step {self.step}); "
-                           f"no checkpoint was written for them, the last good one is {ckpt.latest_tag(cfg.save_dir)}. "
-                           "Lower the learning rate, use bf16 instead of fp16, or check the data")
-                    log.error(msg)
-                    raise NonFiniteError(msg)
-            else:
-                if not finite:
-                    raise NonFiniteError(f"step {self.step}: non-finite loss but DeepSpeed applied the update")
-                consecutive = 0
 
             window["time"] += t2 - t0
             window["wait"] += t1 - t0
@@ -485,8 +555,8 @@ class Trainer:
             window["masked"] += m["masked"]
             window["steps"] += 1
             if self.step % cfg.log_interval == 0 or self.step == cfg.train_steps:
-                self._log_window(window, m, flops_cfg)
-                window = {"time": 0.0, "wait": 0.0, "tokens": 0.0, "steps": 0, "masked": 0.0}
+                self._log_window(window, history[-1], flops_cfg)
+                window = _new_window()
 
             if cfg.eval_interval and self.step % cfg.eval_interval == 0 and self.step != cfg.train_steps:
                 last_eval = self.evaluate()
@@ -497,7 +567,7 @@ class Trainer:
                     log.warning("step %d: checkpoint postponed, the last %d step(s) were skipped", self.step, consecutive)
                 else:
                     self.save()
-            if self._preempted():
+            if boundary and self._preempted():
                 log.warning("step %d: preemption signal (SIGUSR1) received: saving a checkpoint and exiting; "
                             "re-run the same command (a SLURM job requeues itself) to continue", self.step)
                 break
@@ -517,16 +587,54 @@ class Trainer:
         self.metrics.close()
         return {"history": history, "eval": last_eval, "step": self.step, "consumed_samples": self.consumed}
 
+    def _count_skipped(self, m: dict, consecutive: int) -> int:
+        """Bookkeeping of steps DeepSpeed did not apply (host-side flag); the run of consecutive
+        ones, and the stop when it gets too long. Reads the loss (a device sync) only then."""
+        cfg = self.cfg
+        if m["applied"]:
+            return 0
+        self.skipped_total += 1
+        finite = math.isfinite(float(m["loss"]))
+        # fp16 loss-scale overflows with a finite loss are the scaler calibrating itself, not a
+        # diverging run: reported, but only non-finite losses count towards stopping.
+        counts = not finite or self.res.precision != "fp16"
+        consecutive = consecutive + 1 if counts else 0
+        log.warning("step %d skipped: non-finite %s (%d in a row, %d in total)", self.step,
+                    "loss" if not finite else "gradients", consecutive, self.skipped_total)
+        if consecutive >= cfg.max_nonfinite_steps:
+            msg = (f"stopping: {consecutive} consecutive steps with non-finite loss/gradients (step {self.step}); "
+                   f"no checkpoint was written for them, the last good one is {ckpt.latest_tag(cfg.save_dir)}. "
+                   "Lower the learning rate, use bf16 instead of fp16, or check the data")
+            log.error(msg)
+            raise NonFiniteError(msg)
+        return consecutive
+
+    def _materialise(self, pending: list) -> list:
+        """The interval's per-step metrics as floats: one device-to-host copy for all of them."""
+        if not pending:
+            return []
+        values = torch.stack([torch.stack([m["loss"], m["mlm_loss"], m["nsp_loss"]]) for m in pending]).tolist()
+        first_step = self.step - len(pending) + 1
+        out = []
+        for i, (m, (loss, mlm, nsp)) in enumerate(zip(pending, values)):
+            step = first_step + i
+            if m["applied"] and not math.isfinite(loss):
+                raise NonFiniteError(f"step {step}: non-finite loss but DeepSpeed applied the update")
+            out.append({"step": step, "loss": loss, "mlm_loss": mlm, "nsp_loss": nsp, "applied": m["applied"],
+                        "lr": m["lr"]})
+        return out
+
     def _preempted(self) -> bool:
         # The signal reaches the ranks at different steps: agree on one step to stop at, so that
-        # every rank takes part in the same checkpoint (one tiny all-reduce per step).
+        # every rank takes part in the same checkpoint. Asked once per log interval (a tiny
+        # all-reduce whose result the host must wait for), so the stop comes within --log_interval steps.
         return self._all_reduce([float(_PREEMPT.is_set())], None)[0] > 0
 
     def _log_window(self, w: dict, m: dict, flops_cfg) -> None:
         res = self.res
         steps, dt = w["steps"], max(w["time"], 1e-9)
         seqs = steps * res.global_batch_size
-        masked_per_seq = w["masked"] / max(seqs, 1)
+        masked_per_seq = float(w["masked"]) / max(seqs, 1)
         flops = bert_flops_per_sequence(*flops_cfg, masked=masked_per_seq) * seqs
         tflops = flops / dt / res.world_size / 1e12  # per device
         opt = self.engine.optimizer
@@ -536,10 +644,15 @@ class Trainer:
             "step": self.step, "loss": m["loss"], "mlm_loss": m["mlm_loss"], "nsp_loss": m["nsp_loss"],
             "lr": m["lr"],
             "grad_norm": float(grad_norm) if grad_norm is not None else None,
-            "loss_scale": float(scale), "tokens_per_s": w["tokens"] / dt, "seqs_per_s": seqs / dt,
+            "loss_scale": float(scale), "tokens_per_s": float(w["tokens"]) / dt, "seqs_per_s": seqs / dt,
             "tflops": tflops, "mfu": tflops / self.peak if self.peak else None, "mem_gb": memory_gb(),
             "data_wait": w["wait"] / dt, "skipped": self.skipped_total,
         })
+
+
+def _new_window() -> dict:
+    # tokens and masked are summed as device tensors; read when the window is logged
+    return {"time": 0.0, "wait": 0.0, "tokens": 0.0, "steps": 0, "masked": 0.0}
 
 
 def _broadcast_object(obj):

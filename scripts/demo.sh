@@ -18,10 +18,11 @@ echo "== 1/4 data prep (embedded corpus) =="
 $PY -m data_prep --embedded --output-dir "$OUT/data" --seq-length 128 --workers 2
 
 echo "== 2/4 pretraining: tiny BERT, ZeRO-2, 2 CPU processes =="
-deepspeed --num_gpus 2 --master_port "${MASTER_PORT:-29731}" pretrain/run.py \
+# --log_level error: the launcher's own INFO lines (hostfile, spawned commands) are not the product's.
+deepspeed --log_level error --num_gpus 2 --master_port "${MASTER_PORT:-29731}" pretrain/run.py \
   --ds_config configs/zero2.json --model_config configs/bert-tiny.json \
   --data "$OUT/data" --seq_length 128 --train_steps "$STEPS" --save_dir "$OUT/run" \
-  --lr 2e-3 --warmup_steps 60 --eval_interval 200 --eval_samples 1024
+  --lr 2e-3 --warmup_proportion 0.1 --eval_interval "$(( STEPS / 3 > 0 ? STEPS / 3 : 1 ))" --eval_samples 1024
 # zero2.json's lr suits BERT-large; the tiny model learns in minutes only with a larger one.
 grep '"kind": "eval"' "$OUT/run/metrics.jsonl" | tail -1 | $PY -c 'import json, sys
 r = json.loads(sys.stdin.read())

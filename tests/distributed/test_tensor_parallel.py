@@ -161,24 +161,28 @@ def _load_from_hf_dir(config, ref, batch):
 
 
 def _lamb_step(model, ref):
-    """One LAMB step on the TP model (TP-aware norms) and on the dense model, from equal grads."""
+    """One LAMB step of each variant on the TP model (TP-aware norms) and on the dense model,
+    from equal grads."""
     from megatron.core import parallel_state
 
     from pretrain import parallel
     from pretrain.optim import build_optimizer
 
     group = parallel_state.get_tensor_model_parallel_group()
-    opt = build_optimizer(model, "lamb", lr=0.05, tp_group=group)
-    opt_ref = build_optimizer(ref, "lamb", lr=0.05)
-    opt.step()
-    opt_ref.step()
-    after = parallel.gather_full_state_dict(model)
-    ref_sd = ref.state_dict()
-    ratios = [float(s["last_trust_ratio"]) for s in opt_ref.state.values()]
-    return dict(
-        lamb_weight_diff=max((after[k] - ref_sd[k]).abs().max().item() for k in ref_sd),
-        lamb_ratio_spread=max(ratios) / min(ratios),
-    )
+    out = {}
+    for variant in ("clamped", "nvidia"):
+        opt = build_optimizer(model, "lamb", lr=0.05, tp_group=group, variant=variant)
+        opt_ref = build_optimizer(ref, "lamb", lr=0.05, variant=variant)
+        opt.step()
+        opt_ref.step()
+        after = parallel.gather_full_state_dict(model)
+        ref_sd = ref.state_dict()
+        ratios = [float(s["last_trust_ratio"]) for s in opt_ref.state.values()]
+        prefix = "lamb" if variant == "clamped" else "lamb_nvidia"
+        out[f"{prefix}_weight_diff"] = max((after[k] - ref_sd[k]).abs().max().item() for k in ref_sd)
+        out[f"{prefix}_ratio_spread"] = max(ratios) / min(ratios)
+        out[f"{prefix}_ratios_at_1"] = sum(r == 1.0 for r in ratios)
+    return out
 
 
 def _dropout_checks(config, full_sd, factory, batch):
@@ -315,6 +319,9 @@ def test_lamb_on_tp_shards_uses_full_weight_norms(tp2_results):
     for r in tp2_results:
         assert r["lamb_ratio_spread"] > 2  # trust ratios really differ between tensors
         assert r["lamb_weight_diff"] < TOL
+        # NVIDIA's variant: ratio 1 on every bias / LayerNorm tensor, unclamped elsewhere.
+        assert r["lamb_nvidia_ratio_spread"] > 2 and r["lamb_nvidia_ratios_at_1"] > r["lamb_ratios_at_1"]
+        assert r["lamb_nvidia_weight_diff"] < TOL
 
 
 def test_sharded_rng_streams(tp2_results):

@@ -24,12 +24,23 @@ def model_cfg(tmp_path):
     return tiny_model_config(tmp_path / "tiny.json")
 
 
-def test_every_shipped_ds_config_validates(tiny_data, model_cfg):
+def test_every_shipped_ds_config_validates(tiny_data, model_cfg, monkeypatch):
+    from pretrain import precision
+
+    monkeypatch.setattr(precision, "cuda_capability", lambda: (9, 0))  # as on an H100
     for name in sorted(os.listdir(os.path.join(REPO, "configs"))):
         if name.startswith("zero"):
-            res = validate(load_config(_args(tiny_data, model_cfg, "--ds_config", os.path.join(REPO, "configs", name))), world_size=2)
+            args = _args(tiny_data, model_cfg, "--ds_config", os.path.join(REPO, "configs", name))
+            res = validate(load_config(args), world_size=2, device="cuda")
             assert res.micro_batch_size * res.grad_accum * res.dp == res.global_batch_size
             assert res.precision == ("fp16" if "fp16" in name else "bf16")
+            if "fp16" in name:  # on CPU: refused before start, with what to use instead
+                with pytest.raises(ConfigError, match="fp16, which DeepSpeed does not run on CPU"):
+                    validate(load_config(args), world_size=2, device="cpu")
+            else:
+                monkeypatch.setenv("BERT_CPU_BF16", "emulated")
+                assert validate(load_config(args), world_size=2, device="cpu").precision == "fp32"
+                monkeypatch.delenv("BERT_CPU_BF16")
 
 
 def test_batch_arithmetic(tiny_data, model_cfg, tmp_path):
@@ -98,3 +109,31 @@ def test_resume_layout_mismatch_is_reported_before_start(tiny_data, model_cfg, t
     (run / "step_5" / "trainer_state.json").write_text(json.dumps({"tp": 1, "seq_length": 128}))
     with pytest.raises(ConfigError, match="needs its own --save_dir and --init_from"):
         validate(load_config(args), world_size=2)
+
+
+def test_vocabulary_is_padded_for_tensor_parallelism(tiny_data, model_cfg, tmp_path):
+    # 30522 tokens do not split 4 ways: padded to a multiple of 128 x tp, validated before start-up.
+    assert validate(load_config(_args(tiny_data, model_cfg)), world_size=1).padded_vocab_size == 30592
+    res = validate(load_config(_args(tiny_data, model_cfg, "--tp", "4")), world_size=4)
+    assert (res.padded_vocab_size, res.model_config["vocab_size"]) == (30720, 30522)
+    res = validate(load_config(_args(tiny_data, model_cfg, "--tp", "4", "--make_vocab_size_divisible_by", "1")), world_size=8)
+    assert res.padded_vocab_size == 30524
+    with pytest.raises(ConfigError, match="--make_vocab_size_divisible_by must be >= 1, got 0"):
+        validate(load_config(_args(tiny_data, model_cfg, "--make_vocab_size_divisible_by", "0")), world_size=1)
+
+    # resuming must keep the padded size the checkpoint was written with
+    run = tmp_path / "run"
+    (run / "step_5").mkdir(parents=True)
+    (run / "latest").write_text("step_5")
+    state = {"tp": 1, "seq_length": 64, "model_config": {"vocab_size": 30522}, "config": {"padded_vocab_size": 30592}}
+    (run / "step_5" / "trainer_state.json").write_text(json.dumps(state))
+    args = _args(tiny_data, model_cfg, "--save_dir", str(run))
+    assert validate(load_config(args), world_size=1).padded_vocab_size == 30592
+    with pytest.raises(ConfigError, match="checkpoint with 30592 vocabulary rows, this run pads to 30720.*"
+                                          "resume with the --make_vocab_size_divisible_by of that run"):
+        validate(load_config([*args, "--make_vocab_size_divisible_by", "1024"]), world_size=1)
+    del state["config"]  # written before padding existed: as many rows as tokens
+    (run / "step_5" / "trainer_state.json").write_text(json.dumps(state))
+    with pytest.raises(ConfigError, match="checkpoint with 30522 vocabulary rows"):
+        validate(load_config(args), world_size=1)
+    assert validate(load_config([*args, "--make_vocab_size_divisible_by", "1"]), world_size=1).padded_vocab_size == 30522

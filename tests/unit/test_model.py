@@ -289,8 +289,8 @@ def test_eval_pass_does_not_shift_training_dropout():
         def __init__(self):
             self.rng = TensorParallelRNG(tp_rank=0)
 
-        def sharded_rng(self):
-            return self.rng.fork()
+        def sharded_rng(self, device=None):
+            return self.rng.fork(device)
 
     config = BertConfig(**TINY)
     model = randomize_(BertForPreTraining(config, layers=ForkingFactory()))
@@ -309,3 +309,54 @@ def test_eval_pass_does_not_shift_training_dropout():
     assert train_loss() == expected
     # And the dropout really is random (the check above could not pass by a constant loss).
     assert train_loss() != expected
+
+
+def test_sharded_rng_region_gets_the_device_of_the_activations():
+    """The TP dropout region must fork the generator of the device the attention runs on (on a GPU
+    the CUDA generator; reseeding the CPU one there left every TP rank with the same masks)."""
+    from pretrain.parallel import TensorParallelRNG
+
+    seen = []
+
+    class SpyFactory(LayerFactory):
+        def sharded_rng(self, device):  # no default: a call without the device fails
+            seen.append(torch.device(device))
+            return TensorParallelRNG(tp_rank=1).fork(device)
+
+    config = BertConfig(**TINY)
+    model = randomize_(BertForPreTraining(config, layers=SpyFactory()))
+    ids, types, mask, labels, nsp = batch(config)
+    model.train()(ids, types, mask, labels=labels, next_sentence_label=nsp).loss.backward()
+    assert seen and all(d == torch.device("cpu") for d in seen)
+    assert TensorParallelRNG.generator("cpu") is torch.default_generator
+    with pytest.raises(ValueError, match="no default generator"):
+        TensorParallelRNG.generator("meta")
+
+
+def test_masked_positions_given_by_the_caller_equal_the_models_own():
+    """The trainer passes the masked rows computed on the host (no GPU sync); same numbers."""
+    config = BertConfig(**TINY)
+    model = randomize_(BertForPreTraining(config)).eval()
+    ids, types, mask, labels, nsp = batch(config)
+    positions = (labels.reshape(-1) != -100).nonzero().squeeze(1)
+    a = model(ids, types, mask, labels=labels, next_sentence_label=nsp)
+    b = model(ids, types, mask, labels=labels, next_sentence_label=nsp, masked_positions=positions)
+    assert torch.equal(a.loss, b.loss) and torch.equal(a.prediction_logits, b.prediction_logits)
+    assert torch.equal(a.mlm_labels, b.mlm_labels)
+
+
+def test_masked_positions_spare_the_device_a_nonzero(monkeypatch):
+    """`nonzero` on a GPU tensor blocks the host until the queue drains; with the positions given
+    the model must not call it."""
+    config = BertConfig(**TINY)
+    model = randomize_(BertForPreTraining(config)).train()
+    ids, types, mask, labels, nsp = batch(config)
+    positions = (labels.reshape(-1) != -100).nonzero().squeeze(1)
+
+    def no_nonzero(*a, **k):
+        raise AssertionError("nonzero called in the forward pass")
+
+    monkeypatch.setattr(torch.Tensor, "nonzero", no_nonzero)
+    model(ids, types, mask, labels=labels, next_sentence_label=nsp, masked_positions=positions).loss.backward()
+    with pytest.raises(AssertionError, match="nonzero called"):
+        model(ids, types, mask, labels=labels, next_sentence_label=nsp)
