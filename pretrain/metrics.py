@@ -28,18 +28,39 @@ def bert_flops_per_sequence(hidden: int, layers: int, intermediate: int, vocab: 
                             masked: float) -> float:
     """Model FLOPs of one training pass (forward + backward = 3 x forward) for one sequence.
 
-    Forward, counting 2 FLOPs per multiply-add of every matmul:
-      encoder, per layer: QKV + attention output 8*S*H^2, feed-forward 4*S*H*I,
-                          scores Q K^T and probabilities x V 4*S^2*H
-      MLM head (only on the `masked` positions): transform 2*H^2 + decoder 2*H*V per position
-      pooler 2*H^2, NSP classifier 4*H
-    Embedding lookups, LayerNorm, softmax and GELU are left out (memory bound, < 1%).
-    Activation recomputation is not counted: MFU measures useful model FLOPs.
+    Counts the matmuls `pretrain.model.BertForPreTraining` runs with MLM labels, 2 FLOPs per
+    multiply-add (H hidden, I intermediate, S sequence length, V `vocab`, M `masked`):
+
+      every layer, on all S tokens:  Q/K/V projections 6*S*H^2, scores Q K^T 2*S^2*H,
+                                     probabilities x V 2*S^2*H
+      layers 1 .. L-1, on all S:     attention output 2*S*H^2, feed-forward 4*S*H*I
+      last layer, on R = M + 1 rows: attention output 2*R*H^2, feed-forward 4*R*H*I
+                                     (only the [CLS] row and the masked rows leave the encoder;
+                                     every token is still a key/value, so Q/K/V and the
+                                     attention itself run on all S)
+      MLM head, on the M rows:       transform 2*M*H^2, decoder 2*M*H*V
+      pooler on [CLS] 2*H^2, NSP classifier 2*H*2
+
+    forward = L*(6*S*H^2 + 4*S^2*H) + ((L-1)*S + M + 1)*(2*H^2 + 4*H*I) + M*(2*H^2 + 2*H*V)
+              + 2*H^2 + 4*H
+
+    `masked` is the mean number of masked tokens per sequence (a float: the log line averages
+    over its interval). `vocab` is the number of decoder rows actually multiplied, i.e. the
+    padded vocabulary (`pretrain.vocab.padded_vocab_size`), not the tokenizer's size. Padding
+    tokens are counted (the encoder runs on them). Bias adds, embedding lookups, LayerNorm,
+    softmax, GELU and dropout are left out (not matmuls, memory bound, < 1%). Backward is counted
+    as 2 x forward (gradients of both matmul operands); the recomputation of activation
+    checkpointing or of a fused attention backward is not counted: MFU measures model FLOPs.
+    tests/unit/test_metrics.py checks this against a hand count and against the matmul FLOPs
+    torch's FlopCounterMode sees in the model's forward and backward.
     """
-    h, s = float(hidden), float(seq)
-    encoder = layers * (8 * s * h * h + 4 * s * h * intermediate + 4 * s * s * h)
+    h, s, i = float(hidden), float(seq), float(intermediate)
+    rows_out = masked + 1.0  # rows leaving the last layer: the masked tokens and [CLS]
+    attention_all = layers * (6 * s * h * h + 4 * s * s * h)
+    dense_rows = (layers - 1) * s + rows_out  # rows through the attention output and the FFN
+    dense = dense_rows * (2 * h * h + 4 * h * i)
     mlm = masked * (2 * h * h + 2 * h * vocab)
-    forward = encoder + mlm + 2 * h * h + 4 * h
+    forward = attention_all + dense + mlm + 2 * h * h + 2 * h * 2
     return 3.0 * forward
 
 
