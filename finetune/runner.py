@@ -245,7 +245,8 @@ def _init_distributed(a: FinetuneArgs) -> tuple[int, int, dict | None]:
     if world > 1 and (a.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda"):
         a.device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
     try:
-        ds = deepspeed_config(a.deepspeed, a.train, world)
+        ds = deepspeed_config(a.deepspeed, a.train, world,
+                              a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     except (ValueError, OSError) as e:
         raise InputError(f"--deepspeed {e}") from None
     log.info("deepspeed: rank %d of %d, global batch %d", rank, world, a.train.batch_size * world)

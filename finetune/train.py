@@ -123,7 +123,7 @@ def train(model, features: list[dict], cfg: TrainConfig, seed: int, pad_id: int 
             "train_seconds": round(time.time() - t0, 2), "step_losses": running}
 
 
-def deepspeed_config(path: str, cfg: TrainConfig, world_size: int) -> dict:
+def deepspeed_config(path: str, cfg: TrainConfig, world_size: int, device: str = "cpu") -> dict:
     """The DeepSpeed config in `path`, completed from the loop's own settings. --batch-size is
     the one source of truth for the per-process micro batch: a config that names another
     train_micro_batch_size_per_gpu (or a train_batch_size other than batch x world) is an
@@ -159,7 +159,16 @@ def deepspeed_config(path: str, cfg: TrainConfig, world_size: int) -> dict:
     params["weight_decay"] = cfg.weight_decay  # per group: 0 for biases and LayerNorm
     if ds.get("gradient_clipping") is None:
         ds["gradient_clipping"] = cfg.max_grad_norm
-    return ds
+    # The pretraining configs say "bf16": {"enabled": "auto"}: the same resolution as pretraining
+    # (native precision of the device; an explicit bf16 on a CPU that emulates it warns once).
+    from pretrain import precision as prec
+
+    device = "cuda" if str(device).startswith("cuda") else "cpu"
+    requested = prec.requested_precision(ds)
+    chosen, warning = prec.resolve(requested, device, path)
+    if warning:
+        log.warning("precision: %s", warning)
+    return prec.apply_precision(ds, chosen)
 
 
 def train_deepspeed(model, features: list[dict], cfg: TrainConfig, seed: int, ds_config: dict,

@@ -303,7 +303,13 @@ def validate(cfg: TrainConfig, world_size: Optional[int] = None, device: Optiona
             lamb_kwargs_from_ds_params(params, flag=f"--ds_config {cfg.ds_config} optimizer.params")
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    _check_resume(cfg, dp, global_bs, padded_vocab)
+    resumed = _check_resume(cfg, dp, global_bs, padded_vocab)
+    if resumed and resumed.get("precision") not in (None, precision):
+        # "auto" follows the hardware: a requeue onto other nodes may change it mid-run.
+        note = (f"--save_dir {cfg.save_dir} was trained in {resumed['precision']} and resumes in {precision} "
+                f"(the precision follows this machine's hardware or the flags); pass --precision {resumed['precision']} "
+                "to keep it")
+        precision_warning = f"{precision_warning}; {note}" if precision_warning else note
 
     return Resolved(
         cfg=cfg,
@@ -435,11 +441,11 @@ def _padded_vocab(cfg: TrainConfig, model: dict, world_size: int) -> int:
     return padded
 
 
-def _check_resume(cfg: TrainConfig, dp: int, global_bs: int, padded_vocab: int) -> None:
-    """A re-run resumes from --save_dir: its checkpoint must fit this layout."""
+def _check_resume(cfg: TrainConfig, dp: int, global_bs: int, padded_vocab: int) -> Optional[dict]:
+    """A re-run resumes from --save_dir: its checkpoint must fit this layout. Returns its state."""
     latest = os.path.join(cfg.save_dir, "latest")
     if not os.path.isfile(latest):
-        return
+        return None
     with open(latest) as f:
         tag = f.read().strip()
     state_path = os.path.join(cfg.save_dir, tag, "trainer_state.json")
@@ -465,3 +471,4 @@ def _check_resume(cfg: TrainConfig, dp: int, global_bs: int, padded_vocab: int) 
             "--make_vocab_size_divisible_by of that run (1 for checkpoints written before padding), or start a new "
             f"--save_dir with --init_from {os.path.join(cfg.save_dir, 'latest')}"
         )
+    return state

@@ -201,7 +201,10 @@ def detect_launch_env(env: Optional[Mapping[str, str]] = None, use_mpi4py: bool 
 
 
 def default_backend() -> str:
-    return "nccl" if torch.cuda.is_available() else "gloo"
+    """nccl where training runs on GPUs, gloo on CPU (and under DS_ACCELERATOR=cpu on a GPU host)."""
+    from pretrain.precision import device_type
+
+    return "nccl" if device_type() == "cuda" else "gloo"
 
 
 def init_distributed(

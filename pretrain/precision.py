@@ -4,8 +4,8 @@ A bf16 matmul is only fast where the hardware has bf16 arithmetic:
 - CUDA: compute capability >= 8.0 (A100, H100, ...). Older GPUs (V100, T4) run fp16 with dynamic
   loss scaling instead.
 - CPU: AVX512-BF16 or AMX. Without them (e.g. AMD EPYC / Intel CPUs with AVX2 only) torch
-  emulates bf16 and a matmul is 15-25x slower than fp32 (FACTS: 537 ms vs 31 ms for
-  4096x128 @ 128x512); fp32 is the fast path there.
+  emulates bf16 and a matmul is 15-25x slower than fp32 (537 ms vs 31 ms for 4096x128 @ 128x512
+  on an AVX2-only AMD EPYC, one thread); fp32 is the fast path there.
 
 A ds_config asks for a precision with `"bf16": {"enabled": true}` / `"fp16": {"enabled": true}`, or
 for the native one with `"enabled": "auto"` (configs/zero{1,2,3}.json); the trainer's
@@ -166,6 +166,13 @@ def resolve(requested: str, device: str, source: str, measure=bf16_slowdown) -> 
     if device == "cpu" and requested == "fp16":
         raise ValueError(f"{source} asks for fp16, which DeepSpeed does not run on CPU; use --precision auto "
                          "(fp32, or bf16 where the CPU has it) or a bf16/fp32 ds_config")
+    if device == "cuda" and requested == "bf16" and tuple(cuda_capability()) < (8, 0):
+        major, minor = cuda_capability()
+        return "bf16", (
+            f"{source} asks for bf16, but this GPU (compute capability {major}.{minor}) has no bf16 tensor cores: "
+            "it runs far slower than fp16, if at all. Use --precision auto (fp16 with dynamic loss scaling here) "
+            "or an fp16 ds_config such as configs/zero2_fp16.json"
+        )
     if device == "cpu" and requested == "bf16" and not cpu_has_native_bf16():
         ratio = measure()
         return "bf16", (

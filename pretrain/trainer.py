@@ -252,6 +252,10 @@ class Trainer:
         self.dist = dist
         if dist.get_world_size() != res.world_size:
             raise ConfigError(f"validated for world size {res.world_size} but {dist.get_world_size()} processes started")
+        # Host-side agreement (preemption) without touching the GPU stream: a gloo group beside NCCL.
+        self.host_group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else None
+        _check_same_on_every_rank(dist, {"precision": res.precision, "padded_vocab_size": res.padded_vocab_size,
+                                         "device": res.device})
         os.makedirs(cfg.save_dir, exist_ok=True)
 
         log.info("config: %s", json.dumps(res.to_dict()["cfg"], sort_keys=True))
@@ -418,6 +422,8 @@ class Trainer:
             # Found on the host, where the labels still are: the model's own `nonzero` on the GPU
             # would wait for every queued kernel, once per micro-batch.
             rows = (batch["labels"].reshape(-1) != -100).nonzero().squeeze(1)
+            if self.device.type == "cuda":
+                rows = rows.pin_memory()  # an asynchronous copy needs page-locked memory
             out["masked_positions"] = rows.to(self.device, non_blocking=True)
         return out
 
@@ -434,12 +440,15 @@ class Trainer:
         """
         res = self.res
         n_local = sum(int((mb["labels"] != -100).sum()) for mb in micro_batches)  # host tensors
-        n_global = torch.tensor([float(n_local)], dtype=torch.float64, device=self.device)
+        # torch.full, not torch.tensor([...], device=...): the latter copies from pageable host memory
+        # and waits for the stream; a fill kernel does not.
+        n_global = torch.full((1,), float(n_local), dtype=torch.float64, device=self.device)
         self.dist.all_reduce(n_global, group=self.dp_group)
         scale = (res.dp * res.grad_accum / n_global.clamp(min=1.0)).float()
         tokens = sum(int(mb["attention_mask"].sum()) for mb in micro_batches)  # non-pad, host tensors
         # mlm loss sum, nsp loss sum, non-pad tokens: one all-reduce at the end of the step
-        sums = torch.tensor([0.0, 0.0, float(tokens)], dtype=torch.float64, device=self.device)
+        sums = torch.zeros(3, dtype=torch.float64, device=self.device)
+        sums[2] = float(tokens)
         lr = self.engine.get_lr()[0]  # the lr this step uses (the scheduler moves on in step())
         for mb in micro_batches:
             mb = self._to_device(mb)
@@ -567,7 +576,7 @@ class Trainer:
                     log.warning("step %d: checkpoint postponed, the last %d step(s) were skipped", self.step, consecutive)
                 else:
                     self.save()
-            if boundary and self._preempted():
+            if self._preempted():
                 log.warning("step %d: preemption signal (SIGUSR1) received: saving a checkpoint and exiting; "
                             "re-run the same command (a SLURM job requeues itself) to continue", self.step)
                 break
@@ -626,9 +635,11 @@ class Trainer:
 
     def _preempted(self) -> bool:
         # The signal reaches the ranks at different steps: agree on one step to stop at, so that
-        # every rank takes part in the same checkpoint. Asked once per log interval (a tiny
-        # all-reduce whose result the host must wait for), so the stop comes within --log_interval steps.
-        return self._all_reduce([float(_PREEMPT.is_set())], None)[0] > 0
+        # every rank takes part in the same checkpoint. Every step, on a CPU (gloo) group: a
+        # host-side all-reduce that never waits for the GPU.
+        flag = torch.tensor([float(_PREEMPT.is_set())])
+        self.dist.all_reduce(flag, group=self.host_group)
+        return bool(flag.item() > 0)
 
     def _log_window(self, w: dict, m: dict, flops_cfg) -> None:
         res = self.res
@@ -648,6 +659,18 @@ class Trainer:
             "tflops": tflops, "mfu": tflops / self.peak if self.peak else None, "mem_gb": memory_gb(),
             "data_wait": w["wait"] / dt, "skipped": self.skipped_total,
         })
+
+
+def _check_same_on_every_rank(dist, values: dict) -> None:
+    """What each rank resolved on its own (native precision follows its GPU/CPU) must agree: a
+    job across mixed hardware (V100 and A100 nodes) would otherwise train fp16 on some ranks and
+    bf16 on others."""
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, values)
+    differ = {k: sorted({str(v[k]) for v in everyone}) for k in values if len({str(v[k]) for v in everyone}) > 1}
+    if differ:
+        raise ConfigError(f"ranks resolved different settings {differ} (mixed hardware?): pass --precision explicitly "
+                          "or run on one kind of node")
 
 
 def _new_window() -> dict:

@@ -1,5 +1,5 @@
 """Issue test 6: the tiny model pretrained for a few minutes on the embedded corpus (2 CPU
-processes, ZeRO-2, bf16) reaches a held-out MLM accuracy clearly above the unigram-frequency
+processes, ZeRO-2, native precision) reaches a held-out MLM accuracy clearly above the unigram-frequency
 baseline (always predicting the most frequent masked token of the training data)."""
 import json
 import os

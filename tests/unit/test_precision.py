@@ -124,3 +124,44 @@ def test_validate_picks_fp32_on_an_emulating_cpu_and_keeps_an_explicit_bf16(tiny
     monkeypatch.setattr(prec, "cuda_capability", lambda: (9, 0))  # an H100
     res = validate(load_config(_args(tiny_data, model_cfg, os.path.join(CONFIGS, "zero2_fp16.json"))), world_size=1, device="cuda")
     assert res.precision == "fp16"  # an explicit fp16 config runs as asked
+
+
+def test_finetune_deepspeed_config_resolves_auto(tmp_path, monkeypatch):
+    """`finetune --deepspeed configs/zero2.json` (bf16 "auto") must give DeepSpeed a boolean."""
+    from finetune.train import TrainConfig, deepspeed_config
+
+    monkeypatch.setenv("BERT_CPU_BF16", "emulated")
+    ds = deepspeed_config(os.path.join(CONFIGS, "zero2.json"), TrainConfig(batch_size=32), 1, "cpu")
+    assert ds["bf16"]["enabled"] is False and ds["fp16"]["enabled"] is False
+    monkeypatch.setenv("BERT_CPU_BF16", "native")
+    assert deepspeed_config(os.path.join(CONFIGS, "zero2.json"), TrainConfig(batch_size=32), 1, "cpu")["bf16"]["enabled"] is True
+    with pytest.raises(ValueError, match="fp16, which DeepSpeed does not run on CPU"):
+        deepspeed_config(os.path.join(CONFIGS, "zero2_fp16.json"), TrainConfig(batch_size=32), 1, "cpu")
+
+
+def test_explicit_bf16_on_an_old_gpu_warns(monkeypatch):
+    monkeypatch.setattr(prec, "cuda_capability", lambda: (7, 0))
+    precision, warning = prec.resolve("bf16", "cuda", "--precision bf16")
+    assert precision == "bf16" and "compute capability 7.0" in warning and "zero2_fp16.json" in warning
+    assert prec.resolve("auto", "cuda", "x") == ("fp16", None)
+
+
+def test_resume_in_another_precision_is_said(tiny_data, tmp_path, monkeypatch):
+    """"auto" follows the hardware: a requeue onto nodes of another kind changes the precision of
+    a running job; the start-up warning says so and how to keep it."""
+    model_cfg = tiny_model_config(tmp_path / "tiny.json")
+    zero2 = os.path.join(CONFIGS, "zero2.json")
+    save = tmp_path / "run"
+    args = ["--ds_config", zero2, "--model_config", model_cfg, "--data", tiny_data, "--seq_length", "64",
+            "--train_steps", "10", "--save_dir", str(save)]
+    monkeypatch.setenv("BERT_CPU_BF16", "emulated")
+    res = validate(load_config(args), world_size=1, device="cpu")
+    (save / "step_5").mkdir(parents=True)
+    (save / "latest").write_text("step_5")
+    (save / "step_5" / "trainer_state.json").write_text(json.dumps(
+        {"tp": 1, "seq_length": 64, "precision": "bf16", "config": {"padded_vocab_size": res.padded_vocab_size}}))
+    res = validate(load_config(args), world_size=1, device="cpu")
+    assert res.precision == "fp32"
+    assert "was trained in bf16 and resumes in fp32" in res.precision_warning and "--precision bf16" in res.precision_warning
+    monkeypatch.setenv("BERT_CPU_BF16", "native")
+    assert validate(load_config(args), world_size=1, device="cpu").precision_warning is None
