@@ -4,7 +4,7 @@ same split. The baseline is measured here, not assumed.
 
 Default run: one seed, one epoch over half the training sentences (batch 16), cut to 48 tokens;
 the baseline is trained on all 3,000 at up to 64 tokens. Slow run: three seeds, all 3,000
-sentences, 64 tokens, mean. Both use 2 torch threads on an idle machine (restored afterwards)."""
+sentences, 64 tokens, mean. Both use every core the process may use (restored afterwards)."""
 import os
 
 import pytest
@@ -15,7 +15,9 @@ from finetune.train import TrainConfig
 
 # Both cores when the machine is otherwise idle (keeps the default run near its time budget);
 # one thread when it is busy, where a second OpenMP thread mostly spins and waits.
-THREADS = 2 if (os.cpu_count() or 1) >= 2 and os.getloadavg()[0] < 1.0 else 1
+from tests._cpu import TRAIN_THREADS  # noqa: E402
+
+THREADS = TRAIN_THREADS  # every core: nothing else of the suite runs beside this test
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,9 @@ HELD_OUT = 500
 
 # Both cores when the machine is otherwise idle (keeps the default run near its time budget);
 # one thread when it is busy, where a second OpenMP thread mostly spins and waits.
-THREADS = 2 if (os.cpu_count() or 1) >= 2 and os.getloadavg()[0] < 1.0 else 1
+from tests._cpu import TRAIN_THREADS  # noqa: E402
+
+THREADS = TRAIN_THREADS  # every core: nothing else of the suite runs beside this test
 
 
 @pytest.fixture(scope="module")
