@@ -34,7 +34,7 @@ $PY -m pretrain.export_hf "$OUT/run/latest" "$OUT/hf"
 echo "== 4/4 fine-tuning on sentence polarity =="
 # A 4M-parameter model fine-tunes best at a higher learning rate than BERT-base's 5e-5.
 $PY -m finetune --task classify --model "$OUT/hf" --dataset pang-lee --output-dir "$OUT/finetune" \
-  --learning-rate 5e-4 --threads "$(nproc)" >/dev/null  # one process: all the cores (OMP_NUM_THREADS=1 was for the 2 ranks)
+  --learning-rate 5e-4 --threads "$(env -u OMP_NUM_THREADS nproc)" >/dev/null  # one process: all its cores (OMP_NUM_THREADS=1 was for the 2 ranks)
 $PY -c 'import json, sys
 m = json.load(open(sys.argv[1]))["mean"]
 print(f"sentence polarity (Pang & Lee, 3,000/1,000 split): accuracy {m['"'"'accuracy'"'"']:.3f}, Matthews {m['"'"'matthews'"'"']:.3f}")
