@@ -251,7 +251,7 @@ def validate(cfg: TrainConfig, world_size: Optional[int] = None, device: Optiona
     if world_size % cfg.tp:
         raise ConfigError(f"world size {world_size} is not a multiple of --tp {cfg.tp}: start dp x tp processes")
     dp = world_size // cfg.tp
-    padded_vocab = _padded_vocab(cfg, model, world_size)
+    padded_vocab = _padded_vocab(cfg, model)
 
     manifest = _check_data(cfg, model)
 
@@ -428,17 +428,15 @@ def _check_data(cfg: TrainConfig, model: dict) -> dict:
     return manifest
 
 
-def _padded_vocab(cfg: TrainConfig, model: dict, world_size: int) -> int:
-    """The word-embedding rows this run trains: vocab_size padded for --tp (pretrain/vocab.py)."""
-    from pretrain.parallel import validate_parallel_config
+def _padded_vocab(cfg: TrainConfig, model: dict) -> int:
+    """The word-embedding rows this run trains: vocab_size padded for --tp (pretrain/vocab.py);
+    a multiple of tp by construction, so the vocabulary split cannot fail."""
     from pretrain.vocab import padded_vocab_size
 
     try:
-        padded = padded_vocab_size(model["vocab_size"], cfg.make_vocab_size_divisible_by, cfg.tp)
-        validate_parallel_config(world_size, cfg.tp, vocab_size=padded)
+        return padded_vocab_size(model["vocab_size"], cfg.make_vocab_size_divisible_by, cfg.tp)
     except ValueError as e:
         raise ConfigError(f"--model_config {cfg.model_config}: {e}") from None
-    return padded
 
 
 def _check_resume(cfg: TrainConfig, dp: int, global_bs: int, padded_vocab: int) -> Optional[dict]:

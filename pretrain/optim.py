@@ -299,9 +299,9 @@ class Lamb(torch.optim.Optimizer):
             return loss
 
         sq = torch.stack(rows)
-        sq = self._sum_rows(sq, row_dp, dp_group, self._device_mask(tuple(row_dp), sq.device))
+        sq = self._sum_rows(sq, row_dp, dp_group)
         if self.tp_group is not None:
-            sq = self._sum_rows(sq, row_split, self.tp_group, self._device_mask(tuple(row_split), sq.device))
+            sq = self._sum_rows(sq, row_split, self.tp_group)
         norms = sq.sqrt()
 
         trust = {}
@@ -318,8 +318,8 @@ class Lamb(torch.optim.Optimizer):
                 p.narrow(0, start, length).add_(
                     (update.narrow(0, start, length) * (-group["lr"] * ratios[r])).to(p.dtype)
                 )
-            self.state[p]["last_trust_ratio"] = ratios.index_select(0, self._device_index(
-                tuple(r for r, _, _ in segments), ratios.device)).detach()
+            rows = self._on_device(tuple(r for r, _, _ in segments), torch.long, ratios.device)
+            self.state[p]["last_trust_ratio"] = ratios.index_select(0, rows).detach()
         return loss
 
     def _advance_moments(self, p, group):
@@ -357,30 +357,24 @@ class Lamb(torch.optim.Optimizer):
             update.add_(p.float(), alpha=group["weight_decay"])
         return update
 
-    def _device_mask(self, mask: tuple, device) -> torch.Tensor:
-        """`mask` as a [rows, 1] bool tensor on `device`, made once: building it from a Python list
+    def _on_device(self, values: tuple, dtype, device) -> torch.Tensor:
+        """`values` as a tensor on `device`, made once per layout: building it from a Python list
         every step would be a host-to-device copy that waits for the GPU stream."""
-        return self._device_cached(("mask", mask, str(device)), lambda: torch.tensor(mask, dtype=torch.bool)[:, None], device)
-
-    def _device_index(self, index: tuple, device) -> torch.Tensor:
-        return self._device_cached(("index", index, str(device)), lambda: torch.tensor(index, dtype=torch.long), device)
-
-    def _device_cached(self, key, make, device) -> torch.Tensor:
         cache = self.__dict__.setdefault("_device_tensors", {})
+        key = (values, dtype, str(device))
         if key not in cache:
-            cache[key] = make().to(device)
+            cache[key] = torch.tensor(values, dtype=dtype).to(device)
         return cache[key]
 
-    @staticmethod
-    def _sum_rows(sq, mask, group, sel):
-        """Sum the rows selected by `mask` (`sel`: the same as a [rows, 1] device tensor) over
-        `group` (others, identical on every rank, stay)."""
+    def _sum_rows(self, sq, mask, group):
+        """Sum the rows selected by `mask` over `group` (others, identical on every rank, stay)."""
         if group is None or not any(mask):
             return sq
         import torch.distributed as dist
 
         if dist.get_world_size(group) == 1:
             return sq
+        sel = self._on_device(tuple(mask), torch.bool, sq.device)[:, None]
         partial = torch.where(sel, sq, torch.zeros_like(sq))
         dist.all_reduce(partial, group=group)
         return torch.where(sel, partial, sq)
@@ -484,6 +478,7 @@ def lamb_kwargs_from_ds_params(params: dict, flag: str = "--ds_config optimizer.
                   weight_decay=number("weight_decay", 0.0), variant=variant)
     bounds = [k for k in ("max_coeff", "min_coeff") if k in params]
     if bounds and variant in LAMB_VARIANTS and LAMB_VARIANTS[variant].bounds is None:
+        # Said in the ds_config's own key names (and a null bound counts too), before the generic check.
         raise OptimizerConfigError(
             f"{flag}: {bounds} clamp the trust ratio, which the {variant!r} variant does not do; "
             f"remove them, or set \"variant\": \"clamped\" to keep the clamp"

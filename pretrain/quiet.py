@@ -23,7 +23,6 @@ _FILTERS = (
     # (category, message regex, module regex)
     (UserWarning, r"Transformer Engine and Apex are not installed", r"megatron\."),
     (FutureWarning, r"", r"torch\.distributed"),
-    (UserWarning, r"torch\.distributed\.reduce_op is deprecated", r""),
 )
 _done = False
 

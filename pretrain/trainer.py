@@ -134,9 +134,8 @@ def describe_optimizer(optimizer) -> str:
     wrapper = type(optimizer).__name__
     inner = getattr(optimizer, "optimizer", optimizer)
     name = f"{type(inner).__module__}.{type(inner).__name__}"
-    flags = [f"{k}={inner.defaults[k]}" for k in ("fused", "foreach") if k in getattr(inner, "defaults", {}) and inner.defaults[k] is not None]
-    if hasattr(inner, "defaults") and "variant" in inner.defaults:
-        flags.append(f"variant={inner.defaults['variant']}")
+    defaults = getattr(inner, "defaults", {})
+    flags = [f"{k}={defaults[k]}" for k in ("fused", "foreach", "variant") if defaults.get(k) is not None]
     params = [p for g in getattr(inner, "param_groups", []) for p in g["params"]]
     device = params[0].device if params else "?"
     wrapped = f" inside DeepSpeed's {wrapper}" if inner is not optimizer else ""
@@ -416,16 +415,16 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------
 
+    def _with_masked_positions(self, batch: dict) -> dict:
+        """Add the flat indices of the masked tokens, found on the host where the labels still are:
+        the model's own `nonzero` on the GPU would wait for every queued kernel, per micro-batch."""
+        rows = (batch["labels"].reshape(-1) != -100).nonzero().squeeze(1)
+        if self.device.type == "cuda":
+            rows = rows.pin_memory()  # an asynchronous copy needs page-locked memory
+        return {**batch, "masked_positions": rows}
+
     def _to_device(self, batch: dict) -> dict:
-        out = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-        if "labels" in batch:
-            # Found on the host, where the labels still are: the model's own `nonzero` on the GPU
-            # would wait for every queued kernel, once per micro-batch.
-            rows = (batch["labels"].reshape(-1) != -100).nonzero().squeeze(1)
-            if self.device.type == "cuda":
-                rows = rows.pin_memory()  # an asynchronous copy needs page-locked memory
-            out["masked_positions"] = rows.to(self.device, non_blocking=True)
-        return out
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
     def _all_reduce(self, values: list[float], group) -> list[float]:
         t = torch.tensor(values, dtype=torch.float64, device=self.device)
@@ -439,7 +438,8 @@ class Trainer:
         here waits for the device; `run()` reads them once per log interval.
         """
         res = self.res
-        n_local = sum(int((mb["labels"] != -100).sum()) for mb in micro_batches)  # host tensors
+        micro_batches = [self._with_masked_positions(mb) for mb in micro_batches]
+        n_local = sum(mb["masked_positions"].numel() for mb in micro_batches)  # host-side
         # torch.full, not torch.tensor([...], device=...): the latter copies from pageable host memory
         # and waits for the stream; a fill kernel does not.
         n_global = torch.full((1,), float(n_local), dtype=torch.float64, device=self.device)
@@ -494,7 +494,8 @@ class Trainer:
         self.engine.eval()
         sums = [0.0] * 7  # mlm correct, masked, mlm loss sum, nsp correct, nsp count, nsp loss sum, unigram correct
         for idx in sampler:
-            mb = self._to_device({k: torch.as_tensor(v) for k, v in self.valid_ds.get_batch(idx).items()})
+            mb = self._to_device(self._with_masked_positions(
+                {k: torch.as_tensor(v) for k, v in self.valid_ds.get_batch(idx).items()}))
             out = self.engine(
                 input_ids=mb["input_ids"], token_type_ids=mb["token_type_ids"], attention_mask=mb["attention_mask"],
                 labels=mb["labels"], next_sentence_label=mb["next_sentence_label"], masked_positions=mb["masked_positions"],

@@ -32,10 +32,10 @@ def _ds_config(path: str, precision: str, lr: float) -> dict:
     ds.pop("train_batch_size", None)
     ds["train_micro_batch_size_per_gpu"] = 8
     ds["gradient_accumulation_steps"] = 1
-    params = ds["optimizer"]["params"]
-    params["lr"] = lr
-    params.setdefault("torch_adam", True)
-    params.setdefault("fused", True)
+    from pretrain.trainer import deepspeed_optimizer_params
+
+    # The trainer's own rule for the params DeepSpeed gets on a GPU (it adds "fused": true).
+    ds["optimizer"]["params"] = deepspeed_optimizer_params({**ds["optimizer"]["params"], "lr": lr}, "cuda")
     return ds
 
 

@@ -25,8 +25,28 @@ from pretrain.optim import (
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def numpy_lamb(weights, grads_per_step, lr, b1, b2, eps, wd, max_trust=None, min_trust=None):
-    """Algorithm 2 of You et al. 2019 (LAMB), per tensor, in float64 NumPy.
+def clamped_rule(max_trust=None, min_trust=None):
+    """DeepSpeed FusedLamb: every tensor takes the ratio, clamped to [min_trust, max_trust]."""
+    def rule(ratio, decay):
+        if max_trust is not None:
+            ratio = min(ratio, max_trust)
+        if min_trust is not None:
+            ratio = max(ratio, min_trust)
+        return ratio
+    return rule
+
+
+def nvidia_rule(ratio, decay):
+    """apex FusedLAMB (csrc/multi_tensor_lamb.cu stage 2, use_nvlamb=False): the unclamped ratio
+    only where the tensor's group decays, else 1."""
+    return ratio if decay != 0 else 1.0
+
+
+def numpy_lamb(weights, grads_per_step, lr, b1, b2, eps, wd, rule=clamped_rule()):
+    """Algorithm 2 of You et al. 2019 (LAMB), per tensor, in float64 NumPy, with bias correction
+    and decoupled decay (apex's adam_w_mode=True, grad_averaging=True; gradients already clipped):
+    u = m_hat / (sqrt(v_hat) + eps) + wd[i] * w, r = ||w|| / ||u|| (1 when either is 0), then
+    `rule(r, wd[i])` (clamped_rule(...) or nvidia_rule), w -= lr * r * u.
 
     weights: list of arrays; grads_per_step: list (steps) of lists (tensors) of arrays.
     Returns the weights after every step and the trust ratios of the last step.
@@ -43,14 +63,9 @@ def numpy_lamb(weights, grads_per_step, lr, b1, b2, eps, wd, max_trust=None, min
             v[i] = b2 * v[i] + (1 - b2) * g * g
             m_hat = m[i] / (1 - b1 ** t)
             v_hat = v[i] / (1 - b2 ** t)
-            r = m_hat / (np.sqrt(v_hat) + eps)
-            u = r + wd[i] * w[i]
+            u = m_hat / (np.sqrt(v_hat) + eps) + wd[i] * w[i]
             w_norm, u_norm = np.linalg.norm(w[i]), np.linalg.norm(u)
-            trust = w_norm / u_norm if (w_norm > 0 and u_norm > 0) else 1.0
-            if max_trust is not None:
-                trust = min(trust, max_trust)
-            if min_trust is not None:
-                trust = max(trust, min_trust)
+            trust = rule(w_norm / u_norm if (w_norm > 0 and u_norm > 0) else 1.0, wd[i])
             ratios.append(trust)
             w[i] = w[i] - lr * trust * u
         history.append([x.copy() for x in w])
@@ -103,7 +118,7 @@ def test_lamb_trust_clamp_matches_reference():
     weights, grads = _problem(seed=1, steps=4)
     wd = [0.01, 0.0, 0.0, 0.01]
     ours, our_ratios = _run_lamb(weights, grads, 0.005, (0.9, 0.99), 1e-6, wd, max_trust=2.0, min_trust=0.05)
-    ref, ref_ratios = numpy_lamb(weights, grads, 0.005, 0.9, 0.99, 1e-6, wd, max_trust=2.0, min_trust=0.05)
+    ref, ref_ratios = numpy_lamb(weights, grads, 0.005, 0.9, 0.99, 1e-6, wd, rule=clamped_rule(max_trust=2.0, min_trust=0.05))
     for a, b in zip(ours, ref):
         for x, y in zip(a, b):
             np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
@@ -272,34 +287,6 @@ def test_lamb_without_bias_correction_keeps_the_moments():
 # NVIDIA's variant (apex FusedLAMB as DeepLearningExamples' BERT uses it)
 
 
-def numpy_nvidia_lamb(weights, grads_per_step, decay, lr, b1, b2, eps):
-    """apex FusedLAMB (csrc/multi_tensor_lamb.cu; use_nvlamb=False, adam_w_mode=True,
-    grad_averaging=True, bias_correction=True; gradients already clipped), per tensor, in
-    float64 NumPy. `decay[i]` is the weight decay of tensor i's parameter group.
-
-    Stage 1: u = m_hat / (sqrt(v_hat) + eps) + decay * w. Stage 2: w -= lr * r * u with
-    r = ||w|| / ||u|| only where decay != 0 and both norms are non-zero, else r = 1; no clamp.
-    Returns the weights after every step and the ratios of the last step.
-    """
-    w = [x.astype(np.float64).copy() for x in weights]
-    m = [np.zeros_like(x) for x in w]
-    v = [np.zeros_like(x) for x in w]
-    history, ratios = [], []
-    for t, grads in enumerate(grads_per_step, start=1):
-        ratios = []
-        for i, g in enumerate(grads):
-            g = g.astype(np.float64)
-            m[i] = b1 * m[i] + (1 - b1) * g
-            v[i] = b2 * v[i] + (1 - b2) * g * g
-            u = (m[i] / (1 - b1 ** t)) / (np.sqrt(v[i] / (1 - b2 ** t)) + eps) + decay[i] * w[i]
-            p_norm, u_norm = np.linalg.norm(w[i]), np.linalg.norm(u)
-            r = p_norm / u_norm if (decay[i] != 0 and p_norm != 0 and u_norm != 0) else 1.0
-            ratios.append(r)
-            w[i] = w[i] - lr * r * u
-        history.append([x.copy() for x in w])
-    return history, ratios
-
-
 class _TwoGroupNet(nn.Module):
     """Decayed weights (one large, one zero-initialised) and no-decay biases/LayerNorm (one zero)."""
 
@@ -347,7 +334,7 @@ def test_nvidia_lamb_matches_apex_rule_over_several_steps():
     assert sorted(g["weight_decay"] for g in opt.param_groups) == [0.0, wd]  # two groups, as the trainer builds
     # The groups of NVIDIA's recipe, decided here from the names (bias / LayerNorm: no decay).
     decay = [0.0 if (n.endswith("bias") or n.startswith("LayerNorm")) else wd for n in names]
-    ref, ref_ratios = numpy_nvidia_lamb(start, grads, decay, lr, 0.9, 0.999, 1e-6)
+    ref, ref_ratios = numpy_lamb(start, grads, lr, 0.9, 0.999, 1e-6, decay, rule=nvidia_rule)
     for step, (a, b) in enumerate(zip(ours, ref)):
         for n, x, y in zip(names, a, b):
             np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6, err_msg=f"step {step + 1} {n}")
