@@ -32,6 +32,8 @@ class TrainConfig:
     model_config: str = _f("", "model config JSON with HF BertConfig field names (configs/bert-*.json)")
     data: str = _f("", "data_prep output directory (holds manifest.json, corpus.*, pairs_<L>_*.bin)")
     seq_length: int = _f(128, "tokens per sample; the data directory needs pairs_<seq_length>_train.bin")
+    masked_lm_prob: float = _f(0.15, "fraction of each sample's text tokens the MLM predicts (80%% [MASK], 10%% random, 10%% kept)")
+    whole_word_masking: bool = _f(False, "mask whole words: a WordPiece word's ## pieces (a sentencepiece word's pieces) go together")
     # --- how long and how big
     train_steps: int = _f(0, "optimizer steps to run in total (a resumed run continues up to this step)")
     micro_batch_size: int = _f(0, "per-rank micro batch; 0 = take train_micro_batch_size_per_gpu from --ds_config")
@@ -77,6 +79,11 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def masking(self):
+        from pretrain.masking import MaskingConfig
+
+        return MaskingConfig(mlm_probability=self.masked_lm_prob, whole_word=self.whole_word_masking)
 
 
 _REQUIRED = ("ds_config", "model_config", "data", "train_steps", "save_dir")
@@ -226,6 +233,8 @@ def validate(cfg: TrainConfig, world_size: Optional[int] = None, device: Optiona
         raise ConfigError(f"--warmup_steps {cfg.warmup_steps} / --warmup_proportion {cfg.warmup_proportion}: warm-up must fit in --train_steps {cfg.train_steps}")
     if cfg.decay_power <= 0:
         raise ConfigError(f"--decay_power must be > 0 (1 = linear), got {cfg.decay_power}")
+    if not 0.0 < cfg.masked_lm_prob <= 1.0:
+        raise ConfigError(f"--masked_lm_prob must be in (0, 1] (BERT: 0.15), got {cfg.masked_lm_prob}")
     if cfg.eval_interval < 0 or cfg.max_nonfinite_steps < 1 or cfg.num_workers < -1:
         raise ConfigError("--eval_interval must be >= 0, --num_workers >= 0 (or -1 = auto), --max_nonfinite_steps >= 1")
 

@@ -325,8 +325,8 @@ class Trainer:
             self._resume()
 
         # --- data
-        self.train_ds = PretrainingDataset(cfg.data, cfg.seq_length, "train", seed=cfg.seed)
-        self.valid_ds = PretrainingDataset(cfg.data, cfg.seq_length, "valid", seed=cfg.seed)
+        self.train_ds = PretrainingDataset(cfg.data, cfg.seq_length, "train", masking=cfg.masking(), seed=cfg.seed)
+        self.valid_ds = PretrainingDataset(cfg.data, cfg.seq_length, "valid", masking=cfg.masking(), seed=cfg.seed)
         workers = loader_workers(cfg.num_workers, self.device.type)
         self.loader = build_dataloader(
             self.train_ds, res.micro_batch_size, dp_rank=self.dp_rank, dp_size=res.dp,

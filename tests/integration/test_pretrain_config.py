@@ -76,6 +76,21 @@ def test_data_and_length_errors(tiny_data, model_cfg, tmp_path):
         validate(load_config(["--ds_config", ZERO2]), world_size=1)
 
 
+def test_masking_flags(tiny_data, model_cfg):
+    from pretrain.data import PretrainingDataset
+
+    cfg = load_config(_args(tiny_data, model_cfg, "--masked_lm_prob", "0.3", "--whole_word_masking"))
+    validate(cfg, world_size=1)
+    m = cfg.masking()
+    assert (m.mlm_probability, m.whole_word) == (0.3, True)
+    base = PretrainingDataset(tiny_data, 64, masking=load_config(_args(tiny_data, model_cfg)).masking()).get_batch(range(64))
+    more = PretrainingDataset(tiny_data, 64, masking=m).get_batch(range(64))
+    rate = lambda b: (b["labels"] != -100).sum() / ((b["attention_mask"] == 1).sum() - 3 * 64)  # noqa: E731
+    assert 0.13 < rate(base) < 0.17 and 0.27 < rate(more) < 0.33
+    with pytest.raises(ConfigError, match=r"--masked_lm_prob must be in \(0, 1\]"):
+        validate(load_config(_args(tiny_data, model_cfg, "--masked_lm_prob", "0")), world_size=1)
+
+
 def test_cli_overrides_file_overrides_defaults(tiny_data, model_cfg, tmp_path):
     recipe = tmp_path / "recipe.json"
     recipe.write_text(json.dumps({"lr": 0.5, "keep_last": 7, "seq_length": 64}))
