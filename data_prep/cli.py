@@ -26,24 +26,30 @@ def build_parser() -> argparse.ArgumentParser:
                     help="text files (documents separated by blank lines), JSON lines (.jsonl/.json, one "
                          "document per line in --json-key), .gz of either, or directories of them")
     io.add_argument("--embedded", action="store_true",
-                    help="use the embedded default corpus (10,033 Wikipedia extracts) and bert-base-uncased vocab")
+                    help="use the embedded default corpus (10,033 Wikipedia extracts) and bert-base-uncased vocab "
+                         "(or a vocab trained on it with --train-wordpiece-vocab-size / --train-spm-vocab-size)")
     io.add_argument("--output-dir", required=True, help="directory for corpus.bin/.idx, pairs_*.bin, manifest.json")
     io.add_argument("--input-format", default="auto", choices=["auto", "text", "jsonl"],
                     help="auto: .jsonl/.json/.ndjson (optionally .gz) are JSON lines, anything else text")
     io.add_argument("--json-key", default="text", help="field holding the document text in JSON lines")
     io.add_argument("--cache-dir", default=None, help="where --embedded keeps its JSON-lines conversion")
     tk = p.add_argument_group("tokenizer")
-    tk.add_argument("--vocab", help="WordPiece vocab.txt, or a sentencepiece .model")
+    tk.add_argument("--vocab", help="WordPiece vocab.txt, or a sentencepiece .model (or train one, below)")
     lc = tk.add_mutually_exclusive_group()
     lc.add_argument("--lower-case", dest="lower_case", action="store_true", default=None,
-                    help="lower-case (and strip accents) before WordPiece; default for vocab.txt")
+                    help="lower-case (and strip accents) before WordPiece; default for vocab.txt and "
+                         "--train-wordpiece-vocab-size")
     lc.add_argument("--no-lower-case", dest="lower_case", action="store_false",
                     help="keep case (cased vocabularies); default for sentencepiece")
-    tk.add_argument("--train-spm-vocab-size", type=int, default=0,
+    tk.add_argument("--train-wordpiece-vocab-size", type=int, default=0, metavar="N",
+                    help="train a BERT WordPiece vocab of N entries on the inputs (HF tokenizers; ids 0-4 = [PAD] "
+                         "[UNK] [CLS] [SEP] [MASK]; deterministic), written as vocab.txt and used as --vocab would be")
+    tk.add_argument("--train-spm-vocab-size", type=int, default=0, metavar="N",
                     help="train a new sentencepiece model of this size on the inputs (written as spm.model)")
     tk.add_argument("--spm-model-type", default="unigram", choices=["unigram", "bpe"])
-    tk.add_argument("--spm-train-sentences", type=int, default=1_000_000,
-                    help="at most this many sentences (from the start of the inputs) for training")
+    tk.add_argument("--tokenizer-train-sentences", "--spm-train-sentences", type=int, default=1_000_000,
+                    dest="tokenizer_train_sentences", metavar="N",
+                    help="train either tokenizer on at most this many sentences from the start of the inputs")
     tk.add_argument("--splitter", default="blingfire", choices=["blingfire", "pysbd", "syntok", "lines"],
                     help="sentence splitter; 'lines' treats every input line as one sentence")
     tk.add_argument("--max-sentence-tokens", type=int, default=512,
@@ -112,7 +118,7 @@ def config_from_args(args):
         if inputs:
             raise DataPrepError("--embedded and --input exclude each other: drop one")
         inputs = [embedded_corpus_jsonl(args.cache_dir)]
-        if not vocab and not args.train_spm_vocab_size:
+        if not vocab and not args.train_spm_vocab_size and not args.train_wordpiece_vocab_size:
             vocab = embedded_vocab()
     if not inputs:
         raise DataPrepError("--input: give at least one file or directory (or --embedded)")
@@ -122,7 +128,8 @@ def config_from_args(args):
         short_seq_prob=args.short_seq_prob, lower_case=args.lower_case, splitter=args.splitter,
         input_format=args.input_format, json_key=args.json_key, max_sentence_tokens=args.max_sentence_tokens,
         docs_per_shard=args.docs_per_shard, train_spm_vocab_size=args.train_spm_vocab_size,
-        spm_model_type=args.spm_model_type, spm_train_sentences=args.spm_train_sentences,
+        spm_model_type=args.spm_model_type, train_wordpiece_vocab_size=args.train_wordpiece_vocab_size,
+        tokenizer_train_sentences=args.tokenizer_train_sentences,
         workers=args.workers, keep_work=args.keep_work, progress=args.progress,
     )
 

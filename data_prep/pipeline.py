@@ -8,6 +8,7 @@ removed at the start and written last, so a directory without it is never mistak
 """
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -26,7 +27,8 @@ from .nsp import pair_tasks, pairs_for_documents
 from .pairs import PairIndexWriter
 from .shards import corpus_dtype, file_done, file_marker, init_worker, process_shard, shard_done, shard_prefix
 from .splitter import SPLITTERS
-from .tokenizer import load_tokenizer, sha256_file, train_sentencepiece
+from .tokenizer import (WORDPIECE_LIMIT_ALPHABET, WORDPIECE_MIN_FREQUENCY, load_tokenizer, sha256_file,
+                        train_sentencepiece, train_wordpiece)
 
 log = logging.getLogger("data_prep")
 
@@ -35,6 +37,9 @@ WORK_DIR = ".work"
 # Arguments that change how the run is executed but never what it writes: kept out of the
 # manifest so that 1 worker and 8 workers give byte-identical directories.
 RUNTIME_ONLY = ("output_dir", "workers", "keep_work", "progress")
+# Smallest --train-wordpiece-vocab-size accepted before reading anything: 5 special tokens plus an
+# English corpus's letters, digits, punctuation and their ## continuations already take ~110.
+MIN_WORDPIECE_VOCAB = 128
 
 
 @dataclass
@@ -55,7 +60,8 @@ class PrepConfig:
     docs_per_shard: int = 1000
     train_spm_vocab_size: int = 0
     spm_model_type: str = "unigram"
-    spm_train_sentences: int = 1_000_000
+    train_wordpiece_vocab_size: int = 0
+    tokenizer_train_sentences: int = 1_000_000
     workers: int = 1
     keep_work: bool = False
     progress: bool = True
@@ -90,20 +96,31 @@ class PrepConfig:
             raise DataPrepError(f"--splitter {self.splitter}: choose one of {sorted(SPLITTERS)}")
         if self.input_format not in ("auto", "text", "jsonl"):
             raise DataPrepError(f"--input-format {self.input_format}: choose auto, text or jsonl")
-        if self.train_spm_vocab_size:
-            if self.vocab:
-                raise DataPrepError("--vocab and --train-spm-vocab-size exclude each other: drop one")
-            if self.train_spm_vocab_size < 16:
-                raise DataPrepError(f"--train-spm-vocab-size {self.train_spm_vocab_size}: must be >= 16")
-            if self.spm_train_sentences < 1:
-                raise DataPrepError(f"--spm-train-sentences {self.spm_train_sentences}: must be >= 1")
-        elif not self.vocab:
-            raise DataPrepError("--vocab: give a WordPiece vocab.txt or a sentencepiece .model "
-                                "(or --train-spm-vocab-size N to train one, or --embedded)")
+        given = [flag for flag, v in (("--vocab", self.vocab), ("--train-spm-vocab-size", self.train_spm_vocab_size),
+                                      ("--train-wordpiece-vocab-size", self.train_wordpiece_vocab_size)) if v]
+        if len(given) > 1:
+            raise DataPrepError(f"{', '.join(given[:-1])} and {given[-1]} exclude each other: give one")
+        if not given:
+            raise DataPrepError("--vocab: give a WordPiece vocab.txt or a sentencepiece .model (or train one with "
+                                "--train-wordpiece-vocab-size N or --train-spm-vocab-size N, or use --embedded)")
+        if self.train_spm_vocab_size and self.train_spm_vocab_size < 16:
+            raise DataPrepError(f"--train-spm-vocab-size {self.train_spm_vocab_size}: must be >= 16")
+        if self.train_wordpiece_vocab_size and self.train_wordpiece_vocab_size < MIN_WORDPIECE_VOCAB:
+            raise DataPrepError(
+                f"--train-wordpiece-vocab-size {self.train_wordpiece_vocab_size}: must be >= {MIN_WORDPIECE_VOCAB} "
+                "(5 special tokens, the corpus's characters and their ## forms need room); 8192 suits a small "
+                "corpus, BERT's is 30522")
+        if self.trains_tokenizer and self.tokenizer_train_sentences < 1:
+            raise DataPrepError(f"--tokenizer-train-sentences {self.tokenizer_train_sentences}: must be >= 1")
         if self.lower_case is None:
             # Resolved here, not later, so the manifest and any comparison with it see one value:
-            # WordPiece vocabs are usually uncased (bert-base-uncased), sentencepiece models cased.
+            # WordPiece vocabs (given or trained) are usually uncased (bert-base-uncased),
+            # sentencepiece models cased.
             self.lower_case = not (self.train_spm_vocab_size or str(self.vocab).endswith(".model"))
+
+    @property
+    def trains_tokenizer(self) -> bool:
+        return bool(self.train_spm_vocab_size or self.train_wordpiece_vocab_size)
 
     def manifest_args(self) -> dict:
         return {k: v for k, v in asdict(self).items() if k not in RUNTIME_ONLY}
@@ -124,9 +141,19 @@ def _fingerprint(cfg: PrepConfig, files: list[str]) -> dict:
         st = os.stat(p)
         return [p, st.st_size, st.st_mtime_ns]
 
+    if cfg.train_wordpiece_vocab_size:
+        # No seed: WordPiece training has no randomness. The recipe's constants are included so
+        # that changing them invalidates a vocab trained (and shards tokenized) with the old ones.
+        tokenizer = (f"train-wordpiece:{cfg.train_wordpiece_vocab_size}:{cfg.tokenizer_train_sentences}:"
+                     f"lower={cfg.lower_case}:min_freq={WORDPIECE_MIN_FREQUENCY}:alphabet={WORDPIECE_LIMIT_ALPHABET}")
+    elif cfg.train_spm_vocab_size:
+        tokenizer = (f"train-spm:{cfg.train_spm_vocab_size}:{cfg.spm_model_type}:{cfg.tokenizer_train_sentences}:"
+                     f"{cfg.seed}")
+    else:
+        tokenizer = sha256_file(cfg.vocab)
     return {
         "files": [stat(p) for p in files],
-        "tokenizer": sha256_file(cfg.vocab) if cfg.vocab else f"train-spm:{cfg.train_spm_vocab_size}:{cfg.spm_model_type}:{cfg.spm_train_sentences}:{cfg.seed}",
+        "tokenizer": tokenizer,
         **{k: getattr(cfg, k) for k in ("lower_case", "splitter", "input_format", "json_key",
                                         "max_sentence_tokens", "docs_per_shard")},
         "format_version": FORMAT_VERSION,
@@ -152,32 +179,66 @@ def _prepare_work_dir(cfg: PrepConfig, files: list[str], work: str) -> bool:
     return False
 
 
+def _training_sentences(cfg: PrepConfig, files: list[str]):
+    """The tokenizer-training sample: the sentences of the first documents of the inputs, in
+    order, until a document brings the count to --tokenizer-train-sentences."""
+    split = SPLITTERS[cfg.splitter]
+    n = 0
+    for _, lines in readers.iter_documents(files, readers.ReadStats(), cfg.input_format, cfg.json_key):
+        for ln in lines:
+            for a, b in split(ln):
+                s = ln[a:b].strip()
+                if s:
+                    yield s
+                    n += 1
+        if n >= cfg.tokenizer_train_sentences:
+            return
+
+
 def _train_spm(cfg: PrepConfig, files: list[str], work: str) -> str:
     model = os.path.join(work, "spm.model")
     if os.path.exists(model):
         return model
-    split = SPLITTERS[cfg.splitter]
     sent_file = os.path.join(work, "spm_sentences.txt")
     n = 0
     with open(sent_file, "w", encoding="utf-8") as f:
-        for _, lines in readers.iter_documents(files, readers.ReadStats(), cfg.input_format, cfg.json_key):
-            for ln in lines:
-                for a, b in split(ln):
-                    s = ln[a:b].strip()
-                    if s:
-                        f.write((s.lower() if cfg.lower_case else s) + "\n")
-                        n += 1
-            if n >= cfg.spm_train_sentences:
-                break
+        for s in _training_sentences(cfg, files):
+            f.write((s.lower() if cfg.lower_case else s) + "\n")
+            n += 1
     log.info("training sentencepiece (%s, vocab %d) on %d sentences", cfg.spm_model_type, cfg.train_spm_vocab_size, n)
     tmp_prefix = tmp_name(model)  # sentencepiece appends .model/.vocab
+    # sentencepiece samples --tokenizer-train-sentences of them (seeded) when the last document overshoots.
     train_sentencepiece(sent_file, tmp_prefix, cfg.train_spm_vocab_size, cfg.spm_model_type,
-                        input_sentence_size=cfg.spm_train_sentences, seed=cfg.seed)
+                        input_sentence_size=cfg.tokenizer_train_sentences, seed=cfg.seed)
     commit(tmp_prefix + ".model", model)
     for p in (tmp_prefix + ".vocab", sent_file):
         if os.path.exists(p):
             os.remove(p)
     return model
+
+
+def _train_wordpiece(cfg: PrepConfig, files: list[str], work: str) -> str:
+    """Train `work/vocab.txt` (kept for a resumed run; copied into the output dir like a --vocab)."""
+    vocab = os.path.join(work, "vocab.txt")
+    if os.path.exists(vocab):
+        return vocab
+    sent_file = os.path.join(work, "wordpiece_sentences.txt")
+    n = 0
+    with open(sent_file, "w", encoding="utf-8", newline="\n") as f:
+        # Exactly the first N sentences (no sampling here, unlike sentencepiece); the trainer
+        # lower-cases through BERT's normaliser, the one that encodes.
+        for s in itertools.islice(_training_sentences(cfg, files), cfg.tokenizer_train_sentences):
+            f.write(s + "\n")
+            n += 1
+    log.info("training a WordPiece vocab (%d entries, %s) on %d sentences", cfg.train_wordpiece_vocab_size,
+             "uncased" if cfg.lower_case else "cased", n)
+    # In a child process: the trainer's thread pool would otherwise make every later fork of this
+    # process (the tokenizing workers) print tokenizers' fork warning, and its word counts are
+    # memory this process keeps no use for.
+    with _executor(1) as pool:
+        pool.submit(train_wordpiece, sent_file, vocab, cfg.train_wordpiece_vocab_size, cfg.lower_case).result()
+    os.remove(sent_file)
+    return vocab
 
 
 def _executor(workers: int, initializer=None, initargs=()):
@@ -373,7 +434,7 @@ def run(cfg: PrepConfig, comm=None) -> dict:
         files = [f for f in files if f not in inside]
         if not files:
             raise DataPrepError(f"--input: every input file is inside --output-dir {cfg.output_dir}")
-    if not cfg.train_spm_vocab_size:
+    if not cfg.trains_tokenizer:
         load_tokenizer(cfg.vocab, cfg.lower_case)  # a bad vocab fails here, before anything is touched
     import megatron.core.datasets.indexed_dataset  # noqa: F401  (torch + megatron: start-up, not throughput)
 
@@ -426,12 +487,17 @@ def _run(cfg: PrepConfig, comm, files: list[str], t0: float, startup: float) -> 
             log.info("resuming from finished shards in %s", work)
     comm.barrier()
 
-    if cfg.train_spm_vocab_size:
-        tok_file = _train_spm(cfg, files, work) if comm.rank == 0 else None
+    phases = {}
+    if cfg.trains_tokenizer:
+        t_phase = time.time()
+        train = _train_wordpiece if cfg.train_wordpiece_vocab_size else _train_spm
+        tok_file = train(cfg, files, work) if comm.rank == 0 else None
         comm.barrier()  # the sleeping barrier: bcast alone would spin the other ranks meanwhile
         tok_file = comm.bcast(tok_file, root=0)
+        phases["train_tokenizer"] = time.time() - t_phase
     else:
         tok_file = cfg.vocab
+    # From here a trained vocab is used exactly as a --vocab file would be.
     tok = load_tokenizer(tok_file, cfg.lower_case)
 
     bar = None
@@ -442,7 +508,7 @@ def _run(cfg: PrepConfig, comm, files: list[str], t0: float, startup: float) -> 
     try:
         t_shards = time.time()
         resumed = _build_shards(cfg, files, work, tok_file, comm, bar)
-        phases = {"tokenize": time.time() - t_shards}
+        phases["tokenize"] = time.time() - t_shards
     finally:
         if bar is not None:
             bar.close()

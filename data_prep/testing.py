@@ -19,11 +19,12 @@ def build_tiny_dataset(out_dir: str, seq_lengths=(64,), n_docs: int = 200, seed:
     """Prepare `out_dir` (if it is not already complete with the same arguments); returns it.
 
     `cache_dir` defaults to `out_dir/../.data_prep_cache` so pytest tmp dirs stay self-contained.
-    Extra keyword arguments go to `PrepConfig` (e.g. dupe_factor=2).
+    Extra keyword arguments go to `PrepConfig` (e.g. dupe_factor=2, or train_wordpiece_vocab_size=1000
+    for a vocab trained on those documents instead of the embedded one).
     """
     cache_dir = cache_dir or os.path.join(os.path.dirname(os.path.abspath(out_dir)), ".data_prep_cache")
     vocab = overrides.pop("vocab", None)
-    if vocab is None and not overrides.get("train_spm_vocab_size"):
+    if vocab is None and not overrides.get("train_spm_vocab_size") and not overrides.get("train_wordpiece_vocab_size"):
         vocab = embedded_vocab()
     cfg = PrepConfig(
         inputs=[embedded_corpus_jsonl(cache_dir, max_docs=n_docs)],

@@ -1,5 +1,6 @@
 """Tokenizers behind one small interface: WordPiece (HF `tokenizers`, ids equal to transformers'
-BertTokenizer) and sentencepiece (an existing model or one trained on the corpus).
+BertTokenizer; an existing vocab.txt or one trained on the corpus) and sentencepiece (an existing
+model or one trained on the corpus).
 
 `encode_lines(lines)` returns, per line, the token ids and the character start offset of each
 token. Offsets let the pipeline tokenize a whole paragraph in one call and then cut it at the
@@ -15,10 +16,11 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+from collections import Counter
 
 import numpy as np
 
-from .atomic import atomic_copy
+from .atomic import atomic_copy, atomic_write
 from .errors import DataPrepError
 
 BERT_SPECIALS = {"pad": "[PAD]", "unk": "[UNK]", "cls": "[CLS]", "sep": "[SEP]", "mask": "[MASK]"}
@@ -209,3 +211,110 @@ def train_sentencepiece(sentences_file: str, model_prefix: str, vocab_size: int,
         raise DataPrepError(f"--train-spm-vocab-size {vocab_size}: sentencepiece training failed ({e}); "
                             "a smaller vocab size usually fixes a small corpus") from e
     return model_prefix + ".model"
+
+
+# WordPiece training: the recipe of HF `tokenizers`' BertWordPieceTokenizer.train (and so of most
+# BERT vocabularies trained since), with BERT's special tokens first so that their ids are 0-4.
+WORDPIECE_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+WORDPIECE_PREFIX = "##"
+WORDPIECE_MIN_FREQUENCY = 2
+WORDPIECE_LIMIT_ALPHABET = 1000
+_TRAIN_BATCH = 10_000  # sentences per batch handed to the trainer / normaliser
+
+
+def _sentence_batches(path: str):
+    with open(path, encoding="utf-8", newline="\n") as f:
+        batch = []
+        for line in f:
+            batch.append(line.rstrip("\n"))
+            if len(batch) == _TRAIN_BATCH:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
+
+
+def train_wordpiece(sentences_file: str, vocab_path: str, vocab_size: int, lower_case: bool = True) -> str:
+    """Train a BERT WordPiece vocab.txt of exactly `vocab_size` entries on `sentences_file` (one
+    sentence a line); ids 0-4 are [PAD] [UNK] [CLS] [SEP] [MASK]. Written atomically.
+
+    `tokenizers`' trainer alone is not reproducible: it assigns the ids of the `##c` continuation
+    characters in hash-map order (random per process), and merge ties are broken by those ids,
+    so two runs give different vocab orders and even different tokens. It is made deterministic
+    by fixing everything that hash order decides before training: the alphabet (the
+    WORDPIECE_LIMIT_ALPHABET most frequent characters after BERT's normaliser, ties broken by code
+    point) goes in as `initial_alphabet`, and the `##c` continuations the corpus needs (found by a
+    first pass that merges nothing) go in, sorted, right after the special tokens.
+    """
+    from tokenizers import BertWordPieceTokenizer
+
+    def new_tokenizer():
+        # strip_accents follows lowercase, as for BERT uncased and as WordPieceTokenizer encodes.
+        return BertWordPieceTokenizer(lowercase=lower_case, strip_accents=lower_case, clean_text=True,
+                                      handle_chinese_chars=True, wordpieces_prefix=WORDPIECE_PREFIX)
+
+    flag = f"--train-wordpiece-vocab-size {vocab_size}"
+    # 1. Character counts as the trainer sees them: after the normaliser, whitespace excluded.
+    normalizer = new_tokenizer()._tokenizer.normalizer
+    counter: Counter = Counter()
+    for batch in _sentence_batches(sentences_file):
+        counter.update(normalizer.normalize_str("\n".join(batch)))
+    counts = {c: n for c, n in counter.items() if not c.isspace()}
+    if not counts:
+        raise DataPrepError(f"{flag}: the inputs have no text to train a vocabulary on")
+    alphabet = sorted(counts, key=lambda c: (-counts[c], ord(c)))[:WORDPIECE_LIMIT_ALPHABET]
+    alphabet.sort(key=ord)
+
+    def train(size: int, specials: list[str], limit_alphabet: int, initial_alphabet: list[str]) -> list[str]:
+        tok = new_tokenizer()
+        tok.train_from_iterator(_sentence_batches(sentences_file), vocab_size=size,
+                                min_frequency=WORDPIECE_MIN_FREQUENCY, limit_alphabet=limit_alphabet,
+                                initial_alphabet=initial_alphabet, special_tokens=specials,
+                                show_progress=False, wordpieces_prefix=WORDPIECE_PREFIX)
+        vocab = tok.get_vocab()
+        words = sorted(vocab, key=vocab.get)
+        if [vocab[w] for w in words] != list(range(len(words))):
+            raise RuntimeError("tokenizers returned non-consecutive WordPiece ids")
+        return words
+
+    # 2. Which alphabet characters occur inside a word (they get a `##c` piece): a pass with no merges.
+    def is_continuation(w: str) -> bool:  # "##" + one character
+        return w.startswith(WORDPIECE_PREFIX) and len(w) == len(WORDPIECE_PREFIX) + 1
+
+    kept = set(alphabet)
+    probe = train(1, WORDPIECE_SPECIALS, len(alphabet), alphabet)
+    continuations = sorted((w for w in probe if is_continuation(w) and w[-1] in kept), key=lambda w: ord(w[-1]))
+    base = len(WORDPIECE_SPECIALS) + len(alphabet) + len(continuations)
+    if vocab_size <= base:
+        raise DataPrepError(
+            f"{flag}: too small for this corpus, whose characters alone take {base} entries "
+            f"({len(WORDPIECE_SPECIALS)} special tokens, {len(alphabet)} characters, {len(continuations)} "
+            f"'{WORDPIECE_PREFIX}' continuations); use a larger size (at least {base + 1}, and a few thousand "
+            "more for useful word pieces)")
+    # 3. The real training, with nothing left to hash order but the merges' own (count, pair) order.
+    words = train(vocab_size, WORDPIECE_SPECIALS + continuations, len(alphabet), alphabet)
+    # The trainer's order is specials, continuations, characters, merges; write BERT's order
+    # (characters before their ## forms). Ids follow the file; WordPiece only uses the set.
+    ns, nc, na = len(WORDPIECE_SPECIALS), len(continuations), len(alphabet)
+    if (words[:ns] != WORDPIECE_SPECIALS or words[ns:ns + nc] != continuations
+            or words[ns + nc:ns + nc + na] != alphabet):
+        raise RuntimeError(f"trained WordPiece vocab does not start with the special tokens, continuations and "
+                           f"alphabet it was given: {words[:8]}")
+    words = words[:ns] + alphabet + continuations + words[ns + nc + na:]
+    known = set(continuations)
+    stray = [w for w in words if is_continuation(w) and w not in known]
+    if stray:
+        raise RuntimeError(f"trained WordPiece vocab has continuations the first pass did not see: {stray[:5]}")
+    if len(words) < vocab_size:
+        raise DataPrepError(
+            f"{flag}: the training text is too small: it yields only {len(words)} entries (word pieces "
+            f"must occur at least {WORDPIECE_MIN_FREQUENCY} times); use --train-wordpiece-vocab-size "
+            f"{len(words)} or less, or more text")
+    text = "\n".join(words) + "\n"
+    if text.splitlines() != words:
+        # Guaranteed by the normaliser (no control characters, whitespace splits words); checked
+        # because a token with a line break would shift every id after it when read back.
+        raise RuntimeError("trained WordPiece vocab has a token with a line break")
+    with atomic_write(vocab_path, "w", encoding="utf-8", newline="\n") as f:
+        f.write(text)
+    return vocab_path

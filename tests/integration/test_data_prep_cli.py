@@ -1,5 +1,5 @@
 """The CLI on bad user data and under mpirun: clean errors (no tracebacks), counted clean-ups,
-and byte-identical output for 2 MPI ranks and 1 process."""
+and byte-identical output for 2 MPI ranks and 1 process; a WordPiece vocab trained by the CLI."""
 import filecmp
 import gzip
 import json
@@ -157,3 +157,65 @@ def test_unwritable_output_dir_is_a_clean_error(tmp_path):
     # A path under a regular file fails for root too (a chmod'ed directory would not).
     _assert_clean_error(_cli("--input", str(ok), "--vocab", embedded_vocab(), "--output-dir", str(blocker / "sub")),
                         "some_file/sub", "Not a directory")
+
+
+def _small_text_corpus(tmp_path, n_docs=120):
+    """The first documents of the embedded corpus as a .txt file (blank line between documents)."""
+    with open(embedded_corpus_jsonl(str(tmp_path / "cache"), max_docs=n_docs), encoding="utf-8") as f:
+        texts = [json.loads(l)["text"].strip() for l in f]
+    small = tmp_path / "small.txt"
+    small.write_text("\n\n".join(t for t in texts if t) + "\n", encoding="utf-8")
+    return small
+
+
+def test_trained_wordpiece_vocab_through_the_cli(tmp_path):
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+    from transformers import BertTokenizerFast
+
+    from data_prep.verify import verify
+
+    small = _small_text_corpus(tmp_path)
+    args = ["--input", str(small), "--train-wordpiece-vocab-size", "300", "--seq-length", "64"]
+    r = _cli(*args, "--output-dir", str(tmp_path / "a"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = str(tmp_path / "a")
+    assert verify(out) == []
+    m = json.load(open(os.path.join(out, "manifest.json")))
+    assert m["tokenizer"]["type"] == "wordpiece" and m["tokenizer"]["file"] == "vocab.txt"
+    assert m["tokenizer"]["vocab_size"] == 300 and m["tokenizer"]["lower_case"] is True
+    assert m["tokenizer"]["special_ids"] == {"pad": 0, "unk": 1, "cls": 2, "sep": 3, "mask": 4}
+    assert m["args"]["train_wordpiece_vocab_size"] == 300 and m["args"]["vocab"] is None
+    with open(os.path.join(out, "vocab.txt"), encoding="utf-8") as f:
+        words = f.read().splitlines()
+    assert len(words) == 300 and words[:5] == ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    assert any(w.startswith("##") for w in words)
+    # The corpus holds exactly what transformers makes of every input line with that vocab.
+    hf = BertTokenizerFast(vocab={w: i for i, w in enumerate(words)}, do_lower_case=True)
+    lines = [ln.strip() for ln in small.read_text(encoding="utf-8").split("\n") if ln.strip()]
+    expected = [i for ln in lines for i in hf(ln, add_special_tokens=False)["input_ids"]]
+    ds = IndexedDataset(os.path.join(out, "corpus"))
+    assert np.concatenate([ds[i] for i in range(len(ds))]).tolist() == expected
+    # Another process (other hash seeds in the trainer), same bytes everywhere.
+    r = _cli(*args, "--output-dir", str(tmp_path / "b"), "--workers", "2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    files = sorted(os.listdir(out))
+    assert files == sorted(os.listdir(tmp_path / "b"))
+    for f in files:
+        assert filecmp.cmp(os.path.join(out, f), tmp_path / "b" / f, shallow=False), f
+
+
+def test_tokenizer_source_errors_are_clean(tmp_path):
+    small = _small_text_corpus(tmp_path, n_docs=3)
+    out = str(tmp_path / "out")
+    _assert_clean_error(_cli("--input", str(small), "--vocab", embedded_vocab(), "--train-wordpiece-vocab-size",
+                             "300", "--output-dir", out),
+                        "--vocab and --train-wordpiece-vocab-size exclude each other")
+    _assert_clean_error(_cli("--embedded", "--cache-dir", str(tmp_path / "cache"), "--train-spm-vocab-size", "300",
+                             "--train-wordpiece-vocab-size", "300", "--output-dir", out),
+                        "--train-spm-vocab-size and --train-wordpiece-vocab-size exclude each other")
+    _assert_clean_error(_cli("--input", str(small), "--train-wordpiece-vocab-size", "64", "--output-dir", out),
+                        "--train-wordpiece-vocab-size 64: must be >= 128")
+    # Three documents cannot fill 3000 entries: the error says how many they can.
+    _assert_clean_error(_cli("--input", str(small), "--train-wordpiece-vocab-size", "3000", "--output-dir", out),
+                        "--train-wordpiece-vocab-size 3000: the training text is too small: it yields only")
+    assert not os.path.exists(os.path.join(out, "manifest.json"))

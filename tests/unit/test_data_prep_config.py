@@ -1,4 +1,4 @@
-"""PrepConfig validation and the resume fingerprint."""
+"""PrepConfig validation, the resume fingerprint, and the CLI's tokenizer flags."""
 import os
 
 import pytest
@@ -18,7 +18,18 @@ def _cfg(**kw):
     (dict(seed=2**32), "--seed 4294967296"),
     (dict(dupe_factor=0), "--dupe-factor 0: must be between 1 and 65535"),
     (dict(dupe_factor=65536), "--dupe-factor 65536: must be between 1 and 65535"),
-    (dict(vocab=None, train_spm_vocab_size=100, spm_train_sentences=0), "--spm-train-sentences 0: must be >= 1"),
+    (dict(vocab=None, train_spm_vocab_size=100, tokenizer_train_sentences=0),
+     "--tokenizer-train-sentences 0: must be >= 1"),
+    (dict(vocab=None, train_wordpiece_vocab_size=1000, tokenizer_train_sentences=0),
+     "--tokenizer-train-sentences 0: must be >= 1"),
+    (dict(vocab=None, train_wordpiece_vocab_size=100), "--train-wordpiece-vocab-size 100: must be >= 128"),
+    (dict(vocab=None, train_wordpiece_vocab_size=-5), "--train-wordpiece-vocab-size -5: must be >= 128"),
+    (dict(train_wordpiece_vocab_size=8192), "--vocab and --train-wordpiece-vocab-size exclude each other: give one"),
+    (dict(vocab=None, train_spm_vocab_size=8000, train_wordpiece_vocab_size=8192),
+     "--train-spm-vocab-size and --train-wordpiece-vocab-size exclude each other"),
+    (dict(train_spm_vocab_size=8000, train_wordpiece_vocab_size=8192),
+     "--vocab, --train-spm-vocab-size and --train-wordpiece-vocab-size exclude each other"),
+    (dict(vocab=None), "--vocab: give a WordPiece vocab.txt"),
 ])
 def test_out_of_range_arguments_are_rejected_up_front(kw, needle):
     with pytest.raises(DataPrepError, match=needle.replace("(", r"\(")):
@@ -26,8 +37,39 @@ def test_out_of_range_arguments_are_rejected_up_front(kw, needle):
 
 
 def test_range_limits_are_accepted():
-    for kw in (dict(seed=0), dict(seed=2**32 - 1), dict(dupe_factor=65535)):
+    for kw in (dict(seed=0), dict(seed=2**32 - 1), dict(dupe_factor=65535),
+               dict(vocab=None, train_wordpiece_vocab_size=128)):
         _cfg(**kw).validate()
+
+
+@pytest.mark.parametrize("kw, lower", [
+    (dict(), True), (dict(vocab="spm.model"), False), (dict(vocab=None, train_spm_vocab_size=100), False),
+    (dict(vocab=None, train_wordpiece_vocab_size=8192), True),
+    (dict(vocab=None, train_wordpiece_vocab_size=8192, lower_case=False), False),
+])
+def test_default_case_follows_the_tokenizer(kw, lower):
+    cfg = _cfg(**kw)
+    cfg.validate()
+    assert cfg.lower_case is lower
+
+
+def test_cli_tokenizer_flags(tmp_path):
+    from data_prep.cli import build_parser, config_from_args
+    from data_prep.embedded import embedded_vocab
+
+    def cfg(*argv):
+        return config_from_args(build_parser().parse_args(["--output-dir", str(tmp_path / "o"), *argv]))
+
+    c = cfg("--input", "x.txt", "--train-wordpiece-vocab-size", "8192", "--tokenizer-train-sentences", "7")
+    assert (c.vocab, c.train_wordpiece_vocab_size, c.tokenizer_train_sentences) == (None, 8192, 7)
+    # The old spm-only spelling still works and sets the shared limit.
+    c = cfg("--input", "x.txt", "--train-spm-vocab-size", "100", "--spm-train-sentences", "9")
+    assert c.tokenizer_train_sentences == 9
+    # --embedded: the bundled vocab, unless a vocab is to be trained on the embedded corpus.
+    cache = str(tmp_path / "cache")
+    assert cfg("--embedded", "--cache-dir", cache).vocab == embedded_vocab()
+    c = cfg("--embedded", "--cache-dir", cache, "--train-wordpiece-vocab-size", "8192")
+    assert c.vocab is None and c.train_wordpiece_vocab_size == 8192 and len(c.inputs) == 1
 
 
 def test_seed_change_invalidates_a_trained_spm_model_but_not_vocab_shards(tmp_path):
@@ -50,3 +92,25 @@ def test_seed_change_invalidates_a_trained_spm_model_but_not_vocab_shards(tmp_pa
     assert _prepare_work_dir(wp, [str(inp)], work) is False
     wp.seed = 2  # shards do not depend on the seed: keep them
     assert _prepare_work_dir(wp, [str(inp)], work) is True
+
+
+def test_wordpiece_training_params_invalidate_a_trained_vocab(tmp_path):
+    inp = tmp_path / "in.txt"
+    inp.write_text("a b c.\n")
+    work = str(tmp_path / ".work")
+    trained = os.path.join(work, "vocab.txt")
+
+    def prepare(**kw):
+        cfg = _cfg(inputs=[str(inp)], vocab=None, **{"train_wordpiece_vocab_size": 1000, "seed": 1, **kw})
+        cfg.validate()
+        return _prepare_work_dir(cfg, [str(inp)], work)
+
+    assert prepare() is False
+    open(trained, "w").close()  # as a crashed run leaves it
+    assert prepare() is True
+    assert prepare(seed=2) is True  # WordPiece training is not seeded: keep the vocab and shards
+    for change in (dict(train_wordpiece_vocab_size=2000), dict(tokenizer_train_sentences=10), dict(lower_case=False)):
+        prepare()
+        open(trained, "w").close()
+        assert prepare(**change) is False, change
+        assert not os.path.exists(trained)

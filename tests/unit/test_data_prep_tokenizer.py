@@ -1,15 +1,17 @@
 """WordPiece ids equal transformers' BertTokenizer (fast) and BertTokenizerLegacy (pure Python);
-sentence cuts via offsets equal tokenizing each sentence alone; sentencepiece special ids."""
+sentence cuts via offsets equal tokenizing each sentence alone; sentencepiece special ids; a trained
+WordPiece vocab is BERT-shaped, reproducible and encodes as transformers does."""
 import json
 
 import numpy as np
 import pytest
 
+from data_prep import tokenizer as tokenizer_module
 from data_prep.embedded import embedded_corpus_jsonl, embedded_vocab
 from data_prep.errors import DataPrepError
 from data_prep.shards import document_sentences, tokenize_documents
 from data_prep.splitter import get_splitter
-from data_prep.tokenizer import WordPieceTokenizer, load_tokenizer, train_sentencepiece
+from data_prep.tokenizer import WordPieceTokenizer, load_tokenizer, train_sentencepiece, train_wordpiece
 
 TRICKY = [
     "Héllo WÖRLD! naïve café, Ångström résumé",
@@ -153,3 +155,79 @@ def test_trained_sentencepiece_ids_and_specials(texts, spm_model):
         words = {line.index(w) for w in ("Café", "é\t", "déjà", "vu", "İx")}
         assert words <= set(starts.tolist()), (lower, starts.tolist())
         assert all(0 <= s <= len(line) and not line[s:s + 1].isspace() for s in starts.tolist())
+
+
+SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+@pytest.fixture(scope="module")
+def wp_sentences(texts, tmp_path_factory):
+    path = tmp_path_factory.mktemp("wp") / "sentences.txt"
+    path.write_text("\n".join(texts + BOUNDARIES) + "\n", encoding="utf-8")
+    return str(path)
+
+
+def _train_twice(sentences, tmp_path, size, lower):
+    """Two trainings in one process: each trainer's hash maps get new random keys, which alone
+    (without train_wordpiece's pinning) reorders the ## pieces and can change the tokens."""
+    a = train_wordpiece(sentences, str(tmp_path / "a.txt"), size, lower_case=lower)
+    b = train_wordpiece(sentences, str(tmp_path / "b.txt"), size, lower_case=lower)
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        raw = fa.read()
+        assert raw == fb.read()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "b.txt"]  # no temporary file left
+    return a, raw.decode("utf-8").split("\n")[:-1]
+
+
+@pytest.mark.parametrize("lower", [True, False])
+def test_trained_wordpiece_vocab_is_bert_shaped_and_reproducible(texts, wp_sentences, tmp_path, lower):
+    from transformers import BertTokenizerFast
+
+    path, words = _train_twice(wp_sentences, tmp_path, 1000, lower)
+    assert len(words) == len(set(words)) == 1000
+    assert words[:5] == SPECIALS
+    pieces = [w for w in words if w.startswith("##")]
+    assert len(pieces) > 100 and any(len(w) > 3 for w in pieces)
+    ids = {w: i for i, w in enumerate(words)}
+    # BERT's layout: every character before its ## form, and every ## form's character present.
+    assert all(ids[w[2:]] < ids[w] for w in pieces if len(w) == 3)
+    assert any(w != w.lower() for w in words[5:]) is (not lower)
+    tok = WordPieceTokenizer(path, lower_case=lower)
+    assert tok.special_ids == {"pad": 0, "unk": 1, "cls": 2, "sep": 3, "mask": 4} and tok.vocab_size == 1000
+    # The ids data_prep writes are the ids transformers gives with the same table (the way finetune
+    # loads vocab.txt: vocab=dict; vocab_file= is silently ignored by transformers 5).
+    hf = BertTokenizerFast(vocab=ids, do_lower_case=lower)
+    assert len(hf) == 1000
+    n_tokens = n_unk = 0
+    for t, (got, _) in zip(texts + BOUNDARIES, tok.encode_lines(texts + BOUNDARIES)):
+        assert got.tolist() == hf(t, add_special_tokens=False)["input_ids"], t[:80]
+        n_tokens += len(got)
+        n_unk += int((got == 1).sum())
+    assert n_unk < 0.01 * n_tokens
+    _check_offset_cut(tok, texts[:300] + BOUNDARIES)
+
+
+def test_trained_wordpiece_alphabet_limit(wp_sentences, tmp_path, monkeypatch):
+    # A corpus with more characters than the limit: the alphabet is the most frequent ones (ties
+    # by code point), not whichever the trainer's hash order drops.
+    monkeypatch.setattr(tokenizer_module, "WORDPIECE_LIMIT_ALPHABET", 40)
+    _, words = _train_twice(wp_sentences, tmp_path, 400, True)
+    singles = [w for w in words[5:] if len(w) == 1]
+    assert len(singles) == 40 and {"e", "t", "a", "."} <= set(singles)
+    assert set("".join(w.removeprefix("##") for w in words[5:])) == set(singles)  # built from those only
+
+
+def test_trained_wordpiece_size_errors(wp_sentences, tmp_path):
+    with pytest.raises(DataPrepError, match=r"--train-wordpiece-vocab-size 150: too small for this corpus, whose "
+                                            r"characters alone take \d+ entries"):
+        train_wordpiece(wp_sentences, str(tmp_path / "v.txt"), 150)
+    tiny = tmp_path / "tiny.txt"
+    tiny.write_text("The cat sat on the mat.\nThe dog sat on the log.\n")
+    with pytest.raises(DataPrepError, match=r"training text is too small: it yields only (\d+) entries.*"
+                                            r"use --train-wordpiece-vocab-size \1 or less"):
+        train_wordpiece(str(tiny), str(tmp_path / "v.txt"), 500)
+    blank = tmp_path / "blank.txt"
+    blank.write_text("\n \n\t\n")
+    with pytest.raises(DataPrepError, match="no text to train a vocabulary on"):
+        train_wordpiece(str(blank), str(tmp_path / "v.txt"), 500)
+    assert not (tmp_path / "v.txt").exists()
