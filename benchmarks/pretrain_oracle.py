@@ -26,25 +26,15 @@ import torch  # noqa: E402
 
 
 def schedule(step: int, total: int, warmup: int, decay: str, power: float) -> float:
-    """Multiplier of the peak lr at `step` (0-based, the lr of the update that makes step+1):
-    linear warm-up, then polynomial decay to 0 at `total` (BERT's NVIDIA recipe), written
-    from the formula, not imported from the trainer."""
-    s = step + 1
-    if warmup > 0 and s <= warmup:
-        return s / warmup
-    frac = (total - s) / max(1, total - warmup)
-    return max(0.0, frac) ** (1.0 if decay == "linear" else power)
-
-
-def forward(model, b: dict):
-    """transformers' own modules: encoder (`model.bert`), then the heads (`model.cls`) on the
-    masked rows only. The same logits as `model(...).prediction_logits[labels != -100]`, without
-    the [B, S, vocab] tensor of every position (1 GB at 64 x 128 x 30522)."""
-    seq, pooled = model.bert(input_ids=b["input_ids"], token_type_ids=b["token_type_ids"],
-                             attention_mask=b["attention_mask"], return_dict=False)[:2]
-    sel = b["labels"] != -100
-    logits, nsp_logits = model.cls(seq[sel], pooled)
-    return logits, nsp_logits, b["labels"][sel]
+    """Multiplier of the peak lr for the update made after `step` (0-based) updates: linear
+    warm-up (step + 1) / warmup, then polynomial decay from the peak update (warmup - 1) towards
+    0 at `total` (BERT's NVIDIA recipe). Written from that definition (docs/pretrain.md), not
+    imported from the trainer; tests/unit/test_optim.py checks both give the same sequence."""
+    if step < warmup:
+        return (step + 1) / warmup
+    peak = max(warmup - 1, 0)
+    frac = max(0.0, (total - step) / max(1, total - peak))
+    return frac ** (1.0 if decay == "linear" else power)
 
 
 @torch.no_grad()
@@ -77,6 +67,7 @@ def main(argv=None) -> int:
     p.add_argument("--weight_decay", type=float, default=0.01)
     p.add_argument("--seed", type=int, default=1234, help="sample order and masking (as pretrain/run.py --seed)")
     p.add_argument("--init_seed", type=int, default=0, help="torch seed of transformers' own weight init")
+    p.add_argument("--masked_lm_prob", type=float, default=0.15)
     p.add_argument("--whole_word_masking", action="store_true")
     p.add_argument("--eval_interval", type=int, default=200)
     p.add_argument("--eval_samples", type=int, default=1024)
@@ -100,9 +91,9 @@ def main(argv=None) -> int:
                              {"params": no_decay, "weight_decay": 0.0}],
                             lr=a.lr, betas=(0.9, 0.999), eps=1e-6)
     warmup = round(a.warmup_proportion * a.steps)
-    masking = MaskingConfig(whole_word=a.whole_word_masking)
+    masking = MaskingConfig(mlm_probability=a.masked_lm_prob, whole_word=a.whole_word_masking)
     train = PretrainingDataset(a.data, a.seq_length, "train", masking=masking, seed=a.seed)
-    valid = PretrainingDataset(a.data, a.seq_length, "valid", masking=MaskingConfig(whole_word=a.whole_word_masking), seed=a.seed)
+    valid = PretrainingDataset(a.data, a.seq_length, "valid", masking=masking, seed=a.seed)
     ours = {}
     if a.ours:
         with open(a.ours) as f:

@@ -161,7 +161,7 @@ def main(argv=None) -> int:
     p.add_argument("--output-dir", required=True)
     p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    p.add_argument("--lrs", type=float, nargs="+", default=[1e-4, 3e-4, 1e-3])
+    p.add_argument("--lrs", type=float, nargs="+", default=[5e-4, 1e-3, 2e-3])
     p.add_argument("--epochs", type=float, default=None,
                    help="fine-tuning epochs for every task (default: per task, " +
                    ", ".join(f"{k} {v[3]:g}" for k, v in TASKS.items()) + ")")

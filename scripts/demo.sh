@@ -18,6 +18,9 @@ STEPS=${DEMO_STEPS:-600}
 export DS_ACCELERATOR=cpu HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
 export PATH="$PWD/.venv/bin:$PATH" TORCH_EXTENSIONS_DIR="$PWD/.venv/torch_extensions"
 
+# The demo starts over: an earlier demo's outputs (another vocabulary, another recipe) would be resumed.
+rm -rf "$OUT/data" "$OUT/run" "$OUT/hf" "$OUT/finetune"
+
 echo "== 1/4 data prep (embedded corpus) =="
 $PY -m data_prep --embedded --train-wordpiece-vocab-size 8192 --dupe-factor 5 --output-dir "$OUT/data" \
   --seq-length 128 --workers 2
@@ -37,7 +40,7 @@ $PY -m pretrain.export_hf "$OUT/run/latest" "$OUT/hf"
 
 echo "== 4/4 fine-tuning: pretrained vs the same model from random init =="
 # One process: all its cores (OMP_NUM_THREADS=1 was for the 2 ranks). The random-init twin is the
-# run's own step-0 model. 2 seeds each, lr 1e-3 (the full sweep: benchmarks/pretraining_value.py).
-$PY benchmarks/pretraining_value.py --pretrained "$OUT/hf" --output-dir "$OUT/finetune" \
+# run's own step-0 model (its seed read from the checkpoint). 2 seeds each, lr 1e-3 (the full sweep: benchmarks/pretraining_value.py).
+$PY benchmarks/pretraining_value.py --run "$OUT/run" --output-dir "$OUT/finetune" \
   --tasks pang-lee wiki-cloze --seeds 1 2 --lrs 1e-3 --threads "$(env -u OMP_NUM_THREADS nproc)" --table-only
 echo "outputs: $OUT/data, $OUT/run (checkpoints, metrics.jsonl, loss_curves.png), $OUT/hf, $OUT/finetune"
