@@ -195,16 +195,22 @@ def _training_sentences(cfg: PrepConfig, files: list[str]):
             return
 
 
+def _write_lines(path: str, lines) -> int:
+    """One string a line (the tokenizer trainers' input); returns how many were written."""
+    n = 0
+    with open(path, "w", encoding="utf-8", newline="\n") as f:
+        for line in lines:
+            f.write(line + "\n")
+            n += 1
+    return n
+
+
 def _train_spm(cfg: PrepConfig, files: list[str], work: str) -> str:
     model = os.path.join(work, "spm.model")
     if os.path.exists(model):
         return model
     sent_file = os.path.join(work, "spm_sentences.txt")
-    n = 0
-    with open(sent_file, "w", encoding="utf-8") as f:
-        for s in _training_sentences(cfg, files):
-            f.write((s.lower() if cfg.lower_case else s) + "\n")
-            n += 1
+    n = _write_lines(sent_file, (s.lower() if cfg.lower_case else s for s in _training_sentences(cfg, files)))
     log.info("training sentencepiece (%s, vocab %d) on %d sentences", cfg.spm_model_type, cfg.train_spm_vocab_size, n)
     tmp_prefix = tmp_name(model)  # sentencepiece appends .model/.vocab
     # sentencepiece samples --tokenizer-train-sentences of them (seeded) when the last document overshoots.
@@ -223,13 +229,9 @@ def _train_wordpiece(cfg: PrepConfig, files: list[str], work: str) -> str:
     if os.path.exists(vocab):
         return vocab
     sent_file = os.path.join(work, "wordpiece_sentences.txt")
-    n = 0
-    with open(sent_file, "w", encoding="utf-8", newline="\n") as f:
-        # Exactly the first N sentences (no sampling here, unlike sentencepiece); the trainer
-        # lower-cases through BERT's normaliser, the one that encodes.
-        for s in itertools.islice(_training_sentences(cfg, files), cfg.tokenizer_train_sentences):
-            f.write(s + "\n")
-            n += 1
+    # Exactly the first N sentences (no sampling here, unlike sentencepiece); the trainer
+    # lower-cases through BERT's normaliser, the one that encodes.
+    n = _write_lines(sent_file, itertools.islice(_training_sentences(cfg, files), cfg.tokenizer_train_sentences))
     log.info("training a WordPiece vocab (%d entries, %s) on %d sentences", cfg.train_wordpiece_vocab_size,
              "uncased" if cfg.lower_case else "cased", n)
     # In a child process: the trainer's thread pool would otherwise make every later fork of this
