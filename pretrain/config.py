@@ -202,6 +202,7 @@ class Resolved:
     manifest: dict
     device: str = "cpu"  # "cuda" | "cpu"
     precision_warning: Optional[str] = None  # logged once at start (bf16 asked on a CPU that emulates it)
+    resume_warning: Optional[str] = None  # logged once at start (a resume with other masking flags)
     padded_vocab_size: int = 0  # word-embedding / MLM-decoder rows: vocab_size padded (pretrain/vocab.py)
 
     def to_dict(self) -> dict:
@@ -319,6 +320,13 @@ def validate(cfg: TrainConfig, world_size: Optional[int] = None, device: Optiona
                 f"(the precision follows this machine's hardware or the flags); pass --precision {resumed['precision']} "
                 "to keep it")
         precision_warning = f"{precision_warning}; {note}" if precision_warning else note
+    resume_warning = None
+    old = (resumed or {}).get("config", {}).get("cfg", {})
+    changed = [f"--{k} {old[k]} -> {getattr(cfg, k)}" for k in ("masked_lm_prob", "whole_word_masking")
+               if k in old and old[k] != getattr(cfg, k)]
+    if changed:
+        resume_warning = (f"--save_dir {cfg.save_dir} resumes with other masking ({', '.join(changed)}): the objective "
+                          "and the held-out MLM accuracy change meaning from here on; pass the run's values to keep them")
 
     return Resolved(
         cfg=cfg,
@@ -337,6 +345,7 @@ def validate(cfg: TrainConfig, world_size: Optional[int] = None, device: Optiona
         padded_vocab_size=padded_vocab,
         device=device,
         precision_warning=precision_warning,
+        resume_warning=resume_warning,
     )
 
 

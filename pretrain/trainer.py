@@ -266,6 +266,8 @@ class Trainer:
         )
         if res.precision_warning and self.rank == 0:
             log.warning("precision: %s", res.precision_warning)
+        if res.resume_warning and self.rank == 0:
+            log.warning("resume: %s", res.resume_warning)
 
         # --- resume decision before the engine exists (dp change needs another load path)
         self.resume_tag = ckpt.latest_tag(cfg.save_dir) if dist.get_rank() == 0 else None

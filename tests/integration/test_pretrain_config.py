@@ -124,6 +124,12 @@ def test_resume_layout_mismatch_is_reported_before_start(tiny_data, model_cfg, t
     (run / "step_5" / "trainer_state.json").write_text(json.dumps({"tp": 1, "seq_length": 128}))
     with pytest.raises(ConfigError, match="needs its own --save_dir and --init_from"):
         validate(load_config(args), world_size=2)
+    # other masking flags resume, with one warning naming the change (the same flags: none)
+    state = {"tp": 1, "seq_length": 64, "config": {"cfg": {"masked_lm_prob": 0.15, "whole_word_masking": False}}}
+    (run / "step_5" / "trainer_state.json").write_text(json.dumps(state))
+    assert validate(load_config(args), world_size=2).resume_warning is None
+    warning = validate(load_config(args + ["--masked_lm_prob", "0.4"]), world_size=2).resume_warning
+    assert "resumes with other masking (--masked_lm_prob 0.15 -> 0.4)" in warning
 
 
 def test_vocabulary_is_padded_for_tensor_parallelism(tiny_data, model_cfg, tmp_path):
