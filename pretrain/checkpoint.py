@@ -28,12 +28,16 @@ from typing import Optional
 import numpy as np
 import torch
 
+from data_prep.atomic import atomic_write
+from pretrain.model import BertForPreTraining
+from pretrain.tensor_parallel import universal_checkpoint_patterns, unshard_state_dicts
+from pretrain.vocab import resize_vocab
+
 log = logging.getLogger(__name__)
 
 LATEST = "latest"
 STATE_FILE = "trainer_state.json"
 _TAG_RE = re.compile(r"^step_(\d+)$")
-_TIED_ALIASES = ("cls.predictions.decoder.weight",)
 
 
 class CheckpointError(ValueError):
@@ -42,15 +46,6 @@ class CheckpointError(ValueError):
 
 def tag_for(step: int) -> str:
     return f"step_{step}"
-
-
-def _write_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def latest_tag(run_dir: str) -> Optional[str]:
@@ -134,8 +129,10 @@ def save(engine, run_dir: str, step: int, state: dict, keep_last: int, vocab_fil
     if rank == 0:
         if vocab_file and os.path.isfile(vocab_file):
             shutil.copyfile(vocab_file, os.path.join(tag_dir, os.path.basename(vocab_file)))
-        _write_atomic(os.path.join(tag_dir, STATE_FILE), json.dumps(state, indent=1, sort_keys=True))
-        _write_atomic(os.path.join(run_dir, LATEST), tag)
+        with atomic_write(os.path.join(tag_dir, STATE_FILE), "w", encoding="utf-8") as f:
+            json.dump(state, f, indent=1, sort_keys=True)
+        with atomic_write(os.path.join(run_dir, LATEST), "w", encoding="utf-8") as f:
+            f.write(tag)
         prune(run_dir, keep_last)
     dist.barrier()
     log.info("saved checkpoint %s", tag_dir)
@@ -144,19 +141,9 @@ def save(engine, run_dir: str, step: int, state: dict, keep_last: int, vocab_fil
 
 def universal_info() -> dict:
     """What DeepSpeed's ds_to_universal needs to re-partition this model's ZeRO state for another
-    dp size (used when a run resumes on a different number of ranks). Unlisted TP-split tensors
-    are concatenated along dim 0 (column-parallel and vocabulary rows), which is our layout."""
-    return {
-        "universal_checkpoint_version": 0.4,
-        "tp_replicated_parameter_patterns": [
-            r".*LayerNorm\.(weight|bias)$", r".*position_embeddings\.weight$", r".*token_type_embeddings\.weight$",
-            r".*pooler\.dense\.(weight|bias)$", r".*transform\.dense\.(weight|bias)$", r".*seq_relationship\.(weight|bias)$",
-            r".*attention\.output\.dense\.bias$", r".*layer\.\d+\.output\.dense\.bias$",
-        ],
-        "parameter_with_row_parallelism_patterns": [
-            r".*attention\.output\.dense\.weight$", r".*layer\.\d+\.output\.dense\.weight$",
-        ],
-    }
+    dp size (used when a run resumes on a different number of ranks): the TP split rules, from
+    pretrain.tensor_parallel."""
+    return {"universal_checkpoint_version": 0.4, **universal_checkpoint_patterns()}
 
 
 def prune(run_dir: str, keep_last: int) -> None:
@@ -198,9 +185,6 @@ def full_weights(run_dir: str, tag: str) -> dict:
     partitions gathered, TP shards joined, vocabulary rows cut to the model config's vocab_size
     (training pads them for tensor parallelism, pretrain/vocab.py). Every offline reader (HF export,
     --init_from, tests comparing against a dense model) takes the weights from here."""
-    from pretrain.parallel import unshard_state_dicts
-    from pretrain.vocab import resize_vocab
-
     state = read_state(run_dir, tag)
     shards = fp32_shards(run_dir, tag)
     if len(shards) != state["tp"]:
@@ -236,5 +220,6 @@ def fp32_shards(run_dir: str, tag: str) -> list[dict]:
                 sd = get_fp32_state_dict_from_zero_checkpoint(tmp, tag=tag)
             # Tied aliases (the MLM decoder = the word embeddings) are listed by some mp ranks'
             # files only; the owner key carries the tensor, so aliases are dropped everywhere.
-            shards.append({k: v.detach().clone().float() for k, v in sd.items() if k not in _TIED_ALIASES})
+            tied = BertForPreTraining.tied_weights
+            shards.append({k: v.detach().clone().float() for k, v in sd.items() if k not in tied})
     return shards

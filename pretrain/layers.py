@@ -4,7 +4,7 @@ The model asks this factory for every layer that tensor parallelism shards (atte
 projections, the word embeddings, the vocabulary-sized MLM decoder) and for the two operations
 whose math changes when the vocabulary is split (cross entropy) or when dropout runs inside a
 split region (RNG). At tp=1 (this file) they are plain ``nn.Linear`` / ``nn.Embedding`` /
-``F.cross_entropy``; the megatron-core factory in ``pretrain/parallel.py`` returns Column/Row/
+``F.cross_entropy``; the megatron-core factory in ``pretrain/tensor_parallel.py`` returns Column/Row/
 VocabParallel layers with the same call signatures, so ``pretrain/model.py`` never branches on
 the parallel layout and never imports ``torch.distributed``.
 

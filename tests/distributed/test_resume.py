@@ -125,7 +125,7 @@ def test_tp2_resumed_at_another_dp_keeps_each_tp_group_in_step(tiny_data, tmp_pa
     weights (LayerNorm, biases, position/type embeddings) drift apart with no error. Checked on the
     checkpoint the resumed run writes: every replicated tensor bitwise equal across TP ranks."""
     from pretrain import checkpoint as ckpt
-    from pretrain.parallel import default_partition_dims
+    from pretrain.tensor_parallel import default_partition_dims
 
     model_cfg = tiny_model_config(tmp_path / "tiny.json", dropout=0.1)
     ds_cfg = tiny_ds_config(tmp_path / "z2.json", stage=2)

@@ -1,16 +1,22 @@
-"""Tensor parallelism (megatron-core layers through the model's seam) against a dense model.
+"""Tensor parallelism (pretrain/tensor_parallel.py: megatron-core layers through the model's seam)
+against a dense model, plus the checks that run before any group starts.
 
 Reference: the same BertForPreTraining built with the dense tp=1 factory, loaded from the same
 full weights, run in the same process on the same batch. tp=2 must give the same losses, the same
 logits and, once the shards are gathered, the same gradients.
 """
 
+import os
+
 import numpy as np
 import pytest
 import torch
 
+from pretrain.launch import ParallelConfigError
+from pretrain.tensor_parallel import validate_model_for_tp, validate_parallel_config
 from tests.distributed._spawn import spawn
 
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TOL = 1e-5
 
 
@@ -51,13 +57,13 @@ def dense_model(config, seed=0):
 
 
 def build_tp_model(config, full_sd):
-    from pretrain import parallel
+    from pretrain import tensor_parallel
     from pretrain.model import BertForPreTraining
 
-    factory = parallel.MegatronLayerFactory(init_std=config.initializer_range, seed=1234)
+    factory = tensor_parallel.MegatronLayerFactory(init_std=config.initializer_range, seed=1234)
     model = BertForPreTraining(config, layers=factory)
-    parallel.mark_tensor_parallel_params(model)
-    parallel.load_full_state_dict(model, full_sd)
+    tensor_parallel.mark_tensor_parallel_params(model)
+    tensor_parallel.load_full_state_dict(model, full_sd)
     return model, factory
 
 
@@ -66,7 +72,7 @@ def _gather_grads(model):
     import torch.distributed as dist
     from megatron.core import parallel_state
 
-    from pretrain.parallel import tp_partition_dims
+    from pretrain.tensor_parallel import tp_partition_dims
 
     group = parallel_state.get_tensor_model_parallel_group()
     tp = dist.get_world_size(group)
@@ -86,10 +92,11 @@ def _tp_vs_dense_worker(rank, world_size, tp):
     import torch.distributed as dist
     from megatron.core import parallel_state
 
-    from pretrain import parallel
+    from pretrain import tensor_parallel
+    from pretrain.launch import init_distributed
 
-    parallel.init_distributed("gloo")
-    parallel.initialize_model_parallel(tp)
+    init_distributed("gloo")
+    tensor_parallel.initialize_model_parallel(tp)
     config = tiny_config()
     ref = dense_model(config)
     full_sd = {k: v.clone() for k, v in ref.state_dict().items()}
@@ -115,7 +122,7 @@ def _tp_vs_dense_worker(rank, world_size, tp):
     all_gather = dist.all_gather
     dist.all_gather = lambda *a, **k: (gathers.append(1), all_gather(*a, **k))[1]
     try:
-        exported = parallel.gather_full_state_dict(model)
+        exported = tensor_parallel.gather_full_state_dict(model)
     finally:
         dist.all_gather = all_gather
     result = dict(
@@ -127,12 +134,12 @@ def _tp_vs_dense_worker(rank, world_size, tp):
         grad_scale=max(float(np.abs(g).max()) for g in grads_ref.values()),
         shard_shapes={k: tuple(v.shape) for k, v in model.state_dict().items()},
         export_equal=all(torch.equal(exported[k], full_sd[k]) for k in full_sd) and set(exported) == set(full_sd),
-        partition_dims=parallel.tp_partition_dims(model),
+        partition_dims=tensor_parallel.tp_partition_dims(model),
     )
     result["hf_dir_logits_diff"], result["hf_dir_has_decoder_key"] = _load_from_hf_dir(config, ref, batch)
     result.update(_lamb_step(model, ref))
     result.update(_dropout_checks(config, full_sd, factory, batch))
-    parallel.destroy_model_parallel()
+    tensor_parallel.destroy_model_parallel()
     return result
 
 
@@ -165,7 +172,7 @@ def _lamb_step(model, ref):
     from equal grads."""
     from megatron.core import parallel_state
 
-    from pretrain import parallel
+    from pretrain import tensor_parallel
     from pretrain.optim import build_optimizer
 
     group = parallel_state.get_tensor_model_parallel_group()
@@ -175,7 +182,7 @@ def _lamb_step(model, ref):
         opt_ref = build_optimizer(ref, "lamb", lr=0.05, variant=variant)
         opt.step()
         opt_ref.step()
-        after = parallel.gather_full_state_dict(model)
+        after = tensor_parallel.gather_full_state_dict(model)
         ref_sd = ref.state_dict()
         ratios = [float(s["last_trust_ratio"]) for s in opt_ref.state.values()]
         prefix = "lamb" if variant == "clamped" else "lamb_nvidia"
@@ -297,7 +304,7 @@ def test_tp2_export_gathers_back_the_full_weights(tp2_results):
 
 
 def test_name_rules_agree_with_the_model_layout(tp2_results):
-    from pretrain.parallel import default_partition_dims
+    from pretrain.tensor_parallel import default_partition_dims
 
     dims = tp2_results[0]["partition_dims"]
     # Written out by hand from the megatron layer types: column layers split dim 0 (weight and
@@ -313,6 +320,31 @@ def test_name_rules_agree_with_the_model_layout(tp2_results):
     assert dims == expected
     full_keys = dense_model(tiny_config()).state_dict().keys()
     assert default_partition_dims(full_keys) == dims
+
+
+def test_universal_checkpoint_patterns_agree_with_the_model_layout(tp2_results):
+    """The rules as written into checkpoints for DeepSpeed's ds_to_universal (resume at another dp
+    size), applied as it applies them: `re.match`, at most one hit per list; replicated -> one
+    copy, row-parallel -> dim 1, anything else -> dim 0. Every pattern must be used (its strict
+    mode fails on an unused one)."""
+    import re
+
+    from pretrain import checkpoint as ckpt
+
+    info = ckpt.universal_info()
+    replicated, row = info["tp_replicated_parameter_patterns"], info["parameter_with_row_parallelism_patterns"]
+    dims = tp2_results[0]["partition_dims"]
+    used = set()
+    names = [name for name, _ in dense_model(tiny_config()).named_parameters(remove_duplicate=False)]
+    for name in names:
+        hits = {kind: [p for p in patterns if re.match(p, name)] for kind, patterns in
+                (("replicated", replicated), ("row", row))}
+        assert all(len(h) <= 1 for h in hits.values()), (name, hits)
+        used.update(hits["replicated"] + hits["row"])
+        joined_along = None if hits["replicated"] else 1 if hits["row"] else 0
+        assert joined_along == dims.get(name), name
+    assert used == set(replicated + row)
+    assert any(name not in dims for name in names) and set(dims.values()) == {0, 1}
 
 
 def test_lamb_on_tp_shards_uses_full_weight_norms(tp2_results):
@@ -340,7 +372,7 @@ def test_dropout_with_tp_keeps_ranks_in_step_and_survives_activation_checkpointi
 
 
 def test_shard_unshard_roundtrip_without_processes():
-    from pretrain.parallel import shard_state_dict, unshard_state_dicts
+    from pretrain.tensor_parallel import shard_state_dict, unshard_state_dicts
 
     full = dense_model(tiny_config()).state_dict()
     for tp in (1, 2, 4):
@@ -352,3 +384,34 @@ def test_shard_unshard_roundtrip_without_processes():
     assert torch.equal(shard_state_dict(full, 1, 4)[q], full[q][8:16])
     o = "bert.encoder.layer.1.output.dense.weight"
     assert torch.equal(shard_state_dict(full, 1, 2)[o], full[o][:, 32:])
+
+
+# ---------------------------------------------------------------- validation before any group starts
+
+
+def test_validation_messages_say_what_to_change():
+    assert validate_parallel_config(8, 2, num_attention_heads=16, hidden_size=1024,
+                                    intermediate_size=4096, vocab_size=30522) == 4
+    with pytest.raises(ParallelConfigError, match="world size 6 is not divisible by --tp 4"):
+        validate_parallel_config(6, 4)
+    with pytest.raises(ParallelConfigError, match="num_attention_heads 12 is not divisible by --tp 8"):
+        validate_parallel_config(8, 8, num_attention_heads=12)
+    # Unpadded rows: the message points at the padding helper and names the padded size.
+    with pytest.raises(ParallelConfigError, match=r"30522 vocabulary rows are not divisible by --tp 4.*"
+                                                  r"padded_vocab_size.*pads to 30720"):
+        validate_parallel_config(4, 4, num_attention_heads=16, vocab_size=30522)
+    with pytest.raises(ParallelConfigError, match="intermediate_size 100"):
+        validate_parallel_config(8, 8, intermediate_size=100)
+    with pytest.raises(ParallelConfigError, match="--tp must be a positive integer"):
+        validate_parallel_config(4, 0)
+
+
+def test_validation_reads_the_model_config():
+    from pretrain.model import BertConfig
+
+    large = BertConfig.from_json_file(os.path.join(REPO, "configs", "bert-large.json"))
+    assert validate_model_for_tp(large, world_size=4, tp_size=2) == 2
+    # 30522 rows do not split 8 ways; padded as the trainer pads them (128 x 8 -> 30720) they do.
+    assert validate_model_for_tp(large, world_size=8, tp_size=8) == 1
+    with pytest.raises(ParallelConfigError, match="vocabulary rows"):
+        validate_model_for_tp(large, world_size=8, tp_size=8, make_vocab_size_divisible_by=None)

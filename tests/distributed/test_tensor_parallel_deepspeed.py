@@ -78,7 +78,7 @@ def _train(config, full_sd, stage, use_mpu, optimizer="adamw", attach=True, vari
     import torch.distributed as dist
     from megatron.core import parallel_state
 
-    from pretrain import parallel
+    from pretrain import tensor_parallel
     from pretrain.optim import build_optimizer
 
     model, _ = build_tp_model(config, full_sd)
@@ -88,7 +88,7 @@ def _train(config, full_sd, stage, use_mpu, optimizer="adamw", attach=True, vari
                                  variant=variant)
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=None if client else model.parameters(), optimizer=client,
-        config=_ds_config(stage, optimizer), mpu=parallel.MegatronMPU() if use_mpu else None,
+        config=_ds_config(stage, optimizer), mpu=tensor_parallel.MegatronMPU() if use_mpu else None,
     )
     if client is not None and stage in (1, 2) and attach:
         client.attach_zero_partitions(engine.optimizer)
@@ -105,15 +105,16 @@ def _train(config, full_sd, stage, use_mpu, optimizer="adamw", attach=True, vari
         losses.append(loss.item() / DP)
     if stage == 3:  # the parameters really are partitioned over the dp group
         assert any(p.ds_tensor.numel() < p.ds_numel for p in engine.module.parameters())
-    weights = parallel.gather_full_state_dict(engine.module)
+    weights = tensor_parallel.gather_full_state_dict(engine.module)
     return losses, norms, weights
 
 
 def _tp2_dp2_worker(rank, world_size, stage):
-    from pretrain import parallel
+    from pretrain import tensor_parallel
+    from pretrain.launch import init_distributed
 
-    parallel.init_distributed("gloo")
-    parallel.initialize_model_parallel(2)
+    init_distributed("gloo")
+    tensor_parallel.initialize_model_parallel(2)
     config = tiny_config()
     ref_losses, ref_norms, ref_weights = _reference(config)
     full_sd = {k: v.clone() for k, v in dense_model(config).state_dict().items()}

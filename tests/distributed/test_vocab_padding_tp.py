@@ -21,20 +21,21 @@ def _tp4_worker(rank, world_size):
     import torch.distributed as dist
     from megatron.core import parallel_state
 
-    from pretrain import parallel
+    from pretrain import tensor_parallel
+    from pretrain.launch import init_distributed
     from pretrain.trainer import build_model
     from pretrain.vocab import padded_vocab_size, resize_vocab
     from tests.distributed.test_tensor_parallel import _gather_grads, dense_model, make_batch, tiny_config
 
-    parallel.init_distributed("gloo", use_deepspeed=False)
-    parallel.initialize_model_parallel(TP)
+    init_distributed("gloo", use_deepspeed=False)
+    tensor_parallel.initialize_model_parallel(TP)
     padded = padded_vocab_size(VOCAB, 128, TP)  # 1024: TP rank 3 holds ids 768..1023, 233 of them real
     res = SimpleNamespace(model_config=tiny_config(vocab_size=VOCAB).to_dict(), padded_vocab_size=padded,
                           cfg=SimpleNamespace(model_config="tiny.json", seed=SEED, activation_checkpointing=False))
     config, model, _ = build_model(res, parallel_state.get_tensor_model_parallel_rank(), TP)
     ref = dense_model(config, seed=SEED)  # unpadded: 1001 rows
-    initial = resize_vocab(parallel.gather_full_state_dict(model), VOCAB)  # the export path: trimmed
-    padded_rows = parallel.gather_full_state_dict(model)["bert.embeddings.word_embeddings.weight"][VOCAB:]
+    initial = resize_vocab(tensor_parallel.gather_full_state_dict(model), VOCAB)  # the export path: trimmed
+    padded_rows = tensor_parallel.gather_full_state_dict(model)["bert.embeddings.word_embeddings.weight"][VOCAB:]
 
     batch = make_batch(config, seed=1)
     batch["labels"][0, 1] = VOCAB - 1  # the last real id (in the last shard) is a target
@@ -48,7 +49,7 @@ def _tp4_worker(rank, world_size):
         parts = [torch.empty_like(logits) for _ in range(TP)]
         dist.all_gather(parts, logits.contiguous(), group=parallel_state.get_tensor_model_parallel_group())
     full_logits = torch.cat(parts, dim=-1)
-    parallel.destroy_model_parallel()
+    tensor_parallel.destroy_model_parallel()
     return dict(
         shard_rows=model.bert.embeddings.word_embeddings.weight.shape[0],
         bias_rows=model.cls.predictions.bias.shape[0],

@@ -1,6 +1,6 @@
 """Dropout RNG of tensor-parallel regions on CUDA, on one GPU (TP ranks simulated in one process).
 
-`pretrain.parallel.TensorParallelRNG(tp_rank).fork(device)` must reseed the generator that CUDA
+`pretrain.tensor_parallel.TensorParallelRNG(tp_rank).fork(device)` must reseed the generator that CUDA
 dropout draws from (not only the CPU one), differently per TP rank, restore it on exit (so that
 replicated regions stay in step across TP ranks), and be replayed exactly by activation
 checkpointing.
@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from pretrain.layers import LayerFactory
 from pretrain.model import BertForPreTraining
-from pretrain.parallel import TensorParallelRNG
+from pretrain.tensor_parallel import TensorParallelRNG
 from tests.gpu._common import CUDA, pretraining_batch, tiny_config, to_device, worst_grad_err
 
 pytestmark = CUDA

@@ -67,7 +67,7 @@ def test_pretraining_checkpoint_finetunes_via_cli(pretrained_run):
     from safetensors.torch import load_file
 
     from pretrain import checkpoint as ckpt
-    from pretrain.parallel import unshard_state_dicts
+    from pretrain.tensor_parallel import unshard_state_dicts
 
     run_dir, tag = ckpt.resolve(str(d / "run"))
     trained = unshard_state_dicts(ckpt.fp32_shards(run_dir, tag))

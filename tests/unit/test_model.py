@@ -283,7 +283,7 @@ def test_eval_pass_does_not_shift_training_dropout():
     """The sharded-RNG region draws from the shared generator; an eval pass (no dropout) in
     between two training steps must leave the next step's dropout masks, hence its loss, as they
     would be without it (eval-invariance, exact resume)."""
-    from pretrain.parallel import TensorParallelRNG
+    from pretrain.tensor_parallel import TensorParallelRNG
 
     class ForkingFactory(LayerFactory):
         def __init__(self):
@@ -314,7 +314,7 @@ def test_eval_pass_does_not_shift_training_dropout():
 def test_sharded_rng_region_gets_the_device_of_the_activations():
     """The TP dropout region must fork the generator of the device the attention runs on (on a GPU
     the CUDA generator; reseeding the CPU one there left every TP rank with the same masks)."""
-    from pretrain.parallel import TensorParallelRNG
+    from pretrain.tensor_parallel import TensorParallelRNG
 
     seen = []
 

@@ -1,4 +1,5 @@
-"""Process-group set-up: launcher detection, validation before any group starts, collective timeout."""
+"""Process-group set-up (pretrain/launch.py): launcher detection, real groups under each launcher's
+variables, collective timeout."""
 
 import os
 import shutil
@@ -8,14 +9,10 @@ import time
 from datetime import timedelta
 
 import pytest
+import torch
+import torch.distributed as dist
 
-from pretrain.parallel import (
-    ParallelConfigError,
-    detect_launch_env,
-    first_host,
-    validate_model_for_tp,
-    validate_parallel_config,
-)
+from pretrain.launch import ParallelConfigError, detect_launch_env, first_host, init_distributed
 from tests.distributed._spawn import spawn
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -84,47 +81,11 @@ def test_first_host_of_slurm_nodelists(nodelist, host):
     assert first_host(nodelist) == host
 
 
-# ---------------------------------------------------------------- validation messages
-
-
-def test_validation_messages_say_what_to_change():
-    assert validate_parallel_config(8, 2, num_attention_heads=16, hidden_size=1024,
-                                    intermediate_size=4096, vocab_size=30522) == 4
-    with pytest.raises(ParallelConfigError, match="world size 6 is not divisible by --tp 4"):
-        validate_parallel_config(6, 4)
-    with pytest.raises(ParallelConfigError, match="num_attention_heads 12 is not divisible by --tp 8"):
-        validate_parallel_config(8, 8, num_attention_heads=12)
-    # Unpadded rows: the message points at the padding helper and names the padded size.
-    with pytest.raises(ParallelConfigError, match=r"30522 vocabulary rows are not divisible by --tp 4.*"
-                                                  r"padded_vocab_size.*pads to 30720"):
-        validate_parallel_config(4, 4, num_attention_heads=16, vocab_size=30522)
-    with pytest.raises(ParallelConfigError, match="intermediate_size 100"):
-        validate_parallel_config(8, 8, intermediate_size=100)
-    with pytest.raises(ParallelConfigError, match="--tp must be a positive integer"):
-        validate_parallel_config(4, 0)
-
-
-def test_validation_reads_the_model_config():
-    from pretrain.model import BertConfig
-
-    large = BertConfig.from_json_file(os.path.join(REPO, "configs", "bert-large.json"))
-    assert validate_model_for_tp(large, world_size=4, tp_size=2) == 2
-    # 30522 rows do not split 8 ways; padded as the trainer pads them (128 x 8 -> 30720) they do.
-    assert validate_model_for_tp(large, world_size=8, tp_size=8) == 1
-    with pytest.raises(ParallelConfigError, match="vocabulary rows"):
-        validate_model_for_tp(large, world_size=8, tp_size=8, make_vocab_size_divisible_by=None)
-
-
 # ---------------------------------------------------------------- real process groups
 
 
 def _as_launcher(rank, world_size, kind):
     """Replace spawn's torchrun-style variables with another launcher's, then init."""
-    import torch
-    import torch.distributed as dist
-
-    from pretrain.parallel import init_distributed
-
     port = os.environ["MASTER_PORT"]
     for var in LAUNCH_VARS:
         os.environ.pop(var, None)
@@ -150,11 +111,6 @@ def test_init_distributed_from_launcher_variables(kind):
 
 
 def _dead_peer(rank, world_size, timeout_s):
-    import torch
-    import torch.distributed as dist
-
-    from pretrain.parallel import init_distributed
-
     init_distributed("gloo", timeout=timedelta(seconds=timeout_s), use_deepspeed=False)
     if rank == 1:
         time.sleep(timeout_s + 5)  # alive but never joins the collective, like a stuck rank
@@ -175,7 +131,7 @@ def test_a_stuck_rank_fails_the_collective_instead_of_hanging():
 
 MPI_SCRIPT = """
 import torch, torch.distributed as dist
-from pretrain.parallel import init_distributed
+from pretrain.launch import init_distributed
 launch = init_distributed("gloo")
 t = torch.tensor([float(dist.get_rank() + 1)]); dist.all_reduce(t)
 print(f"RESULT {launch.launcher} {dist.get_rank()} {dist.get_world_size()} {t.item()}", flush=True)

@@ -1,49 +1,42 @@
-"""Process groups, tensor-parallel layers and the DeepSpeed `mpu` adapter.
+"""Tensor parallelism: megatron-core groups, the DeepSpeed `mpu` adapter, the TP dropout RNG,
+the layer factory, and the split rules that turn full HF weights into per-rank shards and back.
 
-Everything distributed lives here so that `pretrain/model.py` never imports torch.distributed:
-
-- `detect_launch_env()` / `init_distributed()`: one entry that works under torchrun and the
-  deepspeed launcher (RANK/WORLD_SIZE/LOCAL_RANK), SLURM `srun` (SLURM_PROCID/SLURM_NTASKS/
-  SLURM_LOCALID) and `mpirun` (OMPI_COMM_WORLD_* or mpi4py), with a collective timeout so that a
-  dead rank fails the job instead of hanging it.
 - `validate_parallel_config()`: world % tp, heads % tp, hidden/intermediate/vocab divisibility,
   checked before any process group starts.
-- `initialize_model_parallel()`: megatron-core `parallel_state` groups (tp inner, dp outer).
+- `initialize_model_parallel()`: megatron-core `parallel_state` groups (tp inner, dp outer), on
+  the default group `pretrain.launch.init_distributed()` starts.
 - `MegatronMPU`: the object DeepSpeed needs as `mpu=` so that ZeRO and the gradient norm know
   which ranks hold shards of the same tensor (without it DeepSpeed averages TP shards as if they
   were data-parallel replicas: wrong from step 0, no error).
 - `MegatronLayerFactory`: the model's TP seam (docs/interfaces.md) on megatron-core layers.
+- `default_partition_dims()` / `tp_partition_dims()`: which tensors are split and along which dim,
+  the one definition every reader (shard/gather, checkpoints) uses.
 - `shard_state_dict()` / `unshard_state_dicts()` / `gather_full_state_dict()`: full HF weights
   <-> per-rank shards. Shards keep the HF parameter names; only shapes differ.
+
+megatron-core is imported inside the functions that use it: importing it costs seconds and warns
+(pretrain/quiet.py), and tp=1 runs and the offline checkpoint readers never need it.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
-import os
 import re
-import socket
-import subprocess
 from datetime import timedelta
 from typing import Dict, Iterable, List, Mapping, Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
+from pretrain.launch import DEFAULT_TIMEOUT, ParallelConfigError
 from pretrain.layers import IGNORE_INDEX
+from pretrain.vocab import padded_vocab_size
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_TIMEOUT = timedelta(minutes=10)
-
 __all__ = [
-    "ParallelConfigError",
-    "LaunchEnv",
-    "detect_launch_env",
-    "first_host",
-    "init_distributed",
     "validate_parallel_config",
     "validate_model_for_tp",
     "initialize_model_parallel",
@@ -55,208 +48,11 @@ __all__ = [
     "mark_tensor_parallel_params",
     "load_full_state_dict",
     "default_partition_dims",
+    "universal_checkpoint_patterns",
     "shard_state_dict",
     "unshard_state_dicts",
     "gather_full_state_dict",
 ]
-
-
-class ParallelConfigError(ValueError):
-    """A parallel layout that cannot work, found before any process group starts."""
-
-
-# --------------------------------------------------------------------------------------------
-# Launcher environments
-# --------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class LaunchEnv:
-    """Where this process sits, whichever launcher started it."""
-
-    rank: int
-    world_size: int
-    local_rank: int
-    master_addr: str
-    master_port: int
-    launcher: str  # "torchrun" (also the deepspeed launcher), "slurm", "mpi" or "single"
-
-
-def _int_env(env: Mapping[str, str], name: str) -> int:
-    value = env[name]
-    try:
-        return int(value)
-    except ValueError:
-        raise ParallelConfigError(f"environment variable {name}={value!r} is not an integer") from None
-
-
-def first_host(nodelist: str) -> str:
-    """First host name of a SLURM node list: 'gpu[003-005,9],cpu1' -> 'gpu003'.
-
-    Done here rather than with `scontrol show hostnames` because scontrol is not always on the
-    compute nodes' PATH inside containers.
-    """
-    nodelist = nodelist.strip()
-    m = re.match(r"([^,\[]+)(\[([^\]]+)\])?", nodelist)
-    if not m or not m.group(1):
-        raise ParallelConfigError(f"cannot read a host name from SLURM node list {nodelist!r}")
-    prefix, ranges = m.group(1), m.group(3)
-    if ranges is None:
-        return prefix
-    first = ranges.split(",")[0].split("-")[0]
-    return prefix + first
-
-
-def _mpi_rank_env(env: Mapping[str, str]):
-    """(rank, size, local_rank) from the variables MPI launchers export, or None."""
-    for rank_v, size_v, local_v in (
-        ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"),  # Open MPI
-        ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID"),  # MPICH / Intel MPI (Hydra)
-        ("PMIX_RANK", "PMIX_SIZE", "PMIX_LOCAL_RANK"),
-    ):
-        if rank_v in env and size_v in env:
-            local = _int_env(env, local_v) if local_v in env else 0
-            return _int_env(env, rank_v), _int_env(env, size_v), local
-    return None
-
-
-def _rank0_address() -> str:
-    """An address other nodes can reach rank 0 on (first of `hostname -I`, as DeepSpeed does)."""
-    try:
-        out = subprocess.check_output(["hostname", "-I"], timeout=10).decode().split()
-        if out:
-            return out[0]
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return socket.gethostbyname(socket.gethostname())
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
-
-
-def detect_launch_env(env: Optional[Mapping[str, str]] = None, use_mpi4py: bool = True) -> LaunchEnv:
-    """Read rank, world size, local rank and the rendezvous address from the launcher's variables.
-
-    Precedence: RANK/WORLD_SIZE (torchrun, the deepspeed launcher, or a user who set them) >
-    MPI variables > SLURM variables > a single process. torchrun wins over SLURM because
-    `srun torchrun ...` sets both and the SLURM task is then one node, not one rank.
-    """
-    env = os.environ if env is None else env
-    if "RANK" in env and "WORLD_SIZE" in env:
-        rank, world = _int_env(env, "RANK"), _int_env(env, "WORLD_SIZE")
-        local = _int_env(env, "LOCAL_RANK") if "LOCAL_RANK" in env else 0
-        launcher = "torchrun"
-    elif _mpi_rank_env(env) is not None:
-        rank, world, local = _mpi_rank_env(env)
-        launcher = "mpi"
-    elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
-        rank, world = _int_env(env, "SLURM_PROCID"), _int_env(env, "SLURM_NTASKS")
-        local = _int_env(env, "SLURM_LOCALID") if "SLURM_LOCALID" in env else 0
-        launcher = "slurm"
-    else:
-        rank, world, local, launcher = 0, 1, 0, "single"
-
-    if world < 1 or not 0 <= rank < world:
-        raise ParallelConfigError(f"{launcher} environment gives rank {rank} of world size {world}")
-
-    addr = env.get("MASTER_ADDR")
-    port = _int_env(env, "MASTER_PORT") if "MASTER_PORT" in env else None
-    if launcher == "slurm":
-        if addr is None:
-            nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
-            if not nodelist:
-                raise ParallelConfigError(
-                    "under SLURM set MASTER_ADDR (e.g. MASTER_ADDR=$(scontrol show hostnames "
-                    "$SLURM_JOB_NODELIST | head -n1)) or run inside an allocation that sets SLURM_JOB_NODELIST"
-                )
-            addr = first_host(nodelist)
-        if port is None:
-            # Every task of the job must agree on the port without talking to each other:
-            # derive it from the job id (a fixed port would clash between jobs sharing a node).
-            port = 15000 + int(env.get("SLURM_JOB_ID", "0")) % 20000
-    elif launcher == "mpi" and (addr is None or port is None) and world > 1:
-        if not use_mpi4py:
-            raise ParallelConfigError("under mpirun set MASTER_ADDR and MASTER_PORT, or install mpi4py")
-        try:
-            from mpi4py import MPI
-        except ImportError:
-            raise ParallelConfigError(
-                "under mpirun without MASTER_ADDR/MASTER_PORT the rendezvous address is shared "
-                "with mpi4py: `pip install mpi4py` or export MASTER_ADDR and MASTER_PORT"
-            ) from None
-        # Rank 0 chooses its own address and a free port, and tells everyone over MPI.
-        chosen = (addr or _rank0_address(), port or _free_port()) if rank == 0 else None
-        addr, port = MPI.COMM_WORLD.bcast(chosen, root=0)
-    elif world == 1:
-        addr = addr or "127.0.0.1"
-        port = port or _free_port()
-    if addr is None or port is None:
-        raise ParallelConfigError(
-            f"{launcher} launch with world size {world} but MASTER_ADDR/MASTER_PORT are not set"
-        )
-    return LaunchEnv(rank, world, local, addr, int(port), launcher)
-
-
-def default_backend() -> str:
-    """nccl where training runs on GPUs, gloo on CPU (and under DS_ACCELERATOR=cpu on a GPU host)."""
-    from pretrain.precision import device_type
-
-    return "nccl" if device_type() == "cuda" else "gloo"
-
-
-def init_distributed(
-    backend: Optional[str] = None,
-    timeout: timedelta = DEFAULT_TIMEOUT,
-    env: Optional[Mapping[str, str]] = None,
-    use_deepspeed: bool = True,
-) -> LaunchEnv:
-    """Start the default process group from whatever launcher started us; return where we are.
-
-    Exports RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT so that DeepSpeed and torch's
-    `env://` agree with what was detected. `timeout` bounds every collective: when a rank dies,
-    the others fail with a timeout error instead of waiting forever. Idempotent.
-    `use_deepspeed=False` starts the group with torch alone (DeepSpeed on CPU JIT-builds its
-    shared-memory op at start-up; deepspeed.initialize() adopts an existing group either way).
-    """
-    import torch.distributed as dist
-
-    launch = detect_launch_env(env)
-    backend = backend or default_backend()
-    os.environ.update(
-        RANK=str(launch.rank),
-        WORLD_SIZE=str(launch.world_size),
-        LOCAL_RANK=str(launch.local_rank),
-        MASTER_ADDR=launch.master_addr,
-        MASTER_PORT=str(launch.master_port),
-    )
-    if backend == "nccl":
-        torch.cuda.set_device(launch.local_rank)
-    if not dist.is_initialized():
-        try:
-            if not use_deepspeed:
-                raise ImportError
-            import deepspeed
-
-            # auto_mpi_discovery off: the environment above is already complete, and DeepSpeed's
-            # own discovery would force port 29500.
-            from pretrain.quiet import captured_output
-
-            with captured_output("deepspeed.init_distributed"):  # its "op built successfully" print
-                deepspeed.init_distributed(
-                    dist_backend=backend, auto_mpi_discovery=False, timeout=timeout, init_method="env://",
-                    verbose=False,
-                )
-        except ImportError:
-            dist.init_process_group(backend=backend, timeout=timeout, init_method="env://")
-    logger.info(
-        "distributed: %s launch, rank %d of %d (local %d), %s, rendezvous %s:%d",
-        launch.launcher, launch.rank, launch.world_size, launch.local_rank, backend,
-        launch.master_addr, launch.master_port,
-    )
-    return launch
 
 
 # --------------------------------------------------------------------------------------------
@@ -299,8 +95,6 @@ def validate_parallel_config(
             f"feed-forward layer is split column-wise; use a {tp_flag} that divides {intermediate_size}"
         )
     if vocab_size is not None and vocab_size % tp_size:
-        from pretrain.vocab import padded_vocab_size
-
         raise ParallelConfigError(
             f"{vocab_size} vocabulary rows are not divisible by {tp_flag} {tp_size}: the word embeddings are "
             f"split by rows. Keep the model config's real vocab_size and pad the rows with "
@@ -314,8 +108,6 @@ def validate_model_for_tp(config, world_size: int, tp_size: int, tp_flag: str = 
                           make_vocab_size_divisible_by: Optional[int] = 128) -> int:
     """`validate_parallel_config` with the sizes read from a BertConfig-like object; the vocabulary
     is padded as the trainer pads it (None: unpadded, `config.vocab_size` rows)."""
-    from pretrain.vocab import padded_vocab_size
-
     vocab_rows = getattr(config, "vocab_size", None)
     if vocab_rows is not None and make_vocab_size_divisible_by is not None:
         vocab_rows = padded_vocab_size(vocab_rows, make_vocab_size_divisible_by, tp_size)
@@ -332,7 +124,6 @@ def validate_model_for_tp(config, world_size: int, tp_size: int, tp_flag: str = 
 
 def initialize_model_parallel(tp_size: int, timeout: timedelta = DEFAULT_TIMEOUT) -> None:
     """megatron-core groups: tp ranks are consecutive (inner), dp ranks stride by tp (outer)."""
-    import torch.distributed as dist
     from megatron.core import parallel_state
 
     if not dist.is_initialized():
@@ -634,6 +425,18 @@ def default_partition_dims(keys: Iterable[str]) -> Dict[str, int]:
     return dims
 
 
+def universal_checkpoint_patterns() -> Dict[str, List[str]]:
+    """The rules above as DeepSpeed's ds_to_universal reads them (checkpoint metadata; it joins TP
+    shards when a run resumes at another dp size). It tries `re.match` on parameter names: one
+    pattern for every replicated tensor (whatever no rule splits), one per row-parallel rule;
+    tensors matching neither are joined along dim 0 (column-parallel and vocabulary rows)."""
+    split = "|".join(pattern.pattern for pattern, _ in _DEFAULT_RULES)
+    return {
+        "tp_replicated_parameter_patterns": [rf"(?!.*(?:{split})).*"],
+        "parameter_with_row_parallelism_patterns": [".*" + pattern.pattern for pattern, dim in _DEFAULT_RULES if dim == 1],
+    }
+
+
 def tp_partition_dims(model: nn.Module) -> Dict[str, int]:
     """{state-dict key: split dim} for every tensor-parallel parameter of a model, tied aliases included.
 
@@ -739,8 +542,6 @@ def gather_full_state_dict(model: nn.Module, group=None) -> Dict[str, torch.Tens
     Works on a DeepSpeed ZeRO-3 module too: its partitioned parameters are first gathered over
     the data-parallel group (collective: every rank must call this).
     """
-    import torch.distributed as dist
-
     if group is None:
         from megatron.core import parallel_state
 
