@@ -11,18 +11,23 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import multiprocessing as mp
 import os
 import shutil
 import time
 from collections import Counter, deque
-from concurrent.futures import Future
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
+from importlib import metadata
 
 import numpy as np
+from tqdm import tqdm
 
-from . import readers
+from . import manifest, readers
 from .atomic import atomic_json, commit, os_error, remove_stale_tmp, tmp_name
+from .corpus import merge_shards
 from .errors import DataPrepError
+from .manifest import FORMAT_VERSION, Counts, Manifest, TokenizerInfo
 from .nsp import pair_tasks, pairs_for_documents
 from .pairs import PairIndexWriter
 from .shards import corpus_dtype, file_done, file_marker, init_worker, process_shard, shard_done, shard_prefix
@@ -32,7 +37,6 @@ from .tokenizer import (WORDPIECE_LIMIT_ALPHABET, WORDPIECE_MIN_FREQUENCY, load_
 
 log = logging.getLogger("data_prep")
 
-FORMAT_VERSION = 1
 WORK_DIR = ".work"
 # Arguments that change how the run is executed but never what it writes: kept out of the
 # manifest so that 1 worker and 8 workers give byte-identical directories.
@@ -247,9 +251,6 @@ def _executor(workers: int, initializer=None, initargs=()):
     """Worker processes. fork: they inherit the imported modules (torch, megatron) and the pair
     tables instead of re-importing or pickling them. A worker that dies (OOM killer) surfaces as
     BrokenProcessPool instead of the silent hang of multiprocessing.Pool."""
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor
-
     return ProcessPoolExecutor(workers, mp_context=mp.get_context("fork"), initializer=initializer,
                                initargs=initargs)
 
@@ -326,8 +327,6 @@ def _build_shards(cfg: PrepConfig, files: list[str], work: str, tok_file: str, c
 def _merge(work: str, files: list[str], out_prefix: str, dtype) -> tuple[Counter, readers.ReadStats, int]:
     """Merge every shard in (file, k) order; returns the shard counts, the reading counts of all
     files (whichever rank read them) and the number of shards."""
-    from .corpus import merge_shards
-
     totals: Counter = Counter()
     rstats = readers.ReadStats()
     prefixes = []
@@ -423,7 +422,8 @@ def _build_pairs(cfg: PrepConfig, out_dir: str, sent_lens, doc_idx) -> tuple[dic
 
 
 def run(cfg: PrepConfig, comm=None) -> dict:
-    """Run the whole pipeline; returns the manifest (rank 0) or None (other MPI ranks)."""
+    """Run the whole pipeline; returns the manifest written (`Manifest.to_dict()`) with the run's
+    timings under "_run" (rank 0), or None (other MPI ranks)."""
     t0 = time.time()
     comm = comm or _SingleComm()
     cfg.validate()
@@ -451,13 +451,11 @@ def run(cfg: PrepConfig, comm=None) -> dict:
 
 def library_versions() -> dict:
     """Versions that decide the output bytes (tokenizer, splitter, index writer)."""
-    from importlib.metadata import PackageNotFoundError, version
-
     out = {}
     for name in ("tokenizers", "sentencepiece", "blingfire", "pysbd", "syntok", "megatron-core", "numpy"):
         try:
-            out[name] = version(name)
-        except PackageNotFoundError:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
             out[name] = None
     return out
 
@@ -469,18 +467,12 @@ def _run(cfg: PrepConfig, comm, files: list[str], t0: float, startup: float) -> 
                  json.dumps(library_versions(), sort_keys=True))
     out = cfg.output_dir
     work = os.path.join(out, WORK_DIR)
-    manifest_path = os.path.join(out, "manifest.json")
     if comm.rank == 0:
         try:
             os.makedirs(out, exist_ok=True)
         except OSError as e:
             raise DataPrepError(f"--output-dir {out}: cannot create ({e.strerror})") from e
-        if os.path.lexists(manifest_path):
-            # Invalidate first: from here until the new manifest lands the directory is incomplete.
-            try:
-                os.remove(manifest_path)
-            except OSError as e:
-                raise os_error(manifest_path, "remove the old manifest", e) from e
+        manifest.invalidate(out)  # first: from here until the new manifest lands the directory is incomplete
         remove_stale_tmp(out)
         resumed_dir = _prepare_work_dir(cfg, files, work)
         if remove_stale_tmp(work):
@@ -504,8 +496,6 @@ def _run(cfg: PrepConfig, comm, files: list[str], t0: float, startup: float) -> 
 
     bar = None
     if cfg.progress and comm.rank == 0:
-        from tqdm import tqdm
-
         bar = tqdm(unit=" docs", desc="tokenizing", dynamic_ncols=True)
     try:
         t_shards = time.time()
@@ -541,7 +531,35 @@ def _run(cfg: PrepConfig, comm, files: list[str], t0: float, startup: float) -> 
     tok_copy = tok.copy_to(out)
     names = ["corpus.bin", "corpus.idx", os.path.basename(tok_copy)]
     names += [f for L in pairs.values() for f in L.values()]
-    dropped = {
+    m = Manifest(
+        corpus="corpus",
+        pairs=pairs,
+        tokenizer=TokenizerInfo(type=tok.type, file=os.path.basename(tok_copy), lower_case=bool(cfg.lower_case),
+                                vocab_size=tok.vocab_size, sha256=sha256_file(tok_copy), special_ids=tok.special_ids),
+        counts=Counts(input_files=len(files), documents=totals["documents"], sentences=totals["sentences"],
+                      tokens=totals["tokens"], pairs=pair_counts),
+        dropped=_dropped(rstats, totals),
+        args=cfg.manifest_args(),
+        seed=cfg.seed,
+        sentence_splitter=cfg.splitter,
+        versions=library_versions(),
+        files={n: sha256_file(os.path.join(out, n)) for n in names},
+    )
+    manifest.write(out, m)
+    phases["manifest"] = time.time() - t_phase
+    if not cfg.keep_work:
+        shutil.rmtree(work, ignore_errors=True)
+    elapsed = time.time() - t0
+    # Not in the file: timings differ run to run and the manifest must not.
+    run_info = {"seconds": elapsed, "startup_seconds": startup, "phases": phases,
+                "tokens_per_s": totals["tokens"] / max(elapsed - startup, 1e-9),
+                "resumed_shards": resumed, "shards": n_shards}
+    return {**m.to_dict(), "_run": run_info}
+
+
+def _dropped(rstats: readers.ReadStats, totals: Counter) -> dict:
+    """The manifest's `dropped` section: what reading and tokenizing removed or cut."""
+    return {
         "empty_documents": rstats.counts["empty_documents"] + totals["empty_documents_after_tokenizing"],
         "one_sentence_documents_no_pairs": totals["one_sentence_documents"],
         "long_sentences_cut": totals["long_sentences_cut"],
@@ -554,42 +572,6 @@ def _run(cfg: PrepConfig, comm, files: list[str], t0: float, startup: float) -> 
         "json_lines_without_text": rstats.counts["json_lines_without_text"],
         "empty_files": rstats.empty_files,
     }
-    manifest = {
-        "format_version": FORMAT_VERSION,
-        "corpus": "corpus",
-        "pairs": pairs,
-        "tokenizer": {
-            "type": tok.type,
-            "file": os.path.basename(tok_copy),
-            "lower_case": bool(cfg.lower_case),
-            "vocab_size": tok.vocab_size,
-            "sha256": sha256_file(tok_copy),
-            "special_ids": tok.special_ids,
-        },
-        "counts": {
-            "input_files": len(files),
-            "documents": totals["documents"],
-            "sentences": totals["sentences"],
-            "tokens": totals["tokens"],
-            "pairs": pair_counts,
-        },
-        "dropped": dropped,
-        "args": cfg.manifest_args(),
-        "seed": cfg.seed,
-        "sentence_splitter": cfg.splitter,
-        "versions": library_versions(),
-        "files": {n: sha256_file(os.path.join(out, n)) for n in names},
-    }
-    atomic_json(manifest_path, manifest)
-    phases["manifest"] = time.time() - t_phase
-    if not cfg.keep_work:
-        shutil.rmtree(work, ignore_errors=True)
-    elapsed = time.time() - t0
-    # Not in the file: timings differ run to run and the manifest must not.
-    manifest["_run"] = {"seconds": elapsed, "startup_seconds": startup, "phases": phases,
-                        "tokens_per_s": totals["tokens"] / max(elapsed - startup, 1e-9),
-                        "resumed_shards": resumed, "shards": n_shards}
-    return manifest
 
 
 def format_report(m: dict) -> str:

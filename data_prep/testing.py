@@ -9,7 +9,9 @@ import fcntl
 import json
 import os
 
+from . import manifest
 from .embedded import embedded_corpus_jsonl, embedded_vocab
+from .manifest import ManifestError
 from .pipeline import PrepConfig, run
 
 
@@ -39,15 +41,15 @@ def build_tiny_dataset(out_dir: str, seq_lengths=(64,), n_docs: int = 200, seed:
         **overrides,
     )
     cfg.validate()
-    manifest = os.path.join(out_dir, "manifest.json")
     os.makedirs(os.path.dirname(os.path.abspath(out_dir)), exist_ok=True)
     # Several test processes (e.g. spawned ranks) may ask for the same directory at once: the
     # first builds it, the others wait and reuse it.
     with open(os.path.abspath(out_dir) + ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if os.path.exists(manifest):
-            with open(manifest) as f:
-                if json.load(f).get("args") == json.loads(json.dumps(cfg.manifest_args())):
-                    return out_dir
+        try:
+            if manifest.read(out_dir).args == json.loads(json.dumps(cfg.manifest_args())):
+                return out_dir
+        except ManifestError:  # not built yet, unfinished or of an older format: (re)build it
+            pass
         run(cfg)
     return out_dir

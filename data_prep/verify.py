@@ -9,27 +9,24 @@ problem otherwise.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
 import numpy as np
 
+from . import manifest
+from .manifest import Manifest, ManifestError
 from .pairs import PairIndex, PairIndexError
 from .tokenizer import sha256_file
 
 
 def verify(data_dir: str, deep: bool = True) -> list[str]:
     problems: list[str] = []
-    mpath = os.path.join(data_dir, "manifest.json")
     try:
-        with open(mpath) as f:
-            m = json.load(f)
-    except FileNotFoundError:
-        return [f"{mpath}: missing: the run did not finish (re-run data_prep to complete it)"]
-    except (OSError, json.JSONDecodeError) as e:
-        return [f"{mpath}: unreadable ({e})"]
-    for name, digest in sorted(m.get("files", {}).items()):
+        m = manifest.read(data_dir)
+    except ManifestError as e:  # missing (the run did not finish), unreadable, another format_version
+        return [str(e)]
+    for name, digest in sorted(m.files.items()):
         p = os.path.join(data_dir, name)
         if not os.path.exists(p):
             problems.append(f"{p}: missing")
@@ -40,7 +37,7 @@ def verify(data_dir: str, deep: bool = True) -> list[str]:
     n_sent = _check_corpus(data_dir, m, problems)
     if n_sent is None:
         return problems
-    for L, splits in m.get("pairs", {}).items():
+    for L, splits in m.pairs.items():
         for split, name in splits.items():
             try:
                 idx = PairIndex(os.path.join(data_dir, name))
@@ -67,10 +64,12 @@ def _pairs_end(pairs) -> int:
     return end
 
 
-def _check_corpus(data_dir: str, m: dict, problems: list[str]) -> int | None:
+def _check_corpus(data_dir: str, m: Manifest, problems: list[str]) -> int | None:
     """Sentences in the corpus, or None (with a problem recorded) when it cannot be used."""
-    prefix = os.path.join(data_dir, str(m.get("corpus", "corpus")))
+    prefix = os.path.join(data_dir, m.corpus)
     try:
+        # Here, not at the top: torch + megatron-core take seconds to import, which
+        # `python -m data_prep.verify --help` and the shallow check do without.
         from megatron.core.datasets.indexed_dataset import IndexedDataset
 
         ds = IndexedDataset(prefix)
@@ -82,7 +81,7 @@ def _check_corpus(data_dir: str, m: dict, problems: list[str]) -> int | None:
         return None
     if os.path.getsize(prefix + ".bin") != expected_bin:
         problems.append(f"{prefix}.bin: {os.path.getsize(prefix + '.bin')} bytes but the index needs {expected_bin}")
-    listed = m.get("counts", {}).get("sentences") if isinstance(m.get("counts"), dict) else None
+    listed = m.counts.sentences
     if listed is None:
         problems.append("manifest.json: counts.sentences missing (hand-edited?); re-run data_prep")
     elif listed != n_sent:

@@ -2,9 +2,10 @@
 
 Everything that can be checked without a process group is checked here, before
 `torch.distributed` starts, so that a bad flag costs a second and a readable message instead of a
-hung or crashed multi-node job: batch arithmetic against the DeepSpeed config, heads % tp,
-world = dp x tp, the data directory and its pair index, the sequence length against the position
-table.
+hung or crashed multi-node job: the model config (by the model's own reader), its tensor-parallel
+split and world = dp x tp (by the TP layer's checks), the data directory's manifest and pair index
+(by data_prep's readers), batch arithmetic against the DeepSpeed config, the sequence length
+against the position table, and a checkpoint to resume from (by the checkpoint module's readers).
 """
 from __future__ import annotations
 
@@ -15,6 +16,17 @@ import json
 import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
+
+from data_prep import manifest as data_manifest
+from data_prep.manifest import Manifest, ManifestError
+from data_prep.pairs import PairIndex, PairIndexError
+from pretrain import checkpoint as ckpt
+from pretrain import precision as prec
+from pretrain.masking import MaskingConfig
+from pretrain.model import BertConfig
+from pretrain.optim import check_optimizer_for_zero, lamb_kwargs_from_ds_params
+from pretrain.tensor_parallel import validate_model_for_tp
+from pretrain.vocab import padded_vocab_size
 
 
 class ConfigError(ValueError):
@@ -80,9 +92,7 @@ class TrainConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-    def masking(self):
-        from pretrain.masking import MaskingConfig
-
+    def masking(self) -> MaskingConfig:
         return MaskingConfig(mlm_probability=self.masked_lm_prob, whole_word=self.whole_word_masking)
 
 
@@ -199,7 +209,7 @@ class Resolved:
     precision: str  # "fp32" | "bf16" | "fp16", resolved for the device (never "auto")
     optimizer_type: str  # "adamw" | "lamb"
     optimizer_params: dict
-    manifest: dict
+    manifest: Manifest  # the data directory's, as data_prep.manifest reads it
     device: str = "cpu"  # "cuda" | "cpu"
     precision_warning: Optional[str] = None  # logged once at start (bf16 asked on a CPU that emulates it)
     resume_warning: Optional[str] = None  # logged once at start (a resume with other masking flags)
@@ -217,10 +227,11 @@ _DS_BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradien
 def validate(cfg: TrainConfig, world_size: Optional[int] = None, device: Optional[str] = None) -> Resolved:
     """Check everything that can be checked without a process group; raise ConfigError.
 
-    `device` ("cuda" or "cpu", default: where training will run) decides what "auto" precision is.
+    Each input is read by its owner's reader: the model config by `BertConfig.from_dict`, the
+    tensor-parallel split by `validate_model_for_tp`, the data directory by `data_prep.manifest`,
+    a run directory to resume by `checkpoint.latest_tag`/`read_state`. `device` ("cuda" or "cpu",
+    default: where training will run) decides what "auto" precision is.
     """
-    from pretrain import precision as prec
-
     world_size = world_size_from_env() if world_size is None else world_size
     device = prec.device_type() if device is None else device
     missing = [k for k in _REQUIRED if not getattr(cfg, k)]
@@ -240,30 +251,24 @@ def validate(cfg: TrainConfig, world_size: Optional[int] = None, device: Optiona
         raise ConfigError("--eval_interval must be >= 0, --num_workers >= 0 (or -1 = auto), --max_nonfinite_steps >= 1")
 
     model = _read_json(cfg.model_config, "--model_config")
-    if not isinstance(model, dict):
-        raise ConfigError(f"--model_config {cfg.model_config}: expected a JSON object")
-    for k in ("hidden_size", "num_attention_heads", "num_hidden_layers", "vocab_size", "max_position_embeddings"):
-        if not isinstance(model.get(k), int):
-            raise ConfigError(f"--model_config {cfg.model_config}: needs integer field {k!r}")
-    heads = model["num_attention_heads"]
-    if model["hidden_size"] % heads:
-        raise ConfigError(f"--model_config {cfg.model_config}: hidden_size {model['hidden_size']} is not divisible by num_attention_heads {heads}")
-    if heads % cfg.tp:
-        raise ConfigError(f"--tp {cfg.tp}: num_attention_heads {heads} in {cfg.model_config} is not divisible by it; use a tp that divides {heads}")
-    inter = model.get("intermediate_size", 4 * model["hidden_size"])
-    if inter % cfg.tp:
-        raise ConfigError(f"--tp {cfg.tp}: intermediate_size {inter} in {cfg.model_config} is not divisible by it")
-    if cfg.seq_length > model["max_position_embeddings"]:
+    try:
+        bert = BertConfig.from_dict(model, source=f"--model_config {cfg.model_config}")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if cfg.seq_length > bert.max_position_embeddings:
         raise ConfigError(
             f"--seq_length {cfg.seq_length} is longer than the position table (max_position_embeddings "
-            f"{model['max_position_embeddings']} in {cfg.model_config}); lower --seq_length or use a model config with more positions"
+            f"{bert.max_position_embeddings} in {cfg.model_config}); lower --seq_length or use a model config with more positions"
         )
     if world_size % cfg.tp:
         raise ConfigError(f"world size {world_size} is not a multiple of --tp {cfg.tp}: start dp x tp processes")
-    dp = world_size // cfg.tp
-    padded_vocab = _padded_vocab(cfg, model)
+    try:
+        dp = validate_model_for_tp(bert, world_size, cfg.tp, make_vocab_size_divisible_by=cfg.make_vocab_size_divisible_by)
+    except ValueError as e:
+        raise ConfigError(f"--tp {cfg.tp} does not split --model_config {cfg.model_config}: {e}") from None
+    padded_vocab = padded_vocab_size(bert.vocab_size, cfg.make_vocab_size_divisible_by, cfg.tp)
 
-    manifest = _check_data(cfg, model)
+    manifest = _check_data(cfg, bert)
 
     ds = _read_json(cfg.ds_config, "--ds_config")
     if not isinstance(ds, dict):
@@ -305,15 +310,13 @@ def validate(cfg: TrainConfig, world_size: Optional[int] = None, device: Optiona
         raise ConfigError(f"--ds_config {cfg.ds_config}: optimizer params need a positive \"lr\" (or pass --lr)")
     opt["params"] = params
 
-    from pretrain.optim import check_optimizer_for_zero, lamb_kwargs_from_ds_params
-
     try:
         check_optimizer_for_zero(otype, zero_stage, flag=f"--ds_config {cfg.ds_config} optimizer.type")
         if otype == "lamb":
             lamb_kwargs_from_ds_params(params, flag=f"--ds_config {cfg.ds_config} optimizer.params")
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    resumed = _check_resume(cfg, dp, global_bs, padded_vocab)
+    resumed = _check_resume(cfg, padded_vocab)
     if resumed and resumed.get("precision") not in (None, precision):
         # "auto" follows the hardware: a requeue onto other nodes may change it mid-run.
         note = (f"--save_dir {cfg.save_dir} was trained in {resumed['precision']} and resumes in {precision} "
@@ -351,8 +354,6 @@ def validate(cfg: TrainConfig, world_size: Optional[int] = None, device: Optiona
 
 def _resolve_precision(cfg: TrainConfig, ds: dict, device: str) -> tuple:
     """The ds_config with its precision blocks set for `device`, the precision, and a warning."""
-    from pretrain import precision as prec
-
     src = f"--ds_config {cfg.ds_config}"
     try:
         requested = prec.requested_precision(ds)
@@ -407,23 +408,18 @@ def _resolve_batch(cfg: TrainConfig, ds: dict, dp: int) -> tuple[int, int, int]:
     return micro, accum, global_bs
 
 
-def _check_data(cfg: TrainConfig, model: dict) -> dict:
+def _check_data(cfg: TrainConfig, bert: BertConfig) -> Manifest:
     d = cfg.data
-    man_path = os.path.join(d, "manifest.json")
-    if not os.path.isdir(d):
-        raise ConfigError(f"--data {d}: no such directory (create it with `python -m data_prep ... --output-dir {d}`)")
-    if not os.path.isfile(man_path):
-        raise ConfigError(f"--data {d}: no manifest.json, so data prep did not finish; re-run data_prep into it")
-    manifest = _read_json(man_path, "--data manifest")
-    pairs = manifest.get("pairs", {}).get(str(cfg.seq_length))
+    try:
+        manifest = data_manifest.read(d)
+    except ManifestError as e:
+        raise ConfigError(f"--data {e}") from None
+    pairs = manifest.pairs.get(str(cfg.seq_length))
     if not pairs:
-        have = sorted(int(k) for k in manifest.get("pairs", {}))
         raise ConfigError(
-            f"--seq_length {cfg.seq_length}: --data {d} has no pair index for it (it has {have}); "
+            f"--seq_length {cfg.seq_length}: --data {d} has no pair index for it (it has {manifest.seq_lengths}); "
             f"run data_prep with --seq-length {cfg.seq_length} or pick one of those"
         )
-    from data_prep.pairs import PairIndex, PairIndexError
-
     for split in ("train", "valid"):
         if split not in pairs:
             raise ConfigError(f"--data {d}: manifest has no {split} pair index for seq length {cfg.seq_length}")
@@ -436,38 +432,31 @@ def _check_data(cfg: TrainConfig, model: dict) -> dict:
             raise ConfigError(f"--seq_length {cfg.seq_length} is longer than the pair index {path} ({idx.seq_length})")
         if len(idx) == 0:
             raise ConfigError(f"--data {d}: {path} has no pairs (too little text for seq length {cfg.seq_length})")
-    tok = manifest.get("tokenizer", {})
-    vocab = tok.get("vocab_size")
-    if isinstance(vocab, int) and vocab > model["vocab_size"]:
+    vocab = manifest.tokenizer.vocab_size
+    if vocab > bert.vocab_size:
         raise ConfigError(
-            f"--data {d}: tokenizer has {vocab} tokens but vocab_size in {cfg.model_config} is {model['vocab_size']}; "
+            f"--data {d}: tokenizer has {vocab} tokens but vocab_size in {cfg.model_config} is {bert.vocab_size}; "
             "use a model config whose vocab_size is at least the tokenizer's"
         )
     return manifest
 
 
-def _padded_vocab(cfg: TrainConfig, model: dict) -> int:
-    """The word-embedding rows this run trains: vocab_size padded for --tp (pretrain/vocab.py);
-    a multiple of tp by construction, so the vocabulary split cannot fail."""
-    from pretrain.vocab import padded_vocab_size
-
-    try:
-        return padded_vocab_size(model["vocab_size"], cfg.make_vocab_size_divisible_by, cfg.tp)
-    except ValueError as e:
-        raise ConfigError(f"--model_config {cfg.model_config}: {e}") from None
-
-
-def _check_resume(cfg: TrainConfig, dp: int, global_bs: int, padded_vocab: int) -> Optional[dict]:
+def _check_resume(cfg: TrainConfig, padded_vocab: int) -> Optional[dict]:
     """A re-run resumes from --save_dir: its checkpoint must fit this layout. Returns its state."""
-    latest = os.path.join(cfg.save_dir, "latest")
-    if not os.path.isfile(latest):
+    tag = None
+    try:
+        tag = ckpt.latest_tag(cfg.save_dir)
+        state = ckpt.read_state(cfg.save_dir, tag) if tag is not None else None
+        if state is not None and not isinstance(state, dict):
+            raise ValueError("not a JSON object")
+    except ckpt.CheckpointError as e:  # `latest` names a checkpoint that is not there
+        raise ConfigError(f"--save_dir {cfg.save_dir}: {e}") from None
+    except (OSError, ValueError) as e:  # an unreadable `latest` or trainer state, or not JSON
+        where = os.path.join(cfg.save_dir, tag, ckpt.STATE_FILE) if tag else os.path.join(cfg.save_dir, ckpt.LATEST)
+        raise ConfigError(f"--save_dir {cfg.save_dir}: {where} is unreadable ({e}); point `latest` at an earlier "
+                          "complete step_N or use a new --save_dir") from None
+    if state is None:
         return None
-    with open(latest) as f:
-        tag = f.read().strip()
-    state_path = os.path.join(cfg.save_dir, tag, "trainer_state.json")
-    if not os.path.isfile(state_path):
-        raise ConfigError(f"--save_dir {cfg.save_dir}: `latest` names {tag!r} but {state_path} is missing; fix `latest` or use a new --save_dir")
-    state = _read_json(state_path, "--save_dir checkpoint")
     if state.get("tp") != cfg.tp:
         raise ConfigError(
             f"--save_dir {cfg.save_dir} holds a checkpoint written at tp={state.get('tp')}; resume with --tp {state.get('tp')}, "

@@ -12,7 +12,6 @@ position in the run is one integer, `consumed_samples`.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Sequence
@@ -22,6 +21,7 @@ import numpy as np
 import torch
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
+from data_prep import manifest
 from data_prep.pairs import PairIndex, PairIndexError
 from pretrain.masking import (
     PURPOSE_EPOCH_ORDER,
@@ -38,7 +38,6 @@ from pretrain.masking import (
 logger = logging.getLogger(__name__)
 
 SAMPLE_KEYS = ("input_ids", "token_type_ids", "attention_mask", "labels", "next_sentence_label")
-_SUPPORTED_FORMAT = 1
 _EPOCH_CACHE = 2  # permutations kept in memory: the current epoch and the one a batch straddles into
 _CHUNK = 1 << 22  # records per pass when validating big index files (bounded temporary memory)
 
@@ -122,26 +121,11 @@ class PretrainingDataset(torch.utils.data.Dataset):
         self._open()
 
     def _open(self) -> None:
-        manifest_path = os.path.join(self.data_dir, "manifest.json")
-        if not os.path.isfile(manifest_path):
-            raise FileNotFoundError(
-                f"{manifest_path} not found: point data_dir at a finished data_prep output directory "
-                "(python -m data_prep ... --output-dir DIR writes manifest.json last)"
-            )
-        try:
-            with open(manifest_path, encoding="utf-8") as f:
-                manifest = json.load(f)
-        except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"{manifest_path}: not readable JSON ({e}); re-run data_prep") from e
-        if manifest.get("format_version") != _SUPPORTED_FORMAT:
-            raise ValueError(
-                f"{manifest_path}: format_version {manifest.get('format_version')!r}, this code reads "
-                f"{_SUPPORTED_FORMAT}; re-run data_prep with this version of the code"
-            )
-        pairs = manifest.get("pairs") or {}
-        by_length = pairs.get(str(self.seq_length))
+        m = manifest.read(self.data_dir)  # ManifestError (a ValueError; FileNotFoundError when missing)
+        manifest_path = manifest.path(self.data_dir)
+        by_length = m.pairs.get(str(self.seq_length))
         if by_length is None:
-            have = sorted(pairs, key=lambda s: int(s) if str(s).isdigit() else 0)
+            have = [str(L) for L in m.seq_lengths]
             raise ValueError(
                 f"{manifest_path}: no NSP pairs for seq_length {self.seq_length} (available: {have}); "
                 f"use one of those or re-run data_prep with --seq-length {self.seq_length}"
@@ -163,11 +147,11 @@ class PretrainingDataset(torch.utils.data.Dataset):
         if len(self.pair_index) == 0:
             raise ValueError(f"{self.pair_index.path}: no NSP pairs in the '{self.split}' split (corpus too small?)")
 
-        prefix = os.path.join(self.data_dir, str(manifest.get("corpus", "corpus")))
+        prefix = os.path.join(self.data_dir, m.corpus)
         if not IndexedDataset.exists(prefix):
             raise FileNotFoundError(f"{manifest_path}: corpus {prefix}.bin/.idx not found; re-run data_prep")
         self.corpus = IndexedDataset(prefix)
-        self.tables = build_token_tables(manifest.get("tokenizer"), self.data_dir, manifest_path)
+        self.tables = build_token_tables(m.tokenizer, self.data_dir, manifest_path)
 
         # One flat view of the .bin: a sentence run A is then a single contiguous slice, read
         # without a Python call per sentence. Offsets come from the .idx memmaps per batch, so

@@ -27,6 +27,8 @@ from typing import Optional
 
 import numpy as np
 
+from data_prep.manifest import TokenizerInfo
+from data_prep.tokenizer import read_vocab
 from pretrain.layers import IGNORE_INDEX  # HF convention for "no MLM label here"
 
 _U64 = np.uint64
@@ -154,8 +156,7 @@ class TokenTables:
 
 
 def _wordpiece_tables(vocab_path: str, vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
-    with open(vocab_path, encoding="utf-8") as f:
-        tokens = [line.rstrip("\n") for line in f]
+    tokens = read_vocab(vocab_path, require_bert_specials=False)
     is_special = np.ones(vocab_size, dtype=bool)  # ids past the file (padded vocab) stay unused
     is_cont = np.zeros(vocab_size, dtype=bool)
     for i, tok in enumerate(tokens[:vocab_size]):
@@ -176,30 +177,19 @@ def _sentencepiece_tables(model_path: str, vocab_size: int) -> tuple[np.ndarray,
     return is_special, is_cont
 
 
-def build_token_tables(tokenizer: dict, base_dir: str, source: str = "manifest.json") -> TokenTables:
-    """Tables from the manifest's `tokenizer` section (`source` names it in error messages)."""
-    if not isinstance(tokenizer, dict):
-        raise ValueError(f"{source}: 'tokenizer' section missing or not an object; re-run data_prep")
-    special_ids = tokenizer.get("special_ids") or {}
-    missing = [k for k in ("pad", "cls", "sep", "mask") if k not in special_ids]
-    if missing:
-        raise ValueError(f"{source}: tokenizer.special_ids lacks {missing}; re-run data_prep")
-    kind = tokenizer.get("type")
-    vocab_size = tokenizer.get("vocab_size")
-    if not isinstance(vocab_size, int) or vocab_size <= 0:
-        raise ValueError(f"{source}: tokenizer.vocab_size = {vocab_size!r} must be a positive integer")
-    path = os.path.join(base_dir, str(tokenizer.get("file", "")))
+def build_token_tables(tokenizer: TokenizerInfo, base_dir: str, source: str = "manifest.json") -> TokenTables:
+    """Tables from the manifest's `tokenizer` section (as `data_prep.manifest.read` returns it);
+    `source` names the manifest in errors."""
+    special_ids = tokenizer.special_ids
+    vocab_size = tokenizer.vocab_size
+    path = tokenizer.path(base_dir)
     if not os.path.isfile(path):
         raise ValueError(f"{source}: tokenizer file {path} not found (the data directory is incomplete)")
-    if kind == "wordpiece":
+    if tokenizer.type == "wordpiece":
         is_special, is_cont = _wordpiece_tables(path, vocab_size)
-    elif kind == "sentencepiece":
-        is_special, is_cont = _sentencepiece_tables(path, vocab_size)
     else:
-        raise ValueError(f"{source}: tokenizer.type = {kind!r}; expected 'wordpiece' or 'sentencepiece'")
-    for name, idx in special_ids.items():
-        if not isinstance(idx, int) or not 0 <= idx < vocab_size:
-            raise ValueError(f"{source}: tokenizer.special_ids.{name} = {idx!r} is not an id below {vocab_size}")
+        is_special, is_cont = _sentencepiece_tables(path, vocab_size)
+    for idx in special_ids.values():
         is_special[idx] = True
     is_cont &= ~is_special
     replacement_ids = np.flatnonzero(~is_special).astype(np.int64)

@@ -2,6 +2,7 @@
 to change; precedence is CLI > --config file > defaults."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -158,3 +159,61 @@ def test_vocabulary_is_padded_for_tensor_parallelism(tiny_data, model_cfg, tmp_p
     with pytest.raises(ConfigError, match="checkpoint with 30522 vocabulary rows"):
         validate(load_config(args), world_size=1)
     assert validate(load_config([*args, "--make_vocab_size_divisible_by", "1"]), world_size=1).padded_vocab_size == 30522
+
+
+def _before_start_up_case(case, tiny_data, model_cfg, tmp_path):
+    """(flags, world size, expected message) of one input error that validate() must find."""
+    args = _args(tiny_data, model_cfg)
+    if case in ("unknown model key", "intermediate_size not divisible by tp"):
+        model = json.load(open(model_cfg))
+        model.update({"hidden_sizes": 64} if case == "unknown model key" else {"intermediate_size": 66})
+        bad = tmp_path / "model.json"
+        bad.write_text(json.dumps(model))
+        if case == "unknown model key":  # the model's own reader: BertConfig.from_dict
+            return _args(tiny_data, str(bad)), 1, r"unknown key\(s\) \['hidden_sizes'\]"
+        return _args(tiny_data, str(bad), "--tp", "4"), 4, "intermediate_size 66 is not divisible by --tp 4"
+    if case == "heads not divisible by tp":  # the TP layer's own check
+        return [*args, "--tp", "8"], 8, "num_attention_heads 4 is not divisible by --tp 8"
+    if case.startswith("manifest"):  # data_prep's manifest reader
+        data = tmp_path / "data"
+        data.mkdir()
+        if case == "manifest missing":
+            return _args(str(data), model_cfg), 1, "manifest.json: missing, so data_prep did not finish"
+        manifest = json.load(open(os.path.join(tiny_data, "manifest.json")))
+        if case == "manifest format_version old":
+            manifest["format_version"] = 0
+        else:
+            del manifest["format_version"]
+        (data / "manifest.json").write_text(json.dumps(manifest))
+        expected = "0" if case == "manifest format_version old" else "None"
+        return _args(str(data), model_cfg), 1, f"format_version {expected}, this code reads 1; re-run data_prep"
+    run = tmp_path / "run"  # the checkpoint module's readers: latest_tag, read_state
+    (run / "step_5").mkdir(parents=True)
+    if case == "resume state unreadable":
+        (run / "latest").write_text("step_5")
+        (run / "step_5" / "trainer_state.json").write_text('{"step": 5, "tp"')
+        return [*args, "--save_dir", str(run)], 1, r"step_5/trainer_state.json is unreadable \(.*\); point `latest`"
+    (run / "latest").write_text("step_7")
+    return [*args, "--save_dir", str(run)], 1, "names checkpoint 'step_7' but .* is missing"
+
+
+@pytest.mark.parametrize("case", [
+    "unknown model key", "heads not divisible by tp", "intermediate_size not divisible by tp", "manifest missing",
+    "manifest format_version old", "manifest without format_version", "resume state unreadable",
+    "latest names a missing checkpoint",
+])
+def test_input_errors_are_found_by_validate_before_start_up(case, tiny_data, model_cfg, tmp_path, monkeypatch, capsys):
+    import torch.distributed as dist
+
+    from pretrain import run
+
+    args, world, expected = _before_start_up_case(case, tiny_data, model_cfg, tmp_path)
+    with pytest.raises(ConfigError, match=expected):
+        validate(load_config(args), world_size=world)
+    # The launcher's path: run.py stops at validate (exit 2, a trainer error would be 3) with the
+    # message and no process group.
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    assert run.main(args) == 2
+    assert not dist.is_initialized()
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and re.search(expected, err) and "Traceback" not in err
