@@ -11,13 +11,13 @@ import json
 import logging
 import os
 
-import torch
 from torch import nn
 
+from data_prep.atomic import atomic_json, atomic_write
+from data_prep.tokenizer import VocabError, read_vocab, vocab_ids
 from pretrain import hf_io
 from pretrain.model import BertConfig
 
-from .modeling import TASK_ARCHITECTURES
 from .readers import InputError
 
 log = logging.getLogger(__name__)
@@ -77,11 +77,10 @@ def load_tokenizer(model_dir: str, vocab: str | None = None, lower_case: bool | 
         if os.path.isfile(cfg):
             with open(cfg, encoding="utf-8") as f:
                 lower_case = bool(json.load(f).get("do_lower_case", True))
-    with open(vocab, encoding="utf-8") as f:
-        table = {line.rstrip("\n"): i for i, line in enumerate(f)}
-    missing = [t for t in ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]") if t not in table]
-    if missing:
-        raise InputError(f"{vocab}: not a BERT WordPiece vocabulary (no {missing})")
+    try:
+        table = vocab_ids(read_vocab(vocab))
+    except VocabError as e:
+        raise InputError(str(e)) from None
     # transformers 5 takes the vocabulary as `vocab` (a dict); the old `vocab_file=` keyword is
     # silently ignored there and leaves a 5-token vocabulary, so pass the table itself.
     return BertTokenizerFast(vocab=table, do_lower_case=lower_case)
@@ -109,50 +108,17 @@ def read_config(model_dir: str) -> BertConfig:
         raise InputError(str(e)) from None
 
 
-def save_finetuned(model: nn.Module, task: str, out_dir: str, tokenizer, labels: list[str] | None,
-                   regression: bool = False, extra: dict | None = None) -> None:
-    """config.json (+ id2label) + model.safetensors (+ vocab.txt, tokenizer_config.json),
-    loadable by transformers' Bert* task classes and by `load_finetuned`."""
-    from safetensors.torch import save_file
-
-    os.makedirs(out_dir, exist_ok=True)
-    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
-    save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
-    cfg = {"architectures": [TASK_ARCHITECTURES[task]], "model_type": "bert", **model.config.to_dict()}
-    if task in ("classify", "pair", "token"):
-        n = 1 if regression else len(labels)
-        names = ["score"] if regression else labels
-        cfg.update(num_labels=n, id2label={str(i): l for i, l in enumerate(names)},
-                   label2id={l: i for i, l in enumerate(names)},
-                   problem_type="regression" if regression else "single_label_classification")
-    cfg["finetuning_task"] = task
-    with open(os.path.join(out_dir, "config.json"), "w", encoding="utf-8") as f:
-        json.dump(cfg, f, indent=2, sort_keys=True)
-        f.write("\n")
+def save_finetuned(model: nn.Module, out_dir: str, tokenizer, config_fields: dict) -> None:
+    """An HF directory of a fine-tuned head: config.json (the encoder's config + `config_fields`:
+    architectures, id2label, ...) + model.safetensors through `pretrain.hf_io.save_hf_dir`, and
+    vocab.txt + tokenizer_config.json of `tokenizer`; every file renamed into place when complete.
+    `finetune.tasks.load_finetuned` reads it back; transformers' Bert* task classes load it."""
     vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
     if [i for _, i in vocab] != list(range(len(vocab))):
         raise ValueError("tokenizer vocabulary ids are not consecutive; cannot write vocab.txt")
-    with open(os.path.join(out_dir, "vocab.txt"), "w", encoding="utf-8") as f:
+    hf_io.save_hf_dir(model, model.config, out_dir, config_fields=config_fields)
+    with atomic_write(os.path.join(out_dir, "vocab.txt"), "w", encoding="utf-8") as f:
         f.writelines(t + "\n" for t, _ in vocab)
-    with open(os.path.join(out_dir, "tokenizer_config.json"), "w", encoding="utf-8") as f:
-        json.dump({"do_lower_case": bool(tokenizer.do_lower_case), "tokenizer_class": "BertTokenizer",
-                   "model_max_length": model.config.max_position_embeddings, **(extra or {})}, f, indent=2)
-
-
-def load_finetuned(out_dir: str):
-    """(model, task, labels) from a directory written by `save_finetuned`."""
-    from safetensors.torch import load_file
-
-    from .modeling import build_head
-
-    with open(os.path.join(out_dir, "config.json"), encoding="utf-8") as f:
-        raw = json.load(f)
-    task = raw.get("finetuning_task")
-    if task not in TASK_ARCHITECTURES:
-        raise InputError(f"{out_dir}: not a fine-tuned model of this package (finetuning_task={task!r})")
-    config = read_config(out_dir)
-    labels = [raw["id2label"][str(i)] for i in range(raw["num_labels"])] if "id2label" in raw else None
-    regression = raw.get("problem_type") == "regression"
-    model = build_head(task, config, len(labels) if labels else 2, regression)
-    model.load_state_dict(load_file(os.path.join(out_dir, "model.safetensors")), strict=True)
-    return model, task, labels
+    atomic_json(os.path.join(out_dir, "tokenizer_config.json"),
+                {"do_lower_case": bool(tokenizer.do_lower_case), "tokenizer_class": "BertTokenizer",
+                 "model_max_length": model.config.max_position_embeddings}, sort_keys=False)

@@ -10,7 +10,8 @@ import sys
 
 from .datasets import BUILTIN
 from .readers import InputError
-from .runner import TASKS, FinetuneArgs, run
+from .runner import FinetuneArgs, run
+from .tasks import TASKS
 from .train import TrainConfig
 
 EPILOG = """\

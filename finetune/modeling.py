@@ -1,7 +1,8 @@
 """Task heads on top of our encoder (`pretrain.model.BertModel`), with the module names of
 transformers' `BertForSequenceClassification` / `BertForTokenClassification` /
 `BertForQuestionAnswering` (`bert.*` + `classifier.*` or `qa_outputs.*`), so a saved
-fine-tuned directory loads in transformers as is, and ours loads theirs."""
+fine-tuned directory loads in transformers as is, and ours loads theirs. Which head a task
+uses is the task's choice (`finetune/tasks/`)."""
 from __future__ import annotations
 
 import torch
@@ -9,13 +10,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from pretrain.model import BertConfig, BertModel
-
-TASK_ARCHITECTURES = {
-    "classify": "BertForSequenceClassification",
-    "pair": "BertForSequenceClassification",
-    "token": "BertForTokenClassification",
-    "qa": "BertForQuestionAnswering",
-}
 
 
 def _dropout(config: BertConfig) -> nn.Dropout:
@@ -99,12 +93,3 @@ class BertForQuestionAnswering(nn.Module):
             loss = (F.cross_entropy(start, start_positions) + F.cross_entropy(end, end_positions)) / 2
         return loss, (start, end)
 
-
-def build_head(task: str, config: BertConfig, num_labels: int = 2, regression: bool = False) -> nn.Module:
-    if task in ("classify", "pair"):
-        return BertForSequenceClassification(config, num_labels, regression)
-    if task == "token":
-        return BertForTokenClassification(config, num_labels)
-    if task == "qa":
-        return BertForQuestionAnswering(config)
-    raise ValueError(f"no head for task {task!r}")

@@ -14,24 +14,28 @@ the others wait at a barrier.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import platform
 from dataclasses import asdict, dataclass, field
 
-import numpy as np
 import torch
+import torch.distributed as dist
 
-from . import checkpoint, features as feat, qa, tasks
-from .metrics import classification_metrics, mean_std
-from .modeling import build_head
-from .readers import InputError, read_conll, read_squad, read_text_file
-from .train import TrainConfig, deepspeed_config, predict, set_seed, train, train_deepspeed
+from data_prep.atomic import atomic_json
+from pretrain.launch import init_distributed
+from pretrain.model import BertConfig
+from pretrain.precision import device_type
+
+from . import checkpoint
+from . import features as feat
+from .datasets import write_builtin
+from .metrics import mean_std
+from .readers import InputError
+from .tasks import REGISTRY, Task, get_task
+from .train import TrainConfig, deepspeed_config
 
 log = logging.getLogger(__name__)
-
-TASKS = ("classify", "pair", "token", "qa", "features")
 
 
 @dataclass
@@ -68,12 +72,11 @@ class FinetuneArgs:
     classifier_c: float = 1.0
     save_model: bool = True
     threads: int | None = None
-    device: str | None = None  # None: "cuda" when a GPU is visible, else "cpu"
+    device: str | None = None  # None: pretrain.precision.device_type() (cuda when visible, unless DS_ACCELERATOR=cpu)
     deepspeed: str | None = None  # a DeepSpeed JSON config: train through deepspeed.initialize
 
     def validate(self) -> None:
-        if self.task not in TASKS:
-            raise InputError(f"--task {self.task!r}: choose one of {TASKS}")
+        task = get_task(self.task)
         if not self.seeds:
             raise InputError("--seeds: give at least one seed")
         if self.device and self.device.startswith("cuda") and not torch.cuda.is_available():
@@ -82,19 +85,18 @@ class FinetuneArgs:
             raise InputError(f"--seeds {self.seeds}: seeds repeat")
         if self.max_seq_length < 8:
             raise InputError(f"--max-seq-length {self.max_seq_length}: too short (use >= 8)")
-        if self.regression and self.task not in ("classify", "pair"):
-            raise InputError("--regression applies to --task classify or pair only")
-        if self.task == "qa" and self.doc_stride < 1:
-            raise InputError(f"--doc-stride {self.doc_stride}: must be >= 1")
+        if self.regression and not task.supports_regression:
+            names = [name for name, t in REGISTRY.items() if t.supports_regression]
+            raise InputError(f"--regression applies to --task {' or '.join(names)} only")
+        task.validate(self)
         if self.pooling not in feat.POOLINGS:
             raise InputError(f"--pooling {self.pooling!r}: choose one of {feat.POOLINGS}")
         if self.train.batch_size < 1 or self.train.learning_rate <= 0:
             raise InputError("--batch-size must be >= 1 and --learning-rate > 0")
-        if self.deepspeed is not None:
-            if not os.path.isfile(self.deepspeed):
-                raise InputError(f"--deepspeed {self.deepspeed}: no such file")
-            if self.task == "features":
-                raise InputError("--deepspeed applies to the fine-tuning tasks, not --task features")
+        if not 0.0 <= self.train.warmup_ratio <= 1.0:
+            raise InputError(f"--warmup-ratio {self.train.warmup_ratio}: must be between 0 and 1")
+        if self.deepspeed is not None and not os.path.isfile(self.deepspeed):
+            raise InputError(f"--deepspeed {self.deepspeed}: no such file")
         if self.dataset is None and (self.train_file is None or self.eval_file is None):
             raise InputError("give --train and --eval files, or a built-in --dataset")
         if self.dataset is not None:
@@ -106,118 +108,21 @@ class FinetuneArgs:
                 raise InputError(f"{flag} {path}: no such file")
 
 
-def _limit(items, n):
-    return items[:n] if n else items
+@dataclass(frozen=True)
+class Resolved:
+    """What a run settles before its first seed, beside the arguments it leaves as given."""
 
-
-class _Data:
-    """Everything a run needs that does not depend on the seed (read and tokenised once)."""
-
-    def __init__(self, a: FinetuneArgs, tokenizer):
-        self.labels, self.version_2 = None, False
-        L = a.max_seq_length
-        if a.task in ("classify", "pair", "features"):
-            kw = dict(pair=a.task == "pair", text_column=a.text_column, text_b_column=a.text_b_column,
-                      label_column=a.label_column, has_header=not a.no_header)
-            self.train_ex = _limit(read_text_file(a.train_file, **kw), a.max_train_examples)
-            self.eval_ex = _limit(read_text_file(a.eval_file, **kw), a.max_eval_examples)
-            if not a.regression:
-                self.labels = tasks.label_list(e.label for e in self.train_ex)
-                if len(self.labels) < 2:
-                    raise InputError(f"{a.train_file}: only one label ({self.labels}); a classifier "
-                                     "needs at least two (or pass --regression)")
-            l2i = {l: i for i, l in enumerate(self.labels)} if self.labels else None
-            self.train_f = tasks.encode_sentences(self.train_ex, tokenizer, L, l2i, a.regression, a.train_file)
-            self.eval_f = tasks.encode_sentences(self.eval_ex, tokenizer, L, l2i, a.regression, a.eval_file)
-        elif a.task == "token":
-            self.train_ex = _limit(read_conll(a.train_file), a.max_train_examples)
-            self.eval_ex = _limit(read_conll(a.eval_file), a.max_eval_examples)
-            types = {t[2:] for s in self.train_ex for t in s.tags if t != "O"}
-            # "O" first, then B-/I- of each entity type (both, even if one never occurs in training)
-            self.labels = ["O"] + [f"{p}-{t}" for t in sorted(types) for p in "BI"]
-            l2i = {l: i for i, l in enumerate(self.labels)}
-            self.train_f = tasks.encode_tagged(self.train_ex, tokenizer, L, l2i, a.train_file)
-            self.eval_f = tasks.encode_tagged(self.eval_ex, tokenizer, L, l2i, a.eval_file)
-        else:
-            self.train_ex, _ = read_squad(a.train_file)
-            self.eval_ex, version = read_squad(a.eval_file)
-            self.train_ex = _limit(self.train_ex, a.max_train_examples)
-            self.eval_ex = _limit(self.eval_ex, a.max_eval_examples)
-            self.version_2 = a.version_2 if a.version_2 is not None else (
-                str(version).lstrip("v").startswith("2") or any(e.is_impossible for e in self.eval_ex))
-            try:
-                self.train_f = qa.qa_features(self.train_ex, tokenizer, L, a.doc_stride, a.max_query_length, True)
-                self.eval_f = qa.qa_features(self.eval_ex, tokenizer, L, a.doc_stride, a.max_query_length, False)
-            except ValueError as e:
-                raise InputError(str(e)) from None
-        log.info("%s: %d train examples -> %d features, %d eval examples -> %d features%s",
-                 a.task, len(self.train_ex), len(self.train_f), len(self.eval_ex), len(self.eval_f),
-                 f", labels {self.labels}" if self.labels and len(self.labels) <= 30 else "")
-
-
-def _evaluate(a: FinetuneArgs, data: _Data, outputs) -> tuple[dict, object]:
-    if a.task in ("classify", "pair"):
-        return tasks.evaluate_sentences(outputs, data.eval_f, data.labels, a.regression)
-    if a.task == "token":
-        return tasks.evaluate_tagged(outputs, data.eval_f, data.eval_ex, data.labels)
-    from .squad_metrics import squad_scores
-
-    preds, nbest, null_odds = qa.decode(data.eval_ex, data.eval_f, outputs, a.n_best, a.max_answer_length,
-                                        data.version_2, a.null_threshold)
-    golds = {e.qid: [t for t, _ in e.answers] if not e.is_impossible else [] for e in data.eval_ex}
-    return squad_scores(golds, preds), {"predictions": preds, "nbest": nbest, "null_odds": null_odds}
-
-
-def _write_json(path: str, obj) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, sort_keys=False)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
-def _save_predictions(a: FinetuneArgs, data: _Data, preds, out_dir: str) -> None:
-    if a.task == "qa":
-        for name, obj in preds.items():
-            _write_json(os.path.join(out_dir, f"eval_{name}.json"), obj)
-    elif a.task == "token":
-        with open(os.path.join(out_dir, "eval_predictions.conll"), "w", encoding="utf-8") as f:
-            for s, p in zip(data.eval_ex, preds):
-                f.writelines(f"{t}\t{g}\t{q}\n" for t, g, q in zip(s.tokens, s.tags, p))
-                f.write("\n")
-    else:
-        with open(os.path.join(out_dir, "eval_predictions.tsv"), "w", encoding="utf-8") as f:
-            f.write("index\tprediction\tlabel\n")
-            f.writelines(f"{i}\t{p}\t{e.label}\n" for i, (p, e) in enumerate(zip(preds, data.eval_ex)))
-
-
-def _run_features(a: FinetuneArgs, model_dir: str, data: _Data, seed: int, out_dir: str, tok) -> dict:
-    from pretrain.model import BertModel
-
-    config = checkpoint.read_config(model_dir)
-    encoder = BertModel(config, add_pooling_layer=True)
-    checkpoint.load_encoder_weights(encoder, model_dir)
-    encoder.to(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    try:
-        tr = feat.extract(encoder, data.train_f, a.layer, a.pooling, a.train.eval_batch_size, tok.pad_token_id)
-        ev = feat.extract(encoder, data.eval_f, a.layer, a.pooling, a.train.eval_batch_size, tok.pad_token_id)
-    except ValueError as e:
-        raise InputError(str(e)) from None
-    for name, x in (("train", tr), ("eval", ev)):
-        if isinstance(x, tuple):
-            np.save(os.path.join(out_dir, f"{name}_features.npy"), x[0])
-            np.save(os.path.join(out_dir, f"{name}_offsets.npy"), x[1])
-        else:
-            np.save(os.path.join(out_dir, f"{name}_features.npy"), x)
-    metrics = {"feature_dim": int((tr[0] if isinstance(tr, tuple) else tr).shape[-1])}
-    if a.pooling != "tokens" and data.labels:
-        y_tr = np.array([f["labels"] for f in data.train_f])
-        y_ev = np.array([f["labels"] for f in data.eval_f])
-        np.save(os.path.join(out_dir, "train_labels.npy"), y_tr)
-        np.save(os.path.join(out_dir, "eval_labels.npy"), y_ev)
-        pred = feat.logistic_regression(tr, y_tr, ev, a.classifier_c, seed)
-        metrics.update(classification_metrics(y_ev.tolist(), pred.tolist(), list(range(len(data.labels)))))
-    return metrics
+    args: FinetuneArgs
+    task: Task
+    device: torch.device  # --device, else where training runs here (pretrain.precision.device_type)
+    rank: int
+    world: int
+    ds_config: dict | None  # the completed DeepSpeed config (None: the plain loop)
+    train_file: str  # --train, or the built-in --dataset's file under OUT/data
+    eval_file: str
+    model_dir: str  # an HF directory: --model, or its consolidation under OUT/consolidated
+    config: BertConfig
+    tokenizer: object
 
 
 def run(a: FinetuneArgs) -> dict:
@@ -232,51 +137,47 @@ def run(a: FinetuneArgs) -> dict:
         torch.set_num_threads(previous)  # callers (tests, notebooks) keep their own setting
 
 
-def _init_distributed(a: FinetuneArgs) -> tuple[int, int, dict | None]:
-    """(rank, world size, DeepSpeed config); (0, 1, None) without --deepspeed."""
+def _distributed(a: FinetuneArgs, device: str) -> tuple[int, int, str, dict | None]:
+    """(rank, world size, this process's device, DeepSpeed config); without --deepspeed one
+    process and no config."""
     if a.deepspeed is None:
-        return 0, 1, None
-    import deepspeed
-    import torch.distributed as dist
-
-    deepspeed.init_distributed(dist_backend="nccl" if (a.device or "").startswith("cuda") or
-                               (a.device is None and torch.cuda.is_available()) else "gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    if world > 1 and (a.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda"):
-        a.device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
+        return 0, 1, device, None
+    cuda = device.startswith("cuda")
+    launch = init_distributed(backend="nccl" if cuda else "gloo")
+    if launch.world_size > 1 and cuda:
+        device = f"cuda:{launch.local_rank}"
     try:
-        ds = deepspeed_config(a.deepspeed, a.train, world,
-                              a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        ds = deepspeed_config(a.deepspeed, a.train, launch.world_size, device)
     except (ValueError, OSError) as e:
         raise InputError(f"--deepspeed {e}") from None
-    log.info("deepspeed: rank %d of %d, global batch %d", rank, world, a.train.batch_size * world)
-    return rank, world, ds
+    log.info("deepspeed: rank %d of %d, global batch %d", launch.rank, launch.world_size,
+             a.train.batch_size * launch.world_size)
+    return launch.rank, launch.world_size, device, ds
 
 
 def _barrier(world: int) -> None:
     if world > 1:
-        import torch.distributed as dist
-
         dist.barrier()
 
 
-def _run(a: FinetuneArgs) -> dict:
-    rank, world, ds = _init_distributed(a)
+def _on_rank0(rank: int, world: int, fn):
+    """fn() on rank 0 alone (it writes files), its result on every rank."""
+    box = [fn() if rank == 0 else None]
+    if world > 1:
+        dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _resolve(a: FinetuneArgs) -> Resolved:
+    rank, world, device, ds = _distributed(a, a.device or device_type())
     if rank == 0:
         os.makedirs(a.output_dir, exist_ok=True)
+    train_file, eval_file = a.train_file, a.eval_file
     if a.dataset:
-        from .datasets import write_builtin
-
-        if rank == 0:
-            write_builtin(a.dataset, a.task, os.path.join(a.output_dir, "data"))
-        _barrier(world)
-        a.train_file, a.eval_file = write_builtin(a.dataset, a.task, os.path.join(a.output_dir, "data"))
-        log.info("built-in dataset %s: %s, %s", a.dataset, a.train_file, a.eval_file)
-    if rank == 0:
-        model_dir = checkpoint.resolve_model_dir(a.model, a.output_dir)
-    _barrier(world)
-    if rank != 0:
-        model_dir = checkpoint.resolve_model_dir(a.model, a.output_dir)  # rank 0's export, already there
+        train_file, eval_file = _on_rank0(rank, world, lambda: write_builtin(
+            a.dataset, a.task, os.path.join(a.output_dir, "data")))
+        log.info("built-in dataset %s: %s, %s", a.dataset, train_file, eval_file)
+    model_dir = _on_rank0(rank, world, lambda: checkpoint.resolve_model_dir(a.model, a.output_dir))
     config = checkpoint.read_config(model_dir)
     if a.max_seq_length > config.max_position_embeddings:
         raise InputError(f"--max-seq-length {a.max_seq_length} exceeds the model's "
@@ -285,59 +186,39 @@ def _run(a: FinetuneArgs) -> dict:
     if len(tok) > config.vocab_size:
         raise InputError(f"vocabulary has {len(tok)} entries but the model only {config.vocab_size}; "
                          "pass the checkpoint's own vocab.txt with --vocab")
-    log.info("task %s, model %s, seeds %s, torch %s, device %s, %d threads", a.task, model_dir, a.seeds,
-             torch.__version__, a.device or ("cuda" if torch.cuda.is_available() else "cpu"), torch.get_num_threads())
-    device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    data = _Data(a, tok)
+    return Resolved(a, get_task(a.task), torch.device(device), rank, world, ds, train_file, eval_file,
+                    model_dir, config, tok)
+
+
+def _run(a: FinetuneArgs) -> dict:
+    r = _resolve(a)
+    log.info("task %s, model %s, seeds %s, torch %s, device %s, %d threads", a.task, r.model_dir, a.seeds,
+             torch.__version__, r.device, torch.get_num_threads())
+    data = r.task.read(a, r.train_file, r.eval_file, r.tokenizer)
+    log.info("%s: %d train examples -> %d features, %d eval examples -> %d features%s",
+             a.task, len(data.train_examples), len(data.train_features), len(data.eval_examples),
+             len(data.eval_features), f", labels {data.labels}" if data.labels and len(data.labels) <= 30 else "")
     runs = []
     for seed in a.seeds:
         out_dir = os.path.join(a.output_dir, f"seed_{seed}")
-        if rank == 0:
+        if r.rank == 0:
             os.makedirs(out_dir, exist_ok=True)
-        if a.task == "features":
-            metrics = _run_features(a, model_dir, data, seed, out_dir, tok)
-        else:
-            set_seed(seed)  # the head's initialisation depends on the seed too
-            n_labels = len(data.labels) if data.labels else (1 if a.regression else 2)
-            model = build_head(a.task, config, n_labels, a.regression)
-            checkpoint.load_encoder_weights(model.bert, model_dir)
-            model.to(device)
-            if ds is None:
-                stats = train(model, data.train_f, a.train, seed, tok.pad_token_id)
-            else:
-                try:
-                    engine, stats = train_deepspeed(model, data.train_f, a.train, seed, ds, tok.pad_token_id)
-                except ValueError as e:
-                    raise InputError(str(e)) from None
-                model = engine.module  # ZeRO-1/2: every rank holds the full fp32 weights
-            losses = stats.pop("step_losses")
-            if rank == 0:
-                _write_json(os.path.join(out_dir, "train_losses.json"), {"seed": seed, "losses": losses})
-                outputs = predict(model, data.eval_f, a.train.eval_batch_size, tok.pad_token_id)
-                metrics, preds = _evaluate(a, data, outputs)
-                metrics.update(stats)
-                _save_predictions(a, data, preds, out_dir)
-                if a.save_model:
-                    checkpoint.save_finetuned(model, a.task, out_dir, tok, data.labels, a.regression)
-            else:
-                metrics = dict(stats)  # rank 0 evaluates and writes; the others wait below
-            del model
-            if ds is not None:
-                del engine
-        if rank == 0:
+        metrics = r.task.run_seed(r, data, seed, out_dir)
+        if r.rank == 0:
             log.info("seed %d: %s", seed, {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)})
-            _write_json(os.path.join(out_dir, "metrics.json"), {"seed": seed, **metrics})
-        _barrier(world)
+            atomic_json(os.path.join(out_dir, "metrics.json"), {"seed": seed, **metrics}, sort_keys=False)
+        _barrier(r.world)
         runs.append({"seed": seed, **metrics})
-    mean, std = mean_std([{k: v for k, v in r.items() if k != "seed"} for r in runs])
-    summary = {"task": a.task, "model": a.model, "dataset": a.dataset, "model_dir": model_dir, "seeds": a.seeds,
-               "n_train": len(data.train_ex), "n_eval": len(data.eval_ex), "labels": data.labels,
-               "args": {k: v for k, v in asdict(a).items() if k != "train"}, "train_config": asdict(a.train),
-               "runs": runs, "mean": mean, "std": std,
+    mean, std = mean_std([{k: v for k, v in run.items() if k != "seed"} for run in runs])
+    args = {k: v for k, v in asdict(a).items() if k != "train"}
+    args.update(train_file=r.train_file, eval_file=r.eval_file)  # a --dataset's files
+    summary = {"task": a.task, "model": a.model, "dataset": a.dataset, "model_dir": r.model_dir, "seeds": a.seeds,
+               "n_train": len(data.train_examples), "n_eval": len(data.eval_examples), "labels": data.labels,
+               "args": args, "train_config": asdict(a.train), "runs": runs, "mean": mean, "std": std,
                "versions": {"torch": torch.__version__, "python": platform.python_version()}}
-    if ds is not None:
-        summary.update(deepspeed={"config": ds, "world_size": world, "rank": rank})
-    if rank == 0:
-        _write_json(os.path.join(a.output_dir, "metrics.json"), summary)
-    _barrier(world)
+    if r.ds_config is not None:
+        summary.update(deepspeed={"config": r.ds_config, "world_size": r.world, "rank": r.rank})
+    if r.rank == 0:
+        atomic_json(os.path.join(a.output_dir, "metrics.json"), summary, sort_keys=False)
+    _barrier(r.world)
     return summary

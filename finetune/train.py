@@ -1,10 +1,11 @@
-"""The fine-tuning loop shared by every task: AdamW (no decay on biases and LayerNorm),
-linear warm-up then linear decay, gradient clipping, batches padded to their longest
-sequence. Plain single-process PyTorch by default; `train_deepspeed` runs the same loop
-through a DeepSpeed engine (one or several processes). The task modules supply features
-and evaluation."""
+"""The fine-tuning loop shared by every task: AdamW over `pretrain.optim.param_groups` (no decay
+on biases and LayerNorm), `pretrain.optim`'s linear warm-up then linear decay, gradient clipping,
+batches padded to their longest sequence. `train` runs it in plain single-process PyTorch, or,
+given a DeepSpeed config, through a DeepSpeed engine (one or several processes). The tasks
+(`finetune/tasks/`) supply features and evaluation."""
 from __future__ import annotations
 
+import json
 import logging
 import math
 import random
@@ -13,6 +14,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.distributed as dist
+
+from pretrain import precision as prec
+from pretrain.optim import build_scheduler, param_groups
 
 log = logging.getLogger(__name__)
 
@@ -69,58 +74,131 @@ def _to(batch: dict, model) -> dict:
     return {k: v.to(device) for k, v in batch.items() if not k.startswith("_")}
 
 
-def _schedule(cfg: TrainConfig, total: int):
-    """Linear warm-up over warmup_ratio * total steps, then linear decay to 0 (a LambdaLR factor)."""
+def _optimizer_groups(model, weight_decay: float) -> list[dict]:
+    # `names` is bookkeeping for logs and tests; the optimizer gets parameters and settings only
+    return [{k: v for k, v in g.items() if k != "names"} for g in param_groups(model, weight_decay)]
+
+
+def _scheduler(cfg: TrainConfig, total: int):
+    """opt -> LambdaLR: linear warm-up over warmup_ratio * total steps, then linear decay to 0 at
+    `total`. peak_step=warmup: fine-tuning's decay starts one update after pretraining's, as
+    this loop always did (the published fine-tuning figures were measured with it)."""
     warmup = int(cfg.warmup_ratio * total)
-    return lambda s: (s + 1) / max(1, warmup) if s < warmup else max(0.0, (total - s) / max(1, total - warmup))
+    return lambda opt: build_scheduler(opt, warmup, total, peak_step=warmup,
+                                       flag="warm-up steps (--warmup-ratio x steps)")
 
 
-def _param_groups(model, cfg: TrainConfig) -> list[dict]:
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        (no_decay if name.endswith("bias") or "LayerNorm" in name else decay).append(p)
-    return [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+class _PlainStep:
+    """torch AdamW in this process: the model runs as it is."""
+
+    def __init__(self, model, cfg: TrainConfig, total: int):
+        self.net = self.module = model
+        self.max_grad_norm = cfg.max_grad_norm
+        self.opt = torch.optim.AdamW(_optimizer_groups(model, cfg.weight_decay), lr=cfg.learning_rate)
+        self.sched = _scheduler(cfg, total)(self.opt)
+        self.gnorm = None
+
+    def step(self, loss) -> None:
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.gnorm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.max_grad_norm)
+        self.opt.step()
+        self.sched.step()
+
+    def grad_norm(self) -> float:
+        return float(self.gnorm)
+
+    def finish(self):
+        self.net.eval()
+        return self.module
 
 
-def train(model, features: list[dict], cfg: TrainConfig, seed: int, pad_id: int = 0) -> dict:
-    """Train in place; returns {"steps", "final_loss", "train_seconds", "step_losses"}. Feature
-    keys starting with "_" are bookkeeping and are not passed to the model."""
+class _EngineStep:
+    """deepspeed.initialize over the same groups and schedule: engine.backward / engine.step
+    (which clip, step, schedule and zero the gradients)."""
+
+    def __init__(self, model, cfg: TrainConfig, total: int, ds_config: dict):
+        import deepspeed  # optional and slow to import: only --deepspeed runs need it
+
+        self.net, _, _, self.sched = deepspeed.initialize(
+            model=model, model_parameters=_optimizer_groups(model, cfg.weight_decay), config=ds_config,
+            lr_scheduler=_scheduler(cfg, total))
+        self.module = self.net.module
+
+    def step(self, loss) -> None:
+        self.net.backward(loss)
+        self.net.step()
+
+    def grad_norm(self) -> float:
+        gnorm = self.net.get_global_grad_norm()
+        return float(gnorm) if gnorm is not None else float("nan")
+
+    def finish(self):
+        self.net.eval()
+        _full_fp32_weights(self.net)
+        return self.module  # ZeRO-1/2: every rank holds the full fp32 weights
+
+
+def _share(feats: list[dict], rank: int, world: int) -> tuple[list[dict], float]:
+    """This rank's contiguous, disjoint share of a global batch and its weight (share x world /
+    batch); a short last batch is split as evenly as possible, and a rank left without examples
+    repeats the first one at weight 0."""
+    bounds = [round(r * len(feats) / world) for r in range(world + 1)]
+    mine = feats[bounds[rank]:bounds[rank + 1]]
+    weight = len(mine) * world / len(feats)
+    return (mine or feats[:1]), weight
+
+
+def train(model, features: list[dict], cfg: TrainConfig, seed: int, pad_id: int = 0,
+          ds_config: dict | None = None) -> tuple[torch.nn.Module, dict]:
+    """Train `model`; returns (the trained model, {"steps", "final_loss", "train_seconds",
+    "step_losses"}). Feature keys starting with "_" are bookkeeping, not model inputs.
+
+    Without `ds_config`: torch AdamW in this process, in place. With one (`deepspeed_config`;
+    torch.distributed already initialised): the same loop through a DeepSpeed engine, in one or
+    several processes. Every process draws the same shuffled order; a global batch is
+    cfg.batch_size x world examples and rank r takes the r-th contiguous share of it. Each rank's
+    loss is weighted by its share of the global batch, so with DeepSpeed's gradient averaging the
+    update is that of the global-batch mean (exactly so for losses that are per-example means:
+    classify, pair, qa; token loss is a per-rank mean over labelled tokens). The logged and
+    returned per-step loss is the global-batch mean, all-reduced; the returned model is the
+    engine's module with full fp32 weights."""
     if not features:
         raise ValueError("no training examples")
-    set_seed(seed)
+    distributed = ds_config is not None and dist.is_initialized()
+    world, rank = (dist.get_world_size(), dist.get_rank()) if distributed else (1, 0)
+    if len(features) < world:
+        raise ValueError(f"{len(features)} training examples for {world} processes")
+    glob = cfg.batch_size * world
+    total = cfg.max_steps if cfg.max_steps else max(1, math.ceil(cfg.epochs * math.ceil(len(features) / glob)))
+    stepper = _PlainStep(model, cfg, total) if ds_config is None else _EngineStep(model, cfg, total, ds_config)
+    set_seed(seed)  # after the engine is built: the same dropout stream and shuffle on every rank
     rng = random.Random(seed)
-    per_epoch = math.ceil(len(features) / cfg.batch_size)
-    total = cfg.max_steps if cfg.max_steps else max(1, math.ceil(cfg.epochs * per_epoch))
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        (no_decay if name.endswith("bias") or "LayerNorm" in name else decay).append(p)
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.learning_rate)
-    warmup = int(cfg.warmup_ratio * total)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / max(1, warmup) if s < warmup else max(0.0, (total - s) / max(1, total - warmup)))
-    model.train()
+    stepper.net.train()
     step, t0, running = 0, time.time(), []
+    where = f" (deepspeed, {world} processes)" if ds_config is not None else ""
     while step < total:
-        for feats in _batches(features, cfg.batch_size, True, rng):
-            batch = collate([{k: v for k, v in f.items() if not k.startswith("_")} for f in feats], pad_id)
-            loss, _ = model(**_to(batch, model))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-            opt.step()
-            sched.step()
+        for feats in _batches(features, glob, True, rng):
+            mine, weight = _share(feats, rank, world)
+            batch = collate([{k: v for k, v in f.items() if not k.startswith("_")} for f in mine], pad_id)
+            loss, _ = stepper.net(**_to(batch, stepper.module))
+            stepper.step(loss if weight == 1.0 else loss * weight)
             step += 1
-            running.append(loss.item())
-            if step % cfg.log_every == 0 or step == total:
-                log.info("step %d/%d loss %.4f grad_norm %.3f lr %.2e %.1f s", step, total,
-                         float(np.mean(running[-cfg.log_every:])), float(gnorm), sched.get_last_lr()[0],
-                         time.time() - t0)
+            if world > 1:
+                part = loss.detach().float().reshape(1) * (weight / world)
+                dist.all_reduce(part)
+                running.append(part.item())
+            else:
+                running.append(loss.item())
+            if rank == 0 and (step % cfg.log_every == 0 or step == total):
+                log.info("step %d/%d loss %.4f grad_norm %.3f lr %.2e %.1f s%s", step, total,
+                         float(np.mean(running[-cfg.log_every:])), stepper.grad_norm(),
+                         stepper.sched.get_last_lr()[0], time.time() - t0, where)
             if step >= total:
                 break
-    model.eval()
-    return {"steps": step, "final_loss": float(np.mean(running[-cfg.log_every:])),
-            "train_seconds": round(time.time() - t0, 2), "step_losses": running}
+    model = stepper.finish()
+    return model, {"steps": step, "final_loss": float(np.mean(running[-cfg.log_every:])),
+                   "train_seconds": round(time.time() - t0, 2), "step_losses": running}
 
 
 def deepspeed_config(path: str, cfg: TrainConfig, world_size: int, device: str = "cpu") -> dict:
@@ -129,8 +207,6 @@ def deepspeed_config(path: str, cfg: TrainConfig, world_size: int, device: str =
     train_micro_batch_size_per_gpu (or a train_batch_size other than batch x world) is an
     error. The learning rate and weight decay come from the command line; the schedule is the
     loop's (passed to deepspeed.initialize), so the config must not name a scheduler."""
-    import json
-
     with open(path, encoding="utf-8") as f:
         ds = json.load(f)
     micro = ds.get("train_micro_batch_size_per_gpu")
@@ -161,80 +237,12 @@ def deepspeed_config(path: str, cfg: TrainConfig, world_size: int, device: str =
         ds["gradient_clipping"] = cfg.max_grad_norm
     # The pretraining configs say "bf16": {"enabled": "auto"}: the same resolution as pretraining
     # (native precision of the device; an explicit bf16 on a CPU that emulates it warns once).
-    from pretrain import precision as prec
-
     device = "cuda" if str(device).startswith("cuda") else "cpu"
     requested = prec.requested_precision(ds)
     chosen, warning = prec.resolve(requested, device, path)
     if warning:
         log.warning("precision: %s", warning)
     return prec.apply_precision(ds, chosen)
-
-
-def train_deepspeed(model, features: list[dict], cfg: TrainConfig, seed: int, ds_config: dict,
-                    pad_id: int = 0) -> tuple[object, dict]:
-    """The loop of `train` through deepspeed.initialize (engine.backward / engine.step), in one
-    or several processes (torch.distributed already initialised). Every process draws the same
-    shuffled order; a global batch is cfg.batch_size x world examples and rank r takes the r-th
-    contiguous share of it. Each rank's loss is weighted by its share of the global batch, so
-    with DeepSpeed's gradient averaging the update is that of the global-batch mean (exactly so
-    for losses that are per-example means: classify, pair, qa; token loss is a per-rank mean
-    over labelled tokens). The logged and returned per-step loss is the global-batch mean,
-    all-reduced. Returns (engine, stats); engine.module is the trained model."""
-    import deepspeed
-    import torch.distributed as dist
-
-    if not features:
-        raise ValueError("no training examples")
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    glob = cfg.batch_size * world
-    per_epoch = math.ceil(len(features) / glob)
-    total = cfg.max_steps if cfg.max_steps else max(1, math.ceil(cfg.epochs * per_epoch))
-    if len(features) < world:
-        raise ValueError(f"{len(features)} training examples for {world} processes")
-    lam = _schedule(cfg, total)
-    engine, _, _, sched = deepspeed.initialize(
-        model=model, model_parameters=_param_groups(model, cfg), config=ds_config,
-        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lam))
-    set_seed(seed)  # as in `train`: the same dropout stream and shuffle on every rank
-    rng = random.Random(seed)
-    engine.train()
-    step, t0, running = 0, time.time(), []
-    while step < total:
-        for feats in _batches(features, glob, True, rng):
-            n_all = len(feats)
-            # contiguous, disjoint shares of the global batch; a short last batch is split as
-            # evenly as possible (a rank left without examples repeats the first one at weight 0)
-            bounds = [round(r * n_all / world) for r in range(world + 1)]
-            mine = feats[bounds[rank]:bounds[rank + 1]]
-            weight = len(mine) * world / n_all
-            if not mine:
-                mine = feats[:1]
-            batch = collate([{k: v for k, v in f.items() if not k.startswith("_")} for f in mine], pad_id)
-            loss, _ = engine(**_to(batch, engine.module))
-            engine.backward(loss if weight == 1.0 else loss * weight)
-            engine.step()
-            step += 1
-            if world > 1:
-                part = loss.detach().float().reshape(1) * (weight / world)
-                dist.all_reduce(part)
-                running.append(part.item())
-            else:
-                running.append(loss.item())
-            if step % cfg.log_every == 0 or step == total:
-                if rank == 0:
-                    gnorm = engine.get_global_grad_norm()
-                    log.info("step %d/%d loss %.4f grad_norm %.3f lr %.2e %.1f s (deepspeed, %d processes)",
-                             step, total, float(np.mean(running[-cfg.log_every:])),
-                             float(gnorm) if gnorm is not None else float("nan"),
-                             sched.get_last_lr()[0], time.time() - t0, world)
-            if step >= total:
-                break
-    engine.eval()
-    _full_fp32_weights(engine)
-    return engine, {"steps": step, "final_loss": float(np.mean(running[-cfg.log_every:])),
-                    "train_seconds": round(time.time() - t0, 2), "step_losses": running}
 
 
 @torch.no_grad()

@@ -15,12 +15,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 from typing import Mapping
 
+import safetensors.torch
 import torch
 from torch import nn
 
+from data_prep.atomic import atomic_copy, atomic_file, atomic_json
 from pretrain.model import BertConfig, BertForPreTraining
 from pretrain.vocab import resize_vocab
 
@@ -37,15 +38,13 @@ def _read_weights(path: str) -> dict:
     index_file = os.path.join(path, "model.safetensors.index.json")
     bin_file = os.path.join(path, "pytorch_model.bin")
     if os.path.isfile(st_file):
-        from safetensors.torch import load_file
-        return load_file(st_file)
+        return safetensors.torch.load_file(st_file)
     if os.path.isfile(index_file):
-        from safetensors.torch import load_file
         with open(index_file, encoding="utf-8") as fh:
             shards = sorted(set(json.load(fh)["weight_map"].values()))
         state = {}
         for shard in shards:
-            state.update(load_file(os.path.join(path, shard)))
+            state.update(safetensors.torch.load_file(os.path.join(path, shard)))
         return state
     if os.path.isfile(bin_file):
         return torch.load(bin_file, map_location="cpu", weights_only=True)
@@ -138,29 +137,16 @@ def _vocab_target_name(vocab_file: str) -> str:
     return "vocab.txt" if vocab_file.endswith(".txt") else os.path.basename(vocab_file)
 
 
-def _replace_atomically(out_dir: str, name: str, write) -> None:
-    # write(tmp_path) fills a temporary file next to the target; os.replace then swaps it in, so
-    # an interrupted export never leaves a truncated file under the final name.
-    target = os.path.join(out_dir, name)
-    tmp = os.path.join(out_dir, f".{name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def save_hf_dir(model, config: BertConfig, out_dir, vocab_file=None) -> None:
+def save_hf_dir(model, config: BertConfig, out_dir, vocab_file=None, config_fields=None) -> None:
     """Write config.json + model.safetensors (+ vocab.txt) for transformers' BertForPreTraining.
 
     ``model`` is a tp=1 ``BertForPreTraining`` or its (gathered) state dict; vocabulary rows past
     ``config.vocab_size`` (training's padding, ``pretrain/vocab.py``) are cut off. A ``*.txt``
     ``vocab_file`` is written as ``vocab.txt``; another tokenizer file (``spm.model``) keeps its
-    basename. Every file is written to a temporary name and renamed into place.
+    basename. ``config_fields`` add to (or replace) config.json entries: a fine-tuned head's
+    ``architectures``, ``id2label``, ... Every file is written to a temporary name and renamed
+    into place.
     """
-    from safetensors.torch import save_file
-
     if vocab_file is not None:
         vocab_file = os.fspath(vocab_file)
         if not os.path.isfile(vocab_file):
@@ -175,15 +161,10 @@ def save_hf_dir(model, config: BertConfig, out_dir, vocab_file=None) -> None:
     # safetensors refuses tensors sharing storage; the tied decoder was dropped above, and
     # clone() detaches everything else from optimizer/engine-owned storage.
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
-    _replace_atomically(out_dir, "model.safetensors",
-                        lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    hf_config = {"architectures": ["BertForPreTraining"], "model_type": "bert", **config.to_dict()}
-
-    def write_config(tmp):
-        with open(tmp, "w", encoding="utf-8") as fh:
-            json.dump(hf_config, fh, indent=2, sort_keys=True)
-            fh.write("\n")
-
-    _replace_atomically(out_dir, "config.json", write_config)
+    atomic_file(os.path.join(out_dir, "model.safetensors"),
+                lambda tmp: safetensors.torch.save_file(tensors, tmp, metadata={"format": "pt"}))
+    atomic_json(os.path.join(out_dir, "config.json"),
+                {"architectures": ["BertForPreTraining"], "model_type": "bert", **config.to_dict(),
+                 **(config_fields or {})})
     if vocab_file is not None:
-        _replace_atomically(out_dir, vocab_name, lambda tmp: shutil.copyfile(vocab_file, tmp))
+        atomic_copy(vocab_file, os.path.join(out_dir, vocab_name))

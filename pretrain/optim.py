@@ -10,7 +10,8 @@
   variant, else `Lamb`) or AdamW (torch's, fused on GPU), with bias and LayerNorm parameters
   excluded from weight decay.
 - `warmup_poly_decay()` / `build_scheduler()`: linear warm-up to the peak lr (used once), then
-  polynomial (power 1 = linear) decay to `min_lr_ratio` at `total_steps`.
+  polynomial (power 1 = linear) decay to `min_lr_ratio` at `total_steps`; fine-tuning uses them
+  too, with the decay starting one update later (`peak_step`).
 """
 
 from __future__ import annotations
@@ -145,7 +146,7 @@ class Lamb(torch.optim.Optimizer):
       the clip factor), so this optimizer does not clip.
 
     Tensor parallelism: pass `tp_group`; parameters tagged `tensor_model_parallel` (megatron's
-    attribute, set by pretrain.parallel) get their squared norms summed over that group, so every
+    attribute, set by pretrain.tensor_parallel) get their squared norms summed over that group, so every
     shard of a weight is scaled by the trust ratio of the full weight, as in a dense model.
     """
 
@@ -558,7 +559,7 @@ def check_optimizer_for_zero(name: str, zero_stage: int, flag: str = "--optimize
 
 
 def warmup_poly_decay(step: int, warmup_steps: int, total_steps: int, power: float = 1.0,
-                      min_lr_ratio: float = 0.0) -> float:
+                      min_lr_ratio: float = 0.0, peak_step: Optional[int] = None) -> float:
     """Learning-rate multiplier after `step` optimizer steps (the lr the next update uses).
 
     Warm-up: (step + 1) / warmup_steps for step < warmup_steps, so the very first update already
@@ -568,10 +569,13 @@ def warmup_poly_decay(step: int, warmup_steps: int, total_steps: int, power: flo
     min_lr_ratio + (1 - min_lr_ratio) * ((total - step) / (total - p)) ** power, which is 1 at p
     (continuous with the warm-up, no second step at the peak), min_lr_ratio at `total_steps`,
     and min_lr_ratio after it.
+    `peak_step` moves the start of the decay: fine-tuning passes `warmup_steps`, so that updates
+    number warmup_steps and warmup_steps + 1 both use the full lr (its schedule since its first
+    version; its published figures were measured with it).
     """
     if step < warmup_steps:
         return (step + 1) / warmup_steps
-    peak = max(warmup_steps - 1, 0)
+    peak = max(warmup_steps - 1, 0) if peak_step is None else peak_step
     if total_steps <= peak:
         return min_lr_ratio
     remaining = max(0.0, (total_steps - step) / (total_steps - peak))
@@ -580,7 +584,8 @@ def warmup_poly_decay(step: int, warmup_steps: int, total_steps: int, power: flo
 
 def build_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int,
                     power: float = 1.0, min_lr_ratio: float = 0.0,
-                    flag: str = "--warmup_steps") -> torch.optim.lr_scheduler.LambdaLR:
+                    flag: str = "--warmup_steps", peak_step: Optional[int] = None
+                    ) -> torch.optim.lr_scheduler.LambdaLR:
     """A LambdaLR over `warmup_poly_decay`; `scheduler.step()` once per optimizer step."""
     if total_steps < 1:
         raise OptimizerConfigError(f"total steps must be >= 1, got {total_steps}")
@@ -594,6 +599,6 @@ def build_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int, total_s
         raise OptimizerConfigError(f"min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
 
     def multiplier(step):
-        return warmup_poly_decay(step, warmup_steps, total_steps, power, min_lr_ratio)
+        return warmup_poly_decay(step, warmup_steps, total_steps, power, min_lr_ratio, peak_step)
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)

@@ -9,7 +9,7 @@ import torch
 from finetune import checkpoint
 from finetune.features import extract, logistic_regression
 from finetune.readers import TextExample
-from finetune.tasks import encode_sentences
+from finetune.tasks.sentence import encode_sentences
 from pretrain.hf_io import save_hf_dir
 from pretrain.model import BertConfig, BertForPreTraining, BertModel
 

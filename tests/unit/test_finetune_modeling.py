@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from finetune import checkpoint
-from finetune.modeling import build_head
+from finetune.tasks import get_task, load_finetuned
 from pretrain.hf_io import save_hf_dir
 from pretrain.model import BertConfig, BertForPreTraining
 
@@ -45,13 +45,13 @@ def test_saved_head_matches_transformers(task, tiny_pretrained, tmp_path):
     src, pretrained = tiny_pretrained
     tok = checkpoint.load_tokenizer(src)
     torch.manual_seed(1)
-    model = build_head(task, checkpoint.read_config(src), num_labels=3)
+    model = get_task(task).build_head(checkpoint.read_config(src), num_labels=3)
     checkpoint.load_encoder_weights(model.bert, src)
     # the encoder weights are the pretraining model's, key by key
     assert torch.equal(model.bert.encoder.layer[1].output.dense.weight,
                        pretrained.bert.encoder.layer[1].output.dense.weight)
     model.eval()
-    checkpoint.save_finetuned(model, task, str(tmp_path), tok, ["A", "B", "C"])
+    get_task(task).save_model(model, str(tmp_path), tok, ["A", "B", "C"])
     cls = {"classify": transformers.BertForSequenceClassification,
            "token": transformers.BertForTokenClassification,
            "qa": transformers.BertForQuestionAnswering}[task]
@@ -69,7 +69,7 @@ def test_saved_head_matches_transformers(task, tiny_pretrained, tmp_path):
     if task != "qa":
         assert theirs.config.id2label == {0: "A", 1: "B", 2: "C"}
     # and our own reload gives the same model
-    again, t, labels = checkpoint.load_finetuned(str(tmp_path))
+    again, t, labels = load_finetuned(str(tmp_path))
     assert t == task
     for k, v in model.state_dict().items():
         assert torch.equal(v, again.state_dict()[k]), k
@@ -78,7 +78,7 @@ def test_saved_head_matches_transformers(task, tiny_pretrained, tmp_path):
 def test_minilm_encoder_loads_without_pooler_for_token_head(minilm_dir):
     import transformers
 
-    model = build_head("token", checkpoint.read_config(minilm_dir), num_labels=2)
+    model = get_task("token").build_head(checkpoint.read_config(minilm_dir), num_labels=2)
     checkpoint.load_encoder_weights(model.bert, minilm_dir)
     ref = transformers.BertModel.from_pretrained(minilm_dir).eval()
     tok = checkpoint.load_tokenizer(minilm_dir)

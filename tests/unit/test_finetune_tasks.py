@@ -6,7 +6,8 @@ import pytest
 from finetune import checkpoint
 from finetune.cli import main
 from finetune.readers import TaggedSentence, TextExample
-from finetune.tasks import encode_sentences, encode_tagged, evaluate_tagged, label_list
+from finetune.tasks.sentence import encode_sentences, label_list
+from finetune.tasks.token import encode_tagged, evaluate_tagged
 
 
 @pytest.fixture(scope="module")
@@ -99,3 +100,25 @@ def test_pair_regression_end_to_end_on_tiny_model(tmp_path):
     assert set(m) >= {"pearson", "spearman", "mse"} and -1 <= m["pearson"] <= 1
     theirs = transformers.BertForSequenceClassification.from_pretrained(str(tmp_path / "out" / "seed_3"))
     assert theirs.config.num_labels == 1 and theirs.config.problem_type == "regression"
+
+
+def test_registry_names_and_task_flag_checks(tmp_path):
+    from finetune.runner import FinetuneArgs
+    from finetune.tasks import TASKS, get_task
+
+    assert TASKS == ("classify", "pair", "token", "qa", "features")
+    assert all(get_task(t).name == t for t in TASKS)
+    with pytest.raises(checkpoint.InputError, match="--task 'ner': choose one of"):
+        get_task("ner")
+    f = tmp_path / "x.tsv"
+    f.write_text("sentence\tlabel\na\t1\n")
+    common = dict(model="m", train_file=str(f), eval_file=str(f), output_dir=str(tmp_path / "o"))
+    with pytest.raises(checkpoint.InputError, match="--regression applies to --task classify or pair only"):
+        FinetuneArgs(task="token", regression=True, **common).validate()
+    with pytest.raises(checkpoint.InputError, match="--doc-stride 0"):
+        FinetuneArgs(task="qa", doc_stride=0, **common).validate()
+    ds = tmp_path / "ds.json"
+    ds.write_text("{}")
+    with pytest.raises(checkpoint.InputError, match="not --task features"):
+        FinetuneArgs(task="features", deepspeed=str(ds), **common).validate()
+    FinetuneArgs(task="pair", regression=True, **common).validate()

@@ -221,6 +221,16 @@ def test_schedule_hand_computed_values():
         assert values.count(1.0) == 1, (warmup, values)
 
 
+def test_schedule_peak_step_starts_the_decay_later():
+    # fine-tuning's variant: warm-up 3, decay from step 3 (not 2), so steps 2 and 3 both use the peak
+    expected = [1 / 3, 2 / 3, 1.0, 1.0, 6 / 7, 5 / 7, 4 / 7, 3 / 7, 2 / 7, 1 / 7, 0.0, 0.0]
+    for step, value in enumerate(expected):
+        assert math.isclose(warmup_poly_decay(step, 3, 10, peak_step=3), value, abs_tol=1e-12), step
+    # with no warm-up both variants decay from step 0
+    assert [warmup_poly_decay(s, 0, 10, peak_step=0) for s in range(11)] == \
+        [warmup_poly_decay(s, 0, 10) for s in range(11)]
+
+
 def test_scheduler_drives_optimizer_lr():
     p = nn.Parameter(torch.ones(2))
     opt = torch.optim.SGD([p], lr=0.1)

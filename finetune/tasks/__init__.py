@@ -1,0 +1,43 @@
+"""The fine-tuning tasks, by `--task` name. Each is one file here with a `Task` object
+(`base.py`: read and encode, head, evaluate, save predictions, one run per seed); a new task is a
+new file and one entry in `REGISTRY`."""
+from __future__ import annotations
+
+import json
+import os
+
+from safetensors.torch import load_file
+
+from .. import checkpoint
+from ..readers import InputError
+from .base import Task, TaskData
+from .features import FEATURES
+from .qa import QA
+from .sentence import CLASSIFY, PAIR
+from .token import TOKEN
+
+REGISTRY: dict[str, Task] = {t.name: t for t in (CLASSIFY, PAIR, TOKEN, QA, FEATURES)}
+TASKS = tuple(REGISTRY)
+
+__all__ = ["REGISTRY", "TASKS", "Task", "TaskData", "get_task", "load_finetuned"]
+
+
+def get_task(name: str) -> Task:
+    if name not in REGISTRY:
+        raise InputError(f"--task {name!r}: choose one of {TASKS}")
+    return REGISTRY[name]
+
+
+def load_finetuned(out_dir: str):
+    """(model, task name, labels) from a directory written by `Task.save_model`."""
+    with open(os.path.join(out_dir, "config.json"), encoding="utf-8") as f:
+        raw = json.load(f)
+    name = raw.get("finetuning_task")
+    if REGISTRY.get(name) is None or REGISTRY[name].architecture is None:
+        raise InputError(f"{out_dir}: not a fine-tuned model of this package (finetuning_task={name!r})")
+    config = checkpoint.read_config(out_dir)
+    labels = [raw["id2label"][str(i)] for i in range(raw["num_labels"])] if "id2label" in raw else None
+    regression = raw.get("problem_type") == "regression"
+    model = REGISTRY[name].build_head(config, len(labels) if labels else 2, regression)
+    model.load_state_dict(load_file(os.path.join(out_dir, "model.safetensors")), strict=True)
+    return model, name, labels

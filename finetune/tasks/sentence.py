@@ -1,0 +1,115 @@
+"""Sentence and sentence-pair classification / regression (`--task classify`, `--task pair`):
+GLUE-style TSV/CSV/JSONL files, [CLS] A [SEP] (B [SEP]), a linear head on the pooled [CLS]
+vector, accuracy / F1 / Matthews (Pearson / Spearman with --regression)."""
+from __future__ import annotations
+
+import logging
+import os
+
+import numpy as np
+
+from data_prep.atomic import atomic_write
+
+from ..metrics import classification_metrics, regression_metrics
+from ..modeling import BertForSequenceClassification
+from ..readers import InputError, TextExample, read_text_file
+from .base import Task, TaskData, label_config, limit
+
+log = logging.getLogger(__name__)
+
+
+def _label_key(label: str):
+    try:
+        return (0, float(label), label)
+    except ValueError:
+        return (1, 0.0, label)
+
+
+def label_list(labels) -> list[str]:
+    """Labels in a stable order: numeric labels by value ("-1" < "1"), others alphabetically."""
+    return sorted(set(labels), key=_label_key)
+
+
+def encode_sentences(examples: list[TextExample], tokenizer, max_length: int,
+                     label2id: dict | None, regression: bool, source: str) -> list[dict]:
+    """[CLS] A [SEP] (B [SEP]) with segment ids 0/1; the longer text is truncated first."""
+    a = [e.text_a for e in examples]
+    b = [e.text_b for e in examples] if examples[0].text_b is not None else None
+    enc = tokenizer(a, b, truncation="longest_first", max_length=max_length)
+    feats = []
+    for i, e in enumerate(examples):
+        f = {"input_ids": enc["input_ids"][i], "token_type_ids": enc["token_type_ids"][i],
+             "attention_mask": enc["attention_mask"][i]}
+        if e.label is not None and (regression or label2id is not None):
+            if regression:
+                try:
+                    f["labels"] = float(e.label)
+                except ValueError:
+                    raise InputError(f"{source}: label {e.label!r} of example {i + 1} is not a number "
+                                     "(--regression needs numeric targets)") from None
+            else:
+                if e.label not in label2id:
+                    raise InputError(f"{source}: label {e.label!r} of example {i + 1} does not occur in "
+                                     f"the training file (known: {list(label2id)})")
+                f["labels"] = label2id[e.label]
+        feats.append(f)
+    n_trunc = sum(len(x) >= max_length for x in enc["input_ids"])
+    if n_trunc:
+        log.info("%s: %d of %d examples truncated to %d tokens", source, n_trunc, len(examples), max_length)
+    return feats
+
+
+def evaluate_sentences(outputs, features, labels: list[str] | None, regression: bool) -> tuple[dict, list]:
+    """Metrics and per-example predictions (label strings, or floats for regression)."""
+    if regression:
+        preds = [float(np.asarray(o).reshape(-1)[0]) for o in outputs]
+        gold = [f["labels"] for f in features]
+        return regression_metrics(gold, preds), preds
+    ids = [int(np.argmax(o)) for o in outputs]
+    gold = [f["labels"] for f in features]
+    metrics = classification_metrics(gold, ids, labels=list(range(len(labels))))
+    return metrics, [labels[i] for i in ids]
+
+
+class SentenceTask(Task):
+    architecture = "BertForSequenceClassification"
+    supports_regression = True
+
+    def __init__(self, name: str, pair: bool):
+        self.name, self.pair = name, pair
+
+    def read(self, a, train_file, eval_file, tokenizer) -> TaskData:
+        kw = dict(pair=self.pair, text_column=a.text_column, text_b_column=a.text_b_column,
+                  label_column=a.label_column, has_header=not a.no_header)
+        train_ex = limit(read_text_file(train_file, **kw), a.max_train_examples)
+        eval_ex = limit(read_text_file(eval_file, **kw), a.max_eval_examples)
+        labels = None
+        if not a.regression:
+            labels = label_list(e.label for e in train_ex)
+            if len(labels) < 2:
+                raise InputError(f"{train_file}: only one label ({labels}); a classifier "
+                                 "needs at least two (or pass --regression)")
+        l2i = {l: i for i, l in enumerate(labels)} if labels else None
+        L = a.max_seq_length
+        return TaskData(train_ex, eval_ex,
+                        encode_sentences(train_ex, tokenizer, L, l2i, a.regression, train_file),
+                        encode_sentences(eval_ex, tokenizer, L, l2i, a.regression, eval_file), labels)
+
+    def build_head(self, config, num_labels=2, regression=False):
+        return BertForSequenceClassification(config, num_labels, regression)
+
+    def evaluate(self, a, data, outputs):
+        return evaluate_sentences(outputs, data.eval_features, data.labels, a.regression)
+
+    def save_predictions(self, data, preds, out_dir):
+        with atomic_write(os.path.join(out_dir, "eval_predictions.tsv"), "w", encoding="utf-8") as f:
+            f.write("index\tprediction\tlabel\n")
+            f.writelines(f"{i}\t{p}\t{e.label}\n" for i, (p, e) in enumerate(zip(preds, data.eval_examples)))
+
+    def hf_config(self, labels, regression=False):
+        return {**super().hf_config(labels, regression),
+                **label_config(["score"] if regression else labels, regression)}
+
+
+CLASSIFY = SentenceTask("classify", pair=False)
+PAIR = SentenceTask("pair", pair=True)
