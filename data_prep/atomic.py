@@ -1,8 +1,10 @@
-"""Write-then-rename, in one place: a reader never sees a partial file under its final name.
+"""Write-then-rename, in one place for the whole product (data prep, checkpoints, HF exports,
+fine-tuning outputs): a reader never sees a partial file under its final name.
 
 Temporary names are `<final>.tmp.<pid>`; a run that is killed leaves them behind, and
 `remove_stale_tmp` deletes them when the next run starts in that directory. OS errors (read-only
-or full disk, a path under a regular file) become `DataPrepError`s naming the path.
+or full disk, a path under a regular file) become `AtomicWriteError`s (a DataPrepError and an
+OSError) naming the path.
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import os
 import re
 import shutil
 from contextlib import contextmanager
+from typing import Callable
 
 from .errors import DataPrepError
 
@@ -22,8 +25,15 @@ def tmp_name(path: str) -> str:
     return f"{path}.tmp.{os.getpid()}"
 
 
-def os_error(path: str, action: str, e: OSError) -> DataPrepError:
-    return DataPrepError(f"{path}: cannot {action} ({e.strerror or e}); check free space and permissions")
+class AtomicWriteError(DataPrepError, OSError):
+    """A failed write, rename or listing: a DataPrepError whose message names the path and what to
+    check, and still an OSError (with the original errno, e.g. ENOSPC) for callers outside data prep."""
+
+
+def os_error(path: str, action: str, e: OSError) -> AtomicWriteError:
+    err = AtomicWriteError(f"{path}: cannot {action} ({e.strerror or e}); check free space and permissions")
+    err.errno = e.errno
+    return err
 
 
 def _discard(tmp: str) -> None:
@@ -43,15 +53,11 @@ def commit(tmp: str, path: str) -> None:
 
 
 @contextmanager
-def atomic_write(path: str, mode: str = "wb", fsync: bool = True, **open_kw):
-    """`with atomic_write(p, "w") as f: ...` writes `p.tmp.<pid>` and renames it on success."""
+def _replacing(path: str):
+    """Yields the temporary name; renames it to `path` if the block succeeds, removes it if not."""
     tmp = tmp_name(path)
     try:
-        with open(tmp, mode, **open_kw) as f:
-            yield f
-            f.flush()
-            if fsync:
-                os.fsync(f.fileno())
+        yield tmp
     except OSError as e:
         _discard(tmp)
         raise os_error(path, "write", e) from e
@@ -61,9 +67,32 @@ def atomic_write(path: str, mode: str = "wb", fsync: bool = True, **open_kw):
     commit(tmp, path)
 
 
-def atomic_json(path: str, obj) -> None:
-    with atomic_write(path, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
+@contextmanager
+def atomic_write(path: str, mode: str = "wb", fsync: bool = True, **open_kw):
+    """`with atomic_write(p, "w") as f: ...` writes `p.tmp.<pid>` and renames it on success."""
+    with _replacing(path) as tmp, open(tmp, mode, **open_kw) as f:
+        yield f
+        f.flush()
+        if fsync:
+            os.fsync(f.fileno())
+
+
+def atomic_file(path: str, fill: Callable[[str], None], fsync: bool = True) -> None:
+    """For writers that take a path, not a file object (safetensors, matplotlib): `fill(tmp)`
+    writes the temporary file, which is then fsynced and renamed to `path`."""
+    with _replacing(path) as tmp:
+        fill(tmp)
+        if fsync:
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
+def atomic_json(path: str, obj, sort_keys: bool = True) -> None:
+    with atomic_write(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, sort_keys=sort_keys)
         f.write("\n")
 
 

@@ -36,30 +36,51 @@ def sha256_file(path: str, chunk: int = 1 << 20) -> str:
             h.update(b)
 
 
+class VocabError(ValueError):
+    """A vocab.txt that cannot be used; the message starts with the file's path."""
+
+
+def read_vocab(path: str, require_bert_specials: bool = True) -> list[str]:
+    """The tokens of a WordPiece vocab.txt in id order (line i is id i; a CRLF line end is
+    dropped). The one reader of vocab.txt files: data prep encodes with it, pretraining's masking
+    tables and fine-tuning's tokenizer read it, so all three agree on every id."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+        tokens = [w.rstrip("\r") for w in raw.decode("utf-8").split("\n")]
+    except OSError as e:
+        raise VocabError(f"{path}: cannot read ({e.strerror}); check the path and permissions") from e
+    except UnicodeDecodeError as e:
+        raise VocabError(f"{path}: not a UTF-8 text vocab.txt (one token per line); "
+                         "for a sentencepiece model pass a .model file") from e
+    if tokens and tokens[-1] == "":  # the final newline ends the last line, it is not a token
+        tokens.pop()
+    if require_bert_specials:
+        table = vocab_ids(tokens)
+        missing = [t for t in BERT_SPECIALS.values() if t not in table]
+        if missing:
+            raise VocabError(f"{path}: missing special tokens {missing}; a BERT WordPiece vocab.txt needs "
+                             "[PAD] [UNK] [CLS] [SEP] [MASK]")
+    return tokens
+
+
+def vocab_ids(tokens: list[str]) -> dict[str, int]:
+    """token -> id; a token listed twice keeps its first id (the one the corpus was encoded with)."""
+    table: dict[str, int] = {}
+    for i, w in enumerate(tokens):
+        table.setdefault(w, i)
+    return table
+
+
 class WordPieceTokenizer:
     type = "wordpiece"
 
     def __init__(self, vocab_file: str, lower_case: bool = True):
         try:
-            with open(vocab_file, "rb") as f:
-                raw = f.read()
-            words = raw.decode("utf-8").splitlines()
-        except OSError as e:
-            raise DataPrepError(f"--vocab {vocab_file}: cannot read ({e.strerror}); check the path and permissions") from e
-        except UnicodeDecodeError as e:
-            raise DataPrepError(
-                f"--vocab {vocab_file}: not a UTF-8 text vocab.txt (one token per line); "
-                "for a sentencepiece model pass a .model file"
-            ) from e
-        vocab = {}
-        for i, w in enumerate(words):
-            vocab.setdefault(w.rstrip("\r"), i)
-        missing = [t for t in BERT_SPECIALS.values() if t not in vocab]
-        if missing:
-            raise DataPrepError(
-                f"--vocab {vocab_file}: missing special tokens {missing}; a BERT WordPiece vocab.txt needs "
-                "[PAD] [UNK] [CLS] [SEP] [MASK]"
-            )
+            words = read_vocab(vocab_file)
+        except VocabError as e:
+            raise DataPrepError(f"--vocab {e}") from e
+        vocab = vocab_ids(words)
         from tokenizers import BertWordPieceTokenizer
 
         self.vocab_file = vocab_file

@@ -16,22 +16,16 @@ import sys
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
-
-from pretrain.quiet import filter_third_party_warnings  # noqa: E402
-
-filter_third_party_warnings()
-
 from pretrain import checkpoint as ckpt  # noqa: E402
+from pretrain.hf_io import save_hf_dir  # noqa: E402
+from pretrain.model import BertConfig  # noqa: E402
+from pretrain.quiet import filter_third_party_warnings  # noqa: E402
 
 log = logging.getLogger("pretrain.export_hf")
 
 
 def export(checkpoint_path: str, out_dir: str) -> str:
     """Write the HF directory; returns out_dir."""
-    from pretrain.hf_io import save_hf_dir
-    from pretrain.model import BertConfig
-
     run_dir, tag = ckpt.resolve(checkpoint_path)
     state = ckpt.read_state(run_dir, tag)
     config = BertConfig.from_dict(state["model_config"], source=f"{os.path.join(run_dir, tag, ckpt.STATE_FILE)}")
@@ -51,6 +45,10 @@ def main(argv=None) -> int:
     p.add_argument("checkpoint", help="RUN_DIR, RUN_DIR/latest or RUN_DIR/step_N")
     p.add_argument("out_dir", help="output directory (config.json, model.safetensors, vocab.txt)")
     args = p.parse_args(argv)
+    # The command needs no accelerator (it reads the fp32 master weights on the CPU); callers that
+    # import `export` keep whatever accelerator their own process uses.
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    filter_third_party_warnings()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         export(args.checkpoint, args.out_dir)

@@ -12,6 +12,11 @@ import math
 import os
 from typing import Optional
 
+import psutil
+import torch
+
+from data_prep.atomic import atomic_file
+
 log = logging.getLogger(__name__)
 
 # Dense bf16/fp16 tensor-core peaks (no sparsity), TFLOP/s, by substring of the device name.
@@ -69,8 +74,6 @@ def peak_tflops(configured: float = 0.0) -> Optional[float]:
     if configured > 0:
         return configured
     try:
-        import torch
-
         if torch.cuda.is_available():
             name = torch.cuda.get_device_name()
             for key, value in _PEAK_TFLOPS:
@@ -83,13 +86,9 @@ def peak_tflops(configured: float = 0.0) -> Optional[float]:
 
 def memory_gb() -> float:
     """Peak accelerator memory of this process (GPU), or its resident set size (CPU), in GB."""
-    import torch
-
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 1e9
     try:
-        import psutil
-
         return psutil.Process().memory_info().rss / 1e9
     except Exception:  # noqa: BLE001
         return float("nan")
@@ -194,7 +193,7 @@ def plot_losses(metrics_path: str, png_path: str) -> Optional[str]:
     hist = read_history(metrics_path)
     if not hist["train"] and not hist["eval"]:
         return None
-    import matplotlib
+    import matplotlib  # here, not at the top: choosing the backend is a side effect
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -222,8 +221,9 @@ def plot_losses(metrics_path: str, png_path: str) -> Optional[str]:
     ax2.legend()
     ax2.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = png_path + ".tmp.png"
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, png_path)
+    try:
+        # The format is named because the temporary name does not end in .png.
+        atomic_file(png_path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"), fsync=False)
+    finally:
+        plt.close(fig)
     return png_path

@@ -20,8 +20,11 @@ then cannot use the bf16 instructions even where the CPU has them.
 from __future__ import annotations
 
 import os
+import platform
 import time
 from typing import Optional
+
+import torch
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 _CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
@@ -54,8 +57,6 @@ def cpu_model_name(cpuinfo: str = "/proc/cpuinfo") -> str:
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    import platform
-
     return platform.processor() or "this CPU"
 
 
@@ -79,14 +80,10 @@ def device_type(env=None) -> str:
     env = os.environ if env is None else env
     if env.get("DS_ACCELERATOR", "").lower() == "cpu":
         return "cpu"
-    import torch
-
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def cuda_capability() -> tuple:
-    import torch
-
     return torch.cuda.get_device_capability()
 
 
@@ -136,8 +133,6 @@ def apply_precision(ds: dict, precision: str) -> dict:
 
 def bf16_slowdown(size: int = 256, repeats: int = 3) -> float:
     """bf16 / fp32 time of one size^3 matmul on this CPU, measured now (best of `repeats`)."""
-    import torch
-
     a = torch.randn(size, size)
     times = {}
     for dtype in (torch.float32, torch.bfloat16):

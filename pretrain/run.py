@@ -3,7 +3,7 @@
     deepspeed pretrain/run.py --ds_config configs/zero2.json --model_config configs/bert-large.json \
         --data DATA_DIR --seq_length 128 --train_steps N --save_dir RUN_DIR
 
-Also runs under torchrun, srun and mpirun (pretrain/parallel.py reads each launcher's variables).
+Also runs under torchrun, srun and mpirun (pretrain/launch.py reads each launcher's variables).
 Re-running the same command resumes from RUN_DIR/latest. Flags: `--help` or docs/pretrain.md.
 """
 import logging

@@ -1,8 +1,12 @@
 """The pretraining loop: build model, engine and data from a validated config, then train.
 
-Order of construction (torchtitan's): process groups -> megatron-core TP groups -> dense model
-initialised from the seed on every rank -> TP shards cut from it (so tp=1 and tp=N start from the
-same full weights) -> DeepSpeed engine (ZeRO, precision, optimizer, schedule) -> resume.
+Order of construction (torchtitan's), one function per step, called in this order by
+`Trainer.__init__`: `start_processes` (process groups, megatron-core TP groups) -> `plan_resume`
+(which checkpoint, converted to the universal format if dp changed) -> `build_model` (dense model
+initialised from the seed on every rank, then TP shards cut from it, so tp=1 and tp=N start from the
+same full weights) -> `build_engine` (DeepSpeed: ZeRO, precision, optimizer, schedule) -> `restore`
+(the plan's checkpoint, giving the `Progress`) -> `build_data` (the loader starts after the
+consumed samples, so it must follow `restore`).
 
 The loss is token-weighted over the whole global batch: the MLM loss of a step is the mean over
 every masked token of the global batch, whichever rank and micro-batch holds it. DeepSpeed
@@ -22,14 +26,28 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass, field
 from typing import Optional
 
+import deepspeed
+import megatron.core
+import numpy as np
 import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
 
 from pretrain import checkpoint as ckpt
+from pretrain import optim
 from pretrain.config import ConfigError, Resolved
-from pretrain.optim import build_scheduler
+from pretrain.data import PretrainingDataset, PretrainingSampler, build_dataloader
+from pretrain.hf_io import load_hf_dir, load_into
+from pretrain.launch import init_distributed
 from pretrain.metrics import MetricsWriter, bert_flops_per_sequence, memory_gb, peak_tflops, plot_losses
+from pretrain.model import BertConfig, BertForPreTraining, count_parameters
+from pretrain.optim import build_scheduler
+from pretrain.tensor_parallel import (MegatronLayerFactory, MegatronMPU, initialize_model_parallel,
+                                      mark_tensor_parallel_params, shard_state_dict, tp_partition_dims)
+from pretrain.vocab import resize_vocab
 
 log = logging.getLogger(__name__)
 
@@ -78,16 +96,8 @@ def _git_sha() -> str:
 
 
 def _versions() -> dict:
-    import deepspeed
-
-    out = {"python": sys.version.split()[0], "torch": torch.__version__, "deepspeed": deepspeed.__version__}
-    try:
-        import megatron.core
-
-        out["megatron-core"] = getattr(megatron.core, "__version__", "?")
-    except ImportError:
-        pass
-    return out
+    return {"python": sys.version.split()[0], "torch": torch.__version__, "deepspeed": deepspeed.__version__,
+            "megatron-core": getattr(megatron.core, "__version__", "?")}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -96,8 +106,6 @@ def _versions() -> dict:
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """pretrain.optim's groups (no decay on biases and LayerNorm), without the bookkeeping names."""
-    from pretrain import optim
-
     groups = optim.param_groups(model, weight_decay)
     for g in groups:
         g.pop("names", None)
@@ -107,8 +115,6 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 def _client_optimizer(kind: str, model: torch.nn.Module, params: dict, tp_group):
     """pretrain.optim's LAMB / AdamW (used where DeepSpeed has no implementation on the device).
     Built after the model is placed: the implementation (fused kernels on GPU) follows the device."""
-    from pretrain import optim
-
     if kind == "lamb":
         kwargs = optim.lamb_kwargs_from_ds_params(params, flag="--ds_config optimizer.params")
         return optim.build_optimizer(model, "lamb", **kwargs, tp_group=tp_group, flag="--ds_config optimizer.type")
@@ -175,8 +181,6 @@ def build_model(res: Resolved, tp_rank: int, tp: int):
 
     The vocabulary is padded to `res.padded_vocab_size` rows (pretrain/vocab.py); the real rows
     get the numbers an unpadded model built after the same seed gets."""
-    from pretrain.model import BertConfig, BertForPreTraining
-
     config = BertConfig.from_dict(res.model_config, source=f"--model_config {res.cfg.model_config}")
     torch.manual_seed(res.cfg.seed)
     dense = BertForPreTraining(config, padded_vocab_size=res.padded_vocab_size)
@@ -184,9 +188,6 @@ def build_model(res: Resolved, tp_rank: int, tp: int):
     layers = None
     model = dense
     if tp > 1:
-        from pretrain.parallel import MegatronLayerFactory, mark_tensor_parallel_params, shard_state_dict, tp_partition_dims
-        from pretrain.hf_io import load_into
-
         layers = MegatronLayerFactory(init_std=config.initializer_range, seed=res.cfg.seed, device="cpu")
         model = BertForPreTraining(config, layers, padded_vocab_size=res.padded_vocab_size)
         # Without the tags DeepSpeed counts cls.predictions.bias (a vocab shard) on TP rank 0 only.
@@ -204,10 +205,6 @@ def load_init_weights(path: str, config, model, tp_rank: int, tp: int) -> None:
 
     Both sources give the real vocabulary (a checkpoint's padding, maybe for another tp, is cut
     off by ckpt.full_weights); it is padded again to this model's rows."""
-    from pretrain.hf_io import load_hf_dir, load_into
-    from pretrain.parallel import shard_state_dict, tp_partition_dims
-    from pretrain.vocab import resize_vocab
-
     if os.path.isfile(os.path.join(path, "config.json")) and not os.path.isfile(os.path.join(path, ckpt.STATE_FILE)):
         _, full = load_hf_dir(path)
     else:
@@ -226,117 +223,217 @@ def load_init_weights(path: str, config, model, tp_rank: int, tp: int) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
+# Start-up steps, in the order Trainer.__init__ runs them
+
+
+@dataclass(frozen=True)
+class Processes:
+    """This process's place in the job, once the process groups exist."""
+
+    rank: int
+    local_rank: int
+    world_size: int
+    tp_rank: int
+    dp_rank: int
+    tp_group: object
+    dp_group: object
+    host_group: object  # gloo, beside NCCL, for host-side agreement (preemption); None on gloo
+
+
+def start_processes(res: Resolved) -> Processes:
+    """Process groups (default + megatron-core TP/DP), rank-aware logging, and the checks that
+    need every rank: the launched world size and what each rank resolved on its own."""
+    launch = init_distributed()
+    setup_logging(launch.rank)
+    initialize_model_parallel(res.cfg.tp)
+    if dist.get_world_size() != res.world_size:
+        raise ConfigError(f"validated for world size {res.world_size} but {dist.get_world_size()} processes started")
+    host_group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else None
+    _check_same_on_every_rank({"precision": res.precision, "padded_vocab_size": res.padded_vocab_size,
+                               "device": res.device})
+    return Processes(
+        rank=launch.rank, local_rank=launch.local_rank, world_size=dist.get_world_size(),
+        tp_rank=parallel_state.get_tensor_model_parallel_rank(), dp_rank=parallel_state.get_data_parallel_rank(),
+        tp_group=parallel_state.get_tensor_model_parallel_group(), dp_group=parallel_state.get_data_parallel_group(),
+        host_group=host_group,
+    )
+
+
+def log_run_header(res: Resolved) -> None:
+    cfg = res.cfg
+    log.info("config: %s", json.dumps(res.to_dict()["cfg"], sort_keys=True))
+    log.info("deepspeed config: %s", json.dumps(res.ds_config, sort_keys=True))
+    log.info(
+        "world %d = dp %d x tp %d | ZeRO-%d | %s | batch: micro %d x accumulation %d x dp %d = %d | %s | git %s",
+        res.world_size, res.dp, cfg.tp, res.zero_stage, res.precision, res.micro_batch_size, res.grad_accum,
+        res.dp, res.global_batch_size, _versions(), _git_sha(),
+    )
+    if res.precision_warning:
+        log.warning("precision: %s", res.precision_warning)
+    if res.resume_warning:
+        log.warning("resume: %s", res.resume_warning)
+
+
+@dataclass(frozen=True)
+class ResumePlan:
+    """Where the run continues from, decided before the engine exists (a checkpoint from another
+    dp size needs another load path, set in the engine's config)."""
+
+    tag: Optional[str] = None  # the checkpoint in --save_dir to continue from; None: a fresh start
+    load_tag: Optional[str] = None  # what the engine loads: `tag`, or its universal conversion
+    same_world: bool = False  # same world size: every rank's RNG streams continue exactly
+
+    @property
+    def universal(self) -> bool:
+        return self.load_tag is not None and self.load_tag != self.tag
+
+
+def plan_resume(res: Resolved) -> ResumePlan:
+    """Rank 0 reads `latest`; every rank gets its answer (a collective: call on every rank)."""
+    save_dir = res.cfg.save_dir
+    tag = _broadcast_object(ckpt.latest_tag(save_dir) if dist.get_rank() == 0 else None)
+    if tag is None:
+        return ResumePlan()
+    state = ckpt.read_state(save_dir, tag)
+    load_tag = tag if state["dp"] == res.dp else _convert_to_universal(save_dir, tag, state["dp"], res.dp)
+    return ResumePlan(tag=tag, load_tag=load_tag, same_world=state["world_size"] == res.world_size)
+
+
+def _convert_to_universal(save_dir: str, tag: str, old_dp: int, new_dp: int) -> str:
+    """A checkpoint from another dp size: DeepSpeed's universal format re-partitions ZeRO
+    optimizer state; convert once (rank 0) and return the converted tag."""
+    src = os.path.join(save_dir, tag)
+    uni_tag = tag + "_universal"
+    dst = os.path.join(save_dir, uni_tag)
+    if dist.get_rank() == 0 and not os.path.isfile(os.path.join(dst, ".complete")):
+        log.info("checkpoint %s was written at dp=%d, now dp=%d: converting it to DeepSpeed's universal format",
+                 src, old_dp, new_dp)
+        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", src,
+               "--output_folder", dst, "--num_extract_workers", "1", "--num_merge_workers", "1"]
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError(f"ds_to_universal failed on {src}:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
+        open(os.path.join(dst, ".complete"), "w").close()
+    dist.barrier()
+    return uni_tag
+
+
+def build_engine(res: Resolved, model: torch.nn.Module, plan: ResumePlan, procs: Processes):
+    """Optimizer, schedule and the DeepSpeed engine around the placed model. The optimizer's
+    implementation depends on where the parameters are (fused kernels on GPU), so the model is
+    placed first. `res.ds_config` is not changed: the engine gets an edited copy."""
+    cfg = res.cfg
+    ds_config = json.loads(json.dumps(res.ds_config))
+    # LAMB is always ours: DeepSpeed's has no CPU kernel, and under ZeRO its FusedLamb takes one
+    # trust ratio per flat partition instead of per tensor (pretrain.optim.Lamb recovers them).
+    optimizer = None
+    if cfg.optimizer == "client" or res.optimizer_type == "lamb":
+        optimizer = _client_optimizer(res.optimizer_type, model, res.optimizer_params,
+                                      procs.tp_group if cfg.tp > 1 else None)
+        ds_config.pop("optimizer", None)
+    else:
+        device_type = next(model.parameters()).device.type
+        ds_config["optimizer"]["params"] = deepspeed_optimizer_params(res.optimizer_params, device_type)
+    if plan.universal:
+        ds_config.setdefault("checkpoint", {})["load_universal"] = True
+    warmup = cfg.warmup_steps if cfg.warmup_steps >= 0 else int(round(cfg.warmup_proportion * cfg.train_steps))
+    power = 1.0 if cfg.decay == "linear" else cfg.decay_power
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        model_parameters=param_groups(model, float(res.optimizer_params.get("weight_decay", 0.0))) if optimizer is None else None,
+        optimizer=optimizer,
+        lr_scheduler=lambda opt: build_scheduler(opt, warmup, cfg.train_steps, power=power),
+        config=ds_config,
+        mpu=MegatronMPU(),
+    )
+    if hasattr(optimizer, "attach_zero_partitions"):
+        optimizer.attach_zero_partitions(engine.optimizer)  # per-tensor trust ratios under ZeRO 1/2
+    log.info("optimizer: %s", describe_optimizer(engine.optimizer))
+    return engine
+
+
+@dataclass
+class Progress:
+    """What the loop has done so far; saved in every checkpoint's trainer_state.json."""
+
+    step: int = 0
+    consumed: int = 0  # samples of the training order consumed (the loader starts after them)
+    skipped_total: int = 0
+
+
+def restore(engine, layers, plan: ResumePlan, res: Resolved, dp_rank: int) -> Progress:
+    """Load the plan's checkpoint into the engine; the progress it records."""
+    cfg = res.cfg
+    state, extra = ckpt.load(engine, cfg.save_dir, plan.load_tag, same_world=plan.same_world, rng_tag=plan.tag)
+    if extra.get("tp_rng") is not None and hasattr(getattr(layers, "rng", None), "load_state_dict"):
+        layers.rng.load_state_dict(extra["tp_rng"])
+    # The schedule is rebuilt from this run's flags (phase lengths may have been extended):
+    # the lr of the next step follows from it, not from the lr stored in the optimizer state.
+    sched = engine.lr_scheduler
+    for group, base, fn in zip(engine.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
+        group["lr"] = base * fn(sched.last_epoch)
+    progress = Progress(step=state["step"], consumed=state["consumed_samples"],
+                        skipped_total=state.get("skipped_total", 0))
+    if state["global_batch_size"] != res.global_batch_size:
+        log.warning(
+            "resuming with global batch %d, the checkpoint used %d: the sample order continues from "
+            "sample %d, but step boundaries differ from the original run", res.global_batch_size,
+            state["global_batch_size"], progress.consumed,
+        )
+    if not plan.same_world:
+        # RNG streams are per rank; with another rank layout they cannot continue, so each
+        # rank gets a fresh stream derived from (seed, step, dp rank). Not the global rank: the
+        # ranks of one TP group must draw the same replicated-region dropout masks (hidden
+        # states, embeddings), or their copies of LayerNorm/bias/embedding weights drift apart.
+        torch.manual_seed(cfg.seed * 1000003 + progress.step * 1009 + dp_rank)
+    log.info("resumed from %s: step %d, %d samples consumed", os.path.join(cfg.save_dir, plan.load_tag),
+             progress.step, progress.consumed)
+    return progress
+
+
+def build_data(res: Resolved, consumed: int, dp_rank: int, device: torch.device):
+    """Training and held-out datasets, and the training loader starting after `consumed` samples
+    (so it is built after the resume point is known)."""
+    cfg = res.cfg
+    train_ds = PretrainingDataset(cfg.data, cfg.seq_length, "train", masking=cfg.masking(), seed=cfg.seed)
+    valid_ds = PretrainingDataset(cfg.data, cfg.seq_length, "valid", masking=cfg.masking(), seed=cfg.seed)
+    workers = loader_workers(cfg.num_workers, device.type)
+    loader = build_dataloader(
+        train_ds, res.micro_batch_size, dp_rank=dp_rank, dp_size=res.dp,
+        consumed_samples=consumed, num_workers=workers, pin_memory=device.type == "cuda",
+    )
+    log.info("data: %d loader worker(s) per rank%s", workers, ", pinned memory" if device.type == "cuda" else "")
+    return train_ds, valid_ds, loader
+
+
+# ----------------------------------------------------------------------------------------------
 # The trainer
 
 
 class Trainer:
     def __init__(self, res: Resolved):
-        import deepspeed
-        import torch.distributed as dist
-        from megatron.core import parallel_state
-
-        from pretrain.data import PretrainingDataset, build_dataloader
-        from pretrain.parallel import MegatronMPU, init_distributed, initialize_model_parallel
-
         self.res = res
         cfg = self.cfg = res.cfg
-        launch = init_distributed()
-        self.rank = launch.rank
-        setup_logging(self.rank)
-        initialize_model_parallel(cfg.tp)
-        self.tp_rank = parallel_state.get_tensor_model_parallel_rank()
-        self.dp_rank = parallel_state.get_data_parallel_rank()
-        self.dp_group = parallel_state.get_data_parallel_group()
-        self.tp_group = parallel_state.get_tensor_model_parallel_group()
-        self.dist = dist
-        if dist.get_world_size() != res.world_size:
-            raise ConfigError(f"validated for world size {res.world_size} but {dist.get_world_size()} processes started")
-        # Host-side agreement (preemption) without touching the GPU stream: a gloo group beside NCCL.
-        self.host_group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else None
-        _check_same_on_every_rank(dist, {"precision": res.precision, "padded_vocab_size": res.padded_vocab_size,
-                                         "device": res.device})
+        procs = self.procs = start_processes(res)
+        self.rank, self.tp_rank, self.dp_rank = procs.rank, procs.tp_rank, procs.dp_rank
         os.makedirs(cfg.save_dir, exist_ok=True)
+        if self.rank == 0:
+            log_run_header(res)
+        plan = plan_resume(res)
 
-        log.info("config: %s", json.dumps(res.to_dict()["cfg"], sort_keys=True))
-        log.info("deepspeed config: %s", json.dumps(res.ds_config, sort_keys=True))
-        log.info(
-            "world %d = dp %d x tp %d | ZeRO-%d | %s | batch: micro %d x accumulation %d x dp %d = %d | %s | git %s",
-            res.world_size, res.dp, cfg.tp, res.zero_stage, res.precision, res.micro_batch_size, res.grad_accum,
-            res.dp, res.global_batch_size, _versions(), _git_sha(),
-        )
-        if res.precision_warning and self.rank == 0:
-            log.warning("precision: %s", res.precision_warning)
-        if res.resume_warning and self.rank == 0:
-            log.warning("resume: %s", res.resume_warning)
-
-        # --- resume decision before the engine exists (dp change needs another load path)
-        self.resume_tag = ckpt.latest_tag(cfg.save_dir) if dist.get_rank() == 0 else None
-        self.resume_tag = _broadcast_object(self.resume_tag)
-        self.resume_state = ckpt.read_state(cfg.save_dir, self.resume_tag) if self.resume_tag else None
-
-        # --- model
         self.model_config, model, self.layers = build_model(res, self.tp_rank, cfg.tp)
-        from pretrain.model import count_parameters
-
-        n_params = count_parameters(model)
-        log.info("model: %s parameters on this rank (tp shard), %s", f"{n_params:,}", json.dumps(self.model_config.to_dict()))
-        if cfg.init_from and self.resume_state is None:
+        log.info("model: %s parameters on this rank (tp shard), %s", f"{count_parameters(model):,}",
+                 json.dumps(self.model_config.to_dict()))
+        if cfg.init_from and plan.tag is None:
             load_init_weights(cfg.init_from, self.model_config, model, self.tp_rank, cfg.tp)
             log.info("initialised weights from %s (optimizer and schedule start fresh)", cfg.init_from)
-
-        # --- placement, then optimizer (its implementation depends on where the parameters are:
-        # fused kernels on GPU), schedule, engine
-        device = torch.device("cuda", launch.local_rank) if res.device == "cuda" else torch.device("cpu")
-        model.to(device)
-        ds_config = json.loads(json.dumps(res.ds_config))
-        groups = param_groups(model, float(res.optimizer_params.get("weight_decay", 0.0)))
-        # LAMB is always ours: DeepSpeed's has no CPU kernel, and under ZeRO its FusedLamb takes one
-        # trust ratio per flat partition instead of per tensor (pretrain.optim.Lamb recovers them).
-        use_client = cfg.optimizer == "client" or res.optimizer_type == "lamb"
-        optimizer = None
-        if use_client:
-            optimizer = _client_optimizer(res.optimizer_type, model, res.optimizer_params, self.tp_group if cfg.tp > 1 else None)
-            ds_config.pop("optimizer", None)
-        else:
-            ds_config["optimizer"]["params"] = deepspeed_optimizer_params(res.optimizer_params, device.type)
-        warmup = cfg.warmup_steps if cfg.warmup_steps >= 0 else int(round(cfg.warmup_proportion * cfg.train_steps))
-        power = 1.0 if cfg.decay == "linear" else cfg.decay_power
-        schedule = lambda opt: build_scheduler(opt, warmup, cfg.train_steps, power=power)  # noqa: E731
-        self.same_world = self.resume_state is not None and self.resume_state["world_size"] == res.world_size
-        if self.resume_state is not None and self.resume_state["dp"] != res.dp:
-            self._prepare_universal(ds_config)
-
-        self.engine, _, _, _ = deepspeed.initialize(
-            model=model,
-            model_parameters=groups if optimizer is None else None,
-            optimizer=optimizer,
-            lr_scheduler=schedule,
-            config=ds_config,
-            mpu=MegatronMPU(),
-        )
+        model.to(torch.device("cuda", procs.local_rank) if res.device == "cuda" else torch.device("cpu"))
+        self.engine = build_engine(res, model, plan, procs)
         self.device = self.engine.device
-        if hasattr(optimizer, "attach_zero_partitions"):
-            optimizer.attach_zero_partitions(self.engine.optimizer)  # per-tensor trust ratios under ZeRO 1/2
-        log.info("optimizer: %s", describe_optimizer(self.engine.optimizer))
 
-        # --- resume
-        self.step = 0
-        self.consumed = 0
-        self.skipped_total = 0
-        if self.resume_tag:
-            self._resume()
-
-        # --- data
-        self.train_ds = PretrainingDataset(cfg.data, cfg.seq_length, "train", masking=cfg.masking(), seed=cfg.seed)
-        self.valid_ds = PretrainingDataset(cfg.data, cfg.seq_length, "valid", masking=cfg.masking(), seed=cfg.seed)
-        workers = loader_workers(cfg.num_workers, self.device.type)
-        self.loader = build_dataloader(
-            self.train_ds, res.micro_batch_size, dp_rank=self.dp_rank, dp_size=res.dp,
-            consumed_samples=self.consumed, num_workers=workers, pin_memory=self.device.type == "cuda",
-        )
-        log.info("data: %d loader worker(s) per rank%s", workers, ", pinned memory" if self.device.type == "cuda" else "")
-        tok = res.manifest.get("tokenizer", {})
-        self.vocab_file = os.path.join(cfg.data, tok.get("file", "vocab.txt"))
+        self.progress = restore(self.engine, self.layers, plan, res, self.dp_rank) if plan.tag else Progress()
+        self.train_ds, self.valid_ds, self.loader = build_data(res, self.progress.consumed, self.dp_rank, self.device)
+        self.vocab_file = res.manifest.tokenizer.path(cfg.data)
         self.metrics = MetricsWriter(cfg.save_dir, enabled=self.rank == 0, tensorboard=cfg.tensorboard)
         self.inject = {int(s) for s in cfg.inject_nonfinite_steps.split(",") if s.strip()}
         self.unigram_id = self._most_frequent_label()
@@ -344,58 +441,12 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------
 
-    def _prepare_universal(self, ds_config: dict) -> None:
-        """A checkpoint from another dp size: DeepSpeed's universal format re-partitions ZeRO
-        optimizer state; convert once (rank 0) and tell the engine to load it."""
-        src = os.path.join(self.cfg.save_dir, self.resume_tag)
-        uni_tag = self.resume_tag + "_universal"
-        dst = os.path.join(self.cfg.save_dir, uni_tag)
-        if self.dist.get_rank() == 0 and not os.path.isfile(os.path.join(dst, ".complete")):
-            log.info("checkpoint %s was written at dp=%d, now dp=%d: converting it to DeepSpeed's universal format",
-                     src, self.resume_state["dp"], self.res.dp)
-            cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", src,
-                   "--output_folder", dst, "--num_extract_workers", "1", "--num_merge_workers", "1"]
-            r = subprocess.run(cmd, capture_output=True, text=True)
-            if r.returncode != 0:
-                raise RuntimeError(f"ds_to_universal failed on {src}:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
-            open(os.path.join(dst, ".complete"), "w").close()
-        self.dist.barrier()
-        ds_config.setdefault("checkpoint", {})["load_universal"] = True
-        self.load_tag = uni_tag
-
-    def _resume(self) -> None:
-        tag = getattr(self, "load_tag", self.resume_tag)
-        state, extra = ckpt.load(self.engine, self.cfg.save_dir, tag, same_world=self.same_world, rng_tag=self.resume_tag)
-        if extra.get("tp_rng") is not None and hasattr(getattr(self.layers, "rng", None), "load_state_dict"):
-            self.layers.rng.load_state_dict(extra["tp_rng"])
-        # The schedule is rebuilt from this run's flags (phase lengths may have been extended):
-        # the lr of the next step follows from it, not from the lr stored in the optimizer state.
-        sched = self.engine.lr_scheduler
-        for group, base, fn in zip(self.engine.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
-            group["lr"] = base * fn(sched.last_epoch)
-        self.step = state["step"]
-        self.consumed = state["consumed_samples"]
-        self.skipped_total = state.get("skipped_total", 0)
-        if state["global_batch_size"] != self.res.global_batch_size:
-            log.warning(
-                "resuming with global batch %d, the checkpoint used %d: the sample order continues from "
-                "sample %d, but step boundaries differ from the original run", self.res.global_batch_size,
-                state["global_batch_size"], self.consumed,
-            )
-        if not self.same_world:
-            # RNG streams are per rank; with another rank layout they cannot continue, so each
-            # rank gets a fresh stream derived from (seed, step, dp rank). Not the global rank: the
-            # ranks of one TP group must draw the same replicated-region dropout masks (hidden
-            # states, embeddings), or their copies of LayerNorm/bias/embedding weights drift apart.
-            torch.manual_seed(self.cfg.seed * 1000003 + self.step * 1009 + self.dp_rank)
-        log.info("resumed from %s: step %d, %d samples consumed", os.path.join(self.cfg.save_dir, tag), self.step, self.consumed)
-
     def _state(self) -> dict:
         res = self.res
         return {
-            "step": self.step,
-            "consumed_samples": self.consumed,
-            "skipped_total": self.skipped_total,
+            "step": self.progress.step,
+            "consumed_samples": self.progress.consumed,
+            "skipped_total": self.progress.skipped_total,
             "global_batch_size": res.global_batch_size,
             "world_size": res.world_size,
             "dp": res.dp,
@@ -413,7 +464,8 @@ class Trainer:
         # The TP dropout stream is per TP rank: it travels with the rank's RNG states.
         rng = getattr(self.layers, "rng", None)
         extra = {"tp_rng": rng.state_dict()} if hasattr(rng, "state_dict") else None
-        ckpt.save(self.engine, self.cfg.save_dir, self.step, self._state(), self.cfg.keep_last, self.vocab_file, extra)
+        ckpt.save(self.engine, self.cfg.save_dir, self.progress.step, self._state(), self.cfg.keep_last,
+                  self.vocab_file, extra)
 
     # ------------------------------------------------------------------------------------------
 
@@ -430,7 +482,7 @@ class Trainer:
 
     def _all_reduce(self, values: list[float], group) -> list[float]:
         t = torch.tensor(values, dtype=torch.float64, device=self.device)
-        self.dist.all_reduce(t, group=group)
+        dist.all_reduce(t, group=group)
         return t.tolist()
 
     def train_step(self, micro_batches: list[dict]) -> dict:
@@ -445,7 +497,7 @@ class Trainer:
         # torch.full, not torch.tensor([...], device=...): the latter copies from pageable host memory
         # and waits for the stream; a fill kernel does not.
         n_global = torch.full((1,), float(n_local), dtype=torch.float64, device=self.device)
-        self.dist.all_reduce(n_global, group=self.dp_group)
+        dist.all_reduce(n_global, group=self.procs.dp_group)
         scale = (res.dp * res.grad_accum / n_global.clamp(min=1.0)).float()
         tokens = sum(int(mb["attention_mask"].sum()) for mb in micro_batches)  # non-pad, host tensors
         # mlm loss sum, nsp loss sum, non-pad tokens: one all-reduce at the end of the step
@@ -462,13 +514,13 @@ class Trainer:
             n_mb = mb["masked_positions"].numel()
             mlm = out.mlm_loss.float() * n_mb
             nsp = out.nsp_loss.float()
-            if self.step + 1 in self.inject:
+            if self.progress.step + 1 in self.inject:
                 mlm, nsp = mlm * float("nan"), nsp * float("nan")
             loss = mlm * scale[0] + nsp
             self.engine.backward(loss)
             self.engine.step()
             sums[:2] += torch.stack([mlm.detach(), nsp.detach()]).double()
-        self.dist.all_reduce(sums, group=self.dp_group)
+        dist.all_reduce(sums, group=self.procs.dp_group)
         mlm_loss = sums[0] / n_global[0].clamp(min=1.0)
         nsp_loss = sums[1] / (res.grad_accum * res.dp)
         return {
@@ -479,16 +531,12 @@ class Trainer:
     def _most_frequent_label(self, n: int = 4096) -> int:
         """The most frequent masked token of the first `n` training samples: the unigram baseline
         that held-out MLM accuracy is compared against (identical on every rank)."""
-        import numpy as np
-
         labels = self.train_ds.get_batch(np.arange(n))["labels"]
         return int(np.bincount(labels[labels != -100]).argmax())
 
     @torch.no_grad()
     def evaluate(self) -> dict:
         """Held-out MLM/NSP accuracy and losses over the same `eval_samples` every time."""
-        from pretrain.data import PretrainingSampler, collate_pretraining
-
         res = self.res
         per_block = res.micro_batch_size * res.dp
         total = max(per_block, (self.cfg.eval_samples // per_block) * per_block)
@@ -505,7 +553,7 @@ class Trainer:
             logits = out.prediction_logits.float()
             if self.cfg.tp > 1:
                 parts = [torch.empty_like(logits) for _ in range(self.cfg.tp)]
-                self.dist.all_gather(parts, logits.contiguous(), group=self.tp_group)
+                dist.all_gather(parts, logits.contiguous(), group=self.procs.tp_group)
                 logits = torch.cat(parts, dim=-1)
             n = out.mlm_labels.numel()
             sums[0] += float((logits.argmax(-1) == out.mlm_labels).sum())
@@ -517,7 +565,7 @@ class Trainer:
             sums[5] += float(out.nsp_loss.float()) * mb["next_sentence_label"].numel()
             sums[6] += float((out.mlm_labels == self.unigram_id).sum())
         self.engine.train()
-        s = self._all_reduce(sums, self.dp_group)
+        s = self._all_reduce(sums, self.procs.dp_group)
         return {
             "mlm_acc": s[0] / max(s[1], 1), "nsp_acc": s[3] / max(s[4], 1),
             "mlm_loss": s[2] / max(s[1], 1), "nsp_loss": s[5] / max(s[4], 1),
@@ -529,75 +577,80 @@ class Trainer:
     # ------------------------------------------------------------------------------------------
 
     def run(self) -> dict:
-        cfg, res = self.cfg, self.res
-        history = []  # per-step metrics of this process (tests compare them across runs)
-        if self.step >= cfg.train_steps:
-            log.info("step %d >= --train_steps %d: nothing to train", self.step, cfg.train_steps)
+        """Train to --train_steps (or --exit_at_step, or a preemption signal), then save, evaluate
+        and draw the loss curves. Returns this process's per-step history and the last eval."""
+        cfg, res, progress = self.cfg, self.res, self.progress
+        if progress.step >= cfg.train_steps:
+            log.info("step %d >= --train_steps %d: nothing to train", progress.step, cfg.train_steps)
+        stop_at = min(cfg.train_steps, cfg.exit_at_step) if cfg.exit_at_step > 0 else cfg.train_steps
         it = iter(self.loader)
         _install_preemption_handler()
-        consecutive = 0
-        pending = []  # this interval's per-step metrics, still on the device
-        window = _new_window()
-        flops_cfg = (self.model_config.hidden_size, self.model_config.num_hidden_layers,
-                     self.model_config.intermediate_size, res.padded_vocab_size, cfg.seq_length)  # the rows the decoder runs
-        last_eval = None
-        stop_at = min(cfg.train_steps, cfg.exit_at_step) if cfg.exit_at_step > 0 else cfg.train_steps
-        while self.step < stop_at:
+        loop = _LoopState()
+        while progress.step < stop_at:
             t0 = time.perf_counter()
             micro = [next(it) for _ in range(res.grad_accum)]
             t1 = time.perf_counter()
             m = self.train_step(micro)
-            self.step += 1
-            self.consumed += res.global_batch_size
-            pending.append(m)
-            consecutive = self._count_skipped(m, consecutive)
-            # The host waits for the device only here, once per log interval (and before an eval,
-            # a save or the end), not per micro-batch: the last step of an interval absorbs the
-            # device's backlog, so the interval's time is right.
-            boundary = self.step % cfg.log_interval == 0 or self.step == stop_at
-            sync = boundary or (cfg.eval_interval and self.step % cfg.eval_interval == 0) or self.step % cfg.save_interval == 0
-            if sync:
-                history.extend(self._materialise(pending))
-                pending = []
-            t2 = time.perf_counter()
-
-            window["time"] += t2 - t0
-            window["wait"] += t1 - t0
-            window["tokens"] += m["tokens"]
-            window["masked"] += m["masked"]
-            window["steps"] += 1
-            if self.step % cfg.log_interval == 0 or self.step == cfg.train_steps:
-                self._log_window(window, history[-1], flops_cfg)
-                window = _new_window()
-
-            if cfg.eval_interval and self.step % cfg.eval_interval == 0 and self.step != cfg.train_steps:
-                last_eval = self.evaluate()
-                self.metrics.eval(self.step, last_eval)
-            if self.step % cfg.save_interval == 0 and self.step != stop_at:
-                if consecutive:
-                    # Inside a run of skipped steps: keep `latest` at the last healthy step.
-                    log.warning("step %d: checkpoint postponed, the last %d step(s) were skipped", self.step, consecutive)
-                else:
-                    self.save()
+            progress.step += 1
+            progress.consumed += res.global_batch_size
+            loop.pending.append(m)
+            loop.consecutive_skipped = self._count_skipped(m, loop.consecutive_skipped)
+            self._after_step(loop, m, stop_at, t0, t1)
             if self._preempted():
                 log.warning("step %d: preemption signal (SIGUSR1) received: saving a checkpoint and exiting; "
-                            "re-run the same command (a SLURM job requeues itself) to continue", self.step)
+                            "re-run the same command (a SLURM job requeues itself) to continue", progress.step)
                 break
+        self._finish(loop)
+        return {"history": loop.history, "eval": loop.last_eval, "step": progress.step,
+                "consumed_samples": progress.consumed}
 
+    def _after_step(self, loop: "_LoopState", m: dict, stop_at: int, t0: float, t1: float) -> None:
+        """Per-step bookkeeping: metrics at interval boundaries, the log line, eval and saving."""
+        cfg, step = self.cfg, self.progress.step
+        # The host waits for the device only here, once per log interval (and before an eval,
+        # a save or the end), not per micro-batch: the last step of an interval absorbs the
+        # device's backlog, so the interval's time is right.
+        boundary = step % cfg.log_interval == 0 or step == stop_at
+        if boundary or (cfg.eval_interval and step % cfg.eval_interval == 0) or step % cfg.save_interval == 0:
+            loop.history.extend(self._materialise(loop.pending))
+            loop.pending = []
+        w = loop.window
+        w["time"] += time.perf_counter() - t0
+        w["wait"] += t1 - t0
+        w["tokens"] += m["tokens"]
+        w["masked"] += m["masked"]
+        w["steps"] += 1
+        if step % cfg.log_interval == 0 or step == cfg.train_steps:
+            self._log_window(w, loop.history[-1])
+            loop.window = _new_window()
+        if cfg.eval_interval and step % cfg.eval_interval == 0 and step != cfg.train_steps:
+            loop.last_eval = self.evaluate()
+            self.metrics.eval(step, loop.last_eval)
+        if step % cfg.save_interval == 0 and step != stop_at:
+            if loop.consecutive_skipped:
+                # Inside a run of skipped steps: keep `latest` at the last healthy step.
+                log.warning("step %d: checkpoint postponed, the last %d step(s) were skipped", step,
+                            loop.consecutive_skipped)
+            else:
+                self.save()
+
+    def _finish(self, loop: "_LoopState") -> None:
+        """The final checkpoint (and eval at --train_steps) unless the last step is saved already."""
+        cfg, step = self.cfg, self.progress.step
         final_tag = _broadcast_object(ckpt.latest_tag(cfg.save_dir) if self.rank == 0 else None)
-        if final_tag != ckpt.tag_for(self.step):
-            if self.step == cfg.train_steps:
-                last_eval = self.evaluate()
-                self.metrics.eval(self.step, last_eval)
+        if final_tag != ckpt.tag_for(step):
+            if step == cfg.train_steps:
+                loop.last_eval = self.evaluate()
+                self.metrics.eval(step, loop.last_eval)
             self.save()
-        if self.step < cfg.train_steps:
-            log.info("exiting at step %d (--exit_at_step or a preemption signal); re-run the same command to continue to step %d", self.step, cfg.train_steps)
+        if step < cfg.train_steps:
+            log.info("exiting at step %d (--exit_at_step or a preemption signal); re-run the same command to "
+                     "continue to step %d", step, cfg.train_steps)
         if self.rank == 0:
             png = plot_losses(self.metrics.path, os.path.join(cfg.save_dir, "loss_curves.png"))
             if png:
                 log.info("loss curves: %s", png)
         self.metrics.close()
-        return {"history": history, "eval": last_eval, "step": self.step, "consumed_samples": self.consumed}
 
     def _count_skipped(self, m: dict, consecutive: int) -> int:
         """Bookkeeping of steps DeepSpeed did not apply (host-side flag); the run of consecutive
@@ -605,16 +658,16 @@ class Trainer:
         cfg = self.cfg
         if m["applied"]:
             return 0
-        self.skipped_total += 1
+        self.progress.skipped_total += 1
         finite = math.isfinite(float(m["loss"]))
         # fp16 loss-scale overflows with a finite loss are the scaler calibrating itself, not a
         # diverging run: reported, but only non-finite losses count towards stopping.
         counts = not finite or self.res.precision != "fp16"
         consecutive = consecutive + 1 if counts else 0
-        log.warning("step %d skipped: non-finite %s (%d in a row, %d in total)", self.step,
-                    "loss" if not finite else "gradients", consecutive, self.skipped_total)
+        log.warning("step %d skipped: non-finite %s (%d in a row, %d in total)", self.progress.step,
+                    "loss" if not finite else "gradients", consecutive, self.progress.skipped_total)
         if consecutive >= cfg.max_nonfinite_steps:
-            msg = (f"stopping: {consecutive} consecutive steps with non-finite loss/gradients (step {self.step}); "
+            msg = (f"stopping: {consecutive} consecutive steps with non-finite loss/gradients (step {self.progress.step}); "
                    f"no checkpoint was written for them, the last good one is {ckpt.latest_tag(cfg.save_dir)}. "
                    "Lower the learning rate, use bf16 instead of fp16, or check the data")
             log.error(msg)
@@ -626,7 +679,7 @@ class Trainer:
         if not pending:
             return []
         values = torch.stack([torch.stack([m["loss"], m["mlm_loss"], m["nsp_loss"]]) for m in pending]).tolist()
-        first_step = self.step - len(pending) + 1
+        first_step = self.progress.step - len(pending) + 1
         out = []
         for i, (m, (loss, mlm, nsp)) in enumerate(zip(pending, values)):
             step = first_step + i
@@ -641,30 +694,32 @@ class Trainer:
         # every rank takes part in the same checkpoint. Every step, on a CPU (gloo) group: a
         # host-side all-reduce that never waits for the GPU.
         flag = torch.tensor([float(_PREEMPT.is_set())])
-        self.dist.all_reduce(flag, group=self.host_group)
+        dist.all_reduce(flag, group=self.procs.host_group)
         return bool(flag.item() > 0)
 
-    def _log_window(self, w: dict, m: dict, flops_cfg) -> None:
-        res = self.res
+    def _log_window(self, w: dict, m: dict) -> None:
+        res, mc = self.res, self.model_config
         steps, dt = w["steps"], max(w["time"], 1e-9)
         seqs = steps * res.global_batch_size
         masked_per_seq = float(w["masked"]) / max(seqs, 1)
-        flops = bert_flops_per_sequence(*flops_cfg, masked=masked_per_seq) * seqs
+        # the decoder runs over the padded vocabulary's rows
+        flops = bert_flops_per_sequence(mc.hidden_size, mc.num_hidden_layers, mc.intermediate_size,
+                                        res.padded_vocab_size, self.cfg.seq_length, masked=masked_per_seq) * seqs
         tflops = flops / dt / res.world_size / 1e12  # per device
         opt = self.engine.optimizer
         scale = getattr(opt, "cur_scale", None) or getattr(opt, "loss_scale", None) or 1.0
         grad_norm = self.engine.get_global_grad_norm()
         self.metrics.train({
-            "step": self.step, "loss": m["loss"], "mlm_loss": m["mlm_loss"], "nsp_loss": m["nsp_loss"],
+            "step": self.progress.step, "loss": m["loss"], "mlm_loss": m["mlm_loss"], "nsp_loss": m["nsp_loss"],
             "lr": m["lr"],
             "grad_norm": float(grad_norm) if grad_norm is not None else None,
             "loss_scale": float(scale), "tokens_per_s": float(w["tokens"]) / dt, "seqs_per_s": seqs / dt,
             "tflops": tflops, "mfu": tflops / self.peak if self.peak else None, "mem_gb": memory_gb(),
-            "data_wait": w["wait"] / dt, "skipped": self.skipped_total,
+            "data_wait": w["wait"] / dt, "skipped": self.progress.skipped_total,
         })
 
 
-def _check_same_on_every_rank(dist, values: dict) -> None:
+def _check_same_on_every_rank(values: dict) -> None:
     """What each rank resolved on its own (native precision follows its GPU/CPU) must agree: a
     job across mixed hardware (V100 and A100 nodes) would otherwise train fp16 on some ranks and
     bf16 on others."""
@@ -681,9 +736,18 @@ def _new_window() -> dict:
     return {"time": 0.0, "wait": 0.0, "tokens": 0.0, "steps": 0, "masked": 0.0}
 
 
-def _broadcast_object(obj):
-    import torch.distributed as dist
+@dataclass
+class _LoopState:
+    """What one `run()` carries from step to step (not saved: a resumed run starts afresh)."""
 
+    history: list = field(default_factory=list)  # per-step metrics of this process (tests compare runs)
+    pending: list = field(default_factory=list)  # this interval's per-step metrics, still on the device
+    window: dict = field(default_factory=_new_window)  # the log interval's timings and counts
+    consecutive_skipped: int = 0
+    last_eval: Optional[dict] = None
+
+
+def _broadcast_object(obj):
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]

@@ -231,3 +231,30 @@ def test_trained_wordpiece_size_errors(wp_sentences, tmp_path):
     with pytest.raises(DataPrepError, match="no text to train a vocabulary on"):
         train_wordpiece(str(blank), str(tmp_path / "v.txt"), 500)
     assert not (tmp_path / "v.txt").exists()
+
+
+def test_one_vocab_reader_for_data_prep_masking_and_finetune(tmp_path):
+    """data_prep, pretraining's masking tables and fine-tuning's tokenizer read vocab.txt through
+    `read_vocab`, so a CRLF file and a repeated token give the same ids in all three."""
+    from data_prep.manifest import TokenizerInfo
+    from finetune.checkpoint import load_tokenizer as finetune_tokenizer
+    from pretrain.masking import build_token_tables
+
+    tokens = ["[PAD]", "[unused0]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "cat", "##s", "sat", "cat"]
+    lf, crlf = tmp_path / "lf", tmp_path / "crlf"
+    lf.mkdir(), crlf.mkdir()
+    (lf / "vocab.txt").write_bytes(("\n".join(tokens) + "\n").encode())
+    (crlf / "vocab.txt").write_bytes(("\r\n".join(tokens) + "\r\n").encode())
+    assert tokenizer_module.read_vocab(str(crlf / "vocab.txt")) == tokens
+    assert tokenizer_module.vocab_ids(tokens)["cat"] == 7  # the first id of a repeated token
+    section = TokenizerInfo(type="wordpiece", file="vocab.txt", vocab_size=len(tokens),
+                            special_ids={"pad": 0, "unk": 2, "cls": 3, "sep": 4, "mask": 5})
+    tables = [build_token_tables(section, str(d)) for d in (lf, crlf)]
+    assert tables[0].is_special.tolist() == tables[1].is_special.tolist()
+    assert tables[1].is_special[1]  # "[unused0]" is never masked in or sampled, CRLF or not
+    text = ["the cats sat", "cat"]
+    ids = [[e[0].tolist() for e in WordPieceTokenizer(str(d / "vocab.txt")).encode_lines(text)] for d in (lf, crlf)]
+    assert ids[0] == ids[1] == [[6, 7, 8, 9], [7]]
+    for d in (lf, crlf):
+        tok = finetune_tokenizer(str(d))
+        assert [tok(t, add_special_tokens=False)["input_ids"] for t in text] == ids[0]

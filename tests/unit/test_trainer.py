@@ -18,7 +18,7 @@ def test_torch_adamw_is_the_fused_kernel_on_gpu_only():
 def _engine_optimizer(rank, world_size, ds_params):
     import deepspeed
 
-    from pretrain.parallel import init_distributed
+    from pretrain.launch import init_distributed
 
     init_distributed(use_deepspeed=False)
     model = torch.nn.Linear(4, 4)
