@@ -442,6 +442,8 @@ def run(cfg: PrepConfig, comm=None) -> dict:
 
     try:
         return _run(cfg, comm, files, t0, time.time() - t0)
+    except DataPrepError:
+        raise  # already names the path (data_prep.atomic's AtomicWriteError is also an OSError)
     except OSError as e:
         # Output-side failures (full disk, read-only or vanished directory), here or in a worker:
         # a message naming the path, not a traceback.

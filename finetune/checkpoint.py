@@ -16,6 +16,7 @@ from torch import nn
 from data_prep.atomic import atomic_json, atomic_write
 from data_prep.tokenizer import VocabError, read_vocab, vocab_ids
 from pretrain import hf_io
+from pretrain.export_hf import export
 from pretrain.model import BertConfig
 
 from .readers import InputError
@@ -31,16 +32,6 @@ def is_hf_dir(path: str) -> bool:
             and any(os.path.isfile(os.path.join(path, f)) for f in _WEIGHT_FILES))
 
 
-def _exporter():
-    """pretrain.export_hf.export(checkpoint, out_dir): gathers ZeRO/TP shards into HF layout."""
-    try:
-        from pretrain.export_hf import export
-    except ImportError as e:
-        raise InputError(f"cannot consolidate a pretraining checkpoint: pretrain.export_hf is "
-                         f"unavailable ({e}); pass an HF model directory instead") from None
-    return export
-
-
 def resolve_model_dir(path: str, work_dir: str) -> str:
     """An HF directory for `path`: itself, or its consolidation under `work_dir/consolidated`."""
     if not os.path.exists(path):
@@ -52,9 +43,8 @@ def resolve_model_dir(path: str, work_dir: str) -> str:
         log.info("using the consolidated checkpoint already in %s", out)
         return out
     log.info("%s is not an HF directory: consolidating it with pretrain.export_hf into %s", path, out)
-    fn = _exporter()
     try:
-        fn(path, out)
+        export(path, out)
     except (ValueError, FileNotFoundError) as e:
         raise InputError(f"--model {path}: neither an HF BERT directory (config.json + "
                          f"model.safetensors) nor a pretraining checkpoint we can export ({e})") from None

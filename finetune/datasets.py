@@ -22,6 +22,8 @@ import re
 import sys
 import tarfile
 
+from data_prep.atomic import atomic_write
+
 from .readers import InputError, TaggedSentence, TextExample, read_conll
 
 POLARITY_MEMBER = "test/corpora/polarity-en-pang&lee2.csv"
@@ -102,7 +104,7 @@ def write_tsv(path: str, examples: list[TextExample]) -> None:
     """GLUE layout: a header row, tab-separated, no quoting (SST-2 for single sentences,
     RTE-like sentence1/sentence2 for pairs)."""
     pair = examples[0].text_b is not None
-    with open(path, "w", encoding="utf-8") as f:
+    with atomic_write(path, "w", encoding="utf-8") as f:
         f.write("sentence1\tsentence2\tlabel\n" if pair else "sentence\tlabel\n")
         for e in examples:
             cols = [e.text_a, e.text_b, e.label] if pair else [e.text_a, e.label]
@@ -110,7 +112,7 @@ def write_tsv(path: str, examples: list[TextExample]) -> None:
 
 
 def write_conll(path: str, sentences: list[TaggedSentence]) -> None:
-    with open(path, "w", encoding="utf-8") as f:
+    with atomic_write(path, "w", encoding="utf-8") as f:
         for s in sentences:
             for t, g in zip(s.tokens, s.tags):
                 f.write(f"{t}\t{g}\n")
@@ -211,7 +213,7 @@ def write_builtin(name: str, task: str, out_dir: str) -> tuple[str, str]:
         paths = (os.path.join(out_dir, "train.json"), os.path.join(out_dir, "test.json"))
         for path, doc in zip(paths, (build_cloze_squad(400, seed=1, max_sentences=3, min_years=2),
                                      build_cloze_squad(200, seed=2, offset=5000, max_sentences=3, min_years=2))):
-            with open(path, "w", encoding="utf-8") as f:
+            with atomic_write(path, "w", encoding="utf-8") as f:
                 json.dump(doc, f)
     else:
         paths = (os.path.join(out_dir, "train.tsv"), os.path.join(out_dir, "test.tsv"))

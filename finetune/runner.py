@@ -25,7 +25,6 @@ import torch.distributed as dist
 from data_prep.atomic import atomic_json
 from pretrain.launch import init_distributed
 from pretrain.model import BertConfig
-from pretrain.precision import device_type
 
 from . import checkpoint
 from . import features as feat
@@ -72,7 +71,7 @@ class FinetuneArgs:
     classifier_c: float = 1.0
     save_model: bool = True
     threads: int | None = None
-    device: str | None = None  # None: pretrain.precision.device_type() (cuda when visible, unless DS_ACCELERATOR=cpu)
+    device: str | None = None  # None: "cuda" when a GPU is visible, else "cpu"
     deepspeed: str | None = None  # a DeepSpeed JSON config: train through deepspeed.initialize
 
     def validate(self) -> None:
@@ -114,7 +113,7 @@ class Resolved:
 
     args: FinetuneArgs
     task: Task
-    device: torch.device  # --device, else where training runs here (pretrain.precision.device_type)
+    device: torch.device  # --device, else cuda when a GPU is visible, else cpu
     rank: int
     world: int
     ds_config: dict | None  # the completed DeepSpeed config (None: the plain loop)
@@ -169,7 +168,9 @@ def _on_rank0(rank: int, world: int, fn):
 
 
 def _resolve(a: FinetuneArgs) -> Resolved:
-    rank, world, device, ds = _distributed(a, a.device or device_type())
+    # Without --device: cuda when a GPU is visible (as before), also where DS_ACCELERATOR=cpu is set
+    # for pretraining's sake; --deepspeed runs follow the same device.
+    rank, world, device, ds = _distributed(a, a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if rank == 0:
         os.makedirs(a.output_dir, exist_ok=True)
     train_file, eval_file = a.train_file, a.eval_file
@@ -211,7 +212,8 @@ def _run(a: FinetuneArgs) -> dict:
         runs.append({"seed": seed, **metrics})
     mean, std = mean_std([{k: v for k, v in run.items() if k != "seed"} for run in runs])
     args = {k: v for k, v in asdict(a).items() if k != "train"}
-    args.update(train_file=r.train_file, eval_file=r.eval_file)  # a --dataset's files
+    # as resolved: a --dataset's files, and the device this process ran on (cuda:N under --deepspeed)
+    args.update(train_file=r.train_file, eval_file=r.eval_file, device=str(r.device))
     summary = {"task": a.task, "model": a.model, "dataset": a.dataset, "model_dir": r.model_dir, "seeds": a.seeds,
                "n_train": len(data.train_examples), "n_eval": len(data.eval_examples), "labels": data.labels,
                "args": args, "train_config": asdict(a.train), "runs": runs, "mean": mean, "std": std,

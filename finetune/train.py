@@ -1,4 +1,4 @@
-"""The fine-tuning loop shared by every task: AdamW over `pretrain.optim.param_groups` (no decay
+"""The fine-tuning loop shared by every task: AdamW over `pretrain.optim.optimizer_groups` (no decay
 on biases and LayerNorm), `pretrain.optim`'s linear warm-up then linear decay, gradient clipping,
 batches padded to their longest sequence. `train` runs it in plain single-process PyTorch, or,
 given a DeepSpeed config, through a DeepSpeed engine (one or several processes). The tasks
@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from pretrain import precision as prec
-from pretrain.optim import build_scheduler, param_groups
+from pretrain.optim import build_scheduler, optimizer_groups
 
 log = logging.getLogger(__name__)
 
@@ -74,11 +74,6 @@ def _to(batch: dict, model) -> dict:
     return {k: v.to(device) for k, v in batch.items() if not k.startswith("_")}
 
 
-def _optimizer_groups(model, weight_decay: float) -> list[dict]:
-    # `names` is bookkeeping for logs and tests; the optimizer gets parameters and settings only
-    return [{k: v for k, v in g.items() if k != "names"} for g in param_groups(model, weight_decay)]
-
-
 def _scheduler(cfg: TrainConfig, total: int):
     """opt -> LambdaLR: linear warm-up over warmup_ratio * total steps, then linear decay to 0 at
     `total`. peak_step=warmup: fine-tuning's decay starts one update after pretraining's, as
@@ -94,7 +89,7 @@ class _PlainStep:
     def __init__(self, model, cfg: TrainConfig, total: int):
         self.net = self.module = model
         self.max_grad_norm = cfg.max_grad_norm
-        self.opt = torch.optim.AdamW(_optimizer_groups(model, cfg.weight_decay), lr=cfg.learning_rate)
+        self.opt = torch.optim.AdamW(optimizer_groups(model, cfg.weight_decay), lr=cfg.learning_rate)
         self.sched = _scheduler(cfg, total)(self.opt)
         self.gnorm = None
 
@@ -121,7 +116,7 @@ class _EngineStep:
         import deepspeed  # optional and slow to import: only --deepspeed runs need it
 
         self.net, _, _, self.sched = deepspeed.initialize(
-            model=model, model_parameters=_optimizer_groups(model, cfg.weight_decay), config=ds_config,
+            model=model, model_parameters=optimizer_groups(model, cfg.weight_decay), config=ds_config,
             lr_scheduler=_scheduler(cfg, total))
         self.module = self.net.module
 

@@ -27,9 +27,11 @@ from typing import Optional
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from data_prep.atomic import atomic_write
 from pretrain.model import BertForPreTraining
+from pretrain.quiet import captured_output
 from pretrain.tensor_parallel import universal_checkpoint_patterns, unshard_state_dicts
 from pretrain.vocab import resize_vocab
 
@@ -111,7 +113,6 @@ def set_rng_state(state: dict) -> None:
 def save(engine, run_dir: str, step: int, state: dict, keep_last: int, vocab_file: Optional[str] = None,
          extra: Optional[dict] = None) -> str:
     """Write checkpoint `step_<step>` and move `latest` to it once complete; prune old ones."""
-    import torch.distributed as dist
 
     rank = dist.get_rank()
     tag = tag_for(step)
@@ -162,7 +163,6 @@ def load(engine, run_dir: str, tag: str, same_world: bool, rng_tag: Optional[str
     """Load engine state (weights, optimizer, schedule) and, at the same world size, each rank's
     RNG states (from `rng_tag`'s folder, default `tag`). Returns (the trainer state saved with the
     checkpoint, the extra per-rank entries saved with the RNG states)."""
-    import torch.distributed as dist
 
     path, client = engine.load_checkpoint(run_dir, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
     if path is None:
@@ -199,9 +199,8 @@ def fp32_shards(run_dir: str, tag: str) -> list[dict]:
     DeepSpeed's zero_to_fp32 reads a folder holding exactly one model-parallel rank's files, named
     as rank 0's; each TP rank's files are linked into such a folder in turn.
     """
+    # Imported here: importing DeepSpeed picks an accelerator, which an offline reader must not.
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    from pretrain.quiet import captured_output
 
     tag_dir = os.path.join(os.path.abspath(run_dir), tag)
     files = glob.glob(os.path.join(tag_dir, "*_states.pt"))

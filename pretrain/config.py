@@ -23,7 +23,7 @@ from data_prep.pairs import PairIndex, PairIndexError
 from pretrain import checkpoint as ckpt
 from pretrain import precision as prec
 from pretrain.masking import MaskingConfig
-from pretrain.model import BertConfig
+from pretrain.model import SHAPE_FIELDS, BertConfig
 from pretrain.optim import check_optimizer_for_zero, lamb_kwargs_from_ds_params
 from pretrain.tensor_parallel import validate_model_for_tp
 from pretrain.vocab import padded_vocab_size
@@ -252,7 +252,7 @@ def validate(cfg: TrainConfig, world_size: Optional[int] = None, device: Optiona
 
     model = _read_json(cfg.model_config, "--model_config")
     try:
-        bert = BertConfig.from_dict(model, source=f"--model_config {cfg.model_config}")
+        bert = BertConfig.from_dict(model, source=f"--model_config {cfg.model_config}", required=SHAPE_FIELDS)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     if cfg.seq_length > bert.max_position_embeddings:

@@ -33,7 +33,9 @@ _ENCODER_PREFIX = "bert."
 _ENCODER_SUBMODULES = ("embeddings.", "encoder.", "pooler.")
 
 
-def _read_weights(path: str) -> dict:
+def read_weights(path: str) -> dict:
+    """The state dict stored in an HF directory, keys as written (model.safetensors, a sharded
+    safetensors index, or pytorch_model.bin)."""
     st_file = os.path.join(path, "model.safetensors")
     index_file = os.path.join(path, "model.safetensors.index.json")
     bin_file = os.path.join(path, "pytorch_model.bin")
@@ -83,7 +85,7 @@ def load_hf_dir(path) -> tuple[BertConfig, dict]:
     if not os.path.isdir(path):
         raise ValueError(f"HF model directory {path}: not a directory")
     config = BertConfig.from_json_file(os.path.join(path, "config.json"))
-    return config, normalize_hf_state_dict(_read_weights(path))
+    return config, normalize_hf_state_dict(read_weights(path))
 
 
 def _expected_keys(model: nn.Module) -> set:

@@ -29,7 +29,10 @@ from pretrain.quiet import captured_output
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_TIMEOUT = timedelta(minutes=10)
+# Bound on every collective (a dead rank makes the others fail instead of hang): DeepSpeed's own
+# default and variable, DEEPSPEED_TIMEOUT in minutes, so that a raised value applies to pretraining
+# and fine-tuning alike (e.g. ranks waiting while rank 0 evaluates a large dev set).
+DEFAULT_TIMEOUT = timedelta(minutes=int(os.environ.get("DEEPSPEED_TIMEOUT", "10")))
 
 __all__ = [
     "DEFAULT_TIMEOUT",

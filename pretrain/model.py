@@ -50,6 +50,11 @@ _ACTIVATIONS = {
 }
 
 
+# The fields a pretraining model config must state: a missing one would silently take bert-base's
+# value and train (and checkpoint) a model of another shape.
+SHAPE_FIELDS = ("hidden_size", "num_attention_heads", "num_hidden_layers", "vocab_size", "max_position_embeddings")
+
+
 @dataclass
 class BertConfig:
     """Model shape and regularisation, with HF ``BertConfig`` field names (exports as is)."""
@@ -101,9 +106,13 @@ class BertConfig:
             fail(f"pad_token_id {self.pad_token_id} is outside the vocabulary (size {self.vocab_size})")
 
     @classmethod
-    def from_dict(cls, values: dict, source: str = "BertConfig") -> "BertConfig":
+    def from_dict(cls, values: dict, source: str = "BertConfig", required: tuple = ()) -> "BertConfig":
+        """Fields missing from `values` take bert-base's defaults, except those in `required`."""
         if not isinstance(values, dict):
             raise ValueError(f"{source}: expected a JSON object of BertConfig fields")
+        missing = [k for k in required if k not in values]
+        if missing:
+            raise ValueError(f"{source}: needs integer field(s) {missing} (a model config states the model's shape)")
         fields = {f.name for f in dataclasses.fields(cls)}
         kwargs = {}
         unknown = []

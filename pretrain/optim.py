@@ -20,6 +20,7 @@ import logging
 from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
 logger = logging.getLogger(__name__)
@@ -209,7 +210,6 @@ class Lamb(torch.optim.Optimizer):
         TP shards), so each slice is scaled by the trust ratio of the whole tensor. Checked
         against DeepSpeed 0.19.8's DeepSpeedZeroOptimizer (stage 1 and 2).
         """
-        import torch.distributed as dist
 
         for attr in ("round_robin_bit16_groups", "partition_size", "real_dp_process_group"):
             if not hasattr(zero_optimizer, attr):
@@ -371,7 +371,6 @@ class Lamb(torch.optim.Optimizer):
         """Sum the rows selected by `mask` over `group` (others, identical on every rank, stay)."""
         if group is None or not any(mask):
             return sq
-        import torch.distributed as dist
 
         if dist.get_world_size(group) == 1:
             return sq
@@ -422,6 +421,12 @@ def param_groups(model: nn.Module, weight_decay: float) -> List[Dict]:
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0, "names": no_decay_names})
     return groups
+
+
+def optimizer_groups(model: nn.Module, weight_decay: float) -> List[Dict]:
+    """`param_groups` as an optimizer (or DeepSpeed's `model_parameters`) takes them: without the
+    bookkeeping `names`. Pretraining and fine-tuning both build their groups here."""
+    return [{k: v for k, v in g.items() if k != "names"} for g in param_groups(model, weight_decay)]
 
 
 def _fused_lamb(groups, lr, betas, eps, weight_decay, max_trust, min_trust):
@@ -525,7 +530,6 @@ def build_optimizer(
     name = name.lower()
     tp_size = 1
     if tp_group is not None:
-        import torch.distributed as dist
 
         tp_size = dist.get_world_size(tp_group)
     if name == "lamb":

@@ -14,21 +14,19 @@ if __package__ in (None, ""):
     # `deepspeed pretrain/run.py` runs this file as a script: make the repository importable.
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pretrain.quiet import filter_third_party_warnings  # noqa: E402
-
-filter_third_party_warnings()  # before anything imports megatron-core or DeepSpeed
-
 from pretrain.config import ConfigError, load_config, validate  # noqa: E402
+from pretrain.quiet import filter_third_party_warnings  # noqa: E402
 
 
 def main(argv=None) -> int:
+    filter_third_party_warnings()  # before the trainer imports megatron-core and DeepSpeed
     try:
         # Everything that can be wrong in the inputs is found here, before any process group.
         res = validate(load_config(argv))
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from pretrain.trainer import NonFiniteError, Trainer
+    from pretrain.trainer import NonFiniteError, Trainer  # after validate: a config error costs no DeepSpeed import
 
     try:
         Trainer(res).run()

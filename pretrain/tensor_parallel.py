@@ -15,7 +15,8 @@ the layer factory, and the split rules that turn full HF weights into per-rank s
   <-> per-rank shards. Shards keep the HF parameter names; only shapes differ.
 
 megatron-core is imported inside the functions that use it: importing it costs seconds and warns
-(pretrain/quiet.py), and tp=1 runs and the offline checkpoint readers never need it.
+(pretrain/quiet.py), and the offline users of this module (checkpoint readers, HF export,
+fine-tuning, pre-launch validation) never need it.
 """
 
 from __future__ import annotations

@@ -104,14 +104,6 @@ def _versions() -> dict:
 # Optimizer and schedule
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """pretrain.optim's groups (no decay on biases and LayerNorm), without the bookkeeping names."""
-    groups = optim.param_groups(model, weight_decay)
-    for g in groups:
-        g.pop("names", None)
-    return groups
-
-
 def _client_optimizer(kind: str, model: torch.nn.Module, params: dict, tp_group):
     """pretrain.optim's LAMB / AdamW (used where DeepSpeed has no implementation on the device).
     Built after the model is placed: the implementation (fused kernels on GPU) follows the device."""
@@ -340,7 +332,7 @@ def build_engine(res: Resolved, model: torch.nn.Module, plan: ResumePlan, procs:
     power = 1.0 if cfg.decay == "linear" else cfg.decay_power
     engine, _, _, _ = deepspeed.initialize(
         model=model,
-        model_parameters=param_groups(model, float(res.optimizer_params.get("weight_decay", 0.0))) if optimizer is None else None,
+        model_parameters=optim.optimizer_groups(model, float(res.optimizer_params.get("weight_decay", 0.0))) if optimizer is None else None,
         optimizer=optimizer,
         lr_scheduler=lambda opt: build_scheduler(opt, warmup, cfg.train_steps, power=power),
         config=ds_config,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import os
 
-from safetensors.torch import load_file
+from pretrain import hf_io
 
 from .. import checkpoint
 from ..readers import InputError
@@ -39,5 +39,5 @@ def load_finetuned(out_dir: str):
     labels = [raw["id2label"][str(i)] for i in range(raw["num_labels"])] if "id2label" in raw else None
     regression = raw.get("problem_type") == "regression"
     model = REGISTRY[name].build_head(config, len(labels) if labels else 2, regression)
-    model.load_state_dict(load_file(os.path.join(out_dir, "model.safetensors")), strict=True)
+    model.load_state_dict(hf_io.read_weights(out_dir), strict=True)
     return model, name, labels

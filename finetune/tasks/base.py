@@ -96,7 +96,7 @@ class Task:
         losses = stats.pop("step_losses")
         if run.rank != 0:
             return dict(stats)  # rank 0 evaluates and writes; the others wait at the runner's barrier
-        atomic_json(os.path.join(out_dir, "train_losses.json"), {"seed": seed, "losses": losses})
+        atomic_json(os.path.join(out_dir, "train_losses.json"), {"seed": seed, "losses": losses}, sort_keys=False)
         outputs = predict(model, data.eval_features, a.train.eval_batch_size, tok.pad_token_id)
         metrics, preds = self.evaluate(a, data, outputs)
         metrics.update(stats)

@@ -48,7 +48,7 @@ class QATask(Task):
 
     def save_predictions(self, data, preds, out_dir):
         for name, obj in preds.items():
-            atomic_json(os.path.join(out_dir, f"eval_{name}.json"), obj)
+            atomic_json(os.path.join(out_dir, f"eval_{name}.json"), obj, sort_keys=False)
 
 
 QA = QATask()

@@ -223,7 +223,8 @@ def test_output_dir_failures_are_clear_errors(tmp_path, cache):
         run(cfg(b))
     c = tmp_path / "c"
     (c / "pairs_64_train.bin").mkdir(parents=True)  # fails late, at the rename of a finished file
-    with pytest.raises(DataPrepError, match=r"pairs_64_train.bin: cannot write \(Is a directory\)"):
+    # One message, said once (an AtomicWriteError is also an OSError: it must not be wrapped again).
+    with pytest.raises(DataPrepError, match=r"pairs_64_train.bin: cannot write \(Is a directory\); check free space and permissions$"):
         run(cfg(c))
     assert not os.path.exists(c / "manifest.json")
     assert not [f for f in os.listdir(c) if ".tmp." in f]

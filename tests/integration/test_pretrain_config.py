@@ -164,13 +164,18 @@ def test_vocabulary_is_padded_for_tensor_parallelism(tiny_data, model_cfg, tmp_p
 def _before_start_up_case(case, tiny_data, model_cfg, tmp_path):
     """(flags, world size, expected message) of one input error that validate() must find."""
     args = _args(tiny_data, model_cfg)
-    if case in ("unknown model key", "intermediate_size not divisible by tp"):
+    if case in ("unknown model key", "model shape field missing", "intermediate_size not divisible by tp"):
         model = json.load(open(model_cfg))
-        model.update({"hidden_sizes": 64} if case == "unknown model key" else {"intermediate_size": 66})
+        if case == "model shape field missing":
+            del model["vocab_size"]  # would otherwise silently become bert-base's 30522
+        else:
+            model.update({"hidden_sizes": 64} if case == "unknown model key" else {"intermediate_size": 66})
         bad = tmp_path / "model.json"
         bad.write_text(json.dumps(model))
         if case == "unknown model key":  # the model's own reader: BertConfig.from_dict
             return _args(tiny_data, str(bad)), 1, r"unknown key\(s\) \['hidden_sizes'\]"
+        if case == "model shape field missing":
+            return _args(tiny_data, str(bad)), 1, r"needs integer field\(s\) \['vocab_size'\]"
         return _args(tiny_data, str(bad), "--tp", "4"), 4, "intermediate_size 66 is not divisible by --tp 4"
     if case == "heads not divisible by tp":  # the TP layer's own check
         return [*args, "--tp", "8"], 8, "num_attention_heads 4 is not divisible by --tp 8"
@@ -198,7 +203,7 @@ def _before_start_up_case(case, tiny_data, model_cfg, tmp_path):
 
 
 @pytest.mark.parametrize("case", [
-    "unknown model key", "heads not divisible by tp", "intermediate_size not divisible by tp", "manifest missing",
+    "unknown model key", "model shape field missing", "heads not divisible by tp", "intermediate_size not divisible by tp", "manifest missing",
     "manifest format_version old", "manifest without format_version", "resume state unreadable",
     "latest names a missing checkpoint",
 ])
