@@ -129,17 +129,22 @@ def _doc_lines(text: str, counts: Counter) -> list[str]:
     return lines
 
 
-def _read_lines(path: str, limit: int | None = None) -> Iterator[tuple[bytes, bool]]:
+def _read_lines(path: str, limit: int | None = None, start: int = 0, end: int | None = None) -> Iterator[tuple[bytes, bool]]:
     """(bytes, complete) per line. A line longer than `limit` bytes comes in pieces (complete=False
     for all but the last) so one newline-free file cannot take memory proportional to its size;
     text pieces end at a space (or at least at a character boundary) so no word or UTF-8
-    character is cut."""
+    character is cut. `start`/`end` (uncompressed files only): read the lines that start in
+    [start, end); `start` must be a line start (see `document_boundary`)."""
     limit = limit or MAX_LINE_BYTES
     # Reading in binary and decoding per line localises a bad byte to one line.
     f = _open_binary(path)
     carry = b""
     try:
+        if start:
+            f.seek(start)
         while True:
+            if end is not None and not carry and f.tell() >= end:
+                return
             try:
                 chunk = f.readline(limit)
             except (EOFError, zlib.error, gzip.BadGzipFile) as e:
@@ -172,24 +177,107 @@ def _read_lines(path: str, limit: int | None = None) -> Iterator[tuple[bytes, bo
         f.close()
 
 
-def iter_text_documents(path: str, counts: Counter) -> Iterator[list[str]]:
+def splittable(path: str) -> bool:
+    """Whether a file can be read from a byte offset (gzip streams cannot)."""
+    return not path.endswith(".gz")
+
+
+def _line_start_at_or_after(f, pos: int) -> int:
+    if pos == 0:
+        return 0
+    f.seek(pos - 1)
+    if f.read(1) == b"\n":
+        return pos
+    while True:
+        chunk = f.readline(1 << 20)
+        if not chunk or chunk.endswith(b"\n"):
+            return f.tell()
+
+
+def document_boundary(path: str, fmt: str, lo: int, hi: int) -> int | None:
+    """The first offset where a reader can start without changing the documents that a reader from
+    offset 0 sees, among those found from lines starting in [lo, hi); None if there is none.
+
+    JSON lines: any line start. Text: the end of a blank line (a reader from 0 has just closed a
+    document there, or had none open). Lines are read exactly as `_read_lines` reads them from
+    that line's start, so an over-long line's pieces and a bad byte decide the same way here."""
+    with _open_binary(path) as f:
+        first = _line_start_at_or_after(f, lo)
+    if first >= hi:
+        return None
+    if detect_format(path, fmt) == "jsonl":
+        return first
+    pos = first
+    for raw, complete in _read_lines(path, start=first, end=hi):
+        pos += len(raw)
+        if complete and not _clean(raw, Counter()).strip():
+            return pos
+    return None
+
+
+def document_bytes(lines: list[str]) -> int:
+    """UTF-8 size of a document's text: what shards and pseudo-documents are measured in."""
+    return sum(len(ln.encode("utf-8", "surrogatepass")) for ln in lines)
+
+
+def split_document(lines: list[str], max_bytes: int | None, counts: Counter) -> Iterator[list[str]]:
+    """A document longer than `max_bytes` as pseudo-documents cut between lines (paragraphs; a line
+    is at most MAX_LINE_CHARS, cut at whitespace), each the first lines reaching `max_bytes`."""
+    if not max_bytes:
+        yield lines
+        return
+    piece: list[str] = []
+    size = pieces = 0
+    for ln in lines:
+        piece.append(ln)
+        size += len(ln.encode("utf-8", "surrogatepass"))
+        if size >= max_bytes:
+            yield piece
+            piece, size, pieces = [], 0, pieces + 1
+    if piece:
+        yield piece
+        pieces += 1
+    if pieces > 1:
+        counts["long_documents_split"] += 1
+
+
+def iter_text_documents(path: str, counts: Counter, max_doc_bytes: int | None = None, start: int = 0,
+                        end: int | None = None) -> Iterator[list[str]]:
+    """Blocks of lines between blank lines. A block reaching `max_doc_bytes` is yielded as it
+    grows, as pseudo-documents cut between lines (see `split_document`), so a file without blank
+    lines is never held whole."""
     doc: list[str] = []
-    for raw, complete in _read_lines(path):
+    size = pieces = 0
+    for raw, complete in _read_lines(path, start=start, end=end):
         if not complete:
             counts["oversized_lines_read_in_pieces"] += 1
         text = _clean(raw, counts)
         if text.strip():
-            doc.extend(_doc_lines(text, counts))
-        elif doc and complete:
-            yield doc
-            doc = []
+            for ln in _doc_lines(text, counts):
+                doc.append(ln)
+                if max_doc_bytes:
+                    size += len(ln.encode("utf-8", "surrogatepass"))
+                    if size >= max_doc_bytes:
+                        yield doc
+                        doc, size, pieces = [], 0, pieces + 1
+        elif complete and (doc or pieces):
+            if doc:
+                yield doc
+                pieces += 1
+            if pieces > 1:
+                counts["long_documents_split"] += 1
+            doc, size, pieces = [], 0, 0
     if doc:
         yield doc
+        pieces += 1
+    if pieces > 1:
+        counts["long_documents_split"] += 1
 
 
-def iter_jsonl_documents(path: str, counts: Counter, key: str = "text") -> Iterator[list[str]]:
+def iter_jsonl_documents(path: str, counts: Counter, key: str = "text", start: int = 0,
+                         end: int | None = None) -> Iterator[list[str]]:
     skipping = False
-    for raw, complete in _read_lines(path):
+    for raw, complete in _read_lines(path, start=start, end=end):
         if skipping or not complete:
             # A JSON line larger than MAX_LINE_BYTES cannot be parsed in bounded memory: drop it.
             if not skipping:
@@ -214,10 +302,16 @@ def iter_jsonl_documents(path: str, counts: Counter, key: str = "text") -> Itera
         yield _doc_lines(value, counts)
 
 
-def iter_file_documents(path: str, stats: ReadStats, fmt: str = "auto", json_key: str = "text") -> Iterator[list[str]]:
-    """Yield the lines of every document of one file; empty documents are counted and skipped."""
-    kind = detect_format(path, fmt)
-    it = iter_jsonl_documents(path, stats.counts, json_key) if kind == "jsonl" else iter_text_documents(path, stats.counts)
+def iter_file_documents(path: str, stats: ReadStats, fmt: str = "auto", json_key: str = "text",
+                        max_doc_bytes: int | None = None, start: int = 0, end: int | None = None) -> Iterator[list[str]]:
+    """Yield the lines of every document of one file (or of the byte range [start, end), from a
+    `document_boundary`); empty documents are counted and skipped, documents longer than
+    `max_doc_bytes` come as pseudo-documents. A whole file without documents is an empty file."""
+    if detect_format(path, fmt) == "jsonl":
+        it = (piece for lines in iter_jsonl_documents(path, stats.counts, json_key, start, end)
+              for piece in (split_document(lines, max_doc_bytes, stats.counts) if lines else [lines]))
+    else:
+        it = iter_text_documents(path, stats.counts, max_doc_bytes, start, end)
     n = 0
     for lines in it:
         if not lines:
@@ -225,12 +319,13 @@ def iter_file_documents(path: str, stats: ReadStats, fmt: str = "auto", json_key
             continue
         n += 1
         yield lines
-    if n == 0:
+    if n == 0 and start == 0 and end is None:
         stats.empty_files.append(path)
 
 
-def iter_documents(files: list[str], stats: ReadStats, fmt: str = "auto", json_key: str = "text"):
+def iter_documents(files: list[str], stats: ReadStats, fmt: str = "auto", json_key: str = "text",
+                   max_doc_bytes: int | None = None):
     """Yield (file_index, lines) for every document of every file, in order."""
     for i, path in enumerate(files):
-        for lines in iter_file_documents(path, stats, fmt, json_key):
+        for lines in iter_file_documents(path, stats, fmt, json_key, max_doc_bytes):
             yield i, lines

@@ -1,14 +1,18 @@
 """Tokenize one deterministic unit of documents (a shard) into a small Megatron dataset.
 
-Shard (i, k) is the k-th run of `docs_per_shard` documents of input file i, so its content
-depends only on the inputs and the arguments: never on how many workers or MPI ranks exist. Each
-shard is finished by writing `<prefix>.json` last (atomic rename); a re-run finds those markers
-and skips the work, which is the resume path.
+Shard (p, k) of an input file is the k-th run of documents of part p of that file (see
+pipeline.py), so its content depends only on that file and the arguments: never on how many
+workers or MPI ranks exist, nor on the other input files. Each file has its own directory under
+the work dir. A shard's .bin and .idx are fsynced and renamed into place before `<prefix>.json`,
+which records their sizes, is written (atomic rename, fsynced): a re-run finds those markers,
+checks the sizes and skips the work (the resume path); a shard whose files do not match its
+marker (a power loss, a hand edit) is redone.
 """
 from __future__ import annotations
 
 import json
 import os
+import signal
 from collections import Counter
 
 import numpy as np
@@ -35,30 +39,48 @@ def init_worker(cfg: dict) -> None:
     _STATE.update(cfg=cfg, tok=tok, split=get_splitter(cfg["splitter"]))
 
 
-def shard_prefix(work_dir: str, shard_id: tuple[int, int]) -> str:
-    file_index, k = shard_id
-    return os.path.join(work_dir, f"shard_{file_index:06d}_{k:06d}")
+def shard_prefix(file_dir: str, part: int, k: int) -> str:
+    return os.path.join(file_dir, f"shard_{part:06d}_{k:06d}")
 
 
 def _read_json(path: str) -> dict | None:
     try:
         with open(path) as f:
             return json.load(f)
-    except (OSError, json.JSONDecodeError):
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
         return None
 
 
-def shard_done(work_dir: str, shard_id: tuple[int, int]) -> dict | None:
-    return _read_json(shard_prefix(work_dir, shard_id) + ".json")
+def shard_done(prefix: str) -> dict | None:
+    """The shard's marker if its .bin and .idx are there with the sizes it recorded, else None."""
+    info = _read_json(prefix + ".json")
+    if not isinstance(info, dict) or not isinstance(info.get("bytes"), dict):
+        return None  # no marker, a damaged one, or one of a layout without sizes
+    for ext in ("bin", "idx"):
+        try:
+            if os.path.getsize(f"{prefix}.{ext}") != info["bytes"].get(ext):
+                return None
+        except OSError:
+            return None
+    return info
 
 
-def file_marker(work_dir: str, file_index: int) -> str:
-    return os.path.join(work_dir, f"file_{file_index:06d}.json")
+def part_marker(file_dir: str, part: int) -> str:
+    return os.path.join(file_dir, f"part_{part:06d}.json")
 
 
-def file_done(work_dir: str, file_index: int) -> dict | None:
-    """Written once every shard of the file is finished: {"shards": n, "read_counts", "empty"}."""
-    return _read_json(file_marker(work_dir, file_index))
+def part_done(file_dir: str, part: int) -> dict | None:
+    """Written once every shard of the part is finished: {"shards": n, "documents", "read_counts"}."""
+    info = _read_json(part_marker(file_dir, part))
+    return info if isinstance(info, dict) and isinstance(info.get("shards"), int) else None
+
+
+def _fsync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def document_sentences(lines: list[str], encoded, split, max_sentence_tokens: int, counts: Counter) -> list[np.ndarray]:
@@ -113,12 +135,14 @@ def _whole(line: str) -> list[tuple[int, int]]:
     return [(0, len(line))]
 
 
-def process_shard(shard_id: tuple[int, int], docs: list[list[str]]) -> dict:
+def process_shard(prefix: str, docs: list[list[str]]) -> dict:
     """Tokenize `docs` and write shard files; returns the shard's counts (also stored as JSON)."""
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
     cfg, tok, split = _STATE["cfg"], _STATE["tok"], _STATE["split"]
-    prefix = shard_prefix(cfg["work_dir"], shard_id)
+    if cfg.get("in_worker") and os.environ.get("DATA_PREP_TEST_SIGKILL_SHARD") == os.path.basename(prefix):
+        # Tests: a worker killed as the OOM killer would (SIGKILL, no clean-up of any kind).
+        os.kill(os.getpid(), signal.SIGKILL)
     counts: Counter = Counter()
     doc_sents = tokenize_documents(tok, split, docs, cfg["max_sentence_tokens"], counts)
     dtype = corpus_dtype(tok.vocab_size)
@@ -136,9 +160,15 @@ def process_shard(shard_id: tuple[int, int], docs: list[list[str]]) -> dict:
         if len(sents) == 1:
             counts["one_sentence_documents"] += 1
     builder.finalize(tmp_idx)
+    # Data on disk before the marker that vouches for it: after a power loss a marker never
+    # points at a shard whose blocks were not written (the sizes in the marker catch the rest).
+    for tmp in (tmp_bin, tmp_idx):
+        _fsync(tmp)
     commit(tmp_bin, prefix + ".bin")
     commit(tmp_idx, prefix + ".idx")
-    result = {"shard": list(shard_id), "input_documents": len(docs), "counts": dict(counts)}
+    _fsync(os.path.dirname(prefix) or ".")  # the two renames, before the marker's
+    result = {"shard": os.path.basename(prefix), "input_documents": len(docs), "counts": dict(counts),
+              "bytes": {"bin": os.path.getsize(prefix + ".bin"), "idx": os.path.getsize(prefix + ".idx")}}
     # Written last: its presence is what marks the shard finished for a resumed run.
     atomic_json(prefix + ".json", result)
     return result

@@ -3,6 +3,7 @@ output for 1 and 2 workers, resume, atomicity, checksums, sentencepiece training
 import filecmp
 import json
 import os
+import pathlib
 import shutil
 
 import numpy as np
@@ -120,19 +121,111 @@ def test_two_workers_byte_identical(base, tmp_path, cache, monkeypatch):
     _same_dir(base, out)
 
 
+def _shard_dir(out, path):
+    from data_prep.pipeline import WORK_DIR, file_work_dir
+
+    return file_work_dir(os.path.join(out, WORK_DIR), path)
+
+
 def test_resume_from_finished_shards(base, tmp_path, cache):
     out = str(tmp_path / "r")
     build_tiny_dataset(out, cache_dir=cache, keep_work=True, **KW)
-    # Simulate a crash after some shards: drop two shard markers and every final output.
+    # Simulate a crash after some shards: drop a shard marker, the file's part marker and every
+    # final output; and a power loss or a hand edit: a truncated .bin, an empty .idx.
     work = os.path.join(out, ".work")
-    for f in ("shard_000000_000002.json", "shard_000000_000005.json", "file_000000.json"):
-        os.remove(os.path.join(work, f))
+    sd = _shard_dir(out, embedded_corpus_jsonl(cache, max_docs=N_DOCS))
+    for f in ("shard_000000_000002.json", "part_000000.json"):
+        os.remove(os.path.join(sd, f))
+    with open(os.path.join(sd, "shard_000000_000005.bin"), "r+b") as f:
+        f.truncate(10)
+    open(os.path.join(sd, "shard_000000_000006.idx"), "wb").close()
     for f in _files(out):
         os.remove(os.path.join(out, f))
     m = run(PrepConfig(inputs=[embedded_corpus_jsonl(cache, max_docs=N_DOCS)], output_dir=out, vocab=embedded_vocab(),
                        seq_lengths=[64, 128], valid_fraction=0.05, docs_per_shard=30, progress=False))
-    assert m["_run"]["shards"] == 7 and m["_run"]["resumed_shards"] == 5
+    assert m["_run"]["shards"] == 7 and m["_run"]["resumed_shards"] == 4
     assert not os.path.exists(work)
+    _same_dir(base, out)
+
+
+def test_edited_input_redoes_only_its_own_shards(base, tmp_path, cache):
+    """The issue's case: the third of three inputs is a truncated .gz; re-created, only its shards
+    are made (0 of 8 resumed before per-file keys); then touching one file redoes only its 3."""
+    import gzip
+
+    lines = open(embedded_corpus_jsonl(cache, max_docs=N_DOCS)).read().splitlines(keepends=True)
+    d = tmp_path / "in"
+    d.mkdir()
+    a, b, c = d / "a.jsonl", d / "b.jsonl", d / "c.jsonl.gz"
+    a.write_text("".join(lines[:70]))
+    b.write_text("".join(lines[70:140]))
+    data = gzip.compress("".join(lines[140:]).encode())
+    c.write_bytes(data[: len(data) // 2])
+    out = str(tmp_path / "o")
+    cfg = dict(inputs=[str(d)], output_dir=out, vocab=embedded_vocab(), seq_lengths=[64, 128],
+               valid_fraction=0.05, docs_per_shard=30, progress=False, keep_work=True)
+    with pytest.raises(DataPrepError, match="truncated gzip"):
+        run(PrepConfig(**cfg))
+    c.write_bytes(data)
+    m = run(PrepConfig(**cfg))
+    assert (m["_run"]["shards"], m["_run"]["resumed_shards"]) == (3 + 3 + 2, 3 + 3)
+    for f in ("corpus.bin", "corpus.idx", "pairs_64_train.bin", "pairs_128_valid.bin"):
+        assert filecmp.cmp(os.path.join(out, f), os.path.join(base, f), shallow=False), f
+    first = {f: open(os.path.join(out, f), "rb").read() for f in _files(out)}
+    st = os.stat(a)
+    os.utime(a, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    m = run(PrepConfig(**cfg))
+    assert m["_run"]["resumed_shards"] == 3 + 2
+    assert {f: open(os.path.join(out, f), "rb").read() for f in _files(out)} == first
+    # The edited file's old shards are gone, not left to grow the work dir.
+    assert len([x for x in os.listdir(os.path.join(out, ".work")) if x.startswith("file_")]) == 3
+
+
+def test_document_without_blank_lines_is_split_into_bounded_shards(tmp_path, texts):
+    """A .txt of ~0.5 MB with no blank line is one document: with --max-document-bytes it becomes
+    pseudo-documents, shards hold at most --shard-bytes (+ one document) of text, and the tokens are
+    exactly those of the unsplit run (only the document boundaries in corpus.idx differ)."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    src = tmp_path / "book.txt"
+    body = "\n".join(t.strip() for t in texts if t.strip()) + "\n"
+    src.write_text(body, encoding="utf-8")
+    size = os.path.getsize(src)
+    kw = dict(inputs=[str(src)], vocab=embedded_vocab(), seq_lengths=[64], valid_fraction=0.0, progress=False)
+    small = dict(max_document_bytes=16 << 10, shard_bytes=48 << 10)
+    m = run(PrepConfig(output_dir=str(tmp_path / "split"), keep_work=True, **small, **kw))
+    assert m["dropped"]["long_documents_split"] == 1
+    n_docs = m["counts"]["documents"]
+    assert size // (16 << 10) <= n_docs <= size // (16 << 10) + 1
+    sd = _shard_dir(str(tmp_path / "split"), str(src))
+    bins = [os.path.getsize(os.path.join(sd, f)) for f in os.listdir(sd) if f.endswith(".bin")]
+    # uint16 tokens, at most one per byte of text; a shard closes once it reaches shard_bytes, so it
+    # holds less than shard_bytes + one (pseudo-)document, itself < max_document_bytes + one line.
+    longest_line = max(len(ln.encode()) for ln in body.splitlines())
+    assert len(bins) >= size // (48 << 10)
+    assert max(bins) <= 2 * ((48 << 10) + (16 << 10) + longest_line)
+    whole = run(PrepConfig(output_dir=str(tmp_path / "whole"), max_document_bytes=0, **kw))
+    assert whole["counts"]["documents"] == 1 and whole["dropped"]["long_documents_split"] == 0
+    assert filecmp.cmp(tmp_path / "split" / "corpus.bin", tmp_path / "whole" / "corpus.bin", shallow=False)
+    ds = IndexedDataset(str(tmp_path / "split" / "corpus"))
+    assert len(ds.document_indices) == n_docs + 1
+
+
+def test_killed_worker_is_one_clear_line_and_resumes(base, tmp_path, cache, monkeypatch):
+    """A worker killed with SIGKILL (as by the OOM killer) mid-run: a one-line error naming what to
+    lower, nothing written under a final name; the next run completes with base's bytes."""
+    out = str(tmp_path / "k")
+    cfg = dict(inputs=[embedded_corpus_jsonl(cache, max_docs=N_DOCS)], output_dir=out, vocab=embedded_vocab(),
+               seq_lengths=[64, 128], valid_fraction=0.05, docs_per_shard=30, progress=False, workers=2)
+    monkeypatch.setenv("DATA_PREP_TEST_SIGKILL_SHARD", "shard_000000_000003")
+    with pytest.raises(DataPrepError) as e:
+        run(PrepConfig(**cfg))
+    msg = str(e.value)
+    assert "\n" not in msg and "killed" in msg and "out-of-memory" in msg
+    assert "lower --workers (2) or --shard-bytes" in msg
+    assert not os.path.exists(os.path.join(out, "manifest.json"))
+    monkeypatch.delenv("DATA_PREP_TEST_SIGKILL_SHARD")
+    run(PrepConfig(**cfg))
     _same_dir(base, out)
 
 
@@ -236,7 +329,8 @@ def test_stale_tmp_files_of_a_killed_run_are_removed(tmp_path, cache):
               seq_lengths=[64], docs_per_shard=100, progress=False, keep_work=True)
     run(PrepConfig(**kw))
     stale = [out / "corpus.bin.tmp.4242", out / "pairs_64_train.bin.tmp.4242",
-             out / ".work" / "shard_000000_000001.bin.tmp.4242", out / ".work" / "manifest.json.tmp.1"]
+             out / ".work" / "manifest.json.tmp.1"]
+    stale.append(pathlib.Path(_shard_dir(str(out), kw["inputs"][0])) / "shard_000000_000001.bin.tmp.4242")
     for p in stale:
         p.write_bytes(b"left by a killed run")
     m = run(PrepConfig(**kw))
