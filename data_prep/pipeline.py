@@ -406,7 +406,7 @@ def _build_shards(cfg: PrepConfig, files: list[str], work: str, tok_file: str, c
                     while len(pending) >= 2 * cfg.workers:
                         settle(pending.popleft())
             pending.append({"marker": part_marker(fdir, p), "path": files[i], "shards": n, "documents": n_docs,
-                            "read_counts": dict(stats.counts)})
+                            "read_counts": dict(stats.counts), "rank": comm.rank})
             while pending and not isinstance(pending[0], Future):
                 settle(pending.popleft())
         while pending:

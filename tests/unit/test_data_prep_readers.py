@@ -133,3 +133,56 @@ def test_read_error_mid_file_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(readers, "_open_binary", lambda path: Failing())
     with pytest.raises(DataPrepError, match=r"a.txt: cannot read \(Input/output error\)"):
         _read([p])
+
+
+def _parts_docs(path, fmt, part_bytes, max_doc_bytes):
+    """The documents of every part of `path`, in order, as the pipeline reads them."""
+    from types import SimpleNamespace
+
+    from data_prep.pipeline import _part_range
+
+    cfg = SimpleNamespace(part_bytes=part_bytes, input_format=fmt)
+    n = -(-os.path.getsize(path) // part_bytes)
+    st = readers.ReadStats()
+    docs, ranges = [], []
+    for p in range(n):
+        rng = _part_range(cfg, str(path), p, n)
+        if rng is not None:
+            ranges.append(rng)
+            docs += list(readers.iter_file_documents(str(path), st, fmt, "text", max_doc_bytes, *rng))
+    return docs, st.counts, ranges
+
+
+@pytest.mark.parametrize("fmt", ["text", "jsonl"])
+def test_parts_at_document_boundaries_read_the_same_documents(tmp_path, monkeypatch, fmt):
+    """Whatever the part size, the parts' documents (and clean-up counts) are the whole file's:
+    blank lines of spaces, NULs or U+3000, runs of blank lines, CRLF, bad UTF-8, over-long lines
+    read in pieces (text: the piece size lowered to 40 bytes; JSON: some lines over 160 bytes,
+    dropped) and pseudo-documents."""
+    import random
+
+    monkeypatch.setattr(readers, "MAX_LINE_BYTES", 40 if fmt == "text" else 160)
+    rnd = random.Random(0)
+    words = ["alpha", "beta", "gamma.", "délta", "\u3000", "x" * 50, "\x00", "\xff"]
+    docs_text = []
+    for _ in range(60):
+        paras = [" ".join(rnd.choice(words) for _ in range(rnd.randint(1, 12))) for _ in range(rnd.randint(1, 4))]
+        docs_text.append(paras)
+    path = tmp_path / ("f.jsonl" if fmt == "jsonl" else "f.txt")
+    with open(path, "wb") as f:
+        for paras in docs_text:
+            if fmt == "jsonl":
+                f.write((json.dumps({"text": "\n".join(paras)}) + rnd.choice(["\n", "\n\n", "\n \n"])).encode())
+            else:
+                body = rnd.choice(["\n", "\r\n"]).join(paras).replace("\xff", "").encode("utf-8")
+                f.write(body.replace(b"gamma", b"gam\xffma")  # invalid UTF-8
+                        + rnd.choice(["\n\n", "\n  \n\n", "\n\x00\n", "\n\u3000\n"]).encode("utf-8"))
+    for max_doc in (0, 30):
+        whole = readers.ReadStats()
+        ref = list(readers.iter_file_documents(str(path), whole, fmt, "text", max_doc))
+        assert len(ref) >= 15
+        for part_bytes in (7, 64, 333, 1000, 5000):
+            docs, counts, ranges = _parts_docs(path, fmt, part_bytes, max_doc)
+            assert docs == ref and counts == whole.counts, (max_doc, part_bytes)
+            if part_bytes <= 1000:
+                assert len(ranges) > 1
