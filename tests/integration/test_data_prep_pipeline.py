@@ -182,7 +182,7 @@ def test_edited_input_redoes_only_its_own_shards(base, tmp_path, cache):
 
 
 def test_document_without_blank_lines_is_split_into_bounded_shards(tmp_path, texts):
-    """A .txt of ~0.5 MB with no blank line is one document: with --max-document-bytes it becomes
+    """A .txt of ~100 KB with no blank line is one document: with --max-document-bytes it becomes
     pseudo-documents, shards hold at most --shard-bytes (+ one document) of text, and the tokens are
     exactly those of the unsplit run (only the document boundaries in corpus.idx differ)."""
     from megatron.core.datasets.indexed_dataset import IndexedDataset
