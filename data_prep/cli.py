@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--part-bytes", type=int, default=256 << 20, metavar="N",
                      help="input files larger than N bytes (not .gz) are cut at document boundaries into "
                           "parts of about N bytes, spread over MPI ranks")
-    tk.add_argument("--max-document-bytes", type=int, default=1 << 20, metavar="N",
+    io.add_argument("--max-document-bytes", type=int, default=1 << 20, metavar="N",
                     help="documents longer than N bytes (e.g. a .txt without blank lines) become pseudo-documents "
                          "cut between lines, counted in the manifest; 0 = never")
     run.add_argument("--mpi", default="auto", choices=["auto", "on", "off"],
