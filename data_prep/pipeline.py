@@ -313,7 +313,7 @@ def _build_shards(cfg: PrepConfig, files: list[str], work: str, tok_file: str, c
                     while len(pending) >= 2 * cfg.workers:
                         settle(pending.popleft())
             pending.append({"file": i, "path": files[i], "shards": n, "read_counts": dict(stats.counts),
-                            "empty": bool(stats.empty_files)})
+                            "read_examples": stats.examples, "empty": bool(stats.empty_files)})
             while pending and not isinstance(pending[0], Future):
                 settle(pending.popleft())
         while pending:
@@ -326,7 +326,8 @@ def _build_shards(cfg: PrepConfig, files: list[str], work: str, tok_file: str, c
 
 def _merge(work: str, files: list[str], out_prefix: str, dtype) -> tuple[Counter, readers.ReadStats, int]:
     """Merge every shard in (file, k) order; returns the shard counts, the reading counts of all
-    files (whichever rank read them) and the number of shards."""
+    files (whichever rank read them) with the examples of reading and tokenizing, and the number
+    of shards."""
     totals: Counter = Counter()
     rstats = readers.ReadStats()
     prefixes = []
@@ -336,6 +337,7 @@ def _merge(work: str, files: list[str], out_prefix: str, dtype) -> tuple[Counter
         if done is None:
             raise DataPrepError(f"{path}: not finished in {work}: a worker or MPI rank failed; re-run to resume")
         rstats.counts.update(done["read_counts"])
+        rstats.add_examples(done.get("read_examples", {}))
         if done["empty"]:
             rstats.empty_files.append(path)
         for k in range(done["shards"]):
@@ -344,6 +346,8 @@ def _merge(work: str, files: list[str], out_prefix: str, dtype) -> tuple[Counter
                 raise DataPrepError(f"shard {k} of {path} in {work} is missing: a worker or MPI rank failed; "
                                     "re-run to resume")
             totals.update(info["counts"])
+            rstats.add_examples({r: [dict(e, file=readers.printable(path)) for e in ex]
+                                 for r, ex in info.get("examples", {}).items()})
             totals["input_documents"] += info["input_documents"]
             if info["counts"].get("documents", 0):
                 prefixes.append(shard_prefix(work, (i, k)))
@@ -541,6 +545,7 @@ def _run(cfg: PrepConfig, comm, files: list[str], t0: float, startup: float) -> 
         counts=Counts(input_files=len(files), documents=totals["documents"], sentences=totals["sentences"],
                       tokens=totals["tokens"], pairs=pair_counts),
         dropped=_dropped(rstats, totals),
+        dropped_examples=_dropped_examples(rstats),
         args=cfg.manifest_args(),
         seed=cfg.seed,
         sentence_splitter=cfg.splitter,
@@ -559,6 +564,10 @@ def _run(cfg: PrepConfig, comm, files: list[str], t0: float, startup: float) -> 
     return {**m.to_dict(), "_run": run_info}
 
 
+# Reasons of the readers' and shards' counts whose `dropped` key says more than their own name.
+_DROPPED_NAMES = {"nul_bytes": "nul_bytes_removed"}
+
+
 def _dropped(rstats: readers.ReadStats, totals: Counter) -> dict:
     """The manifest's `dropped` section: what reading and tokenizing removed or cut."""
     return {
@@ -569,11 +578,23 @@ def _dropped(rstats: readers.ReadStats, totals: Counter) -> dict:
         "oversized_lines_read_in_pieces": rstats.counts["oversized_lines_read_in_pieces"],
         "oversized_json_lines": rstats.counts["oversized_json_lines"],
         "invalid_utf8_lines": rstats.counts["invalid_utf8_lines"],
+        "lone_surrogate_lines": rstats.counts["lone_surrogate_lines"],
         "nul_bytes_removed": rstats.counts["nul_bytes"],
         "bad_json_lines": rstats.counts["bad_json_lines"],
         "json_lines_without_text": rstats.counts["json_lines_without_text"],
+        "tokenizer_refused_documents": totals["tokenizer_refused_documents"],
         "empty_files": rstats.empty_files,
     }
+
+
+def _dropped_examples(rstats: readers.ReadStats) -> dict:
+    """The manifest's `dropped_examples`: per key of `dropped`, its first few cases (file, line)."""
+    return {_DROPPED_NAMES.get(r, r): cases for r, cases in sorted(rstats.examples.items()) if cases}
+
+
+def _shown(text: str) -> str:
+    """`text` for a terminal: control and other non-printable characters as their escapes."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def format_report(m: dict) -> str:
@@ -585,9 +606,14 @@ def format_report(m: dict) -> str:
     for L, sp in c["pairs"].items():
         lines.append(f"  pairs @{L}: train {sp['train']['pairs']:,} ({sp['train']['documents']:,} docs)  "
                      f"valid {sp['valid']['pairs']:,} ({sp['valid']['documents']:,} docs)")
+    examples = m.get("dropped_examples") or {}
     for k, v in d.items():
         if v:
             lines.append(f"  dropped/cleaned {k}: {v if not isinstance(v, list) else len(v)}")
+            for e in examples.get(k, []):
+                where = f"{e['file']}:{e['line']}" if e.get("line") is not None else e["file"]
+                error = f"  ({e['error']})" if e.get("error") else ""
+                lines.append(f"      e.g. {where}: \"{_shown(e['excerpt'])}\"{error}")
     if r:
         lines.append(f"  {r['seconds']:.1f} s ({r['startup_seconds']:.1f} s start-up), "
                      f"{r['tokens_per_s']:,.0f} tokens/s after start-up, "

@@ -7,13 +7,18 @@ fixed order (inputs in the order given, directories expanded sorted), which is w
 downstream sharding deterministic.
 
 Bad bytes are cleaned and counted here rather than raising: a corpus of millions of web documents
-always has a few, and one bad line must not kill a day-long run.
+always has a few, and one bad line must not kill a day-long run. Every count has a reason (the
+keys of `ReadStats.counts`) and the first few cases of each reason are kept as examples with their
+file and line, for the report. What comes out is text every tokenizer and splitter accepts: valid
+Unicode (they accept every scalar value; a lone surrogate, which only a JSON escape can produce, is
+refused by HF `tokenizers`, sentencepiece and blingfire alike), without NUL (binary junk).
 """
 from __future__ import annotations
 
 import gzip
 import json
 import os
+import re
 import zlib
 from collections import Counter
 from dataclasses import dataclass, field
@@ -31,10 +36,62 @@ MAX_LINE_CHARS = 1 << 16
 MAX_LINE_BYTES = 1 << 26
 
 
+# Examples kept per reason: enough to find the pattern in a corpus, few enough for a manifest.
+MAX_EXAMPLES = 3
+EXCERPT_CHARS = 60
+# A UTF-16 surrogate on its own: JSON's "\ud83d" escape decodes to one (bytes never do: a strict
+# UTF-8 decode refuses them), and no tokenizer or splitter accepts it.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def printable(text: str) -> str:
+    """`text` as valid UTF-8 for a JSON file or a terminal: a lone surrogate (from a JSON escape or
+    a file name that is not UTF-8) becomes its escape."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def excerpt(text: str, pos: int = 0) -> str:
+    """Up to EXCERPT_CHARS characters of `text` around position `pos` (where the problem is)."""
+    text = text.rstrip("\r\n")
+    start = max(0, min(pos - EXCERPT_CHARS // 3, len(text) - EXCERPT_CHARS))
+    return printable(text[start:start + EXCERPT_CHARS])
+
+
+def add_example(examples: dict, reason: str, example: dict) -> None:
+    """Keep `example` if `reason` has fewer than MAX_EXAMPLES: the first ones, in reading order."""
+    kept = examples.setdefault(reason, [])
+    if len(kept) < MAX_EXAMPLES:
+        kept.append(example)
+
+
 @dataclass
 class ReadStats:
     empty_files: list = field(default_factory=list)
     counts: Counter = field(default_factory=Counter)
+    # reason -> the first MAX_EXAMPLES cases: {"file", "line" (1-based), "excerpt"}
+    examples: dict = field(default_factory=dict)
+
+    def note(self, reason: str, path: str, line: int, text: str = "", pos: int = 0, n: int = 1) -> None:
+        """Count `n` of `reason` and keep line `line` of `path` as an example (`text` around `pos`)."""
+        self.counts[reason] += n
+        add_example(self.examples, reason, {"file": printable(path), "line": line, "excerpt": excerpt(text, pos)})
+
+    def add_examples(self, examples: dict) -> None:
+        """Merge another file's (or shard's) examples after this one's, keeping the first few."""
+        for reason, cases in examples.items():
+            for case in cases:
+                add_example(self.examples, reason, case)
+
+
+class Document(list):
+    """The lines of one document, and `line`: the (1-based) line of its file where it starts, so
+    that a document dropped later (by the tokenizer) can be reported with its place."""
+
+    __slots__ = ("line",)
+
+    def __init__(self, lines=(), line: int | None = None):
+        super().__init__(lines)
+        self.line = line
 
 
 def _strip_gz(name: str) -> str:
@@ -90,10 +147,10 @@ def _open_binary(path: str):
         raise DataPrepError(f"{path}: cannot read ({e.strerror}); check the path and permissions") from e
 
 
-def _cut_long(line: str, counts: Counter) -> list[str]:
+def _cut_long(line: str, stats: ReadStats, path: str, lineno: int) -> list[str]:
     if len(line) <= MAX_LINE_CHARS:
         return [line]
-    counts["long_lines_cut"] += 1
+    stats.note("long_lines_cut", path, lineno, line)
     pieces = []
     start = 0
     while start < len(line):
@@ -107,25 +164,41 @@ def _cut_long(line: str, counts: Counter) -> list[str]:
     return pieces
 
 
-def _clean(raw: bytes, counts: Counter) -> str:
+def _clean(raw: bytes, stats: ReadStats, path: str, lineno: int) -> str:
     try:
         text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        counts["invalid_utf8_lines"] += 1
+    except UnicodeDecodeError as e:
         # U+FFFD is dropped by BERT's text cleaning anyway; replacing keeps the rest of the line.
         text = raw.decode("utf-8", errors="replace")
+        stats.note("invalid_utf8_lines", path, lineno, text, len(raw[:e.start].decode("utf-8", "replace")))
+    return _remove_nul(text, stats, path, lineno)
+
+
+def _remove_nul(text: str, stats: ReadStats, path: str, lineno: int) -> str:
     if "\x00" in text:
-        counts["nul_bytes"] += text.count("\x00")
+        stats.note("nul_bytes", path, lineno, text, text.index("\x00"), n=text.count("\x00"))
         text = text.replace("\x00", "")
     return text
 
 
-def _doc_lines(text: str, counts: Counter) -> list[str]:
+def _replace_surrogates(text: str, stats: ReadStats, path: str, lineno: int) -> str:
+    """A lone surrogate (a JSON escape of half an emoji, as web scrapes have) becomes U+FFFD, as
+    invalid UTF-8 does: the record is kept, the broken character is not."""
+    if text.isascii():  # O(1): the common case costs nothing
+        return text
+    m = _SURROGATE.search(text)
+    if m is None:
+        return text
+    stats.note("lone_surrogate_lines", path, lineno, text, m.start())
+    return _SURROGATE.sub("\ufffd", text)
+
+
+def _doc_lines(text: str, stats: ReadStats, path: str, lineno: int) -> list[str]:
     lines = []
     for ln in text.split("\n"):
         ln = ln.strip()
         if ln:
-            lines.extend(_cut_long(ln, counts))
+            lines.extend(_cut_long(ln, stats, path, lineno))
     return lines
 
 
@@ -172,56 +245,66 @@ def _read_lines(path: str, limit: int | None = None) -> Iterator[tuple[bytes, bo
         f.close()
 
 
-def iter_text_documents(path: str, counts: Counter) -> Iterator[list[str]]:
-    doc: list[str] = []
+def iter_text_documents(path: str, stats: ReadStats) -> Iterator[Document]:
+    doc = Document()
+    lineno = 1  # of the line `raw` is (a piece of)
+    first_piece = True
     for raw, complete in _read_lines(path):
-        if not complete:
-            counts["oversized_lines_read_in_pieces"] += 1
-        text = _clean(raw, counts)
+        text = _clean(raw, stats, path, lineno)
+        if not complete:  # counted per piece, one example per line
+            if first_piece:
+                stats.note("oversized_lines_read_in_pieces", path, lineno, text)
+            else:
+                stats.counts["oversized_lines_read_in_pieces"] += 1
         if text.strip():
-            doc.extend(_doc_lines(text, counts))
+            if not doc:
+                doc.line = lineno
+            doc.extend(_doc_lines(text, stats, path, lineno))
         elif doc and complete:
             yield doc
-            doc = []
+            doc = Document()
+        lineno += complete
+        first_piece = complete
     if doc:
         yield doc
 
 
-def iter_jsonl_documents(path: str, counts: Counter, key: str = "text") -> Iterator[list[str]]:
+def iter_jsonl_documents(path: str, stats: ReadStats, key: str = "text") -> Iterator[Document]:
     skipping = False
+    lineno = 0
     for raw, complete in _read_lines(path):
+        if not skipping:
+            lineno += 1  # the first (or only) piece of a line
         if skipping or not complete:
             # A JSON line larger than MAX_LINE_BYTES cannot be parsed in bounded memory: drop it.
             if not skipping:
-                counts["oversized_json_lines"] += 1
+                stats.note("oversized_json_lines", path, lineno, raw[:4 * EXCERPT_CHARS].decode("utf-8", "replace"))
             skipping = not complete
             continue
-        text = _clean(raw, counts)
+        text = _clean(raw, stats, path, lineno)
         if not text.strip():
             continue
         try:
             obj = json.loads(text)
-        except json.JSONDecodeError:
-            counts["bad_json_lines"] += 1
+        except json.JSONDecodeError as e:
+            stats.note("bad_json_lines", path, lineno, text, e.pos)
             continue
         value = obj.get(key) if isinstance(obj, dict) else None
         if not isinstance(value, str):
-            counts["json_lines_without_text"] += 1
+            stats.note("json_lines_without_text", path, lineno, text)
             continue
-        if "\x00" in value:
-            counts["nul_bytes"] += value.count("\x00")
-            value = value.replace("\x00", "")
-        yield _doc_lines(value, counts)
+        value = _replace_surrogates(_remove_nul(value, stats, path, lineno), stats, path, lineno)
+        yield Document(_doc_lines(value, stats, path, lineno), lineno)
 
 
-def iter_file_documents(path: str, stats: ReadStats, fmt: str = "auto", json_key: str = "text") -> Iterator[list[str]]:
+def iter_file_documents(path: str, stats: ReadStats, fmt: str = "auto", json_key: str = "text") -> Iterator[Document]:
     """Yield the lines of every document of one file; empty documents are counted and skipped."""
     kind = detect_format(path, fmt)
-    it = iter_jsonl_documents(path, stats.counts, json_key) if kind == "jsonl" else iter_text_documents(path, stats.counts)
+    it = iter_jsonl_documents(path, stats, json_key) if kind == "jsonl" else iter_text_documents(path, stats)
     n = 0
     for lines in it:
         if not lines:
-            stats.counts["empty_documents"] += 1
+            stats.note("empty_documents", path, lines.line)
             continue
         n += 1
         yield lines
