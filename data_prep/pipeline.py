@@ -405,8 +405,11 @@ def _build_shards(cfg: PrepConfig, files: list[str], work: str, tok_file: str, c
                     # A bounded window keeps memory flat: the reader never runs far ahead of workers.
                     while len(pending) >= 2 * cfg.workers:
                         settle(pending.popleft())
+            # read_examples and the shards' examples count lines from the part's start; "lines"
+            # (lines read) lets the merge turn them into lines of the file.
             pending.append({"marker": part_marker(fdir, p), "path": files[i], "shards": n, "documents": n_docs,
-                            "read_counts": dict(stats.counts), "rank": comm.rank})
+                            "lines": stats.lines, "read_counts": dict(stats.counts),
+                            "read_examples": stats.examples, "rank": comm.rank})
             while pending and not isinstance(pending[0], Future):
                 settle(pending.popleft())
         while pending:
@@ -419,19 +422,22 @@ def _build_shards(cfg: PrepConfig, files: list[str], work: str, tok_file: str, c
 
 def _merge(cfg: PrepConfig, work: str, files: list[str], out_prefix: str, dtype) -> tuple[Counter, readers.ReadStats, int]:
     """Merge every shard in (file, part, k) order; returns the shard counts, the reading counts of
-    all files (whichever rank read them) and the number of shards."""
+    all files (whichever rank read them) with the examples of reading and tokenizing, and the
+    number of shards. A part's examples count lines from the part's start: the lines of the parts
+    before it (contiguous, in order) are added, so they are lines of the file, whatever the parts."""
     totals: Counter = Counter()
     rstats = readers.ReadStats()
     prefixes = []
     n_shards = 0
     for i, path in enumerate(files):
         fdir = file_work_dir(work, path)
-        n_docs = 0
+        n_docs = line0 = 0
         for p in range(_n_parts(cfg, path)):
             done = part_done(fdir, p)
             if done is None:
                 raise DataPrepError(f"{path}: not finished in {work}: a worker or MPI rank failed; re-run to resume")
             rstats.counts.update(done["read_counts"])
+            rstats.add_examples(readers.shift_lines(done.get("read_examples", {}), line0))
             n_docs += done["documents"]
             for k in range(done["shards"]):
                 info = shard_done(shard_prefix(fdir, p, k))
@@ -439,10 +445,14 @@ def _merge(cfg: PrepConfig, work: str, files: list[str], out_prefix: str, dtype)
                     raise DataPrepError(f"shard {p}/{k} of {path} in {fdir} is missing or damaged: a worker or MPI "
                                         "rank failed, or a file was removed; re-run to redo it")
                 totals.update(info["counts"])
+                shard_examples = {r: [dict(e, file=readers.printable(path)) for e in ex]
+                                  for r, ex in info.get("examples", {}).items()}
+                rstats.add_examples(readers.shift_lines(shard_examples, line0))
                 totals["input_documents"] += info["input_documents"]
                 if info["counts"].get("documents", 0):
                     prefixes.append(shard_prefix(fdir, p, k))
             n_shards += done["shards"]
+            line0 += done["lines"]
         if n_docs == 0:
             rstats.empty_files.append(path)
     if prefixes:
@@ -643,6 +653,7 @@ def _run(cfg: PrepConfig, comm, files: list[str], t0: float, startup: float) -> 
                       tokens=totals["tokens"], pairs=pair_counts),
         # Not cleaning, but what the report should show next to it: documents cut into pseudo-documents.
         dropped={**_dropped(rstats, totals), "long_documents_split": rstats.counts["long_documents_split"]},
+        dropped_examples=_dropped_examples(rstats),
         args=cfg.manifest_args(),
         seed=cfg.seed,
         sentence_splitter=cfg.splitter,
@@ -661,6 +672,10 @@ def _run(cfg: PrepConfig, comm, files: list[str], t0: float, startup: float) -> 
     return {**m.to_dict(), "_run": run_info}
 
 
+# Reasons of the readers' and shards' counts whose `dropped` key says more than their own name.
+_DROPPED_NAMES = {"nul_bytes": "nul_bytes_removed"}
+
+
 def _dropped(rstats: readers.ReadStats, totals: Counter) -> dict:
     """The manifest's `dropped` section: what reading and tokenizing removed or cut."""
     return {
@@ -671,11 +686,23 @@ def _dropped(rstats: readers.ReadStats, totals: Counter) -> dict:
         "oversized_lines_read_in_pieces": rstats.counts["oversized_lines_read_in_pieces"],
         "oversized_json_lines": rstats.counts["oversized_json_lines"],
         "invalid_utf8_lines": rstats.counts["invalid_utf8_lines"],
+        "lone_surrogate_lines": rstats.counts["lone_surrogate_lines"],
         "nul_bytes_removed": rstats.counts["nul_bytes"],
         "bad_json_lines": rstats.counts["bad_json_lines"],
         "json_lines_without_text": rstats.counts["json_lines_without_text"],
+        "tokenizer_refused_documents": totals["tokenizer_refused_documents"],
         "empty_files": rstats.empty_files,
     }
+
+
+def _dropped_examples(rstats: readers.ReadStats) -> dict:
+    """The manifest's `dropped_examples`: per key of `dropped`, its first few cases (file, line)."""
+    return {_DROPPED_NAMES.get(r, r): cases for r, cases in sorted(rstats.examples.items()) if cases}
+
+
+def _shown(text: str) -> str:
+    """`text` for a terminal: control and other non-printable characters as their escapes."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def format_report(m: dict) -> str:
@@ -687,9 +714,14 @@ def format_report(m: dict) -> str:
     for L, sp in c["pairs"].items():
         lines.append(f"  pairs @{L}: train {sp['train']['pairs']:,} ({sp['train']['documents']:,} docs)  "
                      f"valid {sp['valid']['pairs']:,} ({sp['valid']['documents']:,} docs)")
+    examples = m.get("dropped_examples") or {}
     for k, v in d.items():
         if v:
             lines.append(f"  dropped/cleaned {k}: {v if not isinstance(v, list) else len(v)}")
+            for e in examples.get(k, []):
+                where = f"{e['file']}:{e['line']}" if e.get("line") is not None else e["file"]
+                error = f"  ({e['error']})" if e.get("error") else ""
+                lines.append(f"      e.g. {where}: \"{_shown(e['excerpt'])}\"{error}")
     if r:
         lines.append(f"  {r['seconds']:.1f} s ({r['startup_seconds']:.1f} s start-up), "
                      f"{r['tokens_per_s']:,.0f} tokens/s after start-up, "

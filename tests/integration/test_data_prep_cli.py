@@ -68,7 +68,10 @@ def _dirty_corpus(tmp_path, long_words):
     assert len(line) > 10_000_000
     with gzip.open(src / "long.txt.gz", "wt") as f:
         f.write(line + "\n")
-    (src / "docs.jsonl").write_text(json.dumps({"text": "Json doc one. It has two sentences."}) + "\n{broken\n")
+    # Line 3: an escaped lone surrogate, as web-scraped JSONL has (it used to end the run with a
+    # TypeError traceback from the tokenizer).
+    (src / "docs.jsonl").write_text(json.dumps({"text": "Json doc one. It has two sentences."}) + "\n{broken\n"
+                                    + '{"text": "Broken emoji \\ud83d here."}\n')
     return src, line
 
 
@@ -82,24 +85,29 @@ def _check_dirty_run(tmp_path, src, line, expected_long=None):
     d = m["dropped"]
     assert d["invalid_utf8_lines"] == 1 and d["nul_bytes_removed"] == 1 and d["bad_json_lines"] == 1
     assert sorted(os.path.basename(p) for p in d["empty_files"]) == ["blank.txt", "empty.txt"]
-    assert d["long_lines_cut"] == 1 and d["long_sentences_cut"] >= 1
+    assert d["long_lines_cut"] == 1 and d["long_sentences_cut"] >= 1 and d["lone_surrogate_lines"] == 1
     # The 10 MB line is one document of > --max-document-bytes (1 MiB): ~10 pseudo-documents.
     assert d["long_documents_split"] == 1
-    assert m["counts"]["documents"] == 4 + -(-len(line) // (1 << 20))
+    assert m["counts"]["documents"] == 5 + -(-len(line) // (1 << 20))
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     from data_prep.tokenizer import WordPieceTokenizer
 
     ds = IndexedDataset(os.path.join(out, "corpus"))
     assert int(ds.sequence_lengths.max()) <= 512
-    # Directory walk is sorted: blank, bytes (3 docs), docs.jsonl, empty, long.txt.gz -> the last docs.
+    # Directory walk is sorted: blank, bytes (3 docs), docs.jsonl (2), empty, long.txt.gz -> the last docs.
     di = ds.document_indices
-    got = np.concatenate([ds[i] for i in range(di[4], di[-1])])
+    got = np.concatenate([ds[i] for i in range(di[5], di[-1])])
     # Nothing of the long line was lost or changed by the cuts.
     if expected_long is None:
         expected_long = WordPieceTokenizer(embedded_vocab()).encode_text(line)
     assert got.tolist() == expected_long
     assert "dropped/cleaned" in r.stdout and "long_lines_cut" in r.stdout
+    # Each reason with its first cases, file:line, in the report.
+    assert f'lone_surrogate_lines: 1\n      e.g. {src / "docs.jsonl"}:3: "Broken emoji \\ud83d here."' in r.stdout
+    assert f'bad_json_lines: 1\n      e.g. {src / "docs.jsonl"}:2: "{{broken"' in r.stdout
+    assert m["dropped_examples"]["invalid_utf8_lines"] == [
+        {"file": str(src / "bytes.txt"), "line": 3, "excerpt": "Bad \ufffd\ufffd utf8. And a NUL\x00 byte."}]
 
 
 def test_dirty_corpus_is_cleaned_and_counted(tmp_path):
