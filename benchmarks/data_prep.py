@@ -102,6 +102,7 @@ def peak_rss_subprocess(corpus, vocab, out, workers, seq_lengths):
 # Scale mode
 
 SMALL_FILE_BYTES = 512 << 10
+STARTUP_IMPORTS = "import data_prep.cli, data_prep.pipeline, megatron.core.datasets.indexed_dataset"
 SHAPES = ("small_files", "one_big_file", "long_documents")
 
 
@@ -249,8 +250,8 @@ def scale_mode(args, work: str) -> None:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
     print(f"scale mode: {args.scale_gb:g} GB per shape; {len(cores_all)} cores; load average "
           f"{os.getloadavg()[0]:.1f}; data_prep with default flags (no --seq-length: its default)")
-    print("tokens/s: pipeline = manifest tokens / wall time of `python -m data_prep` (start-up included; 'warm' = "
-          "the ratio without the start-up, timed as `python -c 'import data_prep.cli'`); bare = the same vocab's "
+    print(f"tokens/s: pipeline = manifest tokens / wall time of `python -m data_prep` (start-up included; 'warm' = "
+          f"the ratio without the start-up, timed as `python -c '{STARTUP_IMPORTS}'`); bare = the same vocab's "
           "encode_batch over the same lines, encode time only; both pinned to the same cores. main/worker MiB = "
           "peak RSS (VmHWM) of the main process / the largest worker; tree PSS = peak sum over the process tree")
     print(f"{'shape':<15} {'workers':>7} {'pipeline tok/s':>14} {'bare tok/s':>11} {'ratio':>6} {'warm':>6} "
@@ -261,9 +262,9 @@ def scale_mode(args, work: str) -> None:
         if len(cores) < workers:
             print(f"   (only {len(cores)} cores for {workers} workers)")
         bare[workers] = bare_tokenizer_pinned(paths["one_big_file"], vocab, cores)
-        # What `python -m data_prep` pays before any text (the imports of data_prep.cli: torch,
-        # megatron-core): shown apart, it dominates small runs.
-        startup = run_monitored([sys.executable, "-c", "import data_prep.cli"], cores, env)["seconds"]
+        # What `python -m data_prep` pays before any text (its imports; run() imports torch and
+        # megatron-core up front): shown apart, it dominates small runs.
+        startup = run_monitored([sys.executable, "-c", STARTUP_IMPORTS], cores, env)["seconds"]
         for shape in SHAPES:
             out = os.path.join(work, f"out_{shape}_w{workers}")
             shutil.rmtree(out, ignore_errors=True)
