@@ -66,7 +66,16 @@ def build_parser() -> argparse.ArgumentParser:
     run = p.add_argument_group("execution")
     run.add_argument("--workers", type=int, default=1, help="tokenizer processes on this node")
     run.add_argument("--docs-per-shard", type=int, default=1000,
-                     help="documents per work unit (the unit of parallelism and of resume)")
+                     help="documents per work unit (the unit of parallelism and of resume), at most")
+    run.add_argument("--shard-bytes", type=int, default=8 << 20, metavar="N",
+                     help="a work unit also ends at N bytes of text: a worker's memory is ~25x this while it "
+                          "tokenizes, plus ~0.4 GB; lower it if workers are killed for memory")
+    run.add_argument("--part-bytes", type=int, default=256 << 20, metavar="N",
+                     help="input files larger than N bytes (not .gz) are cut at document boundaries into "
+                          "parts of about N bytes, spread over MPI ranks")
+    io.add_argument("--max-document-bytes", type=int, default=1 << 20, metavar="N",
+                    help="documents longer than N bytes (e.g. a .txt without blank lines) become pseudo-documents "
+                         "cut between lines, counted in the manifest; 0 = never")
     run.add_argument("--mpi", default="auto", choices=["auto", "on", "off"],
                      help="share shards across MPI ranks (auto: when started by mpirun)")
     run.add_argument("--keep-work", action="store_true", help="keep the .work shard directory after success")
@@ -127,7 +136,8 @@ def config_from_args(args):
         seed=args.seed, valid_fraction=args.valid_fraction, dupe_factor=args.dupe_factor,
         short_seq_prob=args.short_seq_prob, lower_case=args.lower_case, splitter=args.splitter,
         input_format=args.input_format, json_key=args.json_key, max_sentence_tokens=args.max_sentence_tokens,
-        docs_per_shard=args.docs_per_shard, train_spm_vocab_size=args.train_spm_vocab_size,
+        docs_per_shard=args.docs_per_shard, shard_bytes=args.shard_bytes, part_bytes=args.part_bytes,
+        max_document_bytes=args.max_document_bytes, train_spm_vocab_size=args.train_spm_vocab_size,
         spm_model_type=args.spm_model_type, train_wordpiece_vocab_size=args.train_wordpiece_vocab_size,
         tokenizer_train_sentences=args.tokenizer_train_sentences,
         workers=args.workers, keep_work=args.keep_work, progress=args.progress,

@@ -98,6 +98,10 @@ class Manifest:
     tokenizer: TokenizerInfo
     counts: Counts = field(default_factory=Counts)
     dropped: dict = field(default_factory=dict)  # what cleaning removed or cut, by kind
+    # Optional (absent from older manifests): per key of `dropped`, its first few cases, each
+    # {"file", "line" (1-based, where the record or document starts, in the whole file even when
+    # it was read in parts), "excerpt"[, "error"]}.
+    dropped_examples: dict = field(default_factory=dict)
     args: dict = field(default_factory=dict)  # the PrepConfig fields that decide the output
     seed: Optional[int] = None
     sentence_splitter: Optional[str] = None
@@ -131,7 +135,7 @@ class Manifest:
             raise ManifestError(f"{source}: 'counts' is not an object; re-run data_prep")
         known = {f.name for f in dataclasses.fields(Counts)}
         sections = {}
-        for name in ("dropped", "args", "versions", "files"):
+        for name in ("dropped", "dropped_examples", "args", "versions", "files"):
             sections[name] = d.get(name) or {}
             if not isinstance(sections[name], dict):
                 raise ManifestError(f"{source}: '{name}' is not an object; re-run data_prep")

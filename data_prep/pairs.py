@@ -36,7 +36,12 @@ def write_pair_index(path: str, seq_length: int, records: np.ndarray) -> None:
 
 
 class PairIndex:
-    """Read-only view of a pair index file; `.pairs` is a memmap of PAIR_DTYPE."""
+    """Read-only view of a pair index file; `.pairs` is a memmap of PAIR_DTYPE.
+
+    Opening reads the 32-byte header and the file size only (O(1) whatever the record count: every
+    loader worker opens it); records are read when used. Whether they point into the corpus is
+    checked by their users: pretrain.data on the records a batch reads, data_prep.verify on all.
+    """
 
     def __init__(self, path: str):
         self.path = path

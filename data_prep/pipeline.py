@@ -1,13 +1,20 @@
 """The data-prep pipeline: read -> shard (parallel workers, MPI ranks) -> merge -> split -> pairs
 -> manifest. `run(PrepConfig)` is what the CLI, the embedded demo and the test helpers call.
 
-Determinism: shard (i, k) is the k-th run of documents of input file i, every random choice is
-seeded per document, and the merge goes in (file, k) order, so output bytes do not depend on
-worker or rank counts. MPI ranks own whole input files (round-robin) and read only those. Atomicity: every file is written under a temporary name and renamed; manifest.json is
+Determinism: an input file of more than --part-bytes (not gzip) is cut into parts at document
+boundaries found near multiples of --part-bytes (readers.document_boundary), shard (p, k) is the
+k-th run of documents of part p (closed at --docs-per-shard documents or --shard-bytes of text),
+every random choice is seeded per document, and the merge goes in (file, part, k) order: the
+corpus is the documents of the files in order, so output bytes do not depend on worker or rank
+counts, nor on the part and shard sizes. Parts go to MPI ranks round-robin; a rank reads only its
+own parts and its workers tokenize their shards. Resume is per input file: each file's shards live
+in a directory named after its path, size and mtime, so changing one file redoes only its shards.
+Atomicity: every file is written under a temporary name and renamed; manifest.json is
 removed at the start and written last, so a directory without it is never mistaken for complete.
 """
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import logging
@@ -17,6 +24,7 @@ import shutil
 import time
 from collections import Counter, deque
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 
@@ -30,7 +38,7 @@ from .errors import DataPrepError
 from .manifest import FORMAT_VERSION, Counts, Manifest, TokenizerInfo
 from .nsp import pair_tasks, pairs_for_documents
 from .pairs import PairIndexWriter
-from .shards import corpus_dtype, file_done, file_marker, init_worker, process_shard, shard_done, shard_prefix
+from .shards import corpus_dtype, init_worker, part_done, part_marker, process_shard, shard_done, shard_prefix
 from .splitter import SPLITTERS
 from .tokenizer import (WORDPIECE_LIMIT_ALPHABET, WORDPIECE_MIN_FREQUENCY, load_tokenizer, sha256_file,
                         train_sentencepiece, train_wordpiece)
@@ -40,7 +48,7 @@ log = logging.getLogger("data_prep")
 WORK_DIR = ".work"
 # Arguments that change how the run is executed but never what it writes: kept out of the
 # manifest so that 1 worker and 8 workers give byte-identical directories.
-RUNTIME_ONLY = ("output_dir", "workers", "keep_work", "progress")
+RUNTIME_ONLY = ("output_dir", "workers", "keep_work", "progress", "shard_bytes", "part_bytes")
 # Smallest --train-wordpiece-vocab-size accepted before reading anything: 5 special tokens plus an
 # English corpus's letters, digits, punctuation and their ## continuations already take ~110.
 MIN_WORDPIECE_VOCAB = 128
@@ -62,6 +70,14 @@ class PrepConfig:
     json_key: str = "text"
     max_sentence_tokens: int = 512
     docs_per_shard: int = 1000
+    # A shard is also closed at this much text: a worker's memory is ~25x its shard's text while
+    # it tokenizes (plus ~0.4 GB of imports), so 8 MiB keeps a worker well under 1 GiB.
+    shard_bytes: int = 8 << 20
+    # Longer documents (a .txt without blank lines, a whole book) become pseudo-documents cut
+    # between lines; 0 = never cut (then one document is held whole, whatever its size).
+    max_document_bytes: int = 1 << 20
+    # Files larger than this (not .gz) are read in parts, spread over MPI ranks.
+    part_bytes: int = 256 << 20
     train_spm_vocab_size: int = 0
     spm_model_type: str = "unigram"
     train_wordpiece_vocab_size: int = 0
@@ -94,6 +110,12 @@ class PrepConfig:
             raise DataPrepError(f"--workers {self.workers}: must be >= 1")
         if self.docs_per_shard < 1:
             raise DataPrepError(f"--docs-per-shard {self.docs_per_shard}: must be >= 1")
+        if self.shard_bytes < 1024:
+            raise DataPrepError(f"--shard-bytes {self.shard_bytes}: must be >= 1024")
+        if self.part_bytes < 1024:
+            raise DataPrepError(f"--part-bytes {self.part_bytes}: must be >= 1024")
+        if self.max_document_bytes < 0:
+            raise DataPrepError(f"--max-document-bytes {self.max_document_bytes}: must be >= 0 (0: never split)")
         if self.max_sentence_tokens < 1:
             raise DataPrepError(f"--max-sentence-tokens {self.max_sentence_tokens}: must be >= 1")
         if self.splitter not in SPLITTERS:
@@ -140,11 +162,19 @@ class _SingleComm:
         return obj
 
 
-def _fingerprint(cfg: PrepConfig, files: list[str]) -> dict:
-    def stat(p):
-        st = os.stat(p)
-        return [p, st.st_size, st.st_mtime_ns]
+def _file_stat(path: str) -> list:
+    st = os.stat(path)
+    return [os.path.abspath(path), st.st_size, st.st_mtime_ns]
 
+
+def file_work_dir(work: str, path: str) -> str:
+    """Where one input file's shards live: a new path, size or mtime is a new directory."""
+    key = hashlib.sha256(json.dumps(_file_stat(path)).encode()).hexdigest()[:20]
+    return os.path.join(work, f"file_{key}")
+
+
+def _fingerprint(cfg: PrepConfig, files: list[str]) -> dict:
+    """What every shard depends on besides its own input file (those are keyed per file)."""
     if cfg.train_wordpiece_vocab_size:
         # No seed: WordPiece training has no randomness. The recipe's constants are included so
         # that changing them invalidates a vocab trained (and shards tokenized) with the old ones.
@@ -155,32 +185,47 @@ def _fingerprint(cfg: PrepConfig, files: list[str]) -> dict:
                      f"{cfg.seed}")
     else:
         tokenizer = sha256_file(cfg.vocab)
-    return {
-        "files": [stat(p) for p in files],
+    fp = {
+        "layout": 2,  # per-file directories; layout 1 (one fingerprint over all files) is discarded
         "tokenizer": tokenizer,
-        **{k: getattr(cfg, k) for k in ("lower_case", "splitter", "input_format", "json_key",
-                                        "max_sentence_tokens", "docs_per_shard")},
+        **{k: getattr(cfg, k) for k in ("lower_case", "splitter", "input_format", "json_key", "max_sentence_tokens",
+                                        "docs_per_shard", "shard_bytes", "max_document_bytes", "part_bytes")},
         "format_version": FORMAT_VERSION,
     }
+    if cfg.trains_tokenizer:
+        # A vocab trained on the inputs depends on all of them: any change redoes every shard.
+        fp["files"] = [_file_stat(p) for p in files]
+    return fp
 
 
 def _prepare_work_dir(cfg: PrepConfig, files: list[str], work: str) -> bool:
-    """Keep finished shards only if they were made from the same inputs and arguments."""
+    """Keep finished shards made with the same arguments, of the input files that did not change
+    (path, size, mtime); drop the directories of files changed or no longer given."""
     fp = _fingerprint(cfg, files)
     fp_path = os.path.join(work, "fingerprint.json")
     try:
         with open(fp_path) as f:
-            if json.load(f) == json.loads(json.dumps(fp)):
-                return True
+            kept = json.load(f) == json.loads(json.dumps(fp))
     except (OSError, json.JSONDecodeError):
-        pass
-    shutil.rmtree(work, ignore_errors=True)
+        kept = False
+    if not kept:
+        shutil.rmtree(work, ignore_errors=True)
     try:
-        os.makedirs(work)
+        os.makedirs(work, exist_ok=True)
+        wanted = {os.path.basename(file_work_dir(work, p)) for p in files}
+        stale = [d for d in os.listdir(work) if d.startswith("file_") and d not in wanted]
+        for d in stale:
+            shutil.rmtree(os.path.join(work, d))
+        for d in sorted(wanted):
+            os.makedirs(os.path.join(work, d), exist_ok=True)
+            remove_stale_tmp(os.path.join(work, d))
     except OSError as e:
         raise os_error(work, "create the work directory", e) from e
-    atomic_json(fp_path, fp)
-    return False
+    if stale:
+        log.info("dropped the finished shards of %d changed or removed input file(s)", len(stale))
+    if not kept:
+        atomic_json(fp_path, fp)
+    return kept
 
 
 def _training_sentences(cfg: PrepConfig, files: list[str]):
@@ -188,7 +233,8 @@ def _training_sentences(cfg: PrepConfig, files: list[str]):
     order, until a document brings the count to --tokenizer-train-sentences."""
     split = SPLITTERS[cfg.splitter]
     n = 0
-    for _, lines in readers.iter_documents(files, readers.ReadStats(), cfg.input_format, cfg.json_key):
+    for _, lines in readers.iter_documents(files, readers.ReadStats(), cfg.input_format, cfg.json_key,
+                                           cfg.max_document_bytes):
         for ln in lines:
             for a, b in split(ln):
                 s = ln[a:b].strip()
@@ -250,70 +296,120 @@ def _train_wordpiece(cfg: PrepConfig, files: list[str], work: str) -> str:
 def _executor(workers: int, initializer=None, initargs=()):
     """Worker processes. fork: they inherit the imported modules (torch, megatron) and the pair
     tables instead of re-importing or pickling them. A worker that dies (OOM killer) surfaces as
-    BrokenProcessPool instead of the silent hang of multiprocessing.Pool."""
+    BrokenProcessPool (turned into a one-line error by run()) instead of the silent hang of
+    multiprocessing.Pool."""
     return ProcessPoolExecutor(workers, mp_context=mp.get_context("fork"), initializer=initializer,
                                initargs=initargs)
 
 
-def _chunks(doc_iter, size: int):
-    buf = []
+def _chunks(doc_iter, size: int, max_bytes: int):
+    """Runs of `size` documents, closed early once they hold `max_bytes` of text."""
+    buf, nbytes = [], 0
     for lines in doc_iter:
         buf.append(lines)
-        if len(buf) == size:
+        nbytes += readers.document_bytes(lines)
+        if len(buf) == size or nbytes >= max_bytes:
             yield buf
-            buf = []
+            buf, nbytes = [], 0
     if buf:
         yield buf
 
 
+def _n_parts(cfg: PrepConfig, path: str) -> int:
+    if not readers.splittable(path):
+        return 1  # a gzip stream cannot be entered in the middle
+    return max(1, -(-os.path.getsize(path) // cfg.part_bytes))
+
+
+def _part_range(cfg: PrepConfig, path: str, p: int, n: int) -> tuple[int, int | None] | None:
+    """Bytes [start, end) of part p: from the first document boundary in window p (file offset 0
+    for p = 0) to the first boundary of a later window (None: the end of the file). None when
+    window p has no boundary: its bytes belong to a document of an earlier part."""
+    if n == 1:
+        return 0, None
+    w = cfg.part_bytes
+    start = 0 if p == 0 else readers.document_boundary(path, cfg.input_format, p * w, (p + 1) * w)
+    if start is None:
+        return None
+    for q in range(p + 1, n):
+        end = readers.document_boundary(path, cfg.input_format, q * w, (q + 1) * w)
+        if end is not None:
+            return start, end
+    return start, None
+
+
+def _my_parts(cfg: PrepConfig, files: list[str], comm):
+    """(file index, part, parts of that file) of this rank: all parts of all files, round-robin."""
+    j = 0
+    for i, path in enumerate(files):
+        n = _n_parts(cfg, path)
+        for p in range(n):
+            if j % comm.size == comm.rank:
+                yield i, p, n
+            j += 1
+
+
+def _part_finished(fdir: str, p: int) -> dict | None:
+    done = part_done(fdir, p)
+    if done is None or not all(shard_done(shard_prefix(fdir, p, k)) for k in range(done["shards"])):
+        return None  # not finished, or a shard was lost or damaged since: redo the missing ones
+    return done
+
+
 def _build_shards(cfg: PrepConfig, files: list[str], work: str, tok_file: str, comm, bar) -> int:
-    """Tokenize this rank's input files (file i belongs to rank i % size: each rank reads only its
-    own files, so a corpus of many files is read in parallel; one large file is one rank's work).
-    A file is finished by its marker, written after all its shards; returns the shards skipped
+    """Tokenize this rank's parts (each rank reads only its own; its workers tokenize the shards).
+    A part is finished by its marker, written after all its shards; returns the shards skipped
     because a previous run finished them."""
     wcfg = {"tokenizer_file": tok_file, "lower_case": cfg.lower_case, "splitter": cfg.splitter,
-            "max_sentence_tokens": cfg.max_sentence_tokens, "work_dir": work, "in_worker": cfg.workers > 1}
+            "max_sentence_tokens": cfg.max_sentence_tokens, "in_worker": cfg.workers > 1}
     pool = None
     if cfg.workers > 1:
         pool = _executor(cfg.workers, init_worker, (wcfg,))
     else:
         init_worker(wcfg)
-    # Futures and file markers in submission order: a file's marker is written only once every
+    # Futures and part markers in submission order: a part's marker is written only once every
     # shard before it in the queue has finished.
     pending: deque = deque()
 
     def settle(entry):
         if isinstance(entry, dict):
-            atomic_json(file_marker(work, entry["file"]), entry)
+            atomic_json(entry.pop("marker"), entry)
         else:
             entry.result()
 
     resumed = 0
     try:
-        for i in range(comm.rank, len(files), comm.size):
-            done = file_done(work, i)
+        for i, p, n_parts in _my_parts(cfg, files, comm):
+            fdir = file_work_dir(work, files[i])
+            done = _part_finished(fdir, p)
             if done is not None:
                 resumed += done["shards"]
                 continue
             stats = readers.ReadStats()
-            n = 0
-            docs_iter = readers.iter_file_documents(files[i], stats, cfg.input_format, cfg.json_key)
-            for k, docs in enumerate(_chunks(docs_iter, cfg.docs_per_shard)):
-                n = k + 1
+            n = n_docs = 0
+            rng = _part_range(cfg, files[i], p, n_parts)
+            docs_iter = () if rng is None else readers.iter_file_documents(
+                files[i], stats, cfg.input_format, cfg.json_key, cfg.max_document_bytes, *rng)
+            for k, docs in enumerate(_chunks(docs_iter, cfg.docs_per_shard, cfg.shard_bytes)):
+                n, n_docs = k + 1, n_docs + len(docs)
                 if bar is not None:
                     bar.update(len(docs))
-                if shard_done(work, (i, k)) is not None:
+                prefix = shard_prefix(fdir, p, k)
+                if shard_done(prefix) is not None:
                     resumed += 1
                     continue
                 if pool is None:
-                    process_shard((i, k), docs)
+                    process_shard(prefix, docs)
                 else:
-                    pending.append(pool.submit(process_shard, (i, k), docs))
+                    pending.append(pool.submit(process_shard, prefix, docs))
                     # A bounded window keeps memory flat: the reader never runs far ahead of workers.
                     while len(pending) >= 2 * cfg.workers:
                         settle(pending.popleft())
-            pending.append({"file": i, "path": files[i], "shards": n, "read_counts": dict(stats.counts),
-                            "empty": bool(stats.empty_files)})
+            # read_examples and the shards' examples count lines from the part's start; "lines"
+            # (lines read) lets the merge turn them into lines of the file.
+            pending.append({"marker": part_marker(fdir, p), "path": files[i], "shards": n, "documents": n_docs,
+                            "lines": stats.lines, "read_counts": dict(stats.counts),
+                            "read_examples": stats.examples, "rank": comm.rank})
             while pending and not isinstance(pending[0], Future):
                 settle(pending.popleft())
         while pending:
@@ -324,30 +420,41 @@ def _build_shards(cfg: PrepConfig, files: list[str], work: str, tok_file: str, c
     return resumed
 
 
-def _merge(work: str, files: list[str], out_prefix: str, dtype) -> tuple[Counter, readers.ReadStats, int]:
-    """Merge every shard in (file, k) order; returns the shard counts, the reading counts of all
-    files (whichever rank read them) and the number of shards."""
+def _merge(cfg: PrepConfig, work: str, files: list[str], out_prefix: str, dtype) -> tuple[Counter, readers.ReadStats, int]:
+    """Merge every shard in (file, part, k) order; returns the shard counts, the reading counts of
+    all files (whichever rank read them) with the examples of reading and tokenizing, and the
+    number of shards. A part's examples count lines from the part's start: the lines of the parts
+    before it (contiguous, in order) are added, so they are lines of the file, whatever the parts."""
     totals: Counter = Counter()
     rstats = readers.ReadStats()
     prefixes = []
     n_shards = 0
     for i, path in enumerate(files):
-        done = file_done(work, i)
-        if done is None:
-            raise DataPrepError(f"{path}: not finished in {work}: a worker or MPI rank failed; re-run to resume")
-        rstats.counts.update(done["read_counts"])
-        if done["empty"]:
+        fdir = file_work_dir(work, path)
+        n_docs = line0 = 0
+        for p in range(_n_parts(cfg, path)):
+            done = part_done(fdir, p)
+            if done is None:
+                raise DataPrepError(f"{path}: not finished in {work}: a worker or MPI rank failed; re-run to resume")
+            rstats.counts.update(done["read_counts"])
+            rstats.add_examples(readers.shift_lines(done.get("read_examples", {}), line0))
+            n_docs += done["documents"]
+            for k in range(done["shards"]):
+                info = shard_done(shard_prefix(fdir, p, k))
+                if info is None:
+                    raise DataPrepError(f"shard {p}/{k} of {path} in {fdir} is missing or damaged: a worker or MPI "
+                                        "rank failed, or a file was removed; re-run to redo it")
+                totals.update(info["counts"])
+                shard_examples = {r: [dict(e, file=readers.printable(path)) for e in ex]
+                                  for r, ex in info.get("examples", {}).items()}
+                rstats.add_examples(readers.shift_lines(shard_examples, line0))
+                totals["input_documents"] += info["input_documents"]
+                if info["counts"].get("documents", 0):
+                    prefixes.append(shard_prefix(fdir, p, k))
+            n_shards += done["shards"]
+            line0 += done["lines"]
+        if n_docs == 0:
             rstats.empty_files.append(path)
-        for k in range(done["shards"]):
-            info = shard_done(work, (i, k))
-            if info is None:
-                raise DataPrepError(f"shard {k} of {path} in {work} is missing: a worker or MPI rank failed; "
-                                    "re-run to resume")
-            totals.update(info["counts"])
-            totals["input_documents"] += info["input_documents"]
-            if info["counts"].get("documents", 0):
-                prefixes.append(shard_prefix(work, (i, k)))
-        n_shards += done["shards"]
     if prefixes:
         merge_shards(prefixes, out_prefix, dtype)
     return totals, rstats, n_shards
@@ -442,6 +549,10 @@ def run(cfg: PrepConfig, comm=None) -> dict:
 
     try:
         return _run(cfg, comm, files, t0, time.time() - t0)
+    except BrokenProcessPool as e:
+        raise DataPrepError(
+            f"a worker process was killed (most often by the out-of-memory killer: see dmesg); lower --workers "
+            f"({cfg.workers}) or --shard-bytes ({cfg.shard_bytes}) and re-run: finished shards are kept") from e
     except DataPrepError:
         raise  # already names the path (data_prep.atomic's AtomicWriteError is also an OSError)
     except OSError as e:
@@ -511,7 +622,7 @@ def _run(cfg: PrepConfig, comm, files: list[str], t0: float, startup: float) -> 
         return None
     prefix = os.path.join(out, "corpus")
     t_phase = time.time()
-    totals, rstats, n_shards = _merge(work, files, prefix, corpus_dtype(tok.vocab_size))
+    totals, rstats, n_shards = _merge(cfg, work, files, prefix, corpus_dtype(tok.vocab_size))
     if n_shards == 0:
         raise DataPrepError(f"--input {' '.join(cfg.inputs)}: no documents found (all files empty or blank); "
                             "check the files and --input-format")
@@ -540,7 +651,9 @@ def _run(cfg: PrepConfig, comm, files: list[str], t0: float, startup: float) -> 
                                 vocab_size=tok.vocab_size, sha256=sha256_file(tok_copy), special_ids=tok.special_ids),
         counts=Counts(input_files=len(files), documents=totals["documents"], sentences=totals["sentences"],
                       tokens=totals["tokens"], pairs=pair_counts),
-        dropped=_dropped(rstats, totals),
+        # Not cleaning, but what the report should show next to it: documents cut into pseudo-documents.
+        dropped={**_dropped(rstats, totals), "long_documents_split": rstats.counts["long_documents_split"]},
+        dropped_examples=_dropped_examples(rstats),
         args=cfg.manifest_args(),
         seed=cfg.seed,
         sentence_splitter=cfg.splitter,
@@ -559,6 +672,10 @@ def _run(cfg: PrepConfig, comm, files: list[str], t0: float, startup: float) -> 
     return {**m.to_dict(), "_run": run_info}
 
 
+# Reasons of the readers' and shards' counts whose `dropped` key says more than their own name.
+_DROPPED_NAMES = {"nul_bytes": "nul_bytes_removed"}
+
+
 def _dropped(rstats: readers.ReadStats, totals: Counter) -> dict:
     """The manifest's `dropped` section: what reading and tokenizing removed or cut."""
     return {
@@ -569,11 +686,23 @@ def _dropped(rstats: readers.ReadStats, totals: Counter) -> dict:
         "oversized_lines_read_in_pieces": rstats.counts["oversized_lines_read_in_pieces"],
         "oversized_json_lines": rstats.counts["oversized_json_lines"],
         "invalid_utf8_lines": rstats.counts["invalid_utf8_lines"],
+        "lone_surrogate_lines": rstats.counts["lone_surrogate_lines"],
         "nul_bytes_removed": rstats.counts["nul_bytes"],
         "bad_json_lines": rstats.counts["bad_json_lines"],
         "json_lines_without_text": rstats.counts["json_lines_without_text"],
+        "tokenizer_refused_documents": totals["tokenizer_refused_documents"],
         "empty_files": rstats.empty_files,
     }
+
+
+def _dropped_examples(rstats: readers.ReadStats) -> dict:
+    """The manifest's `dropped_examples`: per key of `dropped`, its first few cases (file, line)."""
+    return {_DROPPED_NAMES.get(r, r): cases for r, cases in sorted(rstats.examples.items()) if cases}
+
+
+def _shown(text: str) -> str:
+    """`text` for a terminal: control and other non-printable characters as their escapes."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def format_report(m: dict) -> str:
@@ -585,9 +714,14 @@ def format_report(m: dict) -> str:
     for L, sp in c["pairs"].items():
         lines.append(f"  pairs @{L}: train {sp['train']['pairs']:,} ({sp['train']['documents']:,} docs)  "
                      f"valid {sp['valid']['pairs']:,} ({sp['valid']['documents']:,} docs)")
+    examples = m.get("dropped_examples") or {}
     for k, v in d.items():
         if v:
             lines.append(f"  dropped/cleaned {k}: {v if not isinstance(v, list) else len(v)}")
+            for e in examples.get(k, []):
+                where = f"{e['file']}:{e['line']}" if e.get("line") is not None else e["file"]
+                error = f"  ({e['error']})" if e.get("error") else ""
+                lines.append(f"      e.g. {where}: \"{_shown(e['excerpt'])}\"{error}")
     if r:
         lines.append(f"  {r['seconds']:.1f} s ({r['startup_seconds']:.1f} s start-up), "
                      f"{r['tokens_per_s']:,.0f} tokens/s after start-up, "

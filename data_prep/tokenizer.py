@@ -9,7 +9,8 @@ normaliser is per character, so cutting at a whitespace boundary gives the same 
 each sentence alone, at a fraction of the per-call overhead. Offsets are character offsets into
 the line as given (sentencepiece reports UTF-8 byte offsets into the lower-cased text; they are
 converted). Sentencepiece ids are *not* cut-invariant at a boundary without whitespace, so the
-pipeline encodes sentencepiece text per sentence (`shards.tokenize_documents`).
+pipeline encodes sentencepiece text per sentence (`shards.tokenize_documents`), all the sentences
+of a shard in one `encode_ids` call: plain `sp.encode`, no offsets.
 """
 from __future__ import annotations
 
@@ -132,6 +133,9 @@ class SentencePieceTokenizer:
             raise DataPrepError(f"--vocab {model_file}: not a valid sentencepiece model ({e})") from e
         self.model_file = model_file
         self.lower_case = lower_case
+        # Threads of a batch encode: sentencepiece's default (-1: every core) in one process; a
+        # worker process sets 1, the workers being the parallelism (shards.init_worker).
+        self.num_threads = -1
         self.vocab_size = self._sp.get_piece_size()
         self.special_ids = {}
         for role, names in self._ROLE_PIECES.items():
@@ -156,6 +160,13 @@ class SentencePieceTokenizer:
             begins = np.fromiter((p.begin for p in proto.pieces), dtype=np.int64, count=len(ids))
             out.append((ids, _piece_char_starts(ln, enc, begins)))
         return out
+
+    def encode_ids(self, texts: list[str]) -> list[np.ndarray]:
+        """The ids of each text encoded alone (int32 arrays): one batch call, as fast as plain
+        `sp.encode` (the proto pieces and offsets of `encode_lines` cost 10x the encoding)."""
+        if self.lower_case:
+            texts = [t.lower() for t in texts]
+        return self._sp.encode(texts, return_type="numpy", num_threads=self.num_threads)
 
     def encode_text(self, text: str) -> list[int]:
         return self._sp.encode(text.lower() if self.lower_case else text)

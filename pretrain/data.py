@@ -1,7 +1,9 @@
 """Pretraining samples over data_prep's output: dataset, data-parallel sampler, DataLoader.
 
 A sample is a pure function of (seed, global sample index i):
-- epoch = i // num_pairs; the pair order of an epoch is a permutation seeded by (seed, epoch);
+- epoch = i // num_pairs; the pair order of an epoch is a keyed bijection of [0, num_pairs)
+  seeded by (seed, epoch) (`EpochPermutation`), evaluated only at the batch's indices, so opening
+  the data and resuming anywhere cost the same for 1 thousand or 1 billion pairs;
 - the pair's A and B sentence runs are read straight from the Megatron corpus memmap, the longer
   side is truncated at random ends until [CLS] A [SEP] B [SEP] fits (google-research/bert
   `truncate_seq_pair`), and the result is masked dynamically (pretrain/masking.py), all with
@@ -32,14 +34,14 @@ from pretrain.masking import (
     binomial_half,
     build_token_tables,
     random_bits,
+    mix64,
     sample_keys,
 )
 
 logger = logging.getLogger(__name__)
 
 SAMPLE_KEYS = ("input_ids", "token_type_ids", "attention_mask", "labels", "next_sentence_label")
-_EPOCH_CACHE = 2  # permutations kept in memory: the current epoch and the one a batch straddles into
-_CHUNK = 1 << 22  # records per pass when validating big index files (bounded temporary memory)
+_OPEN_CHECKS = 4096  # pair records checked against the corpus on open (all of them in a smaller index)
 
 
 def truncation_counts(len_a: np.ndarray, len_b: np.ndarray, max_tokens: int) -> tuple[np.ndarray, np.ndarray]:
@@ -55,6 +57,52 @@ def truncation_counts(len_a: np.ndarray, len_b: np.ndarray, max_tokens: int) -> 
     cut_a = np.where(a_longer, first, 0) + rest // 2
     cut_b = np.where(a_longer, 0, first) + rest - rest // 2
     return cut_a, cut_b
+
+
+def open_check_ids(num_pairs: int) -> np.ndarray:
+    """The pair ids checked against the corpus when a dataset opens: evenly spread, at most
+    _OPEN_CHECKS of them (every pair of a small index)."""
+    return np.unique(np.linspace(0, num_pairs - 1, min(num_pairs, _OPEN_CHECKS)).astype(np.int64))
+
+
+class EpochPermutation:
+    """A keyed permutation of [0, n): `perm(positions)` -> the pair ids at those positions.
+
+    A balanced Feistel network over the smallest even number of bits that covers n (a bijection of
+    [0, 4**h) whatever its round function), walked until it lands in [0, n) ("cycle walking":
+    following the cycle from x stays a bijection, and since 4**h < 4n the walk takes under 4 steps
+    on average). Round keys come from (seed, epoch); the round function is SplitMix64. O(1) memory
+    and O(len(positions)) time: no per-epoch array, in any process or worker.
+    """
+
+    ROUNDS = 6  # Luby-Rackoff: 4 rounds of a pseudorandom function already give a pseudorandom permutation
+
+    def __init__(self, n: int, seed: int, epoch: int):
+        if n < 1:
+            raise ValueError(f"EpochPermutation: n = {n} must be >= 1")
+        self.n = int(n)
+        self.half = max(1, ((self.n - 1).bit_length() + 1) // 2)  # 4**half >= n
+        self.mask = np.uint64((1 << self.half) - 1)
+        keys = sample_keys(seed, np.array([epoch]))
+        self.round_keys = random_bits(keys, PURPOSE_EPOCH_ORDER, np.arange(self.ROUNDS, dtype=np.uint64))
+
+    def _feistel(self, x: np.ndarray) -> np.ndarray:
+        h = np.uint64(self.half)
+        left, right = x >> h, x & self.mask
+        for k in self.round_keys:
+            left, right = right, left ^ (mix64(right ^ k) & self.mask)
+        return (left << h) | right
+
+    def __call__(self, positions) -> np.ndarray:
+        x = np.array(positions, dtype=np.uint64, ndmin=1)
+        if x.size and int(x.max()) >= self.n:
+            raise IndexError(f"position {int(x.max())} outside the permutation of {self.n}")
+        y = self._feistel(x)
+        walk = np.flatnonzero(y >= self.n)
+        while walk.size:
+            y[walk] = self._feistel(y[walk])
+            walk = walk[y[walk] >= self.n]
+        return y.astype(np.int64)
 
 
 class PretrainingBatch(Sequence):
@@ -175,19 +223,23 @@ class PretrainingDataset(torch.utils.data.Dataset):
         total = int(self._pointers[-1]) // self._itemsize + int(self._lengths[-1]) - self._base if n_sent else 0
         self.tokens = self.corpus.get(0, 0, total) if total else np.zeros(0, dtype=np.int32)
 
-        p = self.pair_index.pairs
-        for lo in range(0, len(p), _CHUNK):
-            q = p[lo : lo + _CHUNK]
-            a_start, b_start = q["a_start"].astype(np.int64), q["b_start"].astype(np.int64)
-            a_count, b_count = q["a_count"].astype(np.int64), q["b_count"].astype(np.int64)
-            bad = (a_count < 1) | (b_count < 1) | (a_start + a_count > n_sent) | (b_start + b_count > n_sent)
-            if bad.any():
-                first = lo + int(np.flatnonzero(bad)[0])
-                raise ValueError(
-                    f"{self.pair_index.path}: pair {first} refers to sentences outside the corpus "
-                    f"({n_sent} sentences) or to an empty run; the pair index does not belong to this corpus"
-                )
-        self._perms: dict[int, np.ndarray] = {}
+        self._n_sent = n_sent
+        # O(_OPEN_CHECKS), not a scan: an index of another corpus fails here; every record a batch
+        # reads is checked again in get_batch, and data_prep.verify checks them all.
+        spots = open_check_ids(len(self.pair_index))
+        self._check_pairs(spots, self.pair_index.pairs[spots])
+
+    def _check_pairs(self, pair_ids: np.ndarray, rec: np.ndarray) -> None:
+        a_start, b_start = rec["a_start"].astype(np.int64), rec["b_start"].astype(np.int64)
+        a_count, b_count = rec["a_count"].astype(np.int64), rec["b_count"].astype(np.int64)
+        n_sent = self._n_sent
+        bad = (a_count < 1) | (b_count < 1) | (a_start + a_count > n_sent) | (b_start + b_count > n_sent)
+        if bad.any():
+            first = int(pair_ids[np.flatnonzero(bad)[0]])
+            raise ValueError(
+                f"{self.pair_index.path}: pair {first} refers to sentences outside the corpus "
+                f"({n_sent} sentences) or to an empty run; the pair index does not belong to this corpus"
+            )
 
     def _span(self, first: np.ndarray, count: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Token offset into self.tokens and token count of the sentence runs [first, first+count)."""
@@ -204,27 +256,22 @@ class PretrainingDataset(torch.utils.data.Dataset):
         """Samples in one epoch (one pass over the pairs); indices beyond it are later epochs."""
         return self.num_pairs
 
+    def permutation(self, epoch: int) -> EpochPermutation:
+        """The pair order of `epoch`, a pure function of (seed, epoch)."""
+        return EpochPermutation(self.num_pairs, self.seed, epoch)
+
     def epoch_order(self, epoch: int) -> np.ndarray:
-        """Permutation of the pair ids for `epoch`, a pure function of (seed, epoch)."""
-        perm = self._perms.get(epoch)
-        if perm is None:
-            keys = sample_keys(self.seed, np.array([epoch]))
-            bits = random_bits(keys, PURPOSE_EPOCH_ORDER, np.arange(self.num_pairs, dtype=np.uint64))
-            perm = np.argsort(bits, kind="stable")
-            if self.num_pairs < 2**31:
-                perm = perm.astype(np.int32)  # half the memory on big corpora
-            if len(self._perms) >= _EPOCH_CACHE:
-                self._perms.pop(min(self._perms))
-            self._perms[epoch] = perm
-        return perm
+        """All pair ids of `epoch` in order: O(num_pairs), for tests and inspection (batches use
+        `_pair_ids`, which evaluates the permutation at their own positions only)."""
+        return self.permutation(epoch)(np.arange(self.num_pairs))
 
     def _pair_ids(self, indices: np.ndarray) -> np.ndarray:
         epochs = indices // self.num_pairs
         within = indices % self.num_pairs
         out = np.empty(len(indices), dtype=np.int64)
-        for e in np.unique(epochs):
+        for e in np.unique(epochs):  # one, or two where a batch straddles an epoch boundary
             sel = epochs == e
-            out[sel] = self.epoch_order(int(e))[within[sel]]
+            out[sel] = self.permutation(int(e))(within[sel])
         return out
 
     def get_batch(self, indices) -> dict[str, np.ndarray]:
@@ -234,7 +281,9 @@ class PretrainingDataset(torch.utils.data.Dataset):
             raise IndexError(f"sample index {int(indices.min())} < 0: global sample indices start at 0")
         s = self.seq_length
         keys = sample_keys(self.seed, indices)
-        rec = self.pair_index.pairs[self._pair_ids(indices)]
+        pair_ids = self._pair_ids(indices)
+        rec = self.pair_index.pairs[pair_ids]
+        self._check_pairs(pair_ids, rec)
         a_tok, len_a = self._span(rec["a_start"].astype(np.int64), rec["a_count"].astype(np.int64))
         b_tok, len_b = self._span(rec["b_start"].astype(np.int64), rec["b_count"].astype(np.int64))
         cut_a, cut_b = truncation_counts(len_a, len_b, s - 3)

@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
-# Data preparation across nodes with mpi4py: srun starts one MPI rank per task (PMIx), ranks
-# share the document shards round-robin and rank 0 merges them in shard order, so the output is
-# byte-identical to a single-process run. Tokenizer processes per rank: --workers (default: the
-# task's CPUs).
+# Data preparation across nodes with mpi4py: srun starts one MPI rank per task (PMIx). Input
+# files are cut into parts of ~--part-bytes (256 MiB) at document boundaries (a .gz file is one
+# part), ranks take the parts round-robin and rank 0 merges them in order, so the output is
+# byte-identical to a single-process run. Use at least as many parts as ranks: a large
+# uncompressed file spreads over all nodes, a single .gz (or a corpus smaller than one part per
+# rank) keeps the other ranks idle. Tokenizer processes per rank: --workers (default: the task's
+# CPUs).
 #
 #   INPUT="/raw/wiki /raw/books" VOCAB=vocab.txt DATA=/data/bert sbatch slurm/data_prep.sh
-#   DATA=/data/bert sbatch --nodes=8 slurm/data_prep.sh --embedded
+#   DATA=/data/bert sbatch --nodes=4 slurm/data_prep.sh --embedded --part-bytes 1300000   # 5 MB: 4 parts, 1 a node
 #
 # Environment: INPUT (paths, space-separated; or pass --embedded), VOCAB, DATA (output dir),
 # SEQ_LENGTHS (pair indexes to build, default "128 512": phase 1 and phase 2), MPI_TYPE (srun

@@ -68,7 +68,10 @@ def _dirty_corpus(tmp_path, long_words):
     assert len(line) > 10_000_000
     with gzip.open(src / "long.txt.gz", "wt") as f:
         f.write(line + "\n")
-    (src / "docs.jsonl").write_text(json.dumps({"text": "Json doc one. It has two sentences."}) + "\n{broken\n")
+    # Line 3: an escaped lone surrogate, as web-scraped JSONL has (it used to end the run with a
+    # TypeError traceback from the tokenizer).
+    (src / "docs.jsonl").write_text(json.dumps({"text": "Json doc one. It has two sentences."}) + "\n{broken\n"
+                                    + '{"text": "Broken emoji \\ud83d here."}\n')
     return src, line
 
 
@@ -82,22 +85,29 @@ def _check_dirty_run(tmp_path, src, line, expected_long=None):
     d = m["dropped"]
     assert d["invalid_utf8_lines"] == 1 and d["nul_bytes_removed"] == 1 and d["bad_json_lines"] == 1
     assert sorted(os.path.basename(p) for p in d["empty_files"]) == ["blank.txt", "empty.txt"]
-    assert d["long_lines_cut"] == 1 and d["long_sentences_cut"] >= 1
-    assert m["counts"]["documents"] == 5
+    assert d["long_lines_cut"] == 1 and d["long_sentences_cut"] >= 1 and d["lone_surrogate_lines"] == 1
+    # The 10 MB line is one document of > --max-document-bytes (1 MiB): ~10 pseudo-documents.
+    assert d["long_documents_split"] == 1
+    assert m["counts"]["documents"] == 5 + -(-len(line) // (1 << 20))
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     from data_prep.tokenizer import WordPieceTokenizer
 
     ds = IndexedDataset(os.path.join(out, "corpus"))
     assert int(ds.sequence_lengths.max()) <= 512
-    # Directory walk is sorted: blank, bytes (3 docs), docs.jsonl, empty, long.txt.gz -> the last doc.
+    # Directory walk is sorted: blank, bytes (3 docs), docs.jsonl (2), empty, long.txt.gz -> the last docs.
     di = ds.document_indices
-    got = np.concatenate([ds[i] for i in range(di[4], di[5])])
+    got = np.concatenate([ds[i] for i in range(di[5], di[-1])])
     # Nothing of the long line was lost or changed by the cuts.
     if expected_long is None:
         expected_long = WordPieceTokenizer(embedded_vocab()).encode_text(line)
     assert got.tolist() == expected_long
     assert "dropped/cleaned" in r.stdout and "long_lines_cut" in r.stdout
+    # Each reason with its first cases, file:line, in the report.
+    assert f'lone_surrogate_lines: 1\n      e.g. {src / "docs.jsonl"}:3: "Broken emoji \\ud83d here."' in r.stdout
+    assert f'bad_json_lines: 1\n      e.g. {src / "docs.jsonl"}:2: "{{broken"' in r.stdout
+    assert m["dropped_examples"]["invalid_utf8_lines"] == [
+        {"file": str(src / "bytes.txt"), "line": 3, "excerpt": "Bad \ufffd\ufffd utf8. And a NUL\x00 byte."}]
 
 
 def test_dirty_corpus_is_cleaned_and_counted(tmp_path):
@@ -119,26 +129,35 @@ def test_dirty_corpus_with_a_10mb_line_of_real_words(tmp_path):
 
 @pytest.mark.skipif(shutil.which("mpirun") is None, reason="needs OpenMPI's mpirun")
 def test_mpirun_two_ranks_byte_identical(tmp_path):
+    """Four files under 2 MPI ranks x 2 workers, files of more than --part-bytes 16384 cut into
+    parts at document boundaries (one file's parts on both ranks): the bytes of one process
+    reading every file whole."""
     src = embedded_corpus_jsonl(str(tmp_path / "cache"), max_docs=300)
     lines = open(src).read().splitlines(keepends=True)
     corpus = tmp_path / "corpus"
     corpus.mkdir()
-    # Several files: ranks own whole files (round-robin), so each rank reads a share.
     for j, (lo, hi) in enumerate([(0, 70), (70, 90), (90, 200), (200, 300)]):
         (corpus / f"part{j}.jsonl").write_text("".join(lines[lo:hi]))
     args = ["--input", str(corpus), "--vocab", embedded_vocab(), "--seq-length", "64", "--seq-length", "128",
             "--docs-per-shard", "40", "--valid-fraction", "0.05"]
     r1 = _cli(*args, "--output-dir", str(tmp_path / "one"), "--mpi", "off")
     assert r1.returncode == 0, r1.stderr[-3000:]
-    r2 = _cli(*args, "--output-dir", str(tmp_path / "two"), mpi=2, timeout=240)
+    split = [*args, "--output-dir", str(tmp_path / "two"), "--part-bytes", "16384", "--workers", "2", "--keep-work"]
+    r2 = _cli(*split, mpi=2, timeout=240)
     if r2.returncode in (124, 137):
         # An mpirun start has been seen to hang here ("OPAL ERROR: Unreachable"): one retry.
-        r2 = _cli(*args, "--output-dir", str(tmp_path / "two"), mpi=2, timeout=240)
+        r2 = _cli(*split, mpi=2, timeout=240)
     assert r2.returncode == 0, (r2.stdout[-2000:], r2.stderr[-3000:])
     files = sorted(os.listdir(tmp_path / "one"))
-    assert files == sorted(os.listdir(tmp_path / "two"))
+    assert files == sorted(f for f in os.listdir(tmp_path / "two") if f != ".work")
     for f in files:
         assert filecmp.cmp(tmp_path / "one" / f, tmp_path / "two" / f, shallow=False), f
+    # part2.jsonl (58 KB): 4 parts, read by both ranks.
+    from data_prep.pipeline import file_work_dir
+
+    fdir = file_work_dir(str(tmp_path / "two" / ".work"), str(corpus / "part2.jsonl"))
+    ranks = [json.load(open(os.path.join(fdir, f)))["rank"] for f in sorted(os.listdir(fdir)) if f.startswith("part_")]
+    assert len(ranks) == 4 and set(ranks) == {0, 1}
 
 
 @pytest.mark.skipif(shutil.which("mpirun") is None, reason="needs OpenMPI's mpirun")

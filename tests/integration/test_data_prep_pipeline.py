@@ -3,6 +3,7 @@ output for 1 and 2 workers, resume, atomicity, checksums, sentencepiece training
 import filecmp
 import json
 import os
+import pathlib
 import shutil
 
 import numpy as np
@@ -120,19 +121,111 @@ def test_two_workers_byte_identical(base, tmp_path, cache, monkeypatch):
     _same_dir(base, out)
 
 
+def _shard_dir(out, path):
+    from data_prep.pipeline import WORK_DIR, file_work_dir
+
+    return file_work_dir(os.path.join(out, WORK_DIR), path)
+
+
 def test_resume_from_finished_shards(base, tmp_path, cache):
     out = str(tmp_path / "r")
     build_tiny_dataset(out, cache_dir=cache, keep_work=True, **KW)
-    # Simulate a crash after some shards: drop two shard markers and every final output.
+    # Simulate a crash after some shards: drop a shard marker, the file's part marker and every
+    # final output; and a power loss or a hand edit: a truncated .bin, an empty .idx.
     work = os.path.join(out, ".work")
-    for f in ("shard_000000_000002.json", "shard_000000_000005.json", "file_000000.json"):
-        os.remove(os.path.join(work, f))
+    sd = _shard_dir(out, embedded_corpus_jsonl(cache, max_docs=N_DOCS))
+    for f in ("shard_000000_000002.json", "part_000000.json"):
+        os.remove(os.path.join(sd, f))
+    with open(os.path.join(sd, "shard_000000_000005.bin"), "r+b") as f:
+        f.truncate(10)
+    open(os.path.join(sd, "shard_000000_000006.idx"), "wb").close()
     for f in _files(out):
         os.remove(os.path.join(out, f))
     m = run(PrepConfig(inputs=[embedded_corpus_jsonl(cache, max_docs=N_DOCS)], output_dir=out, vocab=embedded_vocab(),
                        seq_lengths=[64, 128], valid_fraction=0.05, docs_per_shard=30, progress=False))
-    assert m["_run"]["shards"] == 7 and m["_run"]["resumed_shards"] == 5
+    assert m["_run"]["shards"] == 7 and m["_run"]["resumed_shards"] == 4
     assert not os.path.exists(work)
+    _same_dir(base, out)
+
+
+def test_edited_input_redoes_only_its_own_shards(base, tmp_path, cache):
+    """The issue's case: the third of three inputs is a truncated .gz; re-created, only its shards
+    are made (0 of 8 resumed before per-file keys); then touching one file redoes only its 3."""
+    import gzip
+
+    lines = open(embedded_corpus_jsonl(cache, max_docs=N_DOCS)).read().splitlines(keepends=True)
+    d = tmp_path / "in"
+    d.mkdir()
+    a, b, c = d / "a.jsonl", d / "b.jsonl", d / "c.jsonl.gz"
+    a.write_text("".join(lines[:70]))
+    b.write_text("".join(lines[70:140]))
+    data = gzip.compress("".join(lines[140:]).encode())
+    c.write_bytes(data[: len(data) // 2])
+    out = str(tmp_path / "o")
+    cfg = dict(inputs=[str(d)], output_dir=out, vocab=embedded_vocab(), seq_lengths=[64, 128],
+               valid_fraction=0.05, docs_per_shard=30, progress=False, keep_work=True)
+    with pytest.raises(DataPrepError, match="truncated gzip"):
+        run(PrepConfig(**cfg))
+    c.write_bytes(data)
+    m = run(PrepConfig(**cfg))
+    assert (m["_run"]["shards"], m["_run"]["resumed_shards"]) == (3 + 3 + 2, 3 + 3)
+    for f in ("corpus.bin", "corpus.idx", "pairs_64_train.bin", "pairs_128_valid.bin"):
+        assert filecmp.cmp(os.path.join(out, f), os.path.join(base, f), shallow=False), f
+    first = {f: open(os.path.join(out, f), "rb").read() for f in _files(out)}
+    st = os.stat(a)
+    os.utime(a, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    m = run(PrepConfig(**cfg))
+    assert m["_run"]["resumed_shards"] == 3 + 2
+    assert {f: open(os.path.join(out, f), "rb").read() for f in _files(out)} == first
+    # The edited file's old shards are gone, not left to grow the work dir.
+    assert len([x for x in os.listdir(os.path.join(out, ".work")) if x.startswith("file_")]) == 3
+
+
+def test_document_without_blank_lines_is_split_into_bounded_shards(tmp_path, texts):
+    """A .txt of ~100 KB with no blank line is one document: with --max-document-bytes it becomes
+    pseudo-documents, shards hold at most --shard-bytes (+ one document) of text, and the tokens are
+    exactly those of the unsplit run (only the document boundaries in corpus.idx differ)."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    src = tmp_path / "book.txt"
+    body = "\n".join(t.strip() for t in texts if t.strip()) + "\n"
+    src.write_text(body, encoding="utf-8")
+    size = os.path.getsize(src)
+    kw = dict(inputs=[str(src)], vocab=embedded_vocab(), seq_lengths=[64], valid_fraction=0.0, progress=False)
+    small = dict(max_document_bytes=16 << 10, shard_bytes=48 << 10)
+    m = run(PrepConfig(output_dir=str(tmp_path / "split"), keep_work=True, **small, **kw))
+    assert m["dropped"]["long_documents_split"] == 1
+    n_docs = m["counts"]["documents"]
+    assert size // (16 << 10) <= n_docs <= size // (16 << 10) + 1
+    sd = _shard_dir(str(tmp_path / "split"), str(src))
+    bins = [os.path.getsize(os.path.join(sd, f)) for f in os.listdir(sd) if f.endswith(".bin")]
+    # uint16 tokens, at most one per byte of text; a shard closes once it reaches shard_bytes, so it
+    # holds less than shard_bytes + one (pseudo-)document, itself < max_document_bytes + one line.
+    longest_line = max(len(ln.encode()) for ln in body.splitlines())
+    assert len(bins) >= size // (48 << 10)
+    assert max(bins) <= 2 * ((48 << 10) + (16 << 10) + longest_line)
+    whole = run(PrepConfig(output_dir=str(tmp_path / "whole"), max_document_bytes=0, **kw))
+    assert whole["counts"]["documents"] == 1 and whole["dropped"]["long_documents_split"] == 0
+    assert filecmp.cmp(tmp_path / "split" / "corpus.bin", tmp_path / "whole" / "corpus.bin", shallow=False)
+    ds = IndexedDataset(str(tmp_path / "split" / "corpus"))
+    assert len(ds.document_indices) == n_docs + 1
+
+
+def test_killed_worker_is_one_clear_line_and_resumes(base, tmp_path, cache, monkeypatch):
+    """A worker killed with SIGKILL (as by the OOM killer) mid-run: a one-line error naming what to
+    lower, nothing written under a final name; the next run completes with base's bytes."""
+    out = str(tmp_path / "k")
+    cfg = dict(inputs=[embedded_corpus_jsonl(cache, max_docs=N_DOCS)], output_dir=out, vocab=embedded_vocab(),
+               seq_lengths=[64, 128], valid_fraction=0.05, docs_per_shard=30, progress=False, workers=2)
+    monkeypatch.setenv("DATA_PREP_TEST_SIGKILL_SHARD", "shard_000000_000003")
+    with pytest.raises(DataPrepError) as e:
+        run(PrepConfig(**cfg))
+    msg = str(e.value)
+    assert "\n" not in msg and "killed" in msg and "out-of-memory" in msg
+    assert "lower --workers (2) or --shard-bytes" in msg
+    assert not os.path.exists(os.path.join(out, "manifest.json"))
+    monkeypatch.delenv("DATA_PREP_TEST_SIGKILL_SHARD")
+    run(PrepConfig(**cfg))
     _same_dir(base, out)
 
 
@@ -205,6 +298,15 @@ def test_trained_sentencepiece_pipeline(tmp_path, texts, cache):
         assert got == expected, d
         checked += not texts[d].isascii()
     assert checked >= 5
+    # The bytes the per-sentence path (proto pieces with offsets, one sentence at a time) wrote
+    # before issue 12's one batch call per shard: the ids must not change. With the pinned
+    # sentencepiece and blingfire (their versions are in the manifest); spm.model is not pinned,
+    # its bytes hold the temporary path it was trained under.
+    from data_prep.tokenizer import sha256_file
+
+    assert {f: sha256_file(os.path.join(out, f)) for f in ("corpus.bin", "corpus.idx")} == {
+        "corpus.bin": "5dbf292465025dd6447f66063e9dc123d7a4dba55d5c5838e91ca6a1a8a81afd",
+        "corpus.idx": "cb8dddcc211cf562a237b1c14b388a595b8caea3e7720a3508b437afd28dece2"}, m["versions"]
 
 
 def test_output_dir_failures_are_clear_errors(tmp_path, cache):
@@ -236,7 +338,8 @@ def test_stale_tmp_files_of_a_killed_run_are_removed(tmp_path, cache):
               seq_lengths=[64], docs_per_shard=100, progress=False, keep_work=True)
     run(PrepConfig(**kw))
     stale = [out / "corpus.bin.tmp.4242", out / "pairs_64_train.bin.tmp.4242",
-             out / ".work" / "shard_000000_000001.bin.tmp.4242", out / ".work" / "manifest.json.tmp.1"]
+             out / ".work" / "manifest.json.tmp.1"]
+    stale.append(pathlib.Path(_shard_dir(str(out), kw["inputs"][0])) / "shard_000000_000001.bin.tmp.4242")
     for p in stale:
         p.write_bytes(b"left by a killed run")
     m = run(PrepConfig(**kw))
@@ -325,3 +428,119 @@ def test_verify_deep_checks_on_hand_edited_directories(base, tmp_path, monkeypat
         write_pair_index(str(d / "pairs_64_train.bin"), 64, recs)
 
     assert edited("pastend", past_end) == [f"pairs_64_train.bin: pairs point past the corpus ({n_sent} sentences)"]
+
+
+def _dirty_inputs(d, good_lines):
+    """Good embedded documents with bad records among them, at known lines."""
+    d.mkdir()
+    bad = {3: b'{"text": "Broken emoji \\ud83d here. It has two sentences."}',
+           5: b'{"text": "cut off',
+           8: b'{"text": "Bytes \xff\xfe here. And a NUL\\u0000 escape."}',
+           9: b'{"title": "no text"}',
+           12: b'{"text": "REFUSE ME: a record this tokenizer raises on. Second sentence."}'}
+    lines, it = [], iter(good_lines)
+    for n in range(1, len(good_lines) + len(bad) + 1):
+        lines.append(bad.get(n) or next(it).rstrip("\n").encode())
+    (d / "web.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    (d / "notes.txt").write_bytes(b"A plain text note. Fine.\n\nSecond note \xed\xa0\xbd (CESU-8 surrogate bytes).\n")
+    return str(d)
+
+
+def _refusing(real):
+    def encode_lines(self, lines):  # stands for any text a tokenizer might raise on
+        if any("REFUSE ME" in ln for ln in lines):
+            raise ValueError("refused by the tokenizer")
+        return real(self, lines)
+    return encode_lines
+
+
+def test_bad_records_are_cleaned_or_dropped_counted_and_located(tmp_path, cache, monkeypatch):
+    """One bad record among good ones costs at most its own document, never the run: the counts
+    per reason and the first examples (file:line) are in the manifest and the report, the same for
+    1 and 2 workers; lone surrogates and refused text included."""
+    from data_prep.pipeline import format_report
+    from data_prep.tokenizer import WordPieceTokenizer
+
+    good = open(embedded_corpus_jsonl(cache, max_docs=N_DOCS)).read().splitlines()[:40]
+    src = _dirty_inputs(tmp_path / "in", good)
+    monkeypatch.setattr(WordPieceTokenizer, "encode_lines", _refusing(WordPieceTokenizer.encode_lines))
+    runs = []
+    for w in (1, 2):
+        runs.append(run(PrepConfig(inputs=[src], output_dir=str(tmp_path / f"w{w}"), vocab=embedded_vocab(),
+                                   seq_lengths=[64], valid_fraction=0.05, docs_per_shard=7, workers=w,
+                                   progress=False)))
+    _same_dir(tmp_path / "w1", tmp_path / "w2")
+    m = runs[0]
+    d = m["dropped"]
+    assert {k: d[k] for k in ("lone_surrogate_lines", "bad_json_lines", "invalid_utf8_lines", "nul_bytes_removed",
+                              "json_lines_without_text", "tokenizer_refused_documents")} == {
+        "lone_surrogate_lines": 1, "bad_json_lines": 1, "invalid_utf8_lines": 2, "nul_bytes_removed": 1,
+        "json_lines_without_text": 1, "tokenizer_refused_documents": 1}
+    # 40 good + the surrogate and bytes records, cleaned; notes.txt's 2 documents; REFUSE ME dropped.
+    assert m["counts"]["documents"] == 40 + 2 + 2
+    where = {k: [(os.path.basename(e["file"]), e["line"]) for e in v] for k, v in m["dropped_examples"].items()}
+    assert where == {"lone_surrogate_lines": [("web.jsonl", 3)], "bad_json_lines": [("web.jsonl", 5)],
+                     "invalid_utf8_lines": [("notes.txt", 3), ("web.jsonl", 8)],
+                     "nul_bytes_removed": [("web.jsonl", 8)],
+                     "json_lines_without_text": [("web.jsonl", 9)], "tokenizer_refused_documents": [("web.jsonl", 12)]}
+    [refused] = m["dropped_examples"]["tokenizer_refused_documents"]
+    assert refused["error"] == "ValueError: refused by the tokenizer" and refused["excerpt"].startswith("REFUSE ME")
+    assert m["dropped_examples"]["lone_surrogate_lines"][0]["excerpt"].startswith("Broken emoji \\ud83d here.")
+    report = format_report(m)
+    assert "dropped/cleaned lone_surrogate_lines: 1" in report
+    assert f"e.g. {os.path.join(src, 'web.jsonl')}:3: \"Broken emoji \\ud83d here." in report
+    assert f"{os.path.join(src, 'web.jsonl')}:12: \"REFUSE ME" in report and "(ValueError: refused" in report
+    # The cleaned record is in the corpus as its text with U+FFFD (which BERT's cleaning drops).
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    ds = IndexedDataset(str(tmp_path / "w1" / "corpus"))
+    di = ds.document_indices
+    tok = WordPieceTokenizer(embedded_vocab())
+    # notes.txt comes first (sorted walk): its 2 documents, then web.jsonl's lines 1, 2 and 3.
+    assert [ds[i].tolist() for i in range(di[4], di[5])] == [
+        tok.encode_text("Broken emoji \ufffd here."), tok.encode_text("It has two sentences.")]
+    assert verify(str(tmp_path / "w1")) == []
+
+
+def test_bad_records_in_a_file_read_in_parts(tmp_path, cache, monkeypatch):
+    """A JSON-lines file with bad records (a lone surrogate, refused text, ...) cut into parts of
+    1 KiB: the same counts, the same examples with the file's own line numbers (a part counts
+    lines from its start; the merge adds the earlier parts' lines) and the same bytes, manifest
+    included, as one part."""
+    from data_prep.pipeline import file_work_dir
+    from data_prep.tokenizer import WordPieceTokenizer
+
+    good = open(embedded_corpus_jsonl(cache, max_docs=N_DOCS)).read().splitlines()[:40]
+    web = os.path.join(_dirty_inputs(tmp_path / "in", good), "web.jsonl")
+    body = open(web, "rb").read()
+    # Line 3 starts past 1024: a part starts at it or after byte 1024, not at byte 0.
+    assert body.index(b'{"text": "Broken emoji') > 1024
+    monkeypatch.setattr(WordPieceTokenizer, "encode_lines", _refusing(WordPieceTokenizer.encode_lines))
+    kw = dict(inputs=[web], vocab=embedded_vocab(), seq_lengths=[64], valid_fraction=0.05, docs_per_shard=7,
+              progress=False)
+    one = run(PrepConfig(output_dir=str(tmp_path / "one"), **kw))
+    parts = run(PrepConfig(output_dir=str(tmp_path / "parts"), part_bytes=1024, keep_work=True, **kw))
+    fdir = file_work_dir(str(tmp_path / "parts" / ".work"), web)
+    markers = [json.load(open(os.path.join(fdir, f))) for f in sorted(os.listdir(fdir)) if f.startswith("part_")]
+    assert len(markers) > 4 and sum(mk["lines"] for mk in markers) == body.count(b"\n")
+    for m in (one, parts):
+        assert m["dropped"]["lone_surrogate_lines"] == 1 and m["dropped"]["tokenizer_refused_documents"] == 1
+        where = {k: [(e["file"], e["line"]) for e in v] for k, v in m["dropped_examples"].items()}
+        assert where == {"lone_surrogate_lines": [(web, 3)], "bad_json_lines": [(web, 5)],
+                         "invalid_utf8_lines": [(web, 8)], "nul_bytes_removed": [(web, 8)],
+                         "json_lines_without_text": [(web, 9)], "tokenizer_refused_documents": [(web, 12)]}
+    assert one["dropped_examples"] == parts["dropped_examples"]
+    _same_dir(tmp_path / "one", tmp_path / "parts")  # corpus, pairs and manifest
+
+
+def test_trained_sentencepiece_on_bad_records(tmp_path, cache):
+    """The same inputs through sentencepiece training and encoding (the training sentences are
+    written as UTF-8: a lone surrogate used to end the run there)."""
+    good = open(embedded_corpus_jsonl(cache, max_docs=N_DOCS)).read().splitlines()
+    src = _dirty_inputs(tmp_path / "in", good)
+    m = run(PrepConfig(inputs=[src], output_dir=str(tmp_path / "spm"), train_spm_vocab_size=400, seq_lengths=[64],
+                       docs_per_shard=50, progress=False))
+    assert m["dropped"]["lone_surrogate_lines"] == 1 and m["dropped"]["tokenizer_refused_documents"] == 0
+    assert m["counts"]["documents"] == N_DOCS + 3 + 2
+    assert [(os.path.basename(e["file"]), e["line"]) for e in m["dropped_examples"]["lone_surrogate_lines"]] == [
+        ("web.jsonl", 3)]

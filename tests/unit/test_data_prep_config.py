@@ -30,6 +30,9 @@ def _cfg(**kw):
     (dict(train_spm_vocab_size=8000, train_wordpiece_vocab_size=8192),
      "--vocab, --train-spm-vocab-size and --train-wordpiece-vocab-size exclude each other"),
     (dict(vocab=None), "--vocab: give a WordPiece vocab.txt"),
+    (dict(shard_bytes=100), "--shard-bytes 100: must be >= 1024"),
+    (dict(part_bytes=0), "--part-bytes 0: must be >= 1024"),
+    (dict(max_document_bytes=-1), "--max-document-bytes -1: must be >= 0"),
 ])
 def test_out_of_range_arguments_are_rejected_up_front(kw, needle):
     with pytest.raises(DataPrepError, match=needle.replace("(", r"\(")):
@@ -114,3 +117,37 @@ def test_wordpiece_training_params_invalidate_a_trained_vocab(tmp_path):
         open(trained, "w").close()
         assert prepare(**change) is False, change
         assert not os.path.exists(trained)
+
+
+def test_work_dir_is_kept_per_input_file(tmp_path):
+    """A given vocab: editing, adding or removing a file drops only that file's shard directory.
+    A vocab trained on the inputs depends on every file: any edit starts the work dir afresh."""
+    from data_prep.pipeline import file_work_dir
+
+    a, b, c = (tmp_path / n for n in ("a.txt", "b.txt", "c.txt"))
+    for p in (a, b, c):
+        p.write_text("a b c.\n")
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("[PAD]\n")
+    work = str(tmp_path / ".work")
+    cfg = _cfg(inputs=[str(a), str(b)], vocab=str(vocab))
+    cfg.validate()
+    assert _prepare_work_dir(cfg, [str(a), str(b)], work) is False
+    keep = file_work_dir(work, str(a))
+    open(os.path.join(keep, "part_000000.json"), "w").close()
+    old_b = file_work_dir(work, str(b))
+    b.write_text("a b c d.\n")
+    assert _prepare_work_dir(cfg, [str(a), str(b), str(c)], work) is True
+    assert os.path.exists(os.path.join(keep, "part_000000.json")) and not os.path.exists(old_b)
+    assert os.path.isdir(file_work_dir(work, str(b))) and os.path.isdir(file_work_dir(work, str(c)))
+    assert _prepare_work_dir(cfg, [str(a)], work) is True
+    assert sorted(os.listdir(work)) == sorted(["fingerprint.json", os.path.basename(keep)])
+
+    trained = _cfg(inputs=[str(a)], vocab=None, train_wordpiece_vocab_size=1000)
+    trained.validate()
+    assert _prepare_work_dir(trained, [str(a)], work) is False
+    open(os.path.join(work, "vocab.txt"), "w").close()
+    assert _prepare_work_dir(trained, [str(a)], work) is True
+    a.write_text("x y z.\n")
+    assert _prepare_work_dir(trained, [str(a)], work) is False
+    assert not os.path.exists(os.path.join(work, "vocab.txt"))

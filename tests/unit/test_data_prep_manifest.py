@@ -21,7 +21,9 @@ def _manifest() -> Manifest:
         counts=Counts(input_files=1, documents=10, sentences=80, tokens=900,
                       pairs={"128": {"train": {"pairs": 30, "documents": 9, "short_target_documents": 1},
                                      "valid": {"pairs": 3, "documents": 1, "short_target_documents": 0}}}),
-        dropped={"empty_documents": 2, "empty_files": []},
+        dropped={"empty_documents": 2, "lone_surrogate_lines": 1, "empty_files": []},
+        dropped_examples={"lone_surrogate_lines": [{"file": "web.jsonl", "line": 7,
+                                                    "excerpt": "Broken emoji \\ud83d here."}]},
         args={"seed": 1234, "seq_lengths": [128]},
         seed=1234,
         sentence_splitter="blingfire",
@@ -46,8 +48,8 @@ def test_write_then_read_round_trips_and_the_file_is_sorted_json(tmp_path):
     assert text == json.dumps(m.to_dict(), indent=2, sort_keys=True) + "\n"
     raw = json.loads(text)
     assert raw["format_version"] == FORMAT_VERSION == 1
-    assert sorted(raw) == ["args", "corpus", "counts", "dropped", "files", "format_version", "pairs", "seed",
-                           "sentence_splitter", "tokenizer", "versions"]
+    assert sorted(raw) == ["args", "corpus", "counts", "dropped", "dropped_examples", "files", "format_version",
+                           "pairs", "seed", "sentence_splitter", "tokenizer", "versions"]
     assert raw["tokenizer"] == TOKENIZER and raw["counts"]["sentences"] == 80
     assert m.seq_lengths == [128] and m.tokenizer.path("/d") == os.path.join("/d", "vocab.txt")
 
@@ -72,6 +74,7 @@ def test_the_minimal_manifest_of_docs_interfaces_reads_with_defaults(tmp_path):
                                       "tokenizer": {k: TOKENIZER[k] for k in ("type", "file", "vocab_size", "special_ids")}})
     m = manifest.read(d)
     assert m.counts == Counts() and m.counts.sentences is None and m.files == {} and m.seed is None
+    assert m.dropped == {} and m.dropped_examples == {}  # optional: absent from manifests before issue 12
     assert m.tokenizer.lower_case is None and m.tokenizer.special_ids["mask"] == 103
 
 
@@ -121,7 +124,8 @@ def test_malformed_sections_are_manifest_errors(tmp_path):
     for key, value, message in [("pairs", {"long": {"train": "x"}}, "'pairs' must map sequence lengths"),
                                 ("pairs", {"128": ["x"]}, "'pairs' must map sequence lengths"),
                                 ("counts", [1], "'counts' is not an object"),
-                                ("files", "x", "'files' is not an object")]:
+                                ("files", "x", "'files' is not an object"),
+                                ("dropped_examples", [1], "'dropped_examples' is not an object")]:
         with pytest.raises(ManifestError, match=message):
             manifest.read(_write_raw(tmp_path, dict(raw, **{key: value})))
 

@@ -258,3 +258,73 @@ def test_one_vocab_reader_for_data_prep_masking_and_finetune(tmp_path):
     for d in (lf, crlf):
         tok = finetune_tokenizer(str(d))
         assert [tok(t, add_special_tokens=False)["input_ids"] for t in text] == ids[0]
+
+
+def _tokenizers(spm_model):
+    return {"wordpiece": WordPieceTokenizer(embedded_vocab()), "sentencepiece": load_tokenizer(spm_model)}
+
+
+@pytest.mark.parametrize("kind", ["wordpiece", "sentencepiece"])
+def test_refused_document_is_dropped_counted_and_located(spm_model, kind):
+    """Text the tokenizer or splitter raises on (here a lone surrogate handed over directly, which
+    the readers would have cleaned) costs its document, never the run."""
+    from collections import Counter
+
+    from data_prep.readers import Document
+
+    tok = _tokenizers(spm_model)[kind]
+    split = get_splitter("blingfire")
+    good = [Document(["First good document. Two sentences."], 1), Document(["Another good one."], 3)]
+    bad = Document(["Its first line is fine.", "Broken emoji \ud83d here."], 7)
+    counts, examples = Counter(), {}
+    got = tokenize_documents(tok, split, [good[0], bad, good[1]], 10**6, counts, examples)
+    alone = tokenize_documents(tok, split, good, 10**6, Counter())
+    assert got[1] is None
+    assert [[s.tolist() for s in d] for d in (got[0], got[2])] == [[s.tolist() for s in d] for d in alone]
+    assert counts["tokenizer_refused_documents"] == 1
+    [ex] = examples["tokenizer_refused_documents"]
+    assert ex["line"] == 7 and ex["excerpt"] == "Broken emoji \\ud83d here."  # the line refused, printable
+    assert ex["error"].startswith(("TypeError", "UnicodeEncodeError"))
+    import json
+
+    json.dumps(examples, ensure_ascii=False).encode("utf-8")
+
+
+def test_a_tokenizer_that_refuses_everything_raises(monkeypatch):
+    """The net is for text, not for a broken tokenizer: an error a plain probe also gets is raised."""
+    from collections import Counter
+
+    tok = WordPieceTokenizer(embedded_vocab())
+
+    def broken(lines):
+        raise RuntimeError("tokenizer state lost")
+
+    monkeypatch.setattr(tok, "encode_lines", broken)
+    with pytest.raises(RuntimeError, match="tokenizer state lost"):
+        tokenize_documents(tok, get_splitter("blingfire"), [["Some text."], ["More."]], 512, Counter(), {})
+
+
+def test_every_code_point_but_surrogates_is_accepted(spm_model):
+    """What the readers must clean: tokenizers and splitter accept every Unicode scalar value (NUL,
+    control characters, non-characters, private use, every plane), so surrogates, which only a
+    JSON escape can produce, are all they refuse."""
+    from collections import Counter
+
+    text = "".join(chr(c) for c in range(0x110000) if not 0xD800 <= c <= 0xDFFF and chr(c) != "\n")
+    lines = [text[i:i + 4000].strip() for i in range(0, len(text), 4000)]
+    for kind, tok in _tokenizers(spm_model).items():
+        counts = Counter()
+        out = tokenize_documents(tok, get_splitter("blingfire"), [[ln] for ln in lines if ln], 10**6, counts, {})
+        assert counts["tokenizer_refused_documents"] == 0 and None not in out, kind
+
+
+@pytest.mark.parametrize("lower", [True, False])
+def test_sentencepiece_batch_ids_equal_the_offsets_path(texts, spm_model, lower):
+    """`encode_ids` (one plain batch call) gives the ids of `encode_lines` (proto pieces with
+    offsets, what the pipeline used before), with every thread count."""
+    tok = load_tokenizer(spm_model, lower_case=lower)
+    sample = texts[:300] + BOUNDARIES
+    expected = [ids.tolist() for ids, _ in tok.encode_lines(sample)]
+    assert [a.tolist() for a in tok.encode_ids(sample)] == expected
+    tok.num_threads = 1
+    assert [a.tolist() for a in tok.encode_ids(sample)] == expected

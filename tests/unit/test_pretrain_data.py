@@ -8,18 +8,21 @@ import json
 import math
 import os
 import pickle
+import struct
 
 import numpy as np
 import pytest
 import torch
 
-from data_prep.pairs import PairIndex
+from data_prep.pairs import PAIR_DTYPE, PairIndex
 from pretrain.data import (
+    EpochPermutation,
     PretrainingBatch,
     PretrainingDataset,
     PretrainingSampler,
     build_dataloader,
     collate_pretraining,
+    open_check_ids,
     truncation_counts,
 )
 from pretrain.masking import MaskingConfig
@@ -103,6 +106,94 @@ def test_epoch_order_is_a_seeded_permutation(ds, data_dir):
     assert not np.array_equal(o0, o1)
     np.testing.assert_array_equal(PretrainingDataset(data_dir, 128, seed=42).epoch_order(1), o1)
     assert not np.array_equal(PretrainingDataset(data_dir, 128, seed=43).epoch_order(0), o0)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 7, 8, 64, 97, 1000, 1024, 65536, 65537, 131_071])
+def test_epoch_permutation_is_a_bijection(n):
+    """Every position maps to a distinct pair id in [0, n): primes, powers of 2, 1 and the rest."""
+    for seed, epoch in ((1234, 0), (7, 3)):
+        perm = EpochPermutation(n, seed, epoch)
+        out = perm(np.arange(n))
+        assert out.dtype == np.int64 and out.min() == 0 and out.max() == n - 1
+        assert len(np.unique(out)) == n
+        np.testing.assert_array_equal(perm(np.arange(n)[::-1]), out[::-1])  # a pure function of the position
+    with pytest.raises(IndexError):
+        EpochPermutation(n, 0, 0)([n])
+
+
+def _chi2_independence(x, y, n, buckets=16):
+    """Chi-square of the buckets x-by-y grid against independence (uniform margins): ~ buckets**2 - 1."""
+    grid = np.zeros((buckets, buckets))
+    np.add.at(grid, (x * buckets // n, y * buckets // n), 1)
+    expected = np.outer(grid.sum(1), grid.sum(0)) / grid.sum()
+    return float(((grid - expected) ** 2 / expected).sum())
+
+
+def _looks_shuffled(p):
+    """Position vs value, and each value vs the next, independent beyond chance; and no more
+    neighbours in the input that stay neighbours in the output than a random permutation keeps
+    (about 2 expected)."""
+    n = len(p)
+    dof = 255
+    bound = dof + 6 * math.sqrt(2 * dof)
+    neighbours = int((np.abs(np.diff(p)) == 1).sum())
+    return (_chi2_independence(np.arange(n), p, n) < bound and _chi2_independence(p[:-1], p[1:], n) < bound
+            and neighbours <= 12)
+
+
+def test_epoch_permutation_is_shuffled():
+    n = 100_003  # prime: the Feistel domain (4**9) is 2.6 n, so most positions cycle-walk
+    # the statistic flags what is not shuffled: the identity, a reversal, an affine map mod n
+    # (uniform per position, but each value is its predecessor + a), and blocks of 64 shuffled
+    # whole (values and positions look independent, but neighbours stay neighbours)
+    assert not _looks_shuffled(np.arange(n))
+    assert not _looks_shuffled(np.arange(n)[::-1])
+    assert not _looks_shuffled((np.arange(n) * 38_201 + 11) % n)
+    blocks = n // 64
+    assert not _looks_shuffled(np.random.default_rng(0).permutation(blocks).repeat(64) * 64 + np.tile(np.arange(64), blocks))
+    orders = {}
+    for seed, epoch in ((1234, 0), (1234, 1), (99, 0)):
+        orders[seed, epoch] = EpochPermutation(n, seed, epoch)(np.arange(n))
+        assert _looks_shuffled(orders[seed, epoch]), (seed, epoch)
+    # epochs and seeds give unrelated orders: where epoch 1 puts the pair epoch 0 had at a position
+    dof = 255
+    for other in ((1234, 1), (99, 0)):
+        assert _chi2_independence(orders[1234, 0], orders[other], n) < dof + 6 * math.sqrt(2 * dof)
+    np.testing.assert_array_equal(EpochPermutation(n, 1234, 1)(np.arange(n)), orders[1234, 1])
+
+
+def _sparse_pair_index(path, seq_length, count, valid_ids):
+    """A pair index of `count` records (format in docs/interfaces.md, packed by hand) that takes no
+    disk: all-zero records (an empty A run: invalid) except `valid_ids`, which hold a valid pair."""
+    with open(path, "wb") as f:
+        f.write(struct.pack("<8sIIQII", b"BERTNSP\x00", 1, seq_length, count, PAIR_DTYPE.itemsize, 0))
+        f.truncate(32 + count * PAIR_DTYPE.itemsize)
+        rec = np.zeros(1, dtype=PAIR_DTYPE)
+        rec["a_start"], rec["a_count"], rec["b_start"], rec["b_count"] = 0, 1, 1, 1
+        for i in valid_ids:
+            f.seek(32 + int(i) * PAIR_DTYPE.itemsize)
+            f.write(rec.tobytes())
+
+
+def test_open_is_independent_of_the_pair_count(tmp_path):
+    """A 50M-pair index opens without reading it whole (it is sparse: reading it would find the
+    invalid records on open); a batch anywhere, e.g. a resume in epoch 3, evaluates the order at
+    its own positions only and checks the records it reads."""
+    d = tmp_path / "big"
+    build_synthetic_dataset(str(d), n_docs=8, seq_lengths=(128,))
+    n = 50_000_000
+    spots = open_check_ids(n)
+    assert len(spots) <= 4096
+    _sparse_pair_index(d / "pairs_128_train.bin", 128, n, spots)
+    ds = PretrainingDataset(str(d), 128, seed=5)
+    assert len(ds) == n
+    start = 3 * n + 12_345_678
+    ids = ds._pair_ids(np.arange(start, start + 64))
+    assert ((ids >= 0) & (ids < n)).all() and len(np.unique(ids)) == 64
+    np.testing.assert_array_equal(ids, EpochPermutation(n, 5, 3)(np.arange(12_345_678, 12_345_678 + 64)))
+    first_bad = int(ids[~np.isin(ids, spots)][0])
+    with pytest.raises(ValueError, match=f"pair {first_bad} refers to sentences outside the corpus"):
+        ds.get_batch(np.arange(start, start + 64))
 
 
 def test_sample_does_not_depend_on_its_batch(ds):
