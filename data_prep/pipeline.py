@@ -8,7 +8,9 @@ every random choice is seeded per document, and the merge goes in (file, part, k
 corpus is the documents of the files in order, so output bytes do not depend on worker or rank
 counts, nor on the part and shard sizes. Parts go to MPI ranks round-robin; a rank reads only its
 own parts and its workers tokenize their shards. Resume is per input file: each file's shards live
-in a directory named after its path, size and mtime, so changing one file redoes only its shards.
+in a directory named after its path, size and mtime, so changing one file redoes only its shards;
+finished parts are kept whatever --docs-per-shard/--shard-bytes, an unfinished part keeps only the
+shards cut with the run's sizes.
 Atomicity: every file is written under a temporary name and renamed; manifest.json is
 removed at the start and written last, so a directory without it is never mistaken for complete.
 """
@@ -188,8 +190,12 @@ def _fingerprint(cfg: PrepConfig, files: list[str]) -> dict:
     fp = {
         "layout": 2,  # per-file directories; layout 1 (one fingerprint over all files) is discarded
         "tokenizer": tokenizer,
+        # Not docs_per_shard / shard_bytes: they change where shards are cut, never the output bytes.
+        # A finished part keeps its shards whatever the sizes (its marker counts them); an unfinished
+        # part keeps only the shards cut with the run's sizes (the "plan" in each shard's marker).
+        # part_bytes moves the parts' boundaries, hence every shard's (p, k): it stays here.
         **{k: getattr(cfg, k) for k in ("lower_case", "splitter", "input_format", "json_key", "max_sentence_tokens",
-                                        "docs_per_shard", "shard_bytes", "max_document_bytes", "part_bytes")},
+                                        "max_document_bytes", "part_bytes")},
         "format_version": FORMAT_VERSION,
     }
     if cfg.trains_tokenizer:
@@ -356,12 +362,39 @@ def _part_finished(fdir: str, p: int) -> dict | None:
     return done
 
 
+def shard_plan(cfg: PrepConfig) -> dict:
+    """How a part's documents are cut into shards; recorded in every shard marker."""
+    return {"docs_per_shard": cfg.docs_per_shard, "shard_bytes": cfg.shard_bytes}
+
+
+def _drop_other_plans(fdir: str, p: int, plan: dict) -> int:
+    """Remove the shards of unfinished part p cut with other shard sizes (or of a marker without
+    sizes): their (p, k) would not be this run's. Returns how many were removed."""
+    head = os.path.basename(shard_prefix(fdir, p, 0))[:-len("000000")]
+    dropped = 0
+    for name in sorted(os.listdir(fdir)):
+        if not (name.startswith(head) and name.endswith(".json")):
+            continue
+        prefix = os.path.join(fdir, name[:-len(".json")])
+        info = shard_done(prefix)
+        if info is not None and info.get("plan") == plan:
+            continue
+        for ext in ("json", "bin", "idx"):  # the marker first: never a marker without its data
+            try:
+                os.remove(f"{prefix}.{ext}")
+            except FileNotFoundError:
+                pass
+        dropped += 1
+    return dropped
+
+
 def _build_shards(cfg: PrepConfig, files: list[str], work: str, tok_file: str, comm, bar) -> int:
     """Tokenize this rank's parts (each rank reads only its own; its workers tokenize the shards).
     A part is finished by its marker, written after all its shards; returns the shards skipped
     because a previous run finished them."""
+    plan = shard_plan(cfg)
     wcfg = {"tokenizer_file": tok_file, "lower_case": cfg.lower_case, "splitter": cfg.splitter,
-            "max_sentence_tokens": cfg.max_sentence_tokens, "in_worker": cfg.workers > 1}
+            "max_sentence_tokens": cfg.max_sentence_tokens, "in_worker": cfg.workers > 1, "plan": plan}
     pool = None
     if cfg.workers > 1:
         pool = _executor(cfg.workers, init_worker, (wcfg,))
@@ -385,6 +418,13 @@ def _build_shards(cfg: PrepConfig, files: list[str], work: str, tok_file: str, c
             if done is not None:
                 resumed += done["shards"]
                 continue
+            try:
+                dropped = _drop_other_plans(fdir, p, plan)
+            except OSError as e:
+                raise os_error(fdir, "remove shards cut with other shard sizes", e) from e
+            if dropped:
+                log.info("%s part %d: redoing %d shard(s) cut with other --docs-per-shard/--shard-bytes",
+                         files[i], p, dropped)
             stats = readers.ReadStats()
             n = n_docs = 0
             rng = _part_range(cfg, files[i], p, n_parts)
@@ -395,7 +435,8 @@ def _build_shards(cfg: PrepConfig, files: list[str], work: str, tok_file: str, c
                 if bar is not None:
                     bar.update(len(docs))
                 prefix = shard_prefix(fdir, p, k)
-                if shard_done(prefix) is not None:
+                info = shard_done(prefix)
+                if info is not None and info.get("plan") == plan:
                     resumed += 1
                     continue
                 if pool is None:

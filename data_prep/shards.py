@@ -239,7 +239,9 @@ def process_shard(prefix: str, docs: list[list[str]]) -> dict:
     commit(tmp_bin, prefix + ".bin")
     commit(tmp_idx, prefix + ".idx")
     _fsync(os.path.dirname(prefix) or ".")  # the two renames, before the marker's
+    # "plan": the shard sizes that cut it; an unfinished part reuses only shards of the run's plan.
     result = {"shard": os.path.basename(prefix), "input_documents": len(docs), "counts": dict(counts),
+              "plan": cfg.get("plan"),
               "bytes": {"bin": os.path.getsize(prefix + ".bin"), "idx": os.path.getsize(prefix + ".idx")}}
     if examples:  # {reason: [{"line" (from the part's start), "excerpt", "error"}]}; the merge adds the file
         result["examples"] = examples
