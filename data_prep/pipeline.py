@@ -23,6 +23,7 @@ import logging
 import multiprocessing as mp
 import os
 import shutil
+import signal
 import time
 from collections import Counter, deque
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -294,18 +295,66 @@ def _train_wordpiece(cfg: PrepConfig, files: list[str], work: str) -> str:
     # process (the tokenizing workers) print tokenizers' fork warning, and its word counts are
     # memory this process keeps no use for.
     with _executor(1) as pool:
-        pool.submit(train_wordpiece, sent_file, vocab, cfg.train_wordpiece_vocab_size, cfg.lower_case).result()
+        try:
+            pool.submit(train_wordpiece, sent_file, vocab, cfg.train_wordpiece_vocab_size, cfg.lower_case).result()
+        except BrokenProcessPool as e:
+            raise DataPrepError(worker_death_message(worker_exit_codes(pool), "train_tokenizer", cfg)) from e
     os.remove(sent_file)
     return vocab
 
 
 def _executor(workers: int, initializer=None, initargs=()):
     """Worker processes. fork: they inherit the imported modules (torch, megatron) and the pair
-    tables instead of re-importing or pickling them. A worker that dies (OOM killer) surfaces as
-    BrokenProcessPool (turned into a one-line error by run()) instead of the silent hang of
-    multiprocessing.Pool."""
+    tables instead of re-importing or pickling them. A worker that dies (OOM killer, a crash)
+    surfaces as BrokenProcessPool (turned into a one-line error naming how it died by
+    worker_death_message) instead of the silent hang of multiprocessing.Pool."""
     return ProcessPoolExecutor(workers, mp_context=mp.get_context("fork"), initializer=initializer,
                                initargs=initargs)
+
+
+def worker_exit_codes(pool) -> dict:
+    """{pid: exit code (None: still running)} of a pool's workers, read when it broke and before
+    shutdown(), which drops them (CPython's ProcessPoolExecutor._processes, None once shut down)."""
+    procs = list((getattr(pool, "_processes", None) or {}).items())
+    # The pool sees a worker die when its pipe closes, a moment before the kernel lets it be
+    # reaped; the others are being terminated. Poll (each read reaps if it can) for up to 2 s.
+    deadline = time.monotonic() + 2.0
+    while any(p.exitcode is None for _, p in procs) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return {pid: p.exitcode for pid, p in procs}
+
+
+_PHASES = {"tokenize": "tokenizing", "pairs": "building pairs", "train_tokenizer": "training the tokenizer"}
+
+
+def worker_death_message(codes: dict, phase: str, cfg: PrepConfig) -> str:
+    """One line for a broken pool, from how its worker died. The pool terminates (SIGTERM) the
+    other workers once one dies: those are not the cause. SIGKILL is what the OOM killer sends."""
+    what = _PHASES[phase]
+    seen = [c for c in codes.values() if c is not None]
+    causes = [c for c in seen if c != -signal.SIGTERM] or seen
+    if -signal.SIGKILL in causes:
+        advice = {"tokenize": f"lower --workers ({cfg.workers}) or --shard-bytes ({cfg.shard_bytes}) and re-run: "
+                              "finished shards are kept",
+                  "pairs": f"lower --workers ({cfg.workers}) and re-run: finished shards are kept",
+                  "train_tokenizer": f"lower --tokenizer-train-sentences ({cfg.tokenizer_train_sentences}) and "
+                                     "re-run"}[phase]
+        return (f"a worker process {what} was killed (SIGKILL, most often by the out-of-memory killer: see dmesg); "
+                f"{advice}")
+    if -signal.SIGSEGV in causes:
+        return (f"a worker process {what} crashed (SIGSEGV: a fault in a native library such as the tokenizer or "
+                "the splitter, not a memory limit); re-run to resume, and report it with the log if it recurs")
+    if not causes:
+        return f"a worker process {what} died (exit status unknown); see the log above and re-run to resume"
+    c = causes[0]
+    if c < 0:
+        try:
+            name = signal.Signals(-c).name
+        except ValueError:
+            name = f"signal {-c}"
+        return f"a worker process {what} was killed by {name}; re-run to resume"
+    why = " (0: an error in its initializer, logged above)" if c == 0 else "; see the log above"
+    return f"a worker process {what} exited with code {c}{why}; re-run to resume"
 
 
 def _chunks(doc_iter, size: int, max_bytes: int):
@@ -455,6 +504,8 @@ def _build_shards(cfg: PrepConfig, files: list[str], work: str, tok_file: str, c
                 settle(pending.popleft())
         while pending:
             settle(pending.popleft())
+    except BrokenProcessPool as e:
+        raise DataPrepError(worker_death_message(worker_exit_codes(pool), "tokenize", cfg)) from e
     finally:
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
@@ -562,6 +613,8 @@ def _build_pairs(cfg: PrepConfig, out_dir: str, sent_lens, doc_idx) -> tuple[dic
                 pairs[str(L)][name] = fname
                 counts[str(L)][name] = {"pairs": w.count, "documents": int(len(docs)),
                                         "short_target_documents": int(short)}
+    except BrokenProcessPool as e:
+        raise DataPrepError(worker_death_message(worker_exit_codes(pool), "pairs", cfg)) from e
     finally:
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
@@ -591,9 +644,9 @@ def run(cfg: PrepConfig, comm=None) -> dict:
     try:
         return _run(cfg, comm, files, t0, time.time() - t0)
     except BrokenProcessPool as e:
-        raise DataPrepError(
-            f"a worker process was killed (most often by the out-of-memory killer: see dmesg); lower --workers "
-            f"({cfg.workers}) or --shard-bytes ({cfg.shard_bytes}) and re-run: finished shards are kept") from e
+        # The pools above name how their worker died; this is the net for any other pool.
+        raise DataPrepError("a worker process died; see the log above (dmesg if it was killed) and re-run "
+                            "to resume") from e
     except DataPrepError:
         raise  # already names the path (data_prep.atomic's AtomicWriteError is also an OSError)
     except OSError as e:

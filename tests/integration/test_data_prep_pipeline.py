@@ -221,7 +221,7 @@ def test_killed_worker_is_one_clear_line_and_resumes(base, tmp_path, cache, monk
     with pytest.raises(DataPrepError) as e:
         run(PrepConfig(**cfg))
     msg = str(e.value)
-    assert "\n" not in msg and "killed" in msg and "out-of-memory" in msg
+    assert "\n" not in msg and "killed (SIGKILL" in msg and "out-of-memory" in msg and "tokenizing" in msg
     assert "lower --workers (2) or --shard-bytes" in msg
     assert not os.path.exists(os.path.join(out, "manifest.json"))
     monkeypatch.delenv("DATA_PREP_TEST_SIGKILL_SHARD")
