@@ -198,6 +198,10 @@ def _fingerprint(cfg: PrepConfig, files: list[str]) -> dict:
         **{k: getattr(cfg, k) for k in ("lower_case", "splitter", "input_format", "json_key", "max_sentence_tokens",
                                         "max_document_bytes", "part_bytes")},
         "format_version": FORMAT_VERSION,
+        # The code that makes shards: a new tokenizers / splitter / numpy ... version, or new reader
+        # rules, may give other tokens for the same text.
+        "reader_version": readers.READER_VERSION,
+        "versions": library_versions(),
     }
     if cfg.trains_tokenizer:
         # A vocab trained on the inputs depends on all of them: any change redoes every shard.

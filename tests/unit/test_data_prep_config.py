@@ -151,3 +151,32 @@ def test_work_dir_is_kept_per_input_file(tmp_path):
     a.write_text("x y z.\n")
     assert _prepare_work_dir(trained, [str(a)], work) is False
     assert not os.path.exists(os.path.join(work, "vocab.txt"))
+
+
+def test_fingerprint_follows_code_versions_not_shard_sizes(tmp_path, monkeypatch):
+    """Library versions and READER_VERSION start the work dir afresh; shard sizes do not (finished
+    parts are kept whatever they are; see test_rerun_with_smaller_shard_bytes_after_a_kill)."""
+    import data_prep.pipeline as pipeline
+    from data_prep import readers
+
+    inp = tmp_path / "a.txt"
+    inp.write_text("a b c.\n")
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("[PAD]\n")
+    work = str(tmp_path / ".work")
+
+    def prepare(**kw):
+        cfg = _cfg(inputs=[str(inp)], vocab=str(vocab), **kw)
+        cfg.validate()
+        return _prepare_work_dir(cfg, [str(inp)], work)
+
+    assert prepare() is False
+    assert prepare(shard_bytes=4096, docs_per_shard=7) is True
+    assert prepare(part_bytes=4096) is False  # part boundaries move: every shard's (p, k) changes
+    assert prepare(part_bytes=4096) is True
+    monkeypatch.setattr(readers, "READER_VERSION", readers.READER_VERSION + 1)
+    assert prepare(part_bytes=4096) is False
+    real = pipeline.library_versions()
+    monkeypatch.setattr(pipeline, "library_versions", lambda: {**real, "tokenizers": "0.0.0"})
+    assert prepare(part_bytes=4096) is False
+    assert prepare(part_bytes=4096) is True
