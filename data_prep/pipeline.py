@@ -8,7 +8,7 @@ every random choice is seeded per document, and the merge goes in (file, part, k
 corpus is the documents of the files in order, so output bytes do not depend on worker or rank
 counts, nor on the part and shard sizes. Parts go to MPI ranks round-robin; a rank reads only its
 own parts and its workers tokenize their shards. Resume is per input file: each file's shards live
-in a directory named after its path, size and mtime, so changing one file redoes only its shards;
+in a directory named after its path, size, mtime, inode and ctime, so changing one file redoes only its shards;
 finished parts are kept whatever --docs-per-shard/--shard-bytes, an unfinished part keeps only the
 shards cut with the run's sizes.
 Atomicity: every file is written under a temporary name and renamed; manifest.json is
@@ -167,11 +167,13 @@ class _SingleComm:
 
 def _file_stat(path: str) -> list:
     st = os.stat(path)
-    return [os.path.abspath(path), st.st_size, st.st_mtime_ns]
+    # ctime and inode too: an edit of the same size whose mtime was restored (cp -p, rsync -t,
+    # touch -r) still changes ctime, and a file replaced by a rename has another inode.
+    return [os.path.abspath(path), st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns]
 
 
 def file_work_dir(work: str, path: str) -> str:
-    """Where one input file's shards live: a new path, size or mtime is a new directory."""
+    """Where one input file's shards live: a new path, size, mtime, inode or ctime is a new directory."""
     key = hashlib.sha256(json.dumps(_file_stat(path)).encode()).hexdigest()[:20]
     return os.path.join(work, f"file_{key}")
 
@@ -211,7 +213,7 @@ def _fingerprint(cfg: PrepConfig, files: list[str]) -> dict:
 
 def _prepare_work_dir(cfg: PrepConfig, files: list[str], work: str) -> bool:
     """Keep finished shards made with the same arguments, of the input files that did not change
-    (path, size, mtime); drop the directories of files changed or no longer given."""
+    (path, size, mtime, inode, ctime); drop the directories of files changed or no longer given."""
     fp = _fingerprint(cfg, files)
     fp_path = os.path.join(work, "fingerprint.json")
     try:

@@ -180,3 +180,28 @@ def test_fingerprint_follows_code_versions_not_shard_sizes(tmp_path, monkeypatch
     monkeypatch.setattr(pipeline, "library_versions", lambda: {**real, "tokenizers": "0.0.0"})
     assert prepare(part_bytes=4096) is False
     assert prepare(part_bytes=4096) is True
+
+
+def test_same_size_edit_with_restored_mtime_is_a_new_file(tmp_path):
+    """cp -p / rsync -t / touch -r: same size, same mtime, other bytes; ctime (and, for a file
+    replaced by a rename, the inode) still tell it apart."""
+    import time
+
+    from data_prep.pipeline import file_work_dir
+
+    a = tmp_path / "a.txt"
+    a.write_text("a b c.\n")
+    st = os.stat(a)
+    before = file_work_dir("w", str(a))
+    assert file_work_dir("w", str(a)) == before  # stable while nothing changes
+    time.sleep(0.05)  # past the clock tick that stamps ctime
+    a.write_text("x y z.\n")
+    os.utime(a, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert os.stat(a).st_size == st.st_size and os.stat(a).st_mtime_ns == st.st_mtime_ns
+    assert file_work_dir("w", str(a)) != before
+    b = tmp_path / "b.txt"
+    b.write_text("a b c.\n")
+    os.utime(b, ns=(st.st_atime_ns, st.st_mtime_ns))
+    key_a = file_work_dir("w", str(a))
+    os.replace(b, a)  # same path, size and mtime: another inode
+    assert file_work_dir("w", str(a)) != key_a
