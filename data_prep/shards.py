@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 from collections import Counter
 
 import numpy as np
@@ -209,9 +208,6 @@ def process_shard(prefix: str, docs: list[list[str]]) -> dict:
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
     cfg, tok, split = _STATE["cfg"], _STATE["tok"], _STATE["split"]
-    if cfg.get("in_worker") and os.environ.get("DATA_PREP_TEST_SIGKILL_SHARD") == os.path.basename(prefix):
-        # Tests: a worker killed as the OOM killer would (SIGKILL, no clean-up of any kind).
-        os.kill(os.getpid(), signal.SIGKILL)
     counts: Counter = Counter()
     examples: dict = {}
     doc_sents = tokenize_documents(tok, split, docs, cfg["max_sentence_tokens"], counts, examples)
