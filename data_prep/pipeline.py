@@ -8,7 +8,9 @@ every random choice is seeded per document, and the merge goes in (file, part, k
 corpus is the documents of the files in order, so output bytes do not depend on worker or rank
 counts, nor on the part and shard sizes. Parts go to MPI ranks round-robin; a rank reads only its
 own parts and its workers tokenize their shards. Resume is per input file: each file's shards live
-in a directory named after its path, size and mtime, so changing one file redoes only its shards.
+in a directory named after its path, size, mtime, inode and ctime, so changing one file redoes only its shards;
+finished parts are kept whatever --docs-per-shard/--shard-bytes, an unfinished part keeps only the
+shards cut with the run's sizes.
 Atomicity: every file is written under a temporary name and renamed; manifest.json is
 removed at the start and written last, so a directory without it is never mistaken for complete.
 """
@@ -21,6 +23,7 @@ import logging
 import multiprocessing as mp
 import os
 import shutil
+import signal
 import time
 from collections import Counter, deque
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -164,11 +167,13 @@ class _SingleComm:
 
 def _file_stat(path: str) -> list:
     st = os.stat(path)
-    return [os.path.abspath(path), st.st_size, st.st_mtime_ns]
+    # ctime and inode too: an edit of the same size whose mtime was restored (cp -p, rsync -t,
+    # touch -r) still changes ctime, and a file replaced by a rename has another inode.
+    return [os.path.abspath(path), st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns]
 
 
 def file_work_dir(work: str, path: str) -> str:
-    """Where one input file's shards live: a new path, size or mtime is a new directory."""
+    """Where one input file's shards live: a new path, size, mtime, inode or ctime is a new directory."""
     key = hashlib.sha256(json.dumps(_file_stat(path)).encode()).hexdigest()[:20]
     return os.path.join(work, f"file_{key}")
 
@@ -188,9 +193,17 @@ def _fingerprint(cfg: PrepConfig, files: list[str]) -> dict:
     fp = {
         "layout": 2,  # per-file directories; layout 1 (one fingerprint over all files) is discarded
         "tokenizer": tokenizer,
+        # Not docs_per_shard / shard_bytes: they change where shards are cut, never the output bytes.
+        # A finished part keeps its shards whatever the sizes (its marker counts them); an unfinished
+        # part keeps only the shards cut with the run's sizes (the "plan" in each shard's marker).
+        # part_bytes moves the parts' boundaries, hence every shard's (p, k): it stays here.
         **{k: getattr(cfg, k) for k in ("lower_case", "splitter", "input_format", "json_key", "max_sentence_tokens",
-                                        "docs_per_shard", "shard_bytes", "max_document_bytes", "part_bytes")},
+                                        "max_document_bytes", "part_bytes")},
         "format_version": FORMAT_VERSION,
+        # The code that makes shards: a new tokenizers / splitter / numpy ... version, or new reader
+        # rules, may give other tokens for the same text.
+        "reader_version": readers.READER_VERSION,
+        "versions": library_versions(),
     }
     if cfg.trains_tokenizer:
         # A vocab trained on the inputs depends on all of them: any change redoes every shard.
@@ -200,7 +213,7 @@ def _fingerprint(cfg: PrepConfig, files: list[str]) -> dict:
 
 def _prepare_work_dir(cfg: PrepConfig, files: list[str], work: str) -> bool:
     """Keep finished shards made with the same arguments, of the input files that did not change
-    (path, size, mtime); drop the directories of files changed or no longer given."""
+    (path, size, mtime, inode, ctime); drop the directories of files changed or no longer given."""
     fp = _fingerprint(cfg, files)
     fp_path = os.path.join(work, "fingerprint.json")
     try:
@@ -288,18 +301,66 @@ def _train_wordpiece(cfg: PrepConfig, files: list[str], work: str) -> str:
     # process (the tokenizing workers) print tokenizers' fork warning, and its word counts are
     # memory this process keeps no use for.
     with _executor(1) as pool:
-        pool.submit(train_wordpiece, sent_file, vocab, cfg.train_wordpiece_vocab_size, cfg.lower_case).result()
+        try:
+            pool.submit(train_wordpiece, sent_file, vocab, cfg.train_wordpiece_vocab_size, cfg.lower_case).result()
+        except BrokenProcessPool as e:
+            raise DataPrepError(worker_death_message(worker_exit_codes(pool), "train_tokenizer", cfg)) from e
     os.remove(sent_file)
     return vocab
 
 
 def _executor(workers: int, initializer=None, initargs=()):
     """Worker processes. fork: they inherit the imported modules (torch, megatron) and the pair
-    tables instead of re-importing or pickling them. A worker that dies (OOM killer) surfaces as
-    BrokenProcessPool (turned into a one-line error by run()) instead of the silent hang of
-    multiprocessing.Pool."""
+    tables instead of re-importing or pickling them. A worker that dies (OOM killer, a crash)
+    surfaces as BrokenProcessPool (turned into a one-line error naming how it died by
+    worker_death_message) instead of the silent hang of multiprocessing.Pool."""
     return ProcessPoolExecutor(workers, mp_context=mp.get_context("fork"), initializer=initializer,
                                initargs=initargs)
+
+
+def worker_exit_codes(pool) -> dict:
+    """{pid: exit code (None: still running)} of a pool's workers, read when it broke and before
+    shutdown(), which drops them (CPython's ProcessPoolExecutor._processes, None once shut down)."""
+    procs = list((getattr(pool, "_processes", None) or {}).items())
+    # The pool sees a worker die when its pipe closes, a moment before the kernel lets it be
+    # reaped; the others are being terminated. Poll (each read reaps if it can) for up to 2 s.
+    deadline = time.monotonic() + 2.0
+    while any(p.exitcode is None for _, p in procs) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return {pid: p.exitcode for pid, p in procs}
+
+
+_PHASES = {"tokenize": "tokenizing", "pairs": "building pairs", "train_tokenizer": "training the tokenizer"}
+
+
+def worker_death_message(codes: dict, phase: str, cfg: PrepConfig) -> str:
+    """One line for a broken pool, from how its worker died. The pool terminates (SIGTERM) the
+    other workers once one dies: those are not the cause. SIGKILL is what the OOM killer sends."""
+    what = _PHASES[phase]
+    seen = [c for c in codes.values() if c is not None]
+    causes = [c for c in seen if c != -signal.SIGTERM] or seen
+    if -signal.SIGKILL in causes:
+        advice = {"tokenize": f"lower --workers ({cfg.workers}) or --shard-bytes ({cfg.shard_bytes}) and re-run: "
+                              "finished shards are kept",
+                  "pairs": f"lower --workers ({cfg.workers}) and re-run: finished shards are kept",
+                  "train_tokenizer": f"lower --tokenizer-train-sentences ({cfg.tokenizer_train_sentences}) and "
+                                     "re-run"}[phase]
+        return (f"a worker process {what} was killed (SIGKILL, most often by the out-of-memory killer: see dmesg); "
+                f"{advice}")
+    if -signal.SIGSEGV in causes:
+        return (f"a worker process {what} crashed (SIGSEGV: a fault in a native library such as the tokenizer or "
+                "the splitter, not a memory limit); re-run to resume, and report it with the log if it recurs")
+    if not causes:
+        return f"a worker process {what} died (exit status unknown); see the log above and re-run to resume"
+    c = causes[0]
+    if c < 0:
+        try:
+            name = signal.Signals(-c).name
+        except ValueError:
+            name = f"signal {-c}"
+        return f"a worker process {what} was killed by {name}; re-run to resume"
+    why = " (0: an error in its initializer, logged above)" if c == 0 else "; see the log above"
+    return f"a worker process {what} exited with code {c}{why}; re-run to resume"
 
 
 def _chunks(doc_iter, size: int, max_bytes: int):
@@ -356,12 +417,39 @@ def _part_finished(fdir: str, p: int) -> dict | None:
     return done
 
 
+def shard_plan(cfg: PrepConfig) -> dict:
+    """How a part's documents are cut into shards; recorded in every shard marker."""
+    return {"docs_per_shard": cfg.docs_per_shard, "shard_bytes": cfg.shard_bytes}
+
+
+def _drop_other_plans(fdir: str, p: int, plan: dict) -> int:
+    """Remove the shards of unfinished part p cut with other shard sizes (or of a marker without
+    sizes): their (p, k) would not be this run's. Returns how many were removed."""
+    head = os.path.basename(shard_prefix(fdir, p, 0))[:-len("000000")]
+    dropped = 0
+    for name in sorted(os.listdir(fdir)):
+        if not (name.startswith(head) and name.endswith(".json")):
+            continue
+        prefix = os.path.join(fdir, name[:-len(".json")])
+        info = shard_done(prefix)
+        if info is not None and info.get("plan") == plan:
+            continue
+        for ext in ("json", "bin", "idx"):  # the marker first: never a marker without its data
+            try:
+                os.remove(f"{prefix}.{ext}")
+            except FileNotFoundError:
+                pass
+        dropped += 1
+    return dropped
+
+
 def _build_shards(cfg: PrepConfig, files: list[str], work: str, tok_file: str, comm, bar) -> int:
     """Tokenize this rank's parts (each rank reads only its own; its workers tokenize the shards).
     A part is finished by its marker, written after all its shards; returns the shards skipped
     because a previous run finished them."""
+    plan = shard_plan(cfg)
     wcfg = {"tokenizer_file": tok_file, "lower_case": cfg.lower_case, "splitter": cfg.splitter,
-            "max_sentence_tokens": cfg.max_sentence_tokens, "in_worker": cfg.workers > 1}
+            "max_sentence_tokens": cfg.max_sentence_tokens, "in_worker": cfg.workers > 1, "plan": plan}
     pool = None
     if cfg.workers > 1:
         pool = _executor(cfg.workers, init_worker, (wcfg,))
@@ -385,6 +473,13 @@ def _build_shards(cfg: PrepConfig, files: list[str], work: str, tok_file: str, c
             if done is not None:
                 resumed += done["shards"]
                 continue
+            try:
+                dropped = _drop_other_plans(fdir, p, plan)
+            except OSError as e:
+                raise os_error(fdir, "remove shards cut with other shard sizes", e) from e
+            if dropped:
+                log.info("%s part %d: redoing %d shard(s) cut with other --docs-per-shard/--shard-bytes",
+                         files[i], p, dropped)
             stats = readers.ReadStats()
             n = n_docs = 0
             rng = _part_range(cfg, files[i], p, n_parts)
@@ -395,7 +490,8 @@ def _build_shards(cfg: PrepConfig, files: list[str], work: str, tok_file: str, c
                 if bar is not None:
                     bar.update(len(docs))
                 prefix = shard_prefix(fdir, p, k)
-                if shard_done(prefix) is not None:
+                info = shard_done(prefix)
+                if info is not None and info.get("plan") == plan:
                     resumed += 1
                     continue
                 if pool is None:
@@ -414,6 +510,8 @@ def _build_shards(cfg: PrepConfig, files: list[str], work: str, tok_file: str, c
                 settle(pending.popleft())
         while pending:
             settle(pending.popleft())
+    except BrokenProcessPool as e:
+        raise DataPrepError(worker_death_message(worker_exit_codes(pool), "tokenize", cfg)) from e
     finally:
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
@@ -521,6 +619,8 @@ def _build_pairs(cfg: PrepConfig, out_dir: str, sent_lens, doc_idx) -> tuple[dic
                 pairs[str(L)][name] = fname
                 counts[str(L)][name] = {"pairs": w.count, "documents": int(len(docs)),
                                         "short_target_documents": int(short)}
+    except BrokenProcessPool as e:
+        raise DataPrepError(worker_death_message(worker_exit_codes(pool), "pairs", cfg)) from e
     finally:
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
@@ -550,9 +650,9 @@ def run(cfg: PrepConfig, comm=None) -> dict:
     try:
         return _run(cfg, comm, files, t0, time.time() - t0)
     except BrokenProcessPool as e:
-        raise DataPrepError(
-            f"a worker process was killed (most often by the out-of-memory killer: see dmesg); lower --workers "
-            f"({cfg.workers}) or --shard-bytes ({cfg.shard_bytes}) and re-run: finished shards are kept") from e
+        # The pools above name how their worker died; this is the net for any other pool.
+        raise DataPrepError("a worker process died; see the log above (dmesg if it was killed) and re-run "
+                            "to resume") from e
     except DataPrepError:
         raise  # already names the path (data_prep.atomic's AtomicWriteError is also an OSError)
     except OSError as e:

@@ -26,6 +26,11 @@ from typing import Iterator
 
 from .errors import DataPrepError
 
+# Part of the resume fingerprint: bump it whenever a rule that decides what the readers hand over
+# changes (cleaning, long-line and pseudo-document cuts, document boundaries, part boundaries) or
+# how sentences are split (splitter.py), so that shards made by the old rules are not reused.
+READER_VERSION = 1
+
 TEXT_SUFFIXES = (".txt", ".text")
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
 # Lines longer than this are cut at whitespace before splitting and tokenizing: it bounds the

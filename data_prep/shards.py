@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 from collections import Counter
 
 import numpy as np
@@ -209,9 +208,6 @@ def process_shard(prefix: str, docs: list[list[str]]) -> dict:
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
     cfg, tok, split = _STATE["cfg"], _STATE["tok"], _STATE["split"]
-    if cfg.get("in_worker") and os.environ.get("DATA_PREP_TEST_SIGKILL_SHARD") == os.path.basename(prefix):
-        # Tests: a worker killed as the OOM killer would (SIGKILL, no clean-up of any kind).
-        os.kill(os.getpid(), signal.SIGKILL)
     counts: Counter = Counter()
     examples: dict = {}
     doc_sents = tokenize_documents(tok, split, docs, cfg["max_sentence_tokens"], counts, examples)
@@ -239,7 +235,9 @@ def process_shard(prefix: str, docs: list[list[str]]) -> dict:
     commit(tmp_bin, prefix + ".bin")
     commit(tmp_idx, prefix + ".idx")
     _fsync(os.path.dirname(prefix) or ".")  # the two renames, before the marker's
+    # "plan": the shard sizes that cut it; an unfinished part reuses only shards of the run's plan.
     result = {"shard": os.path.basename(prefix), "input_documents": len(docs), "counts": dict(counts),
+              "plan": cfg.get("plan"),
               "bytes": {"bin": os.path.getsize(prefix + ".bin"), "idx": os.path.getsize(prefix + ".idx")}}
     if examples:  # {reason: [{"line" (from the part's start), "excerpt", "error"}]}; the merge adds the file
         result["examples"] = examples

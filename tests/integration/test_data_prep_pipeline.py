@@ -211,22 +211,81 @@ def test_document_without_blank_lines_is_split_into_bounded_shards(tmp_path, tex
     assert len(ds.document_indices) == n_docs + 1
 
 
+_KILL_SHARD = None  # the shard (prefix basename) at which _kill_at kills its worker
+
+
+def _kill_at(prefix, docs):
+    """data_prep.pipeline's process_shard in the tests below: a worker that takes shard
+    _KILL_SHARD dies as the OOM killer would kill it (SIGKILL, no clean-up of any kind)."""
+    import multiprocessing
+    import signal
+
+    from data_prep.shards import process_shard
+
+    if os.path.basename(prefix) == _KILL_SHARD and multiprocessing.parent_process() is not None:
+        os.kill(os.getpid(), signal.SIGKILL)  # only ever a fork worker, never the test process
+    return process_shard(prefix, docs)
+
+
+def _kill_worker_at(monkeypatch, shard):
+    import data_prep.pipeline
+
+    # The pool's workers are forks of this process: they see both patches.
+    monkeypatch.setattr(data_prep.pipeline, "process_shard", _kill_at)
+    monkeypatch.setitem(globals(), "_KILL_SHARD", shard)
+
+
 def test_killed_worker_is_one_clear_line_and_resumes(base, tmp_path, cache, monkeypatch):
     """A worker killed with SIGKILL (as by the OOM killer) mid-run: a one-line error naming what to
     lower, nothing written under a final name; the next run completes with base's bytes."""
     out = str(tmp_path / "k")
     cfg = dict(inputs=[embedded_corpus_jsonl(cache, max_docs=N_DOCS)], output_dir=out, vocab=embedded_vocab(),
                seq_lengths=[64, 128], valid_fraction=0.05, docs_per_shard=30, progress=False, workers=2)
-    monkeypatch.setenv("DATA_PREP_TEST_SIGKILL_SHARD", "shard_000000_000003")
+    _kill_worker_at(monkeypatch, "shard_000000_000003")
     with pytest.raises(DataPrepError) as e:
         run(PrepConfig(**cfg))
     msg = str(e.value)
-    assert "\n" not in msg and "killed" in msg and "out-of-memory" in msg
+    assert "\n" not in msg and "killed (SIGKILL" in msg and "out-of-memory" in msg and "tokenizing" in msg
     assert "lower --workers (2) or --shard-bytes" in msg
     assert not os.path.exists(os.path.join(out, "manifest.json"))
-    monkeypatch.delenv("DATA_PREP_TEST_SIGKILL_SHARD")
-    run(PrepConfig(**cfg))
+    monkeypatch.undo()
+    m = run(PrepConfig(**cfg))
+    # The worker that took shard 3 had finished an earlier one: at least that one is kept.
+    assert m["_run"]["resumed_shards"] > 0
     _same_dir(base, out)
+
+
+def test_rerun_with_smaller_shard_bytes_after_a_kill(base, tmp_path, cache, monkeypatch):
+    """What the killed-worker line advises: a re-run with a smaller --shard-bytes keeps the
+    finished parts (a.jsonl's 4 shards), redoes the unfinished part's shards cut with the old
+    sizes (none of b.jsonl's old shards are left behind), and gives the clean run's bytes."""
+    lines = open(embedded_corpus_jsonl(cache, max_docs=N_DOCS)).read().splitlines(keepends=True)
+    d = tmp_path / "in"
+    d.mkdir()
+    (d / "a.jsonl").write_text("".join(lines[:40]))
+    (d / "b.jsonl").write_text("".join(lines[40:]))
+    out = str(tmp_path / "k")
+    cfg = dict(inputs=[str(d)], output_dir=out, vocab=embedded_vocab(), seq_lengths=[64, 128],
+               valid_fraction=0.05, docs_per_shard=10, progress=False, workers=2)
+    # a.jsonl has shards 0-3 only; the worker that takes b's shard 5 finds a's shards all done.
+    _kill_worker_at(monkeypatch, "shard_000000_000005")
+    with pytest.raises(DataPrepError, match="killed"):
+        run(PrepConfig(**cfg))
+    monkeypatch.undo()
+    sd_b = _shard_dir(out, str(d / "b.jsonl"))
+    assert any(f.endswith(".json") for f in os.listdir(sd_b))  # b had finished shards, cut at 8 MiB
+    m = run(PrepConfig(**cfg, shard_bytes=4096, keep_work=True))
+    assert m["_run"]["resumed_shards"] == 4  # a's finished part; b's old shards had other sizes
+    n_b = json.load(open(os.path.join(sd_b, "part_000000.json")))["shards"]
+    assert n_b > 16  # 4 KiB closes shards before 10 documents
+    assert len([f for f in os.listdir(sd_b) if f.startswith("shard_") and f.endswith(".json")]) == n_b
+    for f in ("corpus.bin", "corpus.idx", "pairs_64_train.bin", "pairs_64_valid.bin", "pairs_128_train.bin",
+              "pairs_128_valid.bin"):
+        assert filecmp.cmp(os.path.join(out, f), os.path.join(base, f), shallow=False), f
+    # A finished part stays whatever the sizes: a third run with other sizes redoes nothing.
+    os.remove(os.path.join(out, "manifest.json"))
+    m = run(PrepConfig(**cfg, shard_bytes=1 << 20, keep_work=True))
+    assert m["_run"]["resumed_shards"] == m["_run"]["shards"] == 4 + n_b
 
 
 def test_failed_run_never_looks_complete(base, tmp_path, cache):

@@ -151,3 +151,57 @@ def test_work_dir_is_kept_per_input_file(tmp_path):
     a.write_text("x y z.\n")
     assert _prepare_work_dir(trained, [str(a)], work) is False
     assert not os.path.exists(os.path.join(work, "vocab.txt"))
+
+
+def test_fingerprint_follows_code_versions_not_shard_sizes(tmp_path, monkeypatch):
+    """Library versions and READER_VERSION start the work dir afresh; shard sizes do not (finished
+    parts are kept whatever they are; see test_rerun_with_smaller_shard_bytes_after_a_kill)."""
+    import data_prep.pipeline as pipeline
+    from data_prep import readers
+
+    inp = tmp_path / "a.txt"
+    inp.write_text("a b c.\n")
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("[PAD]\n")
+    work = str(tmp_path / ".work")
+
+    def prepare(**kw):
+        cfg = _cfg(inputs=[str(inp)], vocab=str(vocab), **kw)
+        cfg.validate()
+        return _prepare_work_dir(cfg, [str(inp)], work)
+
+    assert prepare() is False
+    assert prepare(shard_bytes=4096, docs_per_shard=7) is True
+    assert prepare(part_bytes=4096) is False  # part boundaries move: every shard's (p, k) changes
+    assert prepare(part_bytes=4096) is True
+    monkeypatch.setattr(readers, "READER_VERSION", readers.READER_VERSION + 1)
+    assert prepare(part_bytes=4096) is False
+    real = pipeline.library_versions()
+    monkeypatch.setattr(pipeline, "library_versions", lambda: {**real, "tokenizers": "0.0.0"})
+    assert prepare(part_bytes=4096) is False
+    assert prepare(part_bytes=4096) is True
+
+
+def test_same_size_edit_with_restored_mtime_is_a_new_file(tmp_path):
+    """cp -p / rsync -t / touch -r: same size, same mtime, other bytes; ctime (and, for a file
+    replaced by a rename, the inode) still tell it apart."""
+    import time
+
+    from data_prep.pipeline import file_work_dir
+
+    a = tmp_path / "a.txt"
+    a.write_text("a b c.\n")
+    st = os.stat(a)
+    before = file_work_dir("w", str(a))
+    assert file_work_dir("w", str(a)) == before  # stable while nothing changes
+    time.sleep(0.05)  # past the clock tick that stamps ctime
+    a.write_text("x y z.\n")
+    os.utime(a, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert os.stat(a).st_size == st.st_size and os.stat(a).st_mtime_ns == st.st_mtime_ns
+    assert file_work_dir("w", str(a)) != before
+    b = tmp_path / "b.txt"
+    b.write_text("a b c.\n")
+    os.utime(b, ns=(st.st_atime_ns, st.st_mtime_ns))
+    key_a = file_work_dir("w", str(a))
+    os.replace(b, a)  # same path, size and mtime: another inode
+    assert file_work_dir("w", str(a)) != key_a
