@@ -55,16 +55,21 @@ def random_init_dir(pretrained_dir: str, out_dir: str, seed: int | None = None) 
     return out_dir
 
 
-def export_run(run_dir: str, out_dir: str) -> tuple[str, int]:
-    """Export a pretraining checkpoint to OUT/pretrained; returns (dir, the run's init seed)."""
+def run_seed(run_dir: str) -> int:
+    """The seed a pretraining run initialised its model with (read from its checkpoint)."""
     from pretrain import checkpoint as ckpt
-    from pretrain.export_hf import export
 
-    state = ckpt.read_state(*ckpt.resolve(run_dir))
-    cfg = state.get("config", {}).get("cfg", {})
+    cfg = ckpt.read_state(*ckpt.resolve(run_dir)).get("config", {}).get("cfg", {})
     if cfg.get("init_from"):
         logging.warning("run %s started from %s, not from random init", run_dir, cfg["init_from"])
-    return export(run_dir, out_dir), cfg.get("seed", default_init_seed())
+    return cfg.get("seed", default_init_seed())
+
+
+def export_run(run_dir: str, out_dir: str) -> tuple[str, int]:
+    """Export a pretraining checkpoint to OUT/pretrained; returns (dir, the run's init seed)."""
+    from pretrain.export_hf import export
+
+    return export(run_dir, out_dir), run_seed(run_dir)
 
 
 def check_hf_loads(path: str) -> None:
@@ -155,9 +160,9 @@ def format_table(result: dict) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--pretrained", help="HF BertForPreTraining dir (python -m pretrain.export_hf RUN/latest DIR)")
-    src.add_argument("--run", help="pretraining save_dir or checkpoint: exported to OUT/pretrained first")
+    p.add_argument("--pretrained", help="HF BertForPreTraining dir (python -m pretrain.export_hf RUN/latest DIR)")
+    p.add_argument("--run", help="pretraining save_dir or checkpoint: exported to OUT/pretrained first, unless "
+                                 "--pretrained names its export (then the run only gives the init seed)")
     p.add_argument("--output-dir", required=True)
     p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
@@ -173,13 +178,17 @@ def main(argv=None) -> int:
     p.add_argument("--table-only", action="store_true", help="print only the settings and the final table")
     p.add_argument("--log-level", default="WARNING")
     a = p.parse_args(argv)
+    if not (a.pretrained or a.run):
+        p.error("give --pretrained DIR, --run RUN_DIR, or both (an existing export of the run)")
     logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.makedirs(a.output_dir, exist_ok=True)
     init_seed = a.init_seed if a.init_seed is not None else default_init_seed()
     pretrained = a.pretrained
-    if a.run:
-        pretrained, run_seed = export_run(a.run, os.path.join(a.output_dir, "pretrained"))
-        init_seed = a.init_seed if a.init_seed is not None else run_seed
+    if a.run and a.pretrained:
+        init_seed = a.init_seed if a.init_seed is not None else run_seed(a.run)
+    elif a.run:
+        pretrained, seed = export_run(a.run, os.path.join(a.output_dir, "pretrained"))
+        init_seed = a.init_seed if a.init_seed is not None else seed
     random_dir = random_init_dir(pretrained, os.path.join(a.output_dir, "random_init"), init_seed)
     for d in (pretrained, random_dir):
         check_hf_loads(d)

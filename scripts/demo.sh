@@ -40,7 +40,8 @@ $PY -m pretrain.export_hf "$OUT/run/latest" "$OUT/hf"
 
 echo "== 4/4 fine-tuning: pretrained vs the same model from random init =="
 # One process: all its cores (OMP_NUM_THREADS=1 was for the 2 ranks). The random-init twin is the
-# run's own step-0 model (its seed read from the checkpoint). 2 seeds each, lr 1e-3 (the full sweep: benchmarks/pretraining_value.py).
-$PY benchmarks/pretraining_value.py --run "$OUT/run" --output-dir "$OUT/finetune" \
+# run's own step-0 model (its seed read from the checkpoint; the export of step 3 is reused). 2 seeds each, lr 1e-3
+# (the full sweep: benchmarks/pretraining_value.py).
+$PY benchmarks/pretraining_value.py --run "$OUT/run" --pretrained "$OUT/hf" --output-dir "$OUT/finetune" \
   --tasks pang-lee wiki-cloze --seeds 1 2 --lrs 1e-3 --threads "$(env -u OMP_NUM_THREADS nproc)" --table-only
 echo "outputs: $OUT/data, $OUT/run (checkpoints, metrics.jsonl, loss_curves.png), $OUT/hf, $OUT/finetune"
