@@ -83,11 +83,16 @@ def atomic_file(path: str, fill: Callable[[str], None], fsync: bool = True) -> N
     with _replacing(path) as tmp:
         fill(tmp)
         if fsync:
-            fd = os.open(tmp, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            fsync_path(tmp)
+
+
+def fsync_path(path: str) -> None:
+    """fsync a file, or a directory (to make the renames inside it durable), by path."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def atomic_json(path: str, obj, sort_keys: bool = True) -> None:

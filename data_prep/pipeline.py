@@ -466,9 +466,12 @@ def _build_shards(cfg: PrepConfig, files: list[str], work: str, tok_file: str, c
             entry.result()
 
     resumed = 0
+    fdirs: dict[int, str] = {}  # one stat and hash per file, not per part
     try:
         for i, p, n_parts in _my_parts(cfg, files, comm):
-            fdir = file_work_dir(work, files[i])
+            if i not in fdirs:
+                fdirs[i] = file_work_dir(work, files[i])
+            fdir = fdirs[i]
             done = _part_finished(fdir, p)
             if done is not None:
                 resumed += done["shards"]

@@ -16,7 +16,7 @@ from collections import Counter
 
 import numpy as np
 
-from .atomic import atomic_json, commit, tmp_name
+from .atomic import atomic_json, commit, fsync_path, tmp_name
 from .readers import add_example, excerpt, printable
 from .splitter import get_splitter
 from .tokenizer import load_tokenizer
@@ -78,14 +78,6 @@ def part_done(file_dir: str, part: int) -> dict | None:
     info = _read_json(part_marker(file_dir, part))
     ok = isinstance(info, dict) and isinstance(info.get("shards"), int) and isinstance(info.get("lines"), int)
     return info if ok else None
-
-
-def _fsync(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _add_sentences(sents: list, pieces, max_sentence_tokens: int, counts: Counter) -> None:
@@ -231,10 +223,10 @@ def process_shard(prefix: str, docs: list[list[str]]) -> dict:
     # Data on disk before the marker that vouches for it: after a power loss a marker never
     # points at a shard whose blocks were not written (the sizes in the marker catch the rest).
     for tmp in (tmp_bin, tmp_idx):
-        _fsync(tmp)
+        fsync_path(tmp)
     commit(tmp_bin, prefix + ".bin")
     commit(tmp_idx, prefix + ".idx")
-    _fsync(os.path.dirname(prefix) or ".")  # the two renames, before the marker's
+    fsync_path(os.path.dirname(prefix) or ".")  # the two renames, before the marker's
     # "plan": the shard sizes that cut it; an unfinished part reuses only shards of the run's plan.
     result = {"shard": os.path.basename(prefix), "input_documents": len(docs), "counts": dict(counts),
               "plan": cfg.get("plan"),
