@@ -15,7 +15,6 @@ Everything goes to OUT/pretraining_value.json (runs under OUT/runs/INIT/TASK/lr_
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -25,6 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
+from data_prep.atomic import atomic_json  # noqa: E402
 from finetune.runner import FinetuneArgs, run  # noqa: E402
 from finetune.train import TrainConfig  # noqa: E402
 
@@ -182,13 +182,12 @@ def main(argv=None) -> int:
         p.error("give --pretrained DIR, --run RUN_DIR, or both (an existing export of the run)")
     logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.makedirs(a.output_dir, exist_ok=True)
-    init_seed = a.init_seed if a.init_seed is not None else default_init_seed()
-    pretrained = a.pretrained
+    pretrained, seed = a.pretrained, default_init_seed()
     if a.run and a.pretrained:
-        init_seed = a.init_seed if a.init_seed is not None else run_seed(a.run)
+        seed = run_seed(a.run)
     elif a.run:
         pretrained, seed = export_run(a.run, os.path.join(a.output_dir, "pretrained"))
-        init_seed = a.init_seed if a.init_seed is not None else seed
+    init_seed = a.init_seed if a.init_seed is not None else seed
     random_dir = random_init_dir(pretrained, os.path.join(a.output_dir, "random_init"), init_seed)
     for d in (pretrained, random_dir):
         check_hf_loads(d)
@@ -202,9 +201,7 @@ def main(argv=None) -> int:
                           "run": a.run, "seeds": a.seeds, "lrs": a.lrs, "epochs": {t: result["tasks"][t]["epochs"] for t in a.tasks},
                           "max_train_examples": a.max_train_examples, "max_eval_examples": a.max_eval_examples,
                           "threads": a.threads, "lr_selection": SELECTION, "torch": torch.__version__}
-    with open(os.path.join(a.output_dir, "pretraining_value.json"), "w", encoding="utf-8") as f:
-        json.dump(result, f, indent=2)
-        f.write("\n")
+    atomic_json(os.path.join(a.output_dir, "pretraining_value.json"), result, sort_keys=False)
     if not a.table_only:
         print(f"\nfull sweep:\n{format_sweep(result)}\n")
     print(f"lr selection: {SELECTION}.")

@@ -17,6 +17,7 @@ dp=2 run resume at dp=1 on the same trajectory.
 """
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -315,7 +316,7 @@ def build_engine(res: Resolved, model: torch.nn.Module, plan: ResumePlan, procs:
     implementation depends on where the parameters are (fused kernels on GPU), so the model is
     placed first. `res.ds_config` is not changed: the engine gets an edited copy."""
     cfg = res.cfg
-    ds_config = json.loads(json.dumps(res.ds_config))
+    ds_config = copy.deepcopy(res.ds_config)
     # LAMB is always ours: DeepSpeed's has no CPU kernel, and under ZeRO its FusedLamb takes one
     # trust ratio per flat partition instead of per tensor (pretrain.optim.Lamb recovers them).
     optimizer = None
