@@ -12,6 +12,7 @@ import sys
 
 import pytest
 
+from tests._bench import load_benchmark
 from tests.distributed._spawn import free_port
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -24,8 +25,9 @@ COMPARED = (("wiki-next-sentence", {"pretrained": 5e-4, "random_init": 2e-3}, "s
 
 @pytest.mark.slow
 def test_cpu_recipe_beats_random_init_on_next_sentence_and_cloze(tmp_path):
-    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
-    from pretraining_value import compare, export_run, format_table, random_init_dir
+    bench = load_benchmark("pretraining_value")
+    compare, export_run, format_table, random_init_dir = (bench.compare, bench.export_run, bench.format_table,
+                                                          bench.random_init_dir)
 
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
     data = tmp_path / "data"

@@ -4,9 +4,9 @@ benchmark itself, which no other test executes beyond its schedule."""
 import json
 import math
 import os
-import sys
 
 from data_prep.testing import build_tiny_dataset
+from tests._bench import load_benchmark
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = {"vocab_size": 30522, "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
@@ -14,8 +14,7 @@ TINY = {"vocab_size": 30522, "hidden_size": 32, "num_hidden_layers": 1, "num_att
 
 
 def test_oracle_trains_and_evaluates(tmp_path, capsys):
-    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
-    from pretrain_oracle import main
+    main = load_benchmark("pretrain_oracle").main
 
     data = build_tiny_dataset(str(tmp_path / "data"), seq_lengths=(64,), n_docs=60)
     model = tmp_path / "model.json"

@@ -452,11 +452,9 @@ def test_lamb_kwargs_from_ds_params_rejects_bad_blocks(params, match):
 def test_oracle_schedule_equals_the_trainers():
     # benchmarks/pretrain_oracle.py writes the schedule from its definition; both must give the
     # same lr for every update, or the oracle would not be comparing like with like.
-    import os
-    import sys
+    from tests._bench import load_benchmark
 
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks"))
-    from pretrain_oracle import schedule
+    schedule = load_benchmark("pretrain_oracle").schedule
 
     for total, warmup, power in ((600, 60, 0.5), (1500, 90, 0.5), (10, 0, 1.0), (10, 1, 2.0), (7, 7, 0.5)):
         for step in range(total + 1):

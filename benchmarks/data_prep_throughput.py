@@ -13,7 +13,7 @@
    (blingfire, shared with WordPiece, timed apart); a unigram model trained on the corpus. Goal:
    >= 0.7x plain, with the same ids.
 
-    .venv/bin/python benchmarks/data_prep.py [--workers 2] [--repeats 2] [--scale 10] [--spm-only]
+    .venv/bin/python benchmarks/data_prep_throughput.py [--workers 2] [--repeats 2] [--scale 10] [--spm-only]
 
 Scale mode (`--scale-gb [GB]`, default 2 GB; e.g. `--scale-gb 0.05` for a quick run): a generated
 corpus of GB bytes of text, written in three shapes holding the same lines -- many small files
@@ -28,7 +28,7 @@ lines, in a process pinned to the same cores, encode time only), peak RSS of the
 of the largest worker (VmHWM, read from /proc while it runs), the process tree's peak PSS, and
 bytes on disk per token.
 
-    nice -n 10 .venv/bin/python benchmarks/data_prep.py --scale-gb 0.05 [--work-dir DIR]
+    nice -n 10 .venv/bin/python benchmarks/data_prep_throughput.py --scale-gb 0.05 [--work-dir DIR]
 """
 from __future__ import annotations
 
