@@ -1,6 +1,8 @@
 """Sentence-level metrics: accuracy, F1, Matthews correlation (classification) and
 Pearson/Spearman (regression, e.g. STS-B). Plain numpy so results do not depend on the
-scikit-learn version; the unit tests compare against scikit-learn and scipy."""
+scikit-learn version; the unit tests compare against scikit-learn and scipy. Entity-level
+P/R/F1 for token labelling come from the `seqeval` package (pinned in requirements.txt), the
+scorer users compare against."""
 from __future__ import annotations
 
 import numpy as np
@@ -90,6 +92,32 @@ def regression_metrics(y_true, y_pred) -> dict:
         "spearman": spearman(y_true, y_pred),
         "mse": float(((y_true - y_pred) ** 2).mean()) if len(y_true) else 0.0,
     }
+
+
+def entity_scores(gold: list[list[str]], pred: list[list[str]]) -> dict:
+    """Micro precision/recall/F1 over entities (seqeval's default mode: conlleval's chunk rules,
+    what transformers' run_ner.py reports; an I- after O or another type starts an entity), the
+    number of gold entities (`support`), `per_type` the same per entity type, and the token
+    `accuracy` over all tags. Sentences are scored separately."""
+    from seqeval.metrics import accuracy_score
+    from seqeval.metrics.sequence_labeling import get_entities, precision_recall_fscore_support
+
+    if len(gold) != len(pred):
+        raise ValueError(f"{len(gold)} gold sentences but {len(pred)} predicted ones")
+    for g, p in zip(gold, pred):
+        if len(g) != len(p):
+            raise ValueError(f"sentence length mismatch: {len(g)} gold tags, {len(p)} predicted")
+    gold, pred = [list(g) for g in gold], [list(p) for p in pred]
+    micro = precision_recall_fscore_support(gold, pred, average="micro", zero_division=0)
+    per = precision_recall_fscore_support(gold, pred, average=None, zero_division=0)
+    # the per-type arrays come in sorted type order, over the types of gold and predicted entities
+    names = sorted({t for t, _, _ in get_entities(gold)} | {t for t, _, _ in get_entities(pred)})
+    out = {k: float(v) for k, v in zip(("precision", "recall", "f1"), micro[:3])}
+    out["support"] = int(micro[3]) if micro[3] is not None else sum(int(n) for n in per[3])
+    out["accuracy"] = float(accuracy_score(gold, pred)) if any(gold) else 0.0
+    out["per_type"] = {name: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(n)}
+                       for name, p, r, f, n in zip(names, *per)}
+    return out
 
 
 def mean_std(runs: list[dict]) -> tuple[dict, dict]:

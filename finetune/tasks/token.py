@@ -1,5 +1,5 @@
 """Token labelling (`--task token`, NER): CoNLL-style BIO files, each word's label on its first
-WordPiece, a linear layer on every token, entity-level P/R/F1 (seqeval semantics)."""
+WordPiece, a linear layer on every token, entity-level P/R/F1 (the seqeval package)."""
 from __future__ import annotations
 
 import logging
@@ -9,9 +9,9 @@ import numpy as np
 
 from data_prep.atomic import atomic_write
 
+from ..metrics import entity_scores
 from ..modeling import BertForTokenClassification
 from ..readers import TaggedSentence, read_conll
-from ..seqeval import entity_scores
 from .base import Task, TaskData, label_config, limit
 
 log = logging.getLogger(__name__)

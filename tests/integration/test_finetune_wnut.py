@@ -7,7 +7,7 @@ import pytest
 
 from finetune import datasets
 from finetune.runner import FinetuneArgs, run
-from finetune.seqeval import entity_scores
+from finetune.metrics import entity_scores
 from finetune.train import TrainConfig
 
 HELD_OUT = 500
