@@ -11,6 +11,7 @@ import csv
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 
 log = logging.getLogger(__name__)
@@ -35,8 +36,44 @@ class TextExample:
     label: str | None = None
 
 
-def _rows(path: str, has_header: bool) -> tuple[list[str] | None, list, str]:
-    """Rows of a TSV/CSV/JSONL file; returns (header or None, rows, format)."""
+class Skips:
+    """Bad records of one file, skipped rather than aborting the read: counted by reason, with
+    a few locations kept for the warning."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.counts: dict[str, int] = {}
+        self.where: dict[str, list[str]] = {}
+
+    def add(self, reason: str, where: int | str) -> None:
+        """`where`: a line number, or a description of the record."""
+        self.counts[reason] = self.counts.get(reason, 0) + 1
+        seen = self.where.setdefault(reason, [])
+        if len(seen) < 2:
+            seen.append(f"{os.path.basename(self.path)}:{where}" if isinstance(where, int) else where)
+
+    def finish(self, kept: int, into: dict | None, fix: str) -> None:
+        """Warn about the skipped records and add their counts to `into`; a file whose every
+        record was bad is an error (`fix` says what to change)."""
+        summary = "; ".join(f"{r}: {n} (e.g. {', '.join(self.where[r])})" for r, n in self.counts.items())
+        if not kept:
+            if not summary:
+                raise InputError(f"{self.path}: no examples")
+            raise InputError(f"{self.path}: every record was skipped: {summary}; {fix}")
+        if summary:
+            log.warning("%s: skipped %s", self.path, summary)
+        if into is not None:
+            for r, n in self.counts.items():
+                into[r] = into.get(r, 0) + n
+
+
+def prefixed(**counts: dict) -> dict[str, int]:
+    """One skip-count dict from several files: {"train: reason": n, "eval: reason": m}."""
+    return {f"{name}: {r}": n for name, c in counts.items() for r, n in c.items()}
+
+
+def _rows(path: str, has_header: bool, skips: Skips) -> tuple[list[str] | None, list, str]:
+    """Rows of a TSV/CSV/JSONL file as (line number, row); returns (header or None, rows, format)."""
     if not os.path.isfile(path):
         raise InputError(f"{path}: no such file")
     ext = os.path.splitext(path)[1].lower()
@@ -48,26 +85,26 @@ def _rows(path: str, has_header: bool) -> tuple[list[str] | None, list, str]:
                     continue
                 try:
                     obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise InputError(f"{path}:{n}: not a JSON object per line ({e.msg}); "
-                                     "write one JSON object per line (JSON lines)") from None
+                except json.JSONDecodeError:
+                    obj = None
                 if not isinstance(obj, dict):
-                    raise InputError(f"{path}:{n}: expected a JSON object, got {type(obj).__name__}")
-                rows.append(obj)
+                    skips.add("line that is not a JSON object", n)
+                    continue
+                rows.append((n, obj))
         return None, rows, "jsonl"
     if ext not in (".tsv", ".csv", ".txt"):
         raise InputError(f"{path}: unknown extension {ext!r}; use .tsv (GLUE layout), .csv or .jsonl")
     with open(path, encoding="utf-8-sig", newline="") as f:
         if ext == ".csv":
-            rows = list(csv.reader(f))
+            reader = csv.reader(f)
         else:
             # GLUE TSVs contain unbalanced quotes (MNLI, QQP): quotes are ordinary characters
-            rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
-    rows = [r for r in rows if any(c.strip() for c in r)]
+            reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+        rows = [(reader.line_num, r) for r in reader if any(c.strip() for c in r)]
     if has_header:
         if not rows:
             raise InputError(f"{path}: empty file")
-        return [c.strip() for c in rows[0]], rows[1:], ext[1:]
+        return [c.strip() for c in rows[0][1]], rows[1:], ext[1:]
     return None, rows, ext[1:]
 
 
@@ -92,31 +129,107 @@ def _pick(header, wanted, candidates, path, what, flag):
                      f"name it with {flag}")
 
 
-def read_text_file(path: str, pair: bool = False, text_column=None, text_b_column=None,
-                   label_column=None, has_header: bool = True, require_label: bool = True
-                   ) -> list[TextExample]:
+def _pair_columns(header: list[str]) -> tuple[str, str] | None:
+    return next(((a, b) for a, b in PAIR_COLUMNS if a in header and b in header), None)
+
+
+def _is_number(s: str) -> bool:
+    try:
+        float(s)
+    except ValueError:
+        return False
+    return True
+
+
+def _looks_like_labels(values: list[str]) -> bool:
+    """A column of class labels rather than sentences: all numbers, or (enough rows to
+    tell) single words of which few are distinct."""
+    values = [v.strip() for v in values if v.strip()]
+    if not values:
+        return False
+    if all(_is_number(v) for v in values):
+        return True
+    return len(values) >= 10 and len(set(values)) * 10 <= len(values) and not any(" " in v for v in values)
+
+
+def _looks_like_identifier(values: list[str]) -> bool:
+    """A column with (nearly) one value per row, as ids have; numeric scores with decimals
+    (STS-B-like regression targets) are exempt."""
+    values = [v.strip() for v in values]
+    if len(values) < 10 or len(set(values)) < 0.9 * len(values):
+        return False
+    return not (all(_is_number(v) for v in values) and any("." in v for v in values))
+
+
+# GLUE CoLA's train/dev files have no header: source, label (0/1), the author's mark, sentence
+COLA_COLUMNS = {"label": 1, "text": 3}
+
+
+def _is_cola(rows: list) -> bool:
+    four = [r for _, r in rows if len(r) == 4]
+    return (len(four) >= 0.9 * len(rows) and all(r[1].strip() in ("0", "1") for r in four)
+            and all(len(r[2].strip()) <= 2 and not r[2].strip().isalnum() for r in four)
+            and not _looks_like_labels([r[3] for r in four]))
+
+
+def _index(value, flag: str, path: str) -> int:
+    if not str(value).isdigit():
+        raise InputError(f"{path}: {flag} {value!r}: the file has no header (--no-header), so give a "
+                         "0-based column index")
+    return int(value)
+
+
+def _no_header_columns(path, rows, pair, text_column, text_b_column, label_column):
+    """(text, text_b, label) indices of a header-less file: the flags, else CoLA's layout when the
+    file has it, else `label, text[, text_b]`, refused when the defaults look wrong for the data."""
+    if not pair and text_column is None and label_column is None and _is_cola(rows):
+        log.info("%s: GLUE CoLA layout (source, label, mark, sentence): label from column %d, text "
+                 "from column %d", path, COLA_COLUMNS["label"], COLA_COLUMNS["text"])
+        return COLA_COLUMNS["text"], None, COLA_COLUMNS["label"]
+    ia = _index(text_column, "--text-column", path) if text_column is not None else 1
+    ib = (_index(text_b_column, "--text-b-column", path) if text_b_column is not None else 2) if pair else None
+    il = _index(label_column, "--label-column", path) if label_column is not None else 0
+    column = lambda i: [r[i] for _, r in rows if i < len(r)]  # noqa: E731
+    if text_column is None or label_column is None:
+        log.info("%s: no header: label from column %d, text from column %d%s", path, il, ia,
+                 f", second text from column {ib}" if pair else "")
+    if label_column is None and _looks_like_identifier(column(il)):
+        raise InputError(f"{path}: with --no-header the label is column {il} by default, but it looks "
+                         f"like an identifier ({len(set(column(il)))} distinct values in {len(rows)} rows, "
+                         f"e.g. {column(il)[0]!r}); name the columns with --label-column and --text-column")
+    if text_column is None and _looks_like_labels(column(ia)):
+        raise InputError(f"{path}: with --no-header the text is column {ia} by default, but it holds "
+                         f"labels (e.g. {column(ia)[0]!r}); name the columns with --text-column and "
+                         "--label-column")
+    return ia, ib, il
+
+
+def read_text_file(path: str, pair: bool | None = False, text_column=None, text_b_column=None,
+                   label_column=None, has_header: bool = True, require_label: bool = True,
+                   skipped: dict | None = None) -> list[TextExample]:
     """Sentence (pair) examples from a TSV/CSV/JSONL file. Columns may be given by name or
-    0-based index; with a header they default to GLUE's names. Without a header the default
-    layout is `label, text` (`label, text_a, text_b` for pairs)."""
-    header, rows, fmt = _rows(path, has_header)
+    0-based index; with a header they default to GLUE's names. Without a header the layout is
+    GLUE CoLA's when the file has it, else `label, text` (`label, text_a, text_b` for pairs).
+    `pair=None`: pairs when the file has two text columns (a pair header, or `text_b_column`).
+    Rows lacking a column (or the label) are skipped and counted into `skipped` (reason -> n)."""
+    skips = Skips(path)
+    header, rows, fmt = _rows(path, has_header, skips)
     if fmt == "jsonl":
-        keys = set().union(*(r.keys() for r in rows)) if rows else set()
+        keys = set().union(*(r.keys() for _, r in rows)) if rows else set()
         header = sorted(keys)
+    if pair is None:
+        pair = text_b_column is not None or (header is not None and _pair_columns(header) is not None)
     if not rows:
-        raise InputError(f"{path}: no examples")
+        skips.finish(0, skipped, "write one JSON object per line (JSON lines)")
     if header is None:
-        ia = int(text_column) if text_column is not None else 1
-        ib = (int(text_b_column) if text_b_column is not None else 2) if pair else None
-        il = int(label_column) if label_column is not None else 0
+        ia, ib, il = _no_header_columns(path, rows, pair, text_column, text_b_column, label_column)
     else:
         if pair and text_column is None and text_b_column is None:
-            for a, b in PAIR_COLUMNS:
-                if a in header and b in header:
-                    text_column, text_b_column = a, b
-                    break
-            else:
+            found = _pair_columns(header)
+            if found is None:
                 raise InputError(f"{path}: cannot find two text columns among {header}; name them "
                                  "with --text-column and --text-b-column")
+            text_column, text_b_column = found
         ia = _pick(header, text_column, SINGLE_COLUMNS, path, "the text", "--text-column")
         ib = _pick(header, text_b_column, [], path, "the second text", "--text-b-column") if pair else None
         il = None
@@ -127,7 +240,7 @@ def read_text_file(path: str, pair: bool = False, text_column=None, text_b_colum
                 if require_label:
                     raise
     out = []
-    for n, row in enumerate(rows, 2 if has_header and fmt != "jsonl" else 1):
+    for n, row in rows:
         if fmt == "jsonl":
             get = lambda i: row.get(header[i]) if isinstance(i, int) else row.get(i)  # noqa: E731
         else:
@@ -137,11 +250,15 @@ def read_text_file(path: str, pair: bool = False, text_column=None, text_b_colum
         b = get(ib) if pair else None
         lab = get(il) if il is not None else None
         if a is None or (pair and b is None) or (require_label and lab is None):
-            raise InputError(f"{path}: line {n} has {len(row)} fields; expected the text"
-                             f"{' columns' if pair else ' column'} and a label (check the delimiter "
-                             "and the column flags)")
+            skips.add("row with missing fields", n)
+            continue
+        if lab is not None and not str(lab).strip() and require_label:
+            skips.add("row with an empty label", n)
+            continue
         out.append(TextExample(str(a).strip(), None if b is None else str(b).strip(),
                                None if lab is None else str(lab).strip()))
+    skips.finish(len(out), skipped, f"expected the text{' columns' if pair else ' column'} and a label "
+                 "in every row (check the delimiter and the column flags)")
     return out
 
 
@@ -151,35 +268,77 @@ class TaggedSentence:
     tags: list[str]
 
 
-def read_conll(path: str) -> list[TaggedSentence]:
+# IOB1/IOB2 (B-, I-), BIOES/IOBES (S-, E-) and BILOU (U-, L-) prefixes
+_TAG = re.compile(r"^([BIESLU])-(\S+)$")
+_BILOU = {"L": "E", "U": "S"}
+
+
+def to_iob2(tags: list[str]) -> list[str]:
+    """One sentence's tags in IOB2, entities unchanged: an entity starts at B-/S-, and at an
+    I-/E- that does not continue an open entity of its type (IOB1 starts entities with I-);
+    it ends after E-/S- (BIOES) or before anything that does not continue it."""
+    out, prev, kind = [], "O", ""
+    for tag in tags:
+        if tag == "O":
+            out.append("O")
+            prev, kind = "O", ""
+            continue
+        p, t = _TAG.match(tag).groups()
+        p = _BILOU.get(p, p)
+        continues = p in ("I", "E") and prev in ("B", "I") and t == kind
+        out.append(f"{'I' if continues else 'B'}-{t}")
+        prev, kind = p, t
+    return out
+
+
+def read_conll(path: str, skipped: dict | None = None) -> list[TaggedSentence]:
     """CoNLL-style token-per-line file: token in the first column, tag in the last, a blank
-    (or whitespace-only) line between sentences, `-DOCSTART-` lines ignored."""
+    (or whitespace-only) line between sentences, `-DOCSTART-` lines ignored. IOB1, BIOES
+    (IOBES) and BILOU tags are converted to IOB2; a tag of no scheme is an error. A sentence
+    with a tag-less line is skipped and counted into `skipped` (reason -> n)."""
     if not os.path.isfile(path):
         raise InputError(f"{path}: no such file")
-    sents, toks, tags = [], [], []
+    skips = Skips(path)
+    sents, toks, tags, bad = [], [], [], None
+    schemes, rewritten = set(), 0
+
+    def close():
+        nonlocal toks, tags, bad, rewritten
+        if bad is not None:
+            skips.add("sentence with a line lacking its tag", bad)
+        elif toks:
+            iob2 = to_iob2(tags)
+            rewritten += sum(a != b for a, b in zip(tags, iob2))
+            sents.append(TaggedSentence(toks, iob2))
+        toks, tags, bad = [], [], None
+
     with open(path, encoding="utf-8-sig") as f:
         for n, line in enumerate(f, 1):
             parts = line.split()
             if not parts:
-                if toks:
-                    sents.append(TaggedSentence(toks, tags))
-                    toks, tags = [], []
+                close()
                 continue
             if parts[0] == "-DOCSTART-":
                 continue
             if len(parts) < 2:
-                raise InputError(f"{path}:{n}: expected 'TOKEN ... TAG' (whitespace-separated), got "
-                                 f"{line.strip()!r}")
+                bad = n if bad is None else bad
+                continue
             tag = parts[-1]
-            if tag != "O" and not (tag[:2] in ("B-", "I-") and len(tag) > 2):
-                raise InputError(f"{path}:{n}: tag {tag!r} is not BIO (O, B-TYPE or I-TYPE); "
-                                 "convert the file to IOB2 tags")
+            m = _TAG.match(tag)
+            if tag != "O" and m is None:
+                raise InputError(f"{path}:{n}: tag {tag!r} is not O or PREFIX-TYPE with a BIO, BIOES or "
+                                 "BILOU prefix (B-, I-, E-, S-, L-, U-); fix the tag or the column order "
+                                 "(token first, tag last)")
+            if m is not None:
+                schemes.add("BIOES" if m.group(1) in "ESLU" else "IOB")
             toks.append(parts[0])
             tags.append(tag)
-    if toks:
-        sents.append(TaggedSentence(toks, tags))
-    if not sents:
-        raise InputError(f"{path}: no sentences")
+    close()
+    skips.finish(len(sents), skipped, "write 'TOKEN ... TAG' per line (whitespace-separated), a blank "
+                 "line between sentences")
+    if rewritten:
+        name = "BIOES/BILOU" if "BIOES" in schemes else "IOB1 (entities starting with I-)"
+        log.info("%s: %s tags converted to IOB2 (%d tags rewritten; entities unchanged)", path, name, rewritten)
     return sents
 
 
@@ -192,8 +351,21 @@ class QAExample:
     is_impossible: bool = False
 
 
-def read_squad(path: str) -> tuple[list[QAExample], str]:
-    """Examples of a SQuAD v1.1/v2.0 JSON file and its version string."""
+def _locate(ctx: str, text: str, start) -> int | None:
+    """Char start of `text` in `ctx`: `start` when it matches, else the nearest occurrence (a few
+    official answers are off by some characters); None when the text is not in the context."""
+    if isinstance(start, int) and start >= 0 and text and ctx[start:start + len(text)] == text:
+        return start
+    hits = [i for i in range(len(ctx)) if ctx.startswith(text, i)] if text else []
+    if not hits:
+        return None
+    return min(hits, key=lambda i: abs(i - start)) if isinstance(start, int) else hits[0]
+
+
+def read_squad(path: str, skipped: dict | None = None) -> tuple[list[QAExample], str]:
+    """Examples of a SQuAD v1.1/v2.0 JSON file and its version string. An answer whose text is
+    not in its context is dropped, and a question left without answers skipped (as BERT's
+    run_squad does: "Could not find answer"), both counted into `skipped` (reason -> n)."""
     if not os.path.isfile(path):
         raise InputError(f"{path}: no such file")
     try:
@@ -203,6 +375,7 @@ def read_squad(path: str) -> tuple[list[QAExample], str]:
         raise InputError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("data"), list):
         raise InputError(f"{path}: expected SQuAD JSON {{'version': ..., 'data': [articles]}}")
+    skips = Skips(path)
     out, fixed = [], 0
     for a, article in enumerate(doc["data"]):
         for p, para in enumerate(article.get("paragraphs", [])):
@@ -213,25 +386,27 @@ def read_squad(path: str) -> tuple[list[QAExample], str]:
             for qa in para["qas"]:
                 if "id" not in qa or "question" not in qa:
                     raise InputError(f"{where}: a question lacks 'id' or 'question'")
-                answers = []
+                answers, lost = [], 0
                 for ans in qa.get("answers", []):
                     text, start = ans.get("text", ""), ans.get("answer_start", -1)
-                    if ctx[start:start + len(text)] != text:
-                        # a few official answers are off by some characters: take the nearest match
-                        hits = [i for i in range(len(ctx)) if ctx.startswith(text, i)] if text else []
-                        if not hits:
-                            raise InputError(f"{where}: answer {text!r} of question {qa['id']!r} is not "
-                                             "in the context; fix its text or answer_start")
-                        start = min(hits, key=lambda i: abs(i - start))
-                        fixed += 1
-                    answers.append((text, start))
+                    found = _locate(ctx, text, start)
+                    if found is None:
+                        lost += 1
+                        continue
+                    fixed += found != start
+                    answers.append((text, found))
                 impossible = bool(qa.get("is_impossible", False))
+                if lost and not answers and not impossible:
+                    skips.add("question whose answer is not in its context", f"question {qa['id']!r}")
+                    continue
+                if lost:
+                    skips.add("answer not in its context (the question's other answers kept)",
+                              f"question {qa['id']!r}")
                 if not answers and not impossible:
                     raise InputError(f"{where}: question {qa['id']!r} has no answers; mark it "
                                      "'is_impossible': true (SQuAD v2.0) or add its answers")
                 out.append(QAExample(str(qa["id"]), qa["question"], ctx, answers, impossible))
     if fixed:
         log.warning("%s: %d answer_start offsets did not match their text; used the nearest match", path, fixed)
-    if not out:
-        raise InputError(f"{path}: no questions")
+    skips.finish(len(out), skipped, "each answer's text must occur in its paragraph's context")
     return out, str(doc.get("version", "v1.1"))

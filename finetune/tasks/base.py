@@ -7,7 +7,7 @@ a `Task` subclass. The runner (`finetune/runner.py`) never asks which task it ru
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from torch import nn
@@ -34,6 +34,8 @@ class TaskData:
     eval_features: list[dict]
     labels: list[str] | None = None  # class names in id order (None: regression, QA)
     version_2: bool = False  # QA: SQuAD v2.0 (unanswerable questions), from the flag or the file
+    # records the readers skipped as bad, "train: reason" / "eval: reason" -> count
+    skipped: dict[str, int] = field(default_factory=dict)
 
 
 def limit(items: list, n: int | None) -> list:

@@ -1,6 +1,7 @@
-"""Frozen features (`--task features`): the sentence files of `classify`, vectors from any
-encoder layer (`finetune/features.py`) saved as .npy, and a logistic regression on the pooled
-vectors instead of a fine-tuned head."""
+"""Frozen features (`--task features`): the sentence files of `classify`, or of `pair` when the
+file has two text columns (a GLUE pair header, or --text-b-column), vectors from any encoder
+layer (`finetune/features.py`) saved as .npy, and a logistic regression on the pooled vectors
+instead of a fine-tuned head."""
 from __future__ import annotations
 
 import os
@@ -27,7 +28,7 @@ class FeaturesTask(SentenceTask):
     supports_regression = False
 
     def __init__(self):
-        super().__init__("features", pair=False)
+        super().__init__("features", pair=None)  # None: from the file, [CLS] A [SEP] B [SEP] for pairs
 
     def validate(self, a) -> None:
         if a.deepspeed is not None:

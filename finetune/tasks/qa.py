@@ -9,7 +9,7 @@ from data_prep.atomic import atomic_json
 
 from .. import qa
 from ..modeling import BertForQuestionAnswering
-from ..readers import InputError, read_squad
+from ..readers import InputError, prefixed, read_squad
 from ..squad_metrics import squad_scores
 from .base import Task, TaskData, limit
 
@@ -23,8 +23,9 @@ class QATask(Task):
             raise InputError(f"--doc-stride {a.doc_stride}: must be >= 1")
 
     def read(self, a, train_file, eval_file, tokenizer) -> TaskData:
-        train_ex, _ = read_squad(train_file)
-        eval_ex, version = read_squad(eval_file)
+        train_skips, eval_skips = {}, {}
+        train_ex, _ = read_squad(train_file, train_skips)
+        eval_ex, version = read_squad(eval_file, eval_skips)
         train_ex = limit(train_ex, a.max_train_examples)
         eval_ex = limit(eval_ex, a.max_eval_examples)
         version_2 = a.version_2 if a.version_2 is not None else (
@@ -35,7 +36,8 @@ class QATask(Task):
             eval_f = qa.qa_features(eval_ex, tokenizer, L, a.doc_stride, a.max_query_length, False)
         except ValueError as e:
             raise InputError(str(e)) from None
-        return TaskData(train_ex, eval_ex, train_f, eval_f, version_2=version_2)
+        return TaskData(train_ex, eval_ex, train_f, eval_f, version_2=version_2,
+                        skipped=prefixed(train=train_skips, eval=eval_skips))
 
     def build_head(self, config, num_labels=2, regression=False):
         return BertForQuestionAnswering(config)

@@ -4,6 +4,7 @@ vector, accuracy / F1 / Matthews (Pearson / Spearman with --regression)."""
 from __future__ import annotations
 
 import logging
+import math
 import os
 
 import numpy as np
@@ -12,7 +13,7 @@ from data_prep.atomic import atomic_write
 
 from ..metrics import classification_metrics, regression_metrics
 from ..modeling import BertForSequenceClassification
-from ..readers import InputError, TextExample, read_text_file
+from ..readers import InputError, TextExample, prefixed, read_text_file
 from .base import Task, TaskData, label_config, limit
 
 log = logging.getLogger(__name__)
@@ -28,6 +29,28 @@ def _label_key(label: str):
 def label_list(labels) -> list[str]:
     """Labels in a stable order: numeric labels by value ("-1" < "1"), others alphabetically."""
     return sorted(set(labels), key=_label_key)
+
+
+# more distinct numeric labels than this look like a score, not classes
+MAX_NUMERIC_CLASSES = 20
+
+
+def refuse_scores(labels: list[str], source: str, can_regress: bool) -> None:
+    """Numeric labels with fractions ('3.800', STS-B) or too many distinct numbers are a target to
+    regress, which a classifier would silently treat as that many unrelated classes."""
+    values = []
+    for label in labels:
+        try:
+            values.append(float(label))
+        except ValueError:
+            return
+    fractional = [l for l, v in zip(labels, values) if math.isfinite(v) and v != round(v)]
+    if not fractional and len(labels) <= MAX_NUMERIC_CLASSES:
+        return
+    fix = ("pass --regression to predict the number" if can_regress else
+           "--task features trains a classifier: use --task classify or pair with --regression")
+    raise InputError(f"{source}: the labels look like scores, not classes ({len(labels)} distinct numbers, "
+                     f"e.g. {(fractional or labels)[:3]}); {fix}, or name the right column with --label-column")
 
 
 def encode_sentences(examples: list[TextExample], tokenizer, max_length: int,
@@ -75,25 +98,32 @@ class SentenceTask(Task):
     architecture = "BertForSequenceClassification"
     supports_regression = True
 
-    def __init__(self, name: str, pair: bool):
-        self.name, self.pair = name, pair
+    def __init__(self, name: str, pair: bool | None):
+        self.name, self.pair = name, pair  # None: pairs when the file has two text columns
 
     def read(self, a, train_file, eval_file, tokenizer) -> TaskData:
         kw = dict(pair=self.pair, text_column=a.text_column, text_b_column=a.text_b_column,
                   label_column=a.label_column, has_header=not a.no_header)
-        train_ex = limit(read_text_file(train_file, **kw), a.max_train_examples)
-        eval_ex = limit(read_text_file(eval_file, **kw), a.max_eval_examples)
+        train_skips, eval_skips = {}, {}
+        train_ex = limit(read_text_file(train_file, skipped=train_skips, **kw), a.max_train_examples)
+        eval_ex = limit(read_text_file(eval_file, skipped=eval_skips, **kw), a.max_eval_examples)
+        n_texts = [1 if ex[0].text_b is None else 2 for ex in (train_ex, eval_ex)]
+        if n_texts[0] != n_texts[1]:
+            raise InputError(f"{eval_file} has {n_texts[1]} text column(s) but {train_file} {n_texts[0]}; "
+                             "give both files the same layout (or name the columns with --text-b-column)")
         labels = None
         if not a.regression:
             labels = label_list(e.label for e in train_ex)
             if len(labels) < 2:
                 raise InputError(f"{train_file}: only one label ({labels}); a classifier "
                                  "needs at least two (or pass --regression)")
+            refuse_scores(labels, train_file, self.supports_regression)
         l2i = {l: i for i, l in enumerate(labels)} if labels else None
         L = a.max_seq_length
         return TaskData(train_ex, eval_ex,
                         encode_sentences(train_ex, tokenizer, L, l2i, a.regression, train_file),
-                        encode_sentences(eval_ex, tokenizer, L, l2i, a.regression, eval_file), labels)
+                        encode_sentences(eval_ex, tokenizer, L, l2i, a.regression, eval_file), labels,
+                        skipped=prefixed(train=train_skips, eval=eval_skips))
 
     def build_head(self, config, num_labels=2, regression=False):
         return BertForSequenceClassification(config, num_labels, regression)

@@ -1,5 +1,6 @@
-"""Token labelling (`--task token`, NER): CoNLL-style BIO files, each word's label on its first
-WordPiece, a linear layer on every token, entity-level P/R/F1 (the seqeval package)."""
+"""Token labelling (`--task token`, NER): CoNLL-style files (IOB2; IOB1, BIOES and BILOU are
+converted to IOB2 on read), each word's label on its first WordPiece, a linear layer on every
+token, entity-level P/R/F1 (the seqeval package)."""
 from __future__ import annotations
 
 import logging
@@ -11,7 +12,7 @@ from data_prep.atomic import atomic_write
 
 from ..metrics import entity_scores
 from ..modeling import BertForTokenClassification
-from ..readers import TaggedSentence, read_conll
+from ..readers import TaggedSentence, prefixed, read_conll
 from .base import Task, TaskData, label_config, limit
 
 log = logging.getLogger(__name__)
@@ -66,15 +67,17 @@ class TokenTask(Task):
     architecture = "BertForTokenClassification"
 
     def read(self, a, train_file, eval_file, tokenizer) -> TaskData:
-        train_ex = limit(read_conll(train_file), a.max_train_examples)
-        eval_ex = limit(read_conll(eval_file), a.max_eval_examples)
+        train_skips, eval_skips = {}, {}
+        train_ex = limit(read_conll(train_file, train_skips), a.max_train_examples)
+        eval_ex = limit(read_conll(eval_file, eval_skips), a.max_eval_examples)
         types = {t[2:] for s in train_ex for t in s.tags if t != "O"}
         # "O" first, then B-/I- of each entity type (both, even if one never occurs in training)
         labels = ["O"] + [f"{p}-{t}" for t in sorted(types) for p in "BI"]
         l2i = {l: i for i, l in enumerate(labels)}
         L = a.max_seq_length
         return TaskData(train_ex, eval_ex, encode_tagged(train_ex, tokenizer, L, l2i, train_file),
-                        encode_tagged(eval_ex, tokenizer, L, l2i, eval_file), labels)
+                        encode_tagged(eval_ex, tokenizer, L, l2i, eval_file), labels,
+                        skipped=prefixed(train=train_skips, eval=eval_skips))
 
     def build_head(self, config, num_labels=2, regression=False):
         return BertForTokenClassification(config, num_labels)
