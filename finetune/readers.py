@@ -179,7 +179,7 @@ def _index(value, flag: str, path: str) -> int:
     return int(value)
 
 
-def _no_header_columns(path, rows, pair, text_column, text_b_column, label_column):
+def _no_header_columns(path, rows, pair, text_column, text_b_column, label_column, require_label):
     """(text, text_b, label) indices of a header-less file: the flags, else CoLA's layout when the
     file has it, else `label, text[, text_b]`, refused when the defaults look wrong for the data."""
     if not pair and text_column is None and label_column is None and _is_cola(rows):
@@ -193,7 +193,7 @@ def _no_header_columns(path, rows, pair, text_column, text_b_column, label_colum
     if text_column is None or label_column is None:
         log.info("%s: no header: label from column %d, text from column %d%s", path, il, ia,
                  f", second text from column {ib}" if pair else "")
-    if label_column is None and _looks_like_identifier(column(il)):
+    if require_label and label_column is None and _looks_like_identifier(column(il)):
         raise InputError(f"{path}: with --no-header the label is column {il} by default, but it looks "
                          f"like an identifier ({len(set(column(il)))} distinct values in {len(rows)} rows, "
                          f"e.g. {column(il)[0]!r}); name the columns with --label-column and --text-column")
@@ -222,7 +222,8 @@ def read_text_file(path: str, pair: bool | None = False, text_column=None, text_
     if not rows:
         skips.finish(0, skipped, "write one JSON object per line (JSON lines)")
     if header is None:
-        ia, ib, il = _no_header_columns(path, rows, pair, text_column, text_b_column, label_column)
+        ia, ib, il = _no_header_columns(path, rows, pair, text_column, text_b_column, label_column,
+                                        require_label)
     else:
         if pair and text_column is None and text_b_column is None:
             found = _pair_columns(header)
