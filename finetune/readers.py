@@ -192,8 +192,9 @@ class QAExample:
     is_impossible: bool = False
 
 
-def read_squad(path: str) -> tuple[list[QAExample], str]:
-    """Examples of a SQuAD v1.1/v2.0 JSON file and its version string."""
+def read_squad(path: str, require_answers: bool = True) -> tuple[list[QAExample], str]:
+    """Examples of a SQuAD v1.1/v2.0 JSON file and its version string. A test file (questions
+    without answers, to predict) is read with require_answers=False."""
     if not os.path.isfile(path):
         raise InputError(f"{path}: no such file")
     try:
@@ -226,7 +227,7 @@ def read_squad(path: str) -> tuple[list[QAExample], str]:
                         fixed += 1
                     answers.append((text, start))
                 impossible = bool(qa.get("is_impossible", False))
-                if not answers and not impossible:
+                if not answers and not impossible and require_answers:
                     raise InputError(f"{where}: question {qa['id']!r} has no answers; mark it "
                                      "'is_impossible': true (SQuAD v2.0) or add its answers")
                 out.append(QAExample(str(qa["id"]), qa["question"], ctx, answers, impossible))
