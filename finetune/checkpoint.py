@@ -7,14 +7,19 @@ our own pretraining run, which is consolidated into an HF directory first throug
 """
 from __future__ import annotations
 
+import glob
+import hashlib
 import json
 import logging
 import os
+import shutil
+import tempfile
 
 from torch import nn
 
 from data_prep.atomic import atomic_json, atomic_write
 from data_prep.tokenizer import VocabError, read_vocab, vocab_ids
+from pretrain import checkpoint as ckpt
 from pretrain import hf_io
 from pretrain.export_hf import export
 from pretrain.model import BertConfig
@@ -33,24 +38,93 @@ def is_hf_dir(path: str) -> bool:
 
 
 def resolve_model_dir(path: str, work_dir: str) -> str:
-    """An HF directory for `path`: itself, or its consolidation under `work_dir/consolidated`."""
+    """An HF directory for `path`: itself, or its consolidation under `work_dir/consolidated`.
+
+    The consolidation is reused only when its record (`SOURCE_RECORD`) names this very
+    checkpoint (`source_key`); otherwise, e.g. phase 2's checkpoint fine-tuned into the OUT of
+    phase 1, it is exported again. The export is written into a temporary folder, its record
+    last, and renamed into place when complete, so an export cut short is never taken as done."""
     if not os.path.exists(path):
         raise InputError(f"--model {path}: no such file or directory")
     if os.path.isdir(path) and is_hf_dir(path):
         return path
     out = os.path.join(work_dir, "consolidated")
-    if is_hf_dir(out):
-        log.info("using the consolidated checkpoint already in %s", out)
-        return out
-    log.info("%s is not an HF directory: consolidating it with pretrain.export_hf into %s", path, out)
     try:
-        export(path, out)
-    except (ValueError, FileNotFoundError) as e:
+        key = source_key(path)
+    except (ValueError, OSError) as e:
         raise InputError(f"--model {path}: neither an HF BERT directory (config.json + "
                          f"model.safetensors) nor a pretraining checkpoint we can export ({e})") from None
-    if not is_hf_dir(out):
-        raise InputError(f"--model {path}: export produced no HF directory in {out}")
+    if _read_record(out) == key:
+        log.info("using the consolidation of %s (step %s) already in %s", key["checkpoint"], key["step"], out)
+        return out
+    log.info("%s is not an HF directory: consolidating it with pretrain.export_hf into %s", path, out)
+    os.makedirs(work_dir, exist_ok=True)
+    for stale in glob.glob(os.path.join(work_dir, ".consolidated.*")):
+        shutil.rmtree(stale, ignore_errors=True)  # left by an export or swap that was killed
+    tmp = tempfile.mkdtemp(prefix=".consolidated.", dir=work_dir)
+    try:
+        export(path, tmp)
+        if not is_hf_dir(tmp):
+            raise InputError(f"--model {path}: export produced no HF directory")
+        atomic_json(os.path.join(tmp, SOURCE_RECORD), key, sort_keys=False)
+        _swap_into_place(tmp, out)
+    except (ValueError, FileNotFoundError) as e:
+        if isinstance(e, InputError):
+            raise
+        raise InputError(f"--model {path}: neither an HF BERT directory (config.json + "
+                         f"model.safetensors) nor a pretraining checkpoint we can export ({e})") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+SOURCE_RECORD = "consolidated_from.json"
+
+
+def source_key(path: str) -> dict:
+    """What identifies a pretraining checkpoint's weights: its resolved folder, tag and step,
+    every file's (name, size, mtime) and a content hash of the DeepSpeed model-state files
+    (a checkpoint rewritten in place within the mtime granularity still differs there)."""
+    run_dir, tag = ckpt.resolve(path)
+    tag_dir = os.path.realpath(os.path.join(run_dir, tag))
+    files, digest = [], hashlib.sha256()
+    for root, dirs, names in os.walk(tag_dir):
+        dirs.sort()
+        for name in sorted(names):
+            full = os.path.join(root, name)
+            st = os.stat(full)
+            rel = os.path.relpath(full, tag_dir)
+            files.append([rel, st.st_size, st.st_mtime_ns])
+            if name.endswith("model_states.pt") or name == ckpt.STATE_FILE:
+                digest.update(rel.encode() + b"\0")
+                with open(full, "rb") as f:
+                    for block in iter(lambda: f.read(1 << 22), b""):
+                        digest.update(block)
+    return {"checkpoint": tag_dir, "tag": tag, "step": ckpt.read_state(run_dir, tag).get("step"),
+            "files": files, "model_states_sha256": digest.hexdigest()}
+
+
+def _read_record(out: str) -> dict | None:
+    record = os.path.join(out, SOURCE_RECORD)
+    if not (is_hf_dir(out) and os.path.isfile(record)):
+        return None
+    try:
+        with open(record, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def _swap_into_place(tmp: str, out: str) -> None:
+    """Rename the complete export `tmp` to `out`; an earlier `out` is moved aside first and
+    deleted after (a kill in between leaves no `out`, so the next run exports again)."""
+    old = None
+    if os.path.lexists(out):
+        old = tempfile.mkdtemp(prefix=".consolidated.old.", dir=os.path.dirname(out))
+        os.rename(out, os.path.join(old, "x"))
+    os.rename(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def load_tokenizer(model_dir: str, vocab: str | None = None, lower_case: bool | None = None):

@@ -4,6 +4,7 @@ in one line without a traceback."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -27,7 +28,12 @@ tasks and input formats:
 --model: an HF BERT directory (config.json, model.safetensors, vocab.txt) or a checkpoint of
 our pretraining run (consolidated through pretrain.export_hf into OUT/consolidated).
 Outputs: OUT/metrics.json (per seed, mean, std), OUT/seed_<S>/ (model, metrics, predictions,
-train_losses.json: the loss of every step).
+train_losses.json: the loss of every step; test_predictions.* for --test).
+Without --train (or with --predict-only), --model is a saved OUT/seed_<S>: --eval FILE scores it,
+--test FILE writes OUT/test_predictions.* (GLUE index<TAB>prediction, CoNLL, SQuAD predictions.json
+and null odds). transformers' example spellings (--model_name_or_path, --train_file, --do_train,
+--per_device_train_batch_size, --doc_stride, ...) are accepted with the same meaning, except that
+our --doc-stride is the distance between window starts, theirs the overlap.
 --deepspeed CONFIG (e.g. configs/ds_finetune.json) trains through DeepSpeed; in several processes
 with `torchrun --nproc_per_node N -m finetune ...` or `deepspeed --num_gpus N --module finetune ...`
 (on CPU set DS_ACCELERATOR=cpu). --batch-size is then per process: global batch = batch x N.
@@ -35,55 +41,90 @@ with `torchrun --nproc_per_node N -m finetune ...` or `deepspeed --num_gpus N --
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """Our flags with, as aliases of the same meaning, the spellings of transformers' examples
+    (run_glue.py, run_ner.py, run_qa.py): --model_name_or_path, --train_file, --do_train, ..."""
     d = TrainConfig()
     p = argparse.ArgumentParser(prog="python -m finetune", description=__doc__.split("\n")[0],
                                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--task", required=True, choices=TASKS)
-    p.add_argument("--model", required=True, help="HF BERT directory or pretraining checkpoint")
-    p.add_argument("--train", dest="train_file", help="training file")
-    p.add_argument("--eval", dest="eval_file", help="evaluation file (same format)")
+    p.add_argument("--task", required=True, choices=TASKS, help="what to fine-tune (see below)")
+    p.add_argument("--model", "--model_name_or_path", required=True,
+                   help="HF BERT directory, pretraining checkpoint, or a model saved by a fine-tuning "
+                   "run (OUT/seed_S: then without --train it is scored on --eval / predicts --test)")
+    p.add_argument("--train", "--train_file", dest="train_file", help="training file")
+    p.add_argument("--eval", "--validation_file", dest="eval_file", help="evaluation file (same format)")
+    p.add_argument("--test", "--test_file", dest="test_file",
+                   help="unlabelled file to predict (GLUE test.tsv, SQuAD questions without answers, "
+                   "CoNLL tokens): OUT/seed_S/test_predictions.* (OUT/ without training)")
     p.add_argument("--dataset", default=None, choices=sorted(BUILTIN),
                    help="built-in data instead of --train/--eval (written under OUT/data): pang-lee "
                    "(classify, features), wnut16 (token), wiki-cloze (qa), wiki-next-sentence (pair)")
-    p.add_argument("--output-dir", required=True)
-    p.add_argument("--seeds", type=int, nargs="+", default=[42], help="one run per seed; mean and std reported")
-    p.add_argument("--max-seq-length", type=int, default=128)
-    p.add_argument("--learning-rate", type=float, default=d.learning_rate)
-    p.add_argument("--epochs", type=float, default=d.epochs)
-    p.add_argument("--max-steps", type=int, default=None, help="train this many steps (overrides --epochs)")
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size)
-    p.add_argument("--warmup-ratio", type=float, default=d.warmup_ratio)
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    p.add_argument("--max-train-examples", type=int, default=None)
-    p.add_argument("--max-eval-examples", type=int, default=None)
+    p.add_argument("--predict-only", "--predict_only", action="store_true",
+                   help="no training: --model is a saved fine-tuned model (the default without --train)")
+    p.add_argument("--do_train", "--do-train", action="store_true",
+                   help="(transformers' spelling) train; when any --do_* is given, only those steps run")
+    p.add_argument("--do_eval", "--do-eval", action="store_true", help="evaluate on --eval (--validation_file)")
+    p.add_argument("--do_predict", "--do-predict", action="store_true",
+                   help="predict --test (--test_file), which it requires")
+    p.add_argument("--output-dir", "--output_dir", required=True, help="where metrics, models and predictions go")
+    p.add_argument("--seeds", "--seed", type=int, nargs="+", default=[42],
+                   help="one run per seed; mean and std reported")
+    p.add_argument("--max-seq-length", "--max_seq_length", type=int, default=None,
+                   help="tokens per input (default 128; --task qa 384, BERT's SQuAD setting)")
+    p.add_argument("--learning-rate", "--learning_rate", type=float, default=d.learning_rate, help="peak AdamW rate")
+    p.add_argument("--epochs", "--num_train_epochs", type=float, default=d.epochs, help="passes over the training set")
+    p.add_argument("--max-steps", "--max_steps", type=int, default=None,
+                   help="train this many steps (overrides --epochs)")
+    p.add_argument("--batch-size", "--per_device_train_batch_size", type=int, default=d.batch_size,
+                   help="training batch (per process under --deepspeed)")
+    p.add_argument("--eval-batch-size", "--per_device_eval_batch_size", type=int, default=d.eval_batch_size,
+                   help="evaluation / prediction batch")
+    p.add_argument("--gradient-accumulation-steps", "--gradient_accumulation_steps", type=int, default=1,
+                   help="batches whose gradients are summed per optimizer step")
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
+                   help="training precision (auto: the device's usual choice)")
+    p.add_argument("--warmup-ratio", "--warmup_ratio", type=float, default=d.warmup_ratio,
+                   help="share of the steps spent warming up the learning rate")
+    p.add_argument("--weight-decay", "--weight_decay", type=float, default=d.weight_decay,
+                   help="AdamW decay (not on biases and LayerNorm)")
+    p.add_argument("--max-train-examples", "--max_train_samples", type=int, default=None,
+                   help="use the first N training examples")
+    p.add_argument("--max-eval-examples", "--max_eval_samples", type=int, default=None,
+                   help="use the first N evaluation examples")
+    p.add_argument("--max-test-examples", "--max_predict_samples", type=int, default=None,
+                   help="predict the first N test examples")
     p.add_argument("--vocab", default=None, help="vocab.txt if the model directory has none")
     case = p.add_mutually_exclusive_group()
-    case.add_argument("--lower-case", dest="lower_case", action="store_true", default=None)
-    case.add_argument("--cased", dest="lower_case", action="store_false")
+    case.add_argument("--lower-case", dest="lower_case", action="store_true", default=None,
+                      help="lower-case the text (default: tokenizer_config.json, else uncased)")
+    case.add_argument("--cased", dest="lower_case", action="store_false", help="keep the case")
     g = p.add_argument_group("sentence files (classify, pair, features)")
-    g.add_argument("--text-column", default=None, help="column name or 0-based index")
-    g.add_argument("--text-b-column", default=None)
-    g.add_argument("--label-column", default=None)
+    g.add_argument("--text-column", "--text_column_name", default=None, help="column name or 0-based index")
+    g.add_argument("--text-b-column", default=None, help="second text column of --task pair")
+    g.add_argument("--label-column", "--label_column_name", default=None, help="column name or 0-based index")
     g.add_argument("--no-header", action="store_true", help="TSV/CSV without a header row "
                    "(default columns: label, text[, text_b])")
     g.add_argument("--regression", action="store_true", help="numeric targets (STS-B): MSE loss, "
                    "Pearson/Spearman")
     g = p.add_argument_group("extractive QA")
-    g.add_argument("--doc-stride", type=int, default=128, help="tokens between the starts of windows")
-    g.add_argument("--max-query-length", type=int, default=64)
-    g.add_argument("--max-answer-length", type=int, default=30, help="in tokens")
-    g.add_argument("--n-best", type=int, default=20)
-    g.add_argument("--null-threshold", type=float, default=0.0,
+    g.add_argument("--doc-stride", "--doc_stride", type=int, default=128,
+                   help="tokens between the starts of windows (BERT's meaning; transformers' run_qa "
+                   "--doc_stride is the overlap: ours = window length - theirs)")
+    g.add_argument("--max-query-length", "--max_query_length", type=int, default=64, help="question tokens kept")
+    g.add_argument("--max-answer-length", "--max_answer_length", type=int, default=30, help="in tokens")
+    g.add_argument("--n-best", "--n_best_size", type=int, default=20, help="spans kept per question")
+    g.add_argument("--null-threshold", "--null_score_diff_threshold", type=float, default=0.0,
                    help="v2.0: answer empty when null score - best span score > this")
     v = g.add_mutually_exclusive_group()
-    v.add_argument("--version-2", dest="version_2", action="store_true", default=None)
-    v.add_argument("--version-1", dest="version_2", action="store_false")
+    v.add_argument("--version-2", "--version_2_with_negative", dest="version_2", action="store_true", default=None,
+                   help="SQuAD v2.0 (unanswerable questions; default: from the file)")
+    v.add_argument("--version-1", dest="version_2", action="store_false", help="SQuAD v1.1")
     g = p.add_argument_group("frozen features")
     g.add_argument("--layer", type=int, default=-1, help="hidden state: 0 = embeddings, -1 = last layer")
-    g.add_argument("--pooling", default="mean", choices=("cls", "mean", "pooler", "tokens"))
+    g.add_argument("--pooling", default="mean", choices=("cls", "mean", "pooler", "tokens"),
+                   help="how token vectors become one per text (tokens: keep them all)")
     g.add_argument("--classifier-c", type=float, default=1.0, help="inverse L2 strength of the logistic regression")
-    p.add_argument("--no-save-model", dest="save_model", action="store_false")
+    p.add_argument("--no-save-model", dest="save_model", action="store_false",
+                   help="do not write the fine-tuned model into OUT/seed_S")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when available)")
     p.add_argument("--deepspeed", default=None, metavar="CONFIG",
@@ -91,17 +132,27 @@ def build_parser() -> argparse.ArgumentParser:
                    "deepspeed.initialize; --batch-size is per process (default: plain PyTorch)")
     p.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=None,
                    help=argparse.SUPPRESS)  # passed by the deepspeed launcher; LOCAL_RANK is used
-    p.add_argument("--log-level", default="INFO")
+    p.add_argument("--log-level", default="INFO", help="logging level (DEBUG, INFO, WARNING)")
     return p
 
 
+_TRAIN_FLAGS = {"learning_rate": "learning_rate", "epochs": "epochs", "max_steps": "max_steps",
+                "batch_size": "batch_size", "eval_batch_size": "eval_batch_size", "warmup_ratio": "warmup_ratio",
+                "weight_decay": "weight_decay", "gradient_accumulation_steps": "gradient_accumulation_steps",
+                "precision": "precision"}
+
+
 def args_from_namespace(ns: argparse.Namespace) -> FinetuneArgs:
-    train = TrainConfig(learning_rate=ns.learning_rate, epochs=ns.epochs, max_steps=ns.max_steps,
-                        batch_size=ns.batch_size, eval_batch_size=ns.eval_batch_size,
-                        warmup_ratio=ns.warmup_ratio, weight_decay=ns.weight_decay)
-    skip = {"learning_rate", "epochs", "max_steps", "batch_size", "eval_batch_size", "warmup_ratio",
-            "weight_decay", "log_level", "local_rank"}
-    return FinetuneArgs(train=train, **{k: v for k, v in vars(ns).items() if k not in skip})
+    ours = vars(ns)
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    # Guard until TrainConfig has gradient_accumulation_steps / precision (issue 13, helper B).
+    defaults = build_parser()
+    for flag, field in _TRAIN_FLAGS.items():
+        if field not in known and ours[flag] != defaults.get_default(flag):
+            raise InputError(f"--{flag.replace('_', '-')}: not supported by this version's training loop")
+    train = TrainConfig(**{field: ours[flag] for flag, field in _TRAIN_FLAGS.items() if field in known})
+    skip = set(_TRAIN_FLAGS) | {"log_level", "local_rank"}
+    return FinetuneArgs(train=train, **{k: v for k, v in ours.items() if k not in skip})
 
 
 def main(argv=None) -> int:
@@ -114,6 +165,6 @@ def main(argv=None) -> int:
         return 2
     if summary.get("deepspeed", {}).get("rank", 0) != 0:
         return 0
-    print(json.dumps({"task": summary["task"], "seeds": summary["seeds"], "mean": summary["mean"],
-                      "std": summary["std"]}, indent=1))
+    keys = ("task", "seeds", "mean", "std", "metrics", "test_predictions")  # the last two: no training
+    print(json.dumps({k: summary[k] for k in keys if k in summary}, indent=1))
     return 0

@@ -1,7 +1,11 @@
 """Extractive QA in the original BERT SQuAD recipe:
 
 - a window `[CLS] question [SEP] context-span [SEP]` slides over long contexts; `doc_stride`
-  is the distance between the starts of consecutive windows (BERT's meaning of the flag);
+  is the distance between the starts of consecutive windows (BERT's meaning of the flag).
+  transformers' run_qa.py passes its `doc_stride` to the tokenizer as `stride`, the number of
+  tokens consecutive windows share; with W = max_seq_length - question tokens - 3 context tokens
+  per window, our doc_stride = W - theirs (384, question of 14 tokens: W = 367, their 128 = our
+  239; our 128 = their 239);
 - an answer outside a window (and every unanswerable question) is labelled (0, 0), the [CLS]
   position;
 - decoding takes the n best start and end logits of every window, keeps spans inside the

@@ -26,6 +26,7 @@ class InputError(ValueError):
 PAIR_COLUMNS = [("sentence1", "sentence2"), ("question1", "question2"), ("#1 String", "#2 String"),
                 ("question", "sentence"), ("text_a", "text_b"), ("premise", "hypothesis")]
 SINGLE_COLUMNS = ["sentence", "text", "text_a", "sentence1", "review", "content"]
+ID_COLUMNS = ["index", "idx", "id"]
 LABEL_COLUMNS = ["label", "gold_label", "score", "is_duplicate", "Quality", "labels", "target"]
 
 
@@ -34,6 +35,7 @@ class TextExample:
     text_a: str
     text_b: str | None = None
     label: str | None = None
+    id: str | None = None  # the file's own index/idx/id column (GLUE test.tsv numbers its rows)
 
 
 class Skips:
@@ -240,6 +242,8 @@ def read_text_file(path: str, pair: bool | None = False, text_column=None, text_
             except InputError:
                 if require_label:
                     raise
+    # GLUE test files number their rows; submissions are keyed by that number
+    iid = next((header.index(k) for k in ID_COLUMNS if k in header), None) if header is not None else None
     out = []
     for n, row in rows:
         if fmt == "jsonl":
@@ -256,8 +260,9 @@ def read_text_file(path: str, pair: bool | None = False, text_column=None, text_
         if lab is not None and not str(lab).strip() and require_label:
             skips.add("row with an empty label", n)
             continue
+        rid = get(iid) if iid is not None else None
         out.append(TextExample(str(a).strip(), None if b is None else str(b).strip(),
-                               None if lab is None else str(lab).strip()))
+                               None if lab is None else str(lab).strip(), None if rid is None else str(rid).strip()))
     skips.finish(len(out), skipped, f"expected the text{' columns' if pair else ' column'} and a label "
                  "in every row (check the delimiter and the column flags)")
     return out
@@ -363,10 +368,12 @@ def _locate(ctx: str, text: str, start) -> int | None:
     return min(hits, key=lambda i: abs(i - start)) if isinstance(start, int) else hits[0]
 
 
-def read_squad(path: str, skipped: dict | None = None) -> tuple[list[QAExample], str]:
+def read_squad(path: str, skipped: dict | None = None, require_answers: bool = True
+               ) -> tuple[list[QAExample], str]:
     """Examples of a SQuAD v1.1/v2.0 JSON file and its version string. An answer whose text is
     not in its context is dropped, and a question left without answers skipped (as BERT's
-    run_squad does: "Could not find answer"), both counted into `skipped` (reason -> n)."""
+    run_squad does: "Could not find answer"), both counted into `skipped` (reason -> n). A test file (questions without answers, to
+    predict) is read with require_answers=False."""
     if not os.path.isfile(path):
         raise InputError(f"{path}: no such file")
     try:
@@ -403,7 +410,7 @@ def read_squad(path: str, skipped: dict | None = None) -> tuple[list[QAExample],
                 if lost:
                     skips.add("answer not in its context (the question's other answers kept)",
                               f"question {qa['id']!r}")
-                if not answers and not impossible:
+                if not answers and not impossible and require_answers:
                     raise InputError(f"{where}: question {qa['id']!r} has no answers; mark it "
                                      "'is_impossible': true (SQuAD v2.0) or add its answers")
                 out.append(QAExample(str(qa["id"]), qa["question"], ctx, answers, impossible))

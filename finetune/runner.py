@@ -7,6 +7,11 @@ Output directory layout:
     OUT/consolidated/         HF export of a pretraining checkpoint given as --model
     OUT/seed_<S>/*.npy        frozen features (task "features")
     OUT/seed_<S>/train_losses.json  the loss of every optimizer step (global-batch mean)
+    OUT/seed_<S>/test_predictions.*  predictions for --test FILE (GLUE TSV, CoNLL, SQuAD JSON)
+
+Without training (--model a directory saved by a fine-tuning run, no --train, or --predict-only):
+    OUT/metrics.json          metrics on --eval FILE, OUT/eval_predictions.*
+    OUT/test_predictions.*    predictions for --test FILE
 
 With --deepspeed CONFIG the loop runs through a DeepSpeed engine, in one process or in
 several (torchrun, the deepspeed launcher); rank 0 evaluates and writes every output while
@@ -14,10 +19,11 @@ the others wait at a barrier.
 """
 from __future__ import annotations
 
+import glob
 import logging
 import os
 import platform
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 import torch.distributed as dist
@@ -31,8 +37,9 @@ from . import features as feat
 from .datasets import write_builtin
 from .metrics import mean_std
 from .readers import InputError
-from .tasks import REGISTRY, Task, get_task
-from .train import TrainConfig, deepspeed_config
+from .tasks import REGISTRY, Task, TestData, finetuned_config, get_task, load_finetuned
+from .tasks.base import TEST_PREFIX
+from .train import TrainConfig, deepspeed_config, predict
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +53,16 @@ class FinetuneArgs:
     output_dir: str
     dataset: str | None = None  # built-in data instead of --train/--eval (finetune.datasets.BUILTIN)
     seeds: list[int] = field(default_factory=lambda: [42])
-    max_seq_length: int = 128
+    max_seq_length: int | None = None  # None: the task's default (128; 384 for qa, as BERT's SQuAD)
     train: TrainConfig = field(default_factory=TrainConfig)
     max_train_examples: int | None = None
     max_eval_examples: int | None = None
+    max_test_examples: int | None = None
+    test_file: str | None = None  # unlabelled file to predict (GLUE test.tsv, SQuAD without answers, CoNLL tokens)
+    predict_only: bool = False  # no training: --model is a fine-tuned directory; --eval scores it, --test predicts
+    do_train: bool = False  # transformers' --do_train/--do_eval/--do_predict: when any is given, they
+    do_eval: bool = False  # say which steps run (and need their files); without them the files given do
+    do_predict: bool = False
     vocab: str | None = None
     lower_case: bool | None = None
     # sentence files
@@ -59,7 +72,7 @@ class FinetuneArgs:
     no_header: bool = False
     regression: bool = False
     # QA
-    doc_stride: int = 128
+    doc_stride: int = 128  # BERT's meaning: tokens between window starts (transformers': the overlap)
     max_query_length: int = 64
     max_answer_length: int = 30
     n_best: int = 20
@@ -73,6 +86,19 @@ class FinetuneArgs:
     threads: int | None = None
     device: str | None = None  # None: "cuda" when a GPU is visible, else "cpu"
     deepspeed: str | None = None  # a DeepSpeed JSON config: train through deepspeed.initialize
+
+    def __post_init__(self):
+        if self.max_seq_length is None and self.task in REGISTRY:
+            self.max_seq_length = REGISTRY[self.task].default_max_seq_length
+
+    @property
+    def trains(self) -> bool:
+        """Fine-tune (else: use --model, a fine-tuned directory, as it is)."""
+        if self.predict_only:
+            return False
+        if self.do_train or self.do_eval or self.do_predict:
+            return self.do_train
+        return self.train_file is not None or self.dataset is not None
 
     def validate(self) -> None:
         task = get_task(self.task)
@@ -96,15 +122,46 @@ class FinetuneArgs:
             raise InputError(f"--warmup-ratio {self.train.warmup_ratio}: must be between 0 and 1")
         if self.deepspeed is not None and not os.path.isfile(self.deepspeed):
             raise InputError(f"--deepspeed {self.deepspeed}: no such file")
-        if self.dataset is None and (self.train_file is None or self.eval_file is None):
-            raise InputError("give --train and --eval files, or a built-in --dataset")
-        if self.dataset is not None:
-            if self.train_file or self.eval_file:
-                raise InputError("--dataset replaces --train/--eval: give one or the other")
-            return
-        for flag, path in (("--train", self.train_file), ("--eval", self.eval_file)):
-            if not os.path.isfile(path):
+        self._validate_steps(task)
+        for flag, path in (("--train", self.train_file), ("--eval", self.eval_file), ("--test", self.test_file)):
+            if path is not None and not os.path.isfile(path):
                 raise InputError(f"{flag} {path}: no such file")
+        if self.trains:
+            if self.dataset is not None:
+                if self.train_file or self.eval_file:
+                    raise InputError("--dataset replaces --train/--eval: give one or the other")
+            elif self.train_file is None or self.eval_file is None:
+                raise InputError("give --train and --eval files, or a built-in --dataset")
+        else:
+            self._validate_saved_model()
+
+    def _validate_steps(self, task: Task) -> None:
+        """--do_train/--do_eval/--do_predict and --predict-only against the files given."""
+        if self.do_predict and self.test_file is None:
+            raise InputError("--do_predict needs the file to predict: --test FILE (--test_file)")
+        if self.do_eval and self.eval_file is None and self.dataset is None:
+            raise InputError("--do_eval needs --eval FILE (--validation_file)")
+        if self.do_train and self.train_file is None and self.dataset is None:
+            raise InputError("--do_train needs --train FILE (--train_file) or a built-in --dataset")
+        if not self.trains and (self.train_file is not None or self.dataset is not None):
+            why = "--predict-only" if self.predict_only else "without --do_train"
+            raise InputError(f"{why} nothing is trained: drop --train/--dataset (or add --do_train)")
+        if self.test_file is not None and task.architecture is None:
+            raise InputError(f"--test applies to the fine-tuning tasks, not --task {task.name}")
+
+    def _validate_saved_model(self) -> None:
+        info = finetuned_config(self.model) if os.path.isdir(self.model) else None
+        if info is None:
+            raise InputError(f"--model {self.model} is not a directory saved by a fine-tuning run (config.json "
+                             "with finetuning_task); to fine-tune it give --train and --eval files or a "
+                             "built-in --dataset")
+        if info[0] != self.task:
+            raise InputError(f"--model {self.model} was fine-tuned for --task {info[0]}, not {self.task}")
+        if self.eval_file is None and self.test_file is None:
+            raise InputError(f"--model {self.model} is used as it is (no --train): give --eval FILE to score "
+                             "it and/or --test FILE to predict")
+        if self.deepspeed is not None:
+            raise InputError("--deepspeed applies to training; drop it when only evaluating or predicting")
 
 
 @dataclass(frozen=True)
@@ -131,7 +188,7 @@ def run(a: FinetuneArgs) -> dict:
     if a.threads:
         torch.set_num_threads(a.threads)
     try:
-        return _run(a)
+        return _run(a) if a.trains else _run_saved(a)
     finally:
         torch.set_num_threads(previous)  # callers (tests, notebooks) keep their own setting
 
@@ -179,6 +236,12 @@ def _resolve(a: FinetuneArgs) -> Resolved:
             a.dataset, a.task, os.path.join(a.output_dir, "data")))
         log.info("built-in dataset %s: %s, %s", a.dataset, train_file, eval_file)
     model_dir = _on_rank0(rank, world, lambda: checkpoint.resolve_model_dir(a.model, a.output_dir))
+    config, tok = _config_and_tokenizer(a, model_dir)
+    return Resolved(a, get_task(a.task), torch.device(device), rank, world, ds, train_file, eval_file,
+                    model_dir, config, tok)
+
+
+def _config_and_tokenizer(a: FinetuneArgs, model_dir: str):
     config = checkpoint.read_config(model_dir)
     if a.max_seq_length > config.max_position_embeddings:
         raise InputError(f"--max-seq-length {a.max_seq_length} exceeds the model's "
@@ -187,8 +250,15 @@ def _resolve(a: FinetuneArgs) -> Resolved:
     if len(tok) > config.vocab_size:
         raise InputError(f"vocabulary has {len(tok)} entries but the model only {config.vocab_size}; "
                          "pass the checkpoint's own vocab.txt with --vocab")
-    return Resolved(a, get_task(a.task), torch.device(device), rank, world, ds, train_file, eval_file,
-                    model_dir, config, tok)
+    return config, tok
+
+
+def _read_test(a: FinetuneArgs, task: Task, tokenizer) -> TestData | None:
+    if a.test_file is None:
+        return None
+    test = task.read_unlabelled(a, a.test_file, tokenizer)
+    log.info("%s: %d test examples -> %d features", a.test_file, len(test.examples), len(test.features))
+    return test
 
 
 def _run(a: FinetuneArgs) -> dict:
@@ -199,12 +269,15 @@ def _run(a: FinetuneArgs) -> dict:
     log.info("%s: %d train examples -> %d features, %d eval examples -> %d features%s",
              a.task, len(data.train_examples), len(data.train_features), len(data.eval_examples),
              len(data.eval_features), f", labels {data.labels}" if data.labels and len(data.labels) <= 30 else "")
+    test = _read_test(a, r.task, r.tokenizer)
     runs = []
     for seed in a.seeds:
         out_dir = os.path.join(a.output_dir, f"seed_{seed}")
         if r.rank == 0:
             os.makedirs(out_dir, exist_ok=True)
-        metrics = r.task.run_seed(r, data, seed, out_dir)
+        # the features task (no head, no --test) keeps the four-argument run_seed
+        metrics = (r.task.run_seed(r, data, seed, out_dir, test) if test is not None
+                   else r.task.run_seed(r, data, seed, out_dir))
         if r.rank == 0:
             log.info("seed %d: %s", seed, {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)})
             atomic_json(os.path.join(out_dir, "metrics.json"), {"seed": seed, **metrics}, sort_keys=False)
@@ -213,14 +286,47 @@ def _run(a: FinetuneArgs) -> dict:
     mean, std = mean_std([{k: v for k, v in run.items() if k != "seed"} for run in runs])
     args = {k: v for k, v in asdict(a).items() if k != "train"}
     # as resolved: a --dataset's files, and the device this process ran on (cuda:N under --deepspeed)
-    args.update(train_file=r.train_file, eval_file=r.eval_file, device=str(r.device))
+    args.update(train_file=r.train_file, eval_file=r.eval_file, device=str(r.device), trains=True)
     summary = {"task": a.task, "model": a.model, "dataset": a.dataset, "model_dir": r.model_dir, "seeds": a.seeds,
                "n_train": len(data.train_examples), "n_eval": len(data.eval_examples), "labels": data.labels,
-               "args": args, "train_config": asdict(a.train), "runs": runs, "mean": mean, "std": std,
+               "skipped": data.skipped, "args": args, "train_config": asdict(a.train), "runs": runs, "mean": mean, "std": std,
                "versions": {"torch": torch.__version__, "python": platform.python_version()}}
     if r.ds_config is not None:
         summary.update(deepspeed={"config": r.ds_config, "world_size": r.world, "rank": r.rank})
     if r.rank == 0:
         atomic_json(os.path.join(a.output_dir, "metrics.json"), summary, sort_keys=False)
     _barrier(r.world)
+    return summary
+
+
+def _run_saved(a: FinetuneArgs) -> dict:
+    """No training: --model is a directory saved by a fine-tuning run; --eval scores it
+    (OUT/metrics.json, OUT/eval_predictions.*), --test writes OUT/test_predictions.*."""
+    task = get_task(a.task)
+    _, labels, regression = finetuned_config(a.model)
+    a = replace(a, regression=regression)  # the saved head decides, not the flag
+    device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    os.makedirs(a.output_dir, exist_ok=True)
+    config, tok = _config_and_tokenizer(a, a.model)
+    model, _, _ = load_finetuned(a.model)
+    model.to(device)
+    log.info("task %s, fine-tuned model %s, no training, device %s", a.task, a.model, device)
+    labels = None if a.regression else labels
+    summary = {"task": a.task, "model": a.model, "model_dir": a.model, "labels": labels}
+    if a.eval_file is not None:
+        data = task.read_labelled(a, a.eval_file, tok, labels)
+        outputs = predict(model, data.eval_features, a.train.eval_batch_size, tok.pad_token_id)
+        metrics, preds = task.evaluate(a, data, outputs)
+        task.save_predictions(data, preds, a.output_dir)
+        log.info("%s: %s", a.eval_file, {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)})
+        summary.update(n_eval=len(data.eval_examples), metrics=metrics)
+    test = _read_test(a, task, tok)
+    if test is not None:
+        task.predict_test(a, test, model, tok.pad_token_id, labels, a.output_dir)
+        summary.update(n_test=len(test.examples), test_predictions=glob.glob(
+            os.path.join(a.output_dir, f"{TEST_PREFIX}predictions.*")))
+    args = {k: v for k, v in asdict(a).items() if k != "train"}
+    args.update(device=str(device), trains=False)
+    summary.update(args=args, versions={"torch": torch.__version__, "python": platform.python_version()})
+    atomic_json(os.path.join(a.output_dir, "metrics.json"), summary, sort_keys=False)
     return summary

@@ -2,7 +2,9 @@
 punctuation, drop the articles a/an/the, collapse whitespace). Follows the v2.0 evaluation
 rules, which reduce to v1.1's for answerable questions: the score of a prediction is its best
 over the gold answers, and a question without gold answers scores 1 only for an empty
-prediction. Scores are percentages, as the official scripts print them."""
+prediction. Scores are percentages, as the official scripts print them, under the keys
+transformers' run_qa.py reports: `exact_match` and `f1` (v1.1 script's names; the v2.0 script's
+per-split `HasAns_exact`, `NoAns_f1`, ... as it names them)."""
 from __future__ import annotations
 
 import re
@@ -53,7 +55,7 @@ def squad_scores(golds: dict[str, list[str]], preds: dict[str, str]) -> dict:
         bucket[1] += e
         bucket[2] += f
     n = len(golds)
-    out = {"exact": 100.0 * em_sum / n if n else 0.0, "f1": 100.0 * f1_sum / n if n else 0.0, "total": n}
+    out = {"exact_match": 100.0 * em_sum / n if n else 0.0, "f1": 100.0 * f1_sum / n if n else 0.0, "total": n}
     for name, (count, e, f) in split.items():
         if count:
             out[f"{name}_exact"] = 100.0 * e / count

@@ -18,6 +18,8 @@ from .. import checkpoint
 from ..readers import InputError
 from ..train import predict, set_seed, train
 
+TEST_PREFIX = "test_"  # predictions of --test FILE: OUT/seed_S/test_predictions.* (OUT/ without training)
+
 if TYPE_CHECKING:
     from pretrain.model import BertConfig
 
@@ -38,6 +40,18 @@ class TaskData:
     skipped: dict[str, int] = field(default_factory=dict)
 
 
+@dataclass
+class TestData:
+    """An unlabelled file to predict (GLUE test.tsv, SQuAD questions without answers, CoNLL
+    tokens), encoded like the evaluation file."""
+
+    source: str
+    examples: list
+    features: list[dict]
+    ids: list[str] | None = None  # the file's own index column (GLUE submissions), when it has one
+    version_2: bool = False  # QA: write null odds (SQuAD v2.0)
+
+
 def limit(items: list, n: int | None) -> list:
     """The first `n` items (--max-train-examples / --max-eval-examples); all when n is None or 0."""
     return items[:n] if n else items
@@ -54,6 +68,7 @@ class Task:
     name: str
     architecture: str | None  # transformers class of the saved model (None: nothing is trained)
     supports_regression = False  # --regression (MSE head, Pearson/Spearman)
+    default_max_seq_length = 128  # --max-seq-length when the user gives none
 
     def validate(self, a: FinetuneArgs) -> None:
         """Task-specific flag checks, before anything runs (`FinetuneArgs.validate` calls it)."""
@@ -80,9 +95,30 @@ class Task:
         """An HF directory transformers' `architecture` class loads (`finetune.tasks.load_finetuned` too)."""
         checkpoint.save_finetuned(model, out_dir, tokenizer, self.hf_config(labels, regression))
 
-    def run_seed(self, run: Resolved, data: TaskData, seed: int, out_dir: str) -> dict:
+    # Prediction with a trained head: a labelled file scored against a saved model's labels, and
+    # an unlabelled file written in its benchmark's submission format.
+    def read_labelled(self, a: FinetuneArgs, path: str, tokenizer, labels: list[str] | None) -> TaskData:
+        """`path` as the evaluation file of a saved model (`labels`: its id2label), no training file."""
+        raise InputError(f"--task {self.name}: evaluating a saved model is not supported")
+
+    def read_unlabelled(self, a: FinetuneArgs, path: str, tokenizer) -> TestData:
+        raise InputError(f"--task {self.name}: --test (predictions for an unlabelled file) is not supported")
+
+    def predict_unlabelled(self, a: FinetuneArgs, test: TestData, outputs: list, labels: list[str] | None):
+        """Predictions from the model outputs on `test.features` (no gold to score against)."""
+        raise NotImplementedError
+
+    def save_test_predictions(self, test: TestData, preds, out_dir: str) -> None:
+        raise NotImplementedError
+
+    def predict_test(self, a: FinetuneArgs, test: TestData, model: nn.Module, pad_id: int,
+                     labels: list[str] | None, out_dir: str) -> None:
+        outputs = predict(model, test.features, a.train.eval_batch_size, pad_id)
+        self.save_test_predictions(test, self.predict_unlabelled(a, test, outputs, labels), out_dir)
+
+    def run_seed(self, run: Resolved, data: TaskData, seed: int, out_dir: str, test: TestData | None = None) -> dict:
         """Fine-tune a fresh head on the encoder for one seed; rank 0 evaluates and writes the
-        losses, predictions and model into `out_dir`. Returns the seed's metrics."""
+        losses, predictions (of `test` too) and model into `out_dir`. Returns the seed's metrics."""
         a, tok = run.args, run.tokenizer
         set_seed(seed)  # the head's initialisation depends on the seed too
         n_labels = len(data.labels) if data.labels else (1 if a.regression else 2)
@@ -103,6 +139,8 @@ class Task:
         metrics, preds = self.evaluate(a, data, outputs)
         metrics.update(stats)
         self.save_predictions(data, preds, out_dir)
+        if test is not None:
+            self.predict_test(a, test, model, tok.pad_token_id, data.labels, out_dir)
         if a.save_model:
             self.save_model(model, out_dir, tok, data.labels, a.regression)
         return metrics

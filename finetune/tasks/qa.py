@@ -11,16 +11,26 @@ from .. import qa
 from ..modeling import BertForQuestionAnswering
 from ..readers import InputError, prefixed, read_squad
 from ..squad_metrics import squad_scores
-from .base import Task, TaskData, limit
+from .base import TEST_PREFIX, Task, TaskData, TestData, limit
 
 
 class QATask(Task):
     name = "qa"
     architecture = "BertForQuestionAnswering"
+    default_max_seq_length = 384  # BERT's SQuAD setting (with --doc-stride 128)
 
     def validate(self, a) -> None:
         if a.doc_stride < 1:
             raise InputError(f"--doc-stride {a.doc_stride}: must be >= 1")
+        # The context window of the longest question; windows --doc-stride apart overlap only
+        # if the stride is shorter (an answer across a window edge is otherwise never whole).
+        window = a.max_seq_length - a.max_query_length - 3
+        if window >= 1 and a.doc_stride >= window:
+            raise InputError(
+                f"--doc-stride {a.doc_stride} with --max-seq-length {a.max_seq_length}: windows hold "
+                f"{window} context tokens (after a {a.max_query_length}-token question, [CLS] and two "
+                f"[SEP]), so they would not overlap; use a --doc-stride below {window} or a longer "
+                "--max-seq-length (BERT's SQuAD setting: 384 and 128)")
 
     def read(self, a, train_file, eval_file, tokenizer) -> TaskData:
         train_skips, eval_skips = {}, {}
@@ -28,16 +38,15 @@ class QATask(Task):
         eval_ex, version = read_squad(eval_file, eval_skips)
         train_ex = limit(train_ex, a.max_train_examples)
         eval_ex = limit(eval_ex, a.max_eval_examples)
-        version_2 = a.version_2 if a.version_2 is not None else (
-            str(version).lstrip("v").startswith("2") or any(e.is_impossible for e in eval_ex))
-        L = a.max_seq_length
+        return TaskData(train_ex, eval_ex, self._features(a, train_ex, tokenizer, True),
+                        self._features(a, eval_ex, tokenizer, False), version_2=_version_2(a, version, eval_ex),
+                        skipped=prefixed(train=train_skips, eval=eval_skips))
+
+    def _features(self, a, examples, tokenizer, train: bool) -> list[dict]:
         try:
-            train_f = qa.qa_features(train_ex, tokenizer, L, a.doc_stride, a.max_query_length, True)
-            eval_f = qa.qa_features(eval_ex, tokenizer, L, a.doc_stride, a.max_query_length, False)
+            return qa.qa_features(examples, tokenizer, a.max_seq_length, a.doc_stride, a.max_query_length, train)
         except ValueError as e:
             raise InputError(str(e)) from None
-        return TaskData(train_ex, eval_ex, train_f, eval_f, version_2=version_2,
-                        skipped=prefixed(train=train_skips, eval=eval_skips))
 
     def build_head(self, config, num_labels=2, regression=False):
         return BertForQuestionAnswering(config)
@@ -51,6 +60,36 @@ class QATask(Task):
     def save_predictions(self, data, preds, out_dir):
         for name, obj in preds.items():
             atomic_json(os.path.join(out_dir, f"eval_{name}.json"), obj, sort_keys=False)
+
+    def read_labelled(self, a, path, tokenizer, labels) -> TaskData:
+        ex, version = read_squad(path)
+        ex = limit(ex, a.max_eval_examples)
+        return TaskData([], ex, [], self._features(a, ex, tokenizer, False), version_2=_version_2(a, version, ex))
+
+    def read_unlabelled(self, a, path, tokenizer) -> TestData:
+        ex, version = read_squad(path, require_answers=False)
+        ex = limit(ex, a.max_test_examples)
+        return TestData(path, ex, self._features(a, ex, tokenizer, False), version_2=_version_2(a, version, ex))
+
+    def predict_unlabelled(self, a, test, outputs, labels):
+        preds, nbest, null_odds = qa.decode(test.examples, test.features, outputs, a.n_best,
+                                            a.max_answer_length, test.version_2, a.null_threshold)
+        out = {"predictions": preds, "nbest_predictions": nbest}
+        return {**out, "null_odds": null_odds} if test.version_2 else out
+
+    def save_test_predictions(self, test, preds, out_dir):
+        """The official formats: predictions.json {id: answer text} ("" = no answer) and, for
+        v2.0, null_odds.json {id: null score - best span score}; here as test_*.json."""
+        for name, obj in preds.items():
+            atomic_json(os.path.join(out_dir, f"{TEST_PREFIX}{name}.json"), obj, sort_keys=False)
+
+
+def _version_2(a, version: str, examples) -> bool:
+    """SQuAD v2.0 (unanswerable questions): --version-2/--version-1, else the file's "version",
+    else whether any question is marked unanswerable."""
+    if a.version_2 is not None:
+        return a.version_2
+    return str(version).lstrip("v").startswith("2") or any(e.is_impossible for e in examples)
 
 
 QA = QATask()

@@ -140,6 +140,36 @@ class SentenceTask(Task):
         return {**super().hf_config(labels, regression),
                 **label_config(["score"] if regression else labels, regression)}
 
+    def read_labelled(self, a, path, tokenizer, labels):
+        kw = dict(pair=self.pair, text_column=a.text_column, text_b_column=a.text_b_column,
+                  label_column=a.label_column, has_header=not a.no_header)
+        ex = limit(read_text_file(path, **kw), a.max_eval_examples)
+        l2i = None if a.regression else {l: i for i, l in enumerate(labels)}
+        return TaskData([], ex, [], encode_sentences(ex, tokenizer, a.max_seq_length, l2i, a.regression, path), labels)
+
+    def read_unlabelled(self, a, path, tokenizer):
+        """GLUE test.tsv (columns index, sentence or index, sentence1, sentence2): no label column;
+        the index column, when the file has one, numbers the predictions."""
+        from .base import TestData
+        ex = limit(read_text_file(path, pair=self.pair, text_column=a.text_column, text_b_column=a.text_b_column,
+                                  has_header=not a.no_header, require_label=False), a.max_test_examples)
+        ids = [e.id for e in ex] if ex and all(e.id is not None for e in ex) else None
+        feats = encode_sentences(ex, tokenizer, a.max_seq_length, None, False, path)
+        return TestData(path, ex, feats, ids)
+
+    def predict_unlabelled(self, a, test, outputs, labels):
+        if a.regression:
+            return [float(np.asarray(o).reshape(-1)[0]) for o in outputs]
+        return [labels[int(np.argmax(o))] for o in outputs]
+
+    def save_test_predictions(self, test, preds, out_dir):
+        """GLUE's submission layout: `index` TAB `prediction` (label names; numbers for regression)."""
+        from .base import TEST_PREFIX
+        ids = test.ids or [str(i) for i in range(len(preds))]
+        with atomic_write(os.path.join(out_dir, f"{TEST_PREFIX}predictions.tsv"), "w", encoding="utf-8") as f:
+            f.write("index\tprediction\n")
+            f.writelines(f"{i}\t{p:.6g}\n" if isinstance(p, float) else f"{i}\t{p}\n" for i, p in zip(ids, preds))
+
 
 CLASSIFY = SentenceTask("classify", pair=False)
 PAIR = SentenceTask("pair", pair=True)

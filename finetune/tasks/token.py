@@ -94,5 +94,45 @@ class TokenTask(Task):
     def hf_config(self, labels, regression=False):
         return {**super().hf_config(labels, regression), **label_config(labels)}
 
+    def read_labelled(self, a, path, tokenizer, labels):
+        ex = limit(read_conll(path), a.max_eval_examples)
+        return TaskData([], ex, [], encode_tagged(ex, tokenizer, a.max_seq_length,
+                                                  {l: i for i, l in enumerate(labels)}, path), labels)
+
+    def read_unlabelled(self, a, path, tokenizer):
+        """A CoNLL file to tag: the token in the first column; any further columns (tags
+        included) are ignored."""
+        from ..readers import InputError
+        from .base import TestData
+        if not os.path.isfile(path):
+            raise InputError(f"{path}: no such file")
+        sents, toks = [], []
+        with open(path, encoding="utf-8-sig") as f:
+            for line in f:
+                parts = line.split()
+                if not parts:
+                    if toks:
+                        sents.append(TaggedSentence(toks, ["O"] * len(toks)))
+                        toks = []
+                elif parts[0] != "-DOCSTART-":
+                    toks.append(parts[0])
+        if toks:
+            sents.append(TaggedSentence(toks, ["O"] * len(toks)))
+        if not sents:
+            raise InputError(f"{path}: no sentences")
+        sents = limit(sents, a.max_test_examples)
+        return TestData(path, sents, encode_tagged(sents, tokenizer, a.max_seq_length, {"O": 0}, path))
+
+    def predict_unlabelled(self, a, test, outputs, labels):
+        return evaluate_tagged(outputs, test.features, test.examples, labels)[1]
+
+    def save_test_predictions(self, test, preds, out_dir):
+        """CoNLL: token TAB predicted tag, a blank line after each sentence."""
+        from .base import TEST_PREFIX
+        with atomic_write(os.path.join(out_dir, f"{TEST_PREFIX}predictions.conll"), "w", encoding="utf-8") as f:
+            for s, p in zip(test.examples, preds):
+                f.writelines(f"{t}\t{q}\n" for t, q in zip(s.tokens, p))
+                f.write("\n")
+
 
 TOKEN = TokenTask()

@@ -50,12 +50,12 @@ def test_cloze_qa_beats_trivial_baselines(minilm, tmp_path):
     empty = squad_scores(golds, {})
     year = re.compile(r"\b(1[0-9]{3}|20[0-9]{2})\b")
     first_year = squad_scores(golds, {e.qid: year.findall(e.context)[0] for e in examples})
-    print(f"cloze QA EM {got['exact']:.1f} F1 {got['f1']:.1f}; first word F1 {first_word['f1']:.1f}, "
-          f"empty F1 {empty['f1']:.1f}, first year in the passage EM {first_year['exact']:.1f}")
+    print(f"cloze QA EM {got['exact_match']:.1f} F1 {got['f1']:.1f}; first word F1 {first_word['f1']:.1f}, "
+          f"empty F1 {empty['f1']:.1f}, first year in the passage EM {first_year['exact_match']:.1f}")
     assert got["f1"] > max(first_word["f1"], empty["f1"]) + 25
     preds = json.loads((tmp_path / "out" / "seed_1" / "eval_predictions.json").read_text())
     assert set(preds) == set(golds)
-    assert squad_scores(golds, preds)["exact"] == pytest.approx(got["exact"])
+    assert squad_scores(golds, preds)["exact_match"] == pytest.approx(got["exact_match"])
 
 
 def test_next_sentence_pairs_beat_majority(minilm, tmp_path):

@@ -40,7 +40,7 @@ def pretrained_run(tmp_path_factory):
     (d / "ds.json").write_text(json.dumps(ds))
     cmd = [sys.executable, os.path.join(REPO, "pretrain", "run.py"), "--ds_config", str(d / "ds.json"),
            "--model_config", str(d / "model.json"), "--data", data, "--seq_length", str(SEQ),
-           "--train_steps", "6", "--global_batch_size", "8", "--log_interval", "3", "--eval_samples", "16",
+           "--train_steps", "6", "--save_interval", "3", "--global_batch_size", "8", "--log_interval", "3", "--eval_samples", "16",
            "--save_dir", str(d / "run"), "--no-tensorboard"]
     r = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600, cwd=REPO)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -115,3 +115,58 @@ def test_other_tasks_run_from_the_export(pretrained_run, task):
         assert 0 <= m["f1"] <= 1 and m["support"] > 0
     else:
         assert m["feature_dim"] == 32 and 0 <= m["accuracy"] <= 1
+
+
+def _features_cli(model: str, out, d):
+    """The frozen-features task: consolidates --model into OUT like every task, trains nothing."""
+    cmd = [sys.executable, "-m", "finetune", "--task", "features", "--model", model,
+           "--train", str(d / "pair_train.tsv"), "--eval", str(d / "pair_test.tsv"), "--output-dir", str(out),
+           "--max-seq-length", str(SEQ), "--pooling", "cls"]
+    r = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert r.returncode == 0, r.stderr[-3000:]
+    from safetensors.torch import load_file
+
+    return load_file(str(out / "consolidated" / "model.safetensors"))
+
+
+def test_second_checkpoint_into_the_same_output_is_exported_again(pretrained_run):
+    """Phase 1's step then phase 2's into one OUT: the second run must use its own weights, not
+    the consolidation the first one left in OUT/consolidated."""
+    from pretrain import checkpoint as ckpt
+
+    d = pretrained_run
+    datasets.write_tsv(str(d / "pair_train.tsv"), datasets.build_next_sentence_pairs(16, seed=1))
+    datasets.write_tsv(str(d / "pair_test.tsv"), datasets.build_next_sentence_pairs(8, seed=2, offset=3000))
+    key = "bert.encoder.layer.1.attention.self.query.weight"
+    early, late = (ckpt.full_weights(str(d / "run"), tag)[key] for tag in ("step_3", "step_6"))
+    assert not torch.equal(early, late)
+    out = d / "two_phases"
+    assert torch.equal(_features_cli(str(d / "run" / "step_3"), out, d)[key], early.float())
+    assert torch.equal(_features_cli(str(d / "run"), out, d)[key], late.float())
+    record = json.loads((out / "consolidated" / "consolidated_from.json").read_text())
+    assert record["tag"] == "step_6" and record["step"] == 6
+
+
+def test_export_cut_short_is_not_taken_as_complete(pretrained_run, tmp_path, monkeypatch):
+    """A process killed while exporting leaves nothing that a later run takes as the export."""
+    crash = (
+        "import os, signal, sys\n"
+        "from finetune import checkpoint\n"
+        "real = checkpoint.export\n"
+        "def export(src, dst):\n"
+        "    real(src, dst)\n"
+        "    with open(os.path.join(dst, 'model.safetensors'), 'r+b') as f:\n"
+        "        f.truncate(100)  # the weights file half written when the process dies\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+        "checkpoint.export = export\n"
+        "checkpoint.resolve_model_dir(sys.argv[1], sys.argv[2])\n")
+    r = subprocess.run([sys.executable, "-c", crash, str(pretrained_run / "run"), str(tmp_path)], env=_env(),
+                       capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert r.returncode == -9, r.stderr[-3000:]
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    from finetune import checkpoint
+
+    model_dir = checkpoint.resolve_model_dir(str(pretrained_run / "run"), str(tmp_path))
+    config, state = checkpoint.hf_io.load_hf_dir(model_dir)  # loads: the export was redone
+    assert config.hidden_size == 32 and "bert.embeddings.word_embeddings.weight" in state
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".consolidated")]

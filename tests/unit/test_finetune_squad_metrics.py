@@ -31,7 +31,7 @@ def test_squad_scores_v2_mix():
     }
     preds = {"q1": "broncos", "q2": "between 1901 and 2000", "q3": "", "q4": "Paris"}
     s = squad_scores(golds, preds)
-    assert s["exact"] == pytest.approx(100 * 2 / 4)
+    assert s["exact_match"] == pytest.approx(100 * 2 / 4)
     assert s["f1"] == pytest.approx(100 * (1 + 6 / 7 + 1 + 0) / 4)
     assert s["HasAns_exact"] == pytest.approx(50.0) and s["HasAns_total"] == 2
     assert s["NoAns_f1"] == pytest.approx(50.0) and s["NoAns_total"] == 2
