@@ -270,15 +270,16 @@ def _update_loss(stepper, feats: list[dict], rank: int, world: int, gas: int, pa
         total = count.item()
     whole = world == 1 and gas == 1 and total > 0
     parts = []
-    for batch in batches:
+    for batch, (_, real) in zip(batches, pieces):
         with stepper.autocast():
             if whole:
                 loss, _ = stepper.net(**_to(batch, stepper.module))
                 weight = 1.0
             else:
                 loss, _ = stepper.net(**_to(batch, stepper.module), loss_reduction="sum")
-                # no loss terms in the whole update (token labels all ignored): no gradient
-                weight = 1.0 / total if total > 0 else 0.0
+                # a stand-in piece, or no loss terms in the whole update (token labels all
+                # ignored): a backward all the same (the engine's collectives), no gradient
+                weight = 1.0 / total if real and total > 0 else 0.0
         stepper.backward(loss, weight)
         parts.append(loss.detach().float() * weight if weight != 1.0 else loss.detach().float())
     part = parts[0] if len(parts) == 1 else torch.stack(parts).sum()
