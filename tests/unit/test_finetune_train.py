@@ -240,3 +240,29 @@ def test_progress_bars_on_a_terminal_only(monkeypatch, caplog):
                                                              precision="fp32"), seed=1)
         predict(model, _features(10), 4, progress=progress)
         assert stream.getvalue() == ""
+
+
+def test_deepspeed_config_takes_accumulation_and_precision_from_the_loop(tmp_path, monkeypatch):
+    import json
+    import os
+
+    from finetune.train import deepspeed_config
+
+    monkeypatch.setenv("BERT_CPU_BF16", "native")
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "ds_finetune.json")
+    ds = deepspeed_config(path, TrainConfig(batch_size=4, gradient_accumulation_steps=3), 2, "cpu")
+    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (4, 3, 24)
+    assert ds["bf16"]["enabled"] is False  # auto: the file's own choice (fp32)
+    ds = deepspeed_config(path, TrainConfig(batch_size=4, precision="bf16"), 1, "cpu")
+    assert ds["bf16"]["enabled"] is True and ds["gradient_accumulation_steps"] == 1  # an explicit flag wins
+    with open(path) as f:
+        raw = json.load(f)
+    for extra, needle in (({"gradient_accumulation_steps": 2}, "--gradient-accumulation-steps 3"),
+                          ({"train_batch_size": 8}, "--gradient-accumulation-steps 3 x 2 processes")):
+        bad = tmp_path / "ds.json"
+        bad.write_text(json.dumps({**raw, **extra}))
+        with pytest.raises(ValueError, match=needle):
+            deepspeed_config(str(bad), TrainConfig(batch_size=4, gradient_accumulation_steps=3), 2, "cpu")
+    ok = tmp_path / "ok.json"
+    ok.write_text(json.dumps({**raw, "gradient_accumulation_steps": 3, "train_batch_size": 24}))
+    assert deepspeed_config(str(ok), TrainConfig(batch_size=4, gradient_accumulation_steps=3), 2, "cpu")["train_batch_size"] == 24
