@@ -289,12 +289,16 @@ def _update_loss(stepper, feats: list[dict], rank: int, world: int, gas: int, pa
     return part.item()
 
 
-def _bar(total: int, show: bool, desc: str):
-    """A tqdm bar on stderr when asked for and stderr is a terminal (None otherwise)."""
+@contextlib.contextmanager
+def _progress(total: int, show: bool, desc: str):
+    """A tqdm bar on stderr when asked for and stderr is a terminal (None otherwise); log
+    records go around it meanwhile."""
     if not (show and sys.stderr.isatty()):
-        return None
-    return tqdm(total=total, desc=desc, unit="step" if desc == "train" else "batch", file=sys.stderr,
-                dynamic_ncols=True)
+        yield None
+        return
+    with tqdm(total=total, desc=desc, unit="step" if desc == "train" else "batch", file=sys.stderr,
+              dynamic_ncols=True) as bar, logging_redirect_tqdm():
+        yield bar
 
 
 def train(model, features: list[dict], cfg: TrainConfig, seed: int, pad_id: int = 0,
@@ -331,8 +335,7 @@ def train(model, features: list[dict], cfg: TrainConfig, seed: int, pad_id: int 
     stepper.net.train()
     step, skipped, t0, running = 0, 0, time.time(), []
     where = f" (deepspeed, {world} processes)" if ds_config is not None else ""
-    bar = _bar(total, cfg.progress and rank == 0, "train")
-    with logging_redirect_tqdm() if bar is not None else contextlib.nullcontext():
+    with _progress(total, cfg.progress and rank == 0, "train") as bar:
         while step < total:
             for feats in _batches(features, per_update, True, rng):
                 running.append(_update_loss(stepper, feats, rank, world, gas, pad_id))
@@ -341,16 +344,14 @@ def train(model, features: list[dict], cfg: TrainConfig, seed: int, pad_id: int 
                     log.warning("step %d skipped: fp16 gradients overflowed (%d skipped so far)", step + 1, skipped)
                 step += 1
                 if bar is not None:
-                    bar.update(1)
                     bar.set_postfix(loss=f"{running[-1]:.4f}", refresh=False)
+                    bar.update(1)
                 if rank == 0 and (step % cfg.log_every == 0 or step == total):
                     log.info("step %d/%d loss %.4f grad_norm %.3f lr %.2e %.1f s%s", step, total,
                              float(np.mean(running[-cfg.log_every:])), stepper.grad_norm(),
                              stepper.sched.get_last_lr()[0], time.time() - t0, where)
                 if step >= total:
                     break
-    if bar is not None:
-        bar.close()
     model = stepper.finish()
     return model, {"steps": step, "final_loss": float(np.mean(running[-cfg.log_every:])),
                    "train_seconds": round(time.time() - t0, 2), "precision": stepper.precision,
@@ -445,8 +446,8 @@ def predict(model, features: list[dict], batch_size: int = 64, pad_id: int = 0, 
     training ran in (`train`'s "precision"): the forward pass under the same autocast."""
     model.eval()
     out = [None] * len(features)
-    bar = _bar(math.ceil(len(features) / batch_size), progress, "eval")
-    with autocast(precision, _device_type(model)):
+    with _progress(math.ceil(len(features) / batch_size), progress, "eval") as bar, \
+            autocast(precision, _device_type(model)):
         for idx, batch in length_sorted_batches(features, batch_size, pad_id):
             _, logits = model(**_to(batch, model))
             for row, j in enumerate(idx):
@@ -459,6 +460,4 @@ def predict(model, features: list[dict], batch_size: int = 64, pad_id: int = 0, 
                     out[j] = logits[row].float().cpu().numpy()
             if bar is not None:
                 bar.update(1)
-    if bar is not None:
-        bar.close()
     return out
