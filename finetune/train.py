@@ -304,7 +304,7 @@ def _progress(total: int, show: bool, desc: str):
 def train(model, features: list[dict], cfg: TrainConfig, seed: int, pad_id: int = 0,
           ds_config: dict | None = None) -> tuple[torch.nn.Module, dict]:
     """Train `model`; returns (the trained model, {"steps", "final_loss", "train_seconds",
-    "precision", "skipped_steps", "step_losses"}). Feature keys starting with "_" are
+    "train_precision", "skipped_steps", "step_losses"}). Feature keys starting with "_" are
     bookkeeping, not model inputs.
 
     Without `ds_config`: torch AdamW in this process, in place, in `cfg.precision`. With one
@@ -316,7 +316,7 @@ def train(model, features: list[dict], cfg: TrainConfig, seed: int, pad_id: int 
     step on the whole batch for every head (per-example means: classify, pair, qa; the mean
     over labelled tokens: token). Steps, epochs and the schedule count optimizer updates. The
     logged and returned per-step loss is the whole batch's mean, all-reduced; the returned
-    model is the engine's module with full fp32 weights. "precision" is what the forward pass
+    model is the engine's module with full fp32 weights. "train_precision" is what the forward pass
     ran in (`predict` takes it); "skipped_steps" counts fp16 updates skipped on overflow."""
     cfg.check()
     if not features:
@@ -354,7 +354,7 @@ def train(model, features: list[dict], cfg: TrainConfig, seed: int, pad_id: int 
                     break
     model = stepper.finish()
     return model, {"steps": step, "final_loss": float(np.mean(running[-cfg.log_every:])),
-                   "train_seconds": round(time.time() - t0, 2), "precision": stepper.precision,
+                   "train_seconds": round(time.time() - t0, 2), "train_precision": stepper.precision,
                    "skipped_steps": skipped, "step_losses": running}
 
 
@@ -443,7 +443,7 @@ def predict(model, features: list[dict], batch_size: int = 64, pad_id: int = 0, 
     """Model outputs per feature, in order, as numpy arrays (logits; for QA a (start, end)
     pair), cut back to each feature's own length. Evaluation batches are formed from
     features sorted by length so that little padding is computed. `precision`: the one
-    training ran in (`train`'s "precision"): the forward pass under the same autocast."""
+    training ran in (`train`'s "train_precision"): the forward pass under the same autocast."""
     model.eval()
     out = [None] * len(features)
     with _progress(math.ceil(len(features) / batch_size), progress, "eval") as bar, \

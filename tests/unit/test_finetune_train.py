@@ -70,7 +70,9 @@ def _model(kind, seed=0):
     from finetune.modeling import BertForTokenClassification
 
     torch.manual_seed(seed)
-    return BertForTokenClassification(NO_DROPOUT, 3) if kind == "token" else BertForSequenceClassification(NO_DROPOUT, 2)
+    if kind == "token":
+        return BertForTokenClassification(NO_DROPOUT, 3)
+    return BertForSequenceClassification(NO_DROPOUT, 2)
 
 
 def _data(kind, n):
@@ -91,7 +93,7 @@ def test_bf16_autocast_trains_close_to_fp32_with_fp32_master_weights():
     seen = []
     hook = _dtype_of(model.classifier, seen)
     bf16, s16 = train(model, feats, TrainConfig(precision="bf16", **cfg), seed=1)
-    assert s16["precision"] == "bf16" and s32["precision"] == "fp32"
+    assert s16["train_precision"] == "bf16" and s32["train_precision"] == "fp32"
     assert set(seen) == {torch.bfloat16}  # the forward pass ran under autocast
     assert all(p.dtype == torch.float32 for p in bf16.parameters())  # master weights
     assert s32["step_losses"][-1] < s32["step_losses"][0] / 2  # a real trajectory to follow
@@ -128,7 +130,7 @@ def test_fp16_scaler_skips_the_update_whose_gradient_overflows(monkeypatch):
     cfg = TrainConfig(learning_rate=1e-3, max_steps=6, batch_size=4, warmup_ratio=0.5, precision="fp16", log_every=1)
     model, stats = train(model, _features(24), cfg, seed=1)
     assert set(seen) == {torch.float16}
-    assert stats["precision"] == "fp16" and stats["skipped_steps"] == 1 and stats["steps"] == 6
+    assert stats["train_precision"] == "fp16" and stats["skipped_steps"] == 1 and stats["steps"] == 6
     # 5 updates reached AdamW; the schedule stood still over the skipped one (warm-up 3: 1/3, 2/3, -, 1, ...)
     assert len(steps) == 5
     assert steps[:3] == pytest.approx([1e-3 / 3, 2e-3 / 3, 1e-3])
@@ -147,7 +149,7 @@ def test_auto_precision_follows_native_bf16(monkeypatch):
     monkeypatch.setattr(prec, "cpu_has_native_bf16", lambda *a, **k: False)
     assert resolve_precision("auto", "cpu") == "fp32"
     model, stats = train(_model("classify"), _features(8), TrainConfig(max_steps=2, batch_size=4), seed=1)
-    assert stats["precision"] == "fp32"
+    assert stats["train_precision"] == "fp32"
     monkeypatch.setattr(prec, "cpu_has_native_bf16", lambda *a, **k: True)
     assert resolve_precision("auto", "cpu") == "bf16"
     monkeypatch.setattr(prec, "cuda_capability", lambda: (8, 0))
@@ -251,7 +253,8 @@ def test_deepspeed_config_takes_accumulation_and_precision_from_the_loop(tmp_pat
     monkeypatch.setenv("BERT_CPU_BF16", "native")
     path = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "ds_finetune.json")
     ds = deepspeed_config(path, TrainConfig(batch_size=4, gradient_accumulation_steps=3), 2, "cpu")
-    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (4, 3, 24)
+    sizes = (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"])
+    assert sizes == (4, 3, 24)
     assert ds["bf16"]["enabled"] is False  # auto: the file's own choice (fp32)
     ds = deepspeed_config(path, TrainConfig(batch_size=4, precision="bf16"), 1, "cpu")
     assert ds["bf16"]["enabled"] is True and ds["gradient_accumulation_steps"] == 1  # an explicit flag wins
@@ -265,4 +268,5 @@ def test_deepspeed_config_takes_accumulation_and_precision_from_the_loop(tmp_pat
             deepspeed_config(str(bad), TrainConfig(batch_size=4, gradient_accumulation_steps=3), 2, "cpu")
     ok = tmp_path / "ok.json"
     ok.write_text(json.dumps({**raw, "gradient_accumulation_steps": 3, "train_batch_size": 24}))
-    assert deepspeed_config(str(ok), TrainConfig(batch_size=4, gradient_accumulation_steps=3), 2, "cpu")["train_batch_size"] == 24
+    ds = deepspeed_config(str(ok), TrainConfig(batch_size=4, gradient_accumulation_steps=3), 2, "cpu")
+    assert ds["train_batch_size"] == 24
