@@ -4,7 +4,6 @@ in one line without a traceback."""
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import sys
@@ -13,7 +12,7 @@ from .datasets import BUILTIN
 from .readers import InputError
 from .runner import FinetuneArgs, run
 from .tasks import TASKS
-from .train import TrainConfig
+from .train import PRECISION_CHOICES, TrainConfig
 
 EPILOG = """\
 tasks and input formats:
@@ -80,8 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="evaluation / prediction batch")
     p.add_argument("--gradient-accumulation-steps", "--gradient_accumulation_steps", type=int, default=1,
                    help="batches whose gradients are summed per optimizer step")
-    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
-                   help="training precision (auto: the device's usual choice)")
+    p.add_argument("--precision", default="auto", choices=PRECISION_CHOICES,
+                   help="training precision (auto: bf16 on a GPU or CPU that computes it natively, fp16 on "
+                   "older GPUs, else fp32; under --deepspeed auto keeps the config's own setting)")
+    p.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="no progress bars (they show only when stderr is a terminal)")
     p.add_argument("--warmup-ratio", "--warmup_ratio", type=float, default=d.warmup_ratio,
                    help="share of the steps spent warming up the learning rate")
     p.add_argument("--weight-decay", "--weight_decay", type=float, default=d.weight_decay,
@@ -139,18 +141,12 @@ def build_parser() -> argparse.ArgumentParser:
 _TRAIN_FLAGS = {"learning_rate": "learning_rate", "epochs": "epochs", "max_steps": "max_steps",
                 "batch_size": "batch_size", "eval_batch_size": "eval_batch_size", "warmup_ratio": "warmup_ratio",
                 "weight_decay": "weight_decay", "gradient_accumulation_steps": "gradient_accumulation_steps",
-                "precision": "precision"}
+                "precision": "precision", "progress": "progress"}
 
 
 def args_from_namespace(ns: argparse.Namespace) -> FinetuneArgs:
     ours = vars(ns)
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    # Guard until TrainConfig has gradient_accumulation_steps / precision (issue 13, helper B).
-    defaults = build_parser()
-    for flag, field in _TRAIN_FLAGS.items():
-        if field not in known and ours[flag] != defaults.get_default(flag):
-            raise InputError(f"--{flag.replace('_', '-')}: not supported by this version's training loop")
-    train = TrainConfig(**{field: ours[flag] for flag, field in _TRAIN_FLAGS.items() if field in known})
+    train = TrainConfig(**{field: ours[flag] for flag, field in _TRAIN_FLAGS.items()})
     skip = set(_TRAIN_FLAGS) | {"log_level", "local_rank"}
     return FinetuneArgs(train=train, **{k: v for k, v in ours.items() if k not in skip})
 

@@ -2,7 +2,13 @@
 transformers' `BertForSequenceClassification` / `BertForTokenClassification` /
 `BertForQuestionAnswering` (`bert.*` + `classifier.*` or `qa_outputs.*`), so a saved
 fine-tuned directory loads in transformers as is, and ours loads theirs. Which head a task
-uses is the task's choice (`finetune/tasks/`)."""
+uses is the task's choice (`finetune/tasks/`).
+
+Every head's loss is a mean over its loss terms (examples; for token labelling the labelled
+tokens). `forward(..., loss_reduction="sum")` returns their sum instead and `loss_units(batch)`
+counts them, so that the training loop can divide a share of a batch by the term count of the
+whole batch: several processes and accumulated micro-batches then give exactly the loss and
+gradient of one step on the whole batch (`finetune/train.py`)."""
 from __future__ import annotations
 
 import torch
@@ -36,16 +42,21 @@ class BertForSequenceClassification(nn.Module):
         self.classifier = nn.Linear(config.hidden_size, num_labels)
         _init_linear(self.classifier, config.initializer_range)
 
-    def forward(self, input_ids, token_type_ids=None, attention_mask=None, labels=None):
+    def forward(self, input_ids, token_type_ids=None, attention_mask=None, labels=None, loss_reduction="mean"):
         pooled = self.bert(input_ids, token_type_ids, attention_mask).pooler_output
         logits = self.classifier(self.dropout(pooled))
         loss = None
         if labels is not None:
             if self.regression:
-                loss = F.mse_loss(logits.squeeze(-1), labels.float())
+                loss = F.mse_loss(logits.squeeze(-1), labels.float(), reduction=loss_reduction)
             else:
-                loss = F.cross_entropy(logits, labels)
+                loss = F.cross_entropy(logits, labels, reduction=loss_reduction)
         return loss, logits
+
+    @staticmethod
+    def loss_units(batch: dict) -> int:
+        """The loss is a mean over examples."""
+        return len(batch["input_ids"])
 
 
 class BertForTokenClassification(nn.Module):
@@ -60,13 +71,20 @@ class BertForTokenClassification(nn.Module):
         self.classifier = nn.Linear(config.hidden_size, num_labels)
         _init_linear(self.classifier, config.initializer_range)
 
-    def forward(self, input_ids, token_type_ids=None, attention_mask=None, labels=None):
+    def forward(self, input_ids, token_type_ids=None, attention_mask=None, labels=None, loss_reduction="mean"):
         hidden = self.bert(input_ids, token_type_ids, attention_mask).last_hidden_state
         logits = self.classifier(self.dropout(hidden))
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(logits.reshape(-1, self.num_labels), labels.reshape(-1), ignore_index=-100)
+            loss = F.cross_entropy(logits.reshape(-1, self.num_labels), labels.reshape(-1), ignore_index=-100,
+                                   reduction=loss_reduction)
         return loss, logits
+
+    @staticmethod
+    def loss_units(batch: dict) -> int:
+        """The loss is a mean over labelled tokens: sentences differ in how many they have, so a
+        share of a batch weighs by its tokens, not by its sentences."""
+        return int((batch["labels"] != -100).sum())
 
 
 class BertForQuestionAnswering(nn.Module):
@@ -81,7 +99,7 @@ class BertForQuestionAnswering(nn.Module):
         _init_linear(self.qa_outputs, config.initializer_range)
 
     def forward(self, input_ids, token_type_ids=None, attention_mask=None,
-                start_positions=None, end_positions=None):
+                start_positions=None, end_positions=None, loss_reduction="mean"):
         hidden = self.bert(input_ids, token_type_ids, attention_mask).last_hidden_state
         start, end = self.qa_outputs(hidden).unbind(-1)
         if attention_mask is not None:
@@ -90,6 +108,12 @@ class BertForQuestionAnswering(nn.Module):
             end = end.masked_fill(attention_mask == 0, torch.finfo(end.dtype).min)
         loss = None
         if start_positions is not None and end_positions is not None:
-            loss = (F.cross_entropy(start, start_positions) + F.cross_entropy(end, end_positions)) / 2
+            loss = (F.cross_entropy(start, start_positions, reduction=loss_reduction)
+                    + F.cross_entropy(end, end_positions, reduction=loss_reduction)) / 2
         return loss, (start, end)
+
+    @staticmethod
+    def loss_units(batch: dict) -> int:
+        """The loss is a mean over examples (windows)."""
+        return len(batch["input_ids"])
 

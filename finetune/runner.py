@@ -116,6 +116,7 @@ class FinetuneArgs:
         task.validate(self)
         if self.pooling not in feat.POOLINGS:
             raise InputError(f"--pooling {self.pooling!r}: choose one of {feat.POOLINGS}")
+        self.train.check()
         if self.train.batch_size < 1 or self.train.learning_rate <= 0:
             raise InputError("--batch-size must be >= 1 and --learning-rate > 0")
         if not 0.0 <= self.train.warmup_ratio <= 1.0:

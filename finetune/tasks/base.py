@@ -135,7 +135,8 @@ class Task:
         if run.rank != 0:
             return dict(stats)  # rank 0 evaluates and writes; the others wait at the runner's barrier
         atomic_json(os.path.join(out_dir, "train_losses.json"), {"seed": seed, "losses": losses}, sort_keys=False)
-        outputs = predict(model, data.eval_features, a.train.eval_batch_size, tok.pad_token_id)
+        outputs = predict(model, data.eval_features, a.train.eval_batch_size, tok.pad_token_id,
+                          stats["train_precision"], a.train.progress)
         metrics, preds = self.evaluate(a, data, outputs)
         metrics.update(stats)
         self.save_predictions(data, preds, out_dir)

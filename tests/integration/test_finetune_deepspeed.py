@@ -20,7 +20,10 @@ STEPS = 6
 
 
 def _env():
+    # BERT_CPU_BF16=emulated: the plain loop's --precision auto is fp32 on every CPU, as the
+    # config's fp32 engine (a CPU with AVX512-BF16 would otherwise train the plain run in bf16)
     return dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1", PYTHONPATH=REPO,
+                BERT_CPU_BF16="emulated",
                 TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR",
                                                     os.path.join(REPO, ".venv", "torch_extensions")))
 

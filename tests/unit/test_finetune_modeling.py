@@ -98,3 +98,49 @@ def test_bad_model_path_is_a_clear_error(tmp_path):
     (tmp_path / "m" / "config.json").write_text("{}")
     with pytest.raises(checkpoint.InputError, match="no vocab.txt.*--vocab"):
         checkpoint.load_tokenizer(str(tmp_path / "m"))
+
+
+def _small_heads():
+    from finetune.modeling import BertForQuestionAnswering, BertForSequenceClassification, BertForTokenClassification
+
+    config = BertConfig(**{**TINY, "vocab_size": 60, "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0})
+    torch.manual_seed(0)
+    ids = torch.randint(5, 60, (3, 6))
+    mask = torch.tensor([[1] * 6, [1] * 4 + [0] * 2, [1] * 5 + [0]])
+    tokens = torch.tensor([[0, 2, -100, 1, -100, -100], [1, -100, -100, 2, -100, -100], [-100, 0, 0, 0, 1, -100]])
+    return [
+        ("classify", BertForSequenceClassification(config, 3), {"labels": torch.tensor([0, 2, 1])}, 3),
+        ("regression", BertForSequenceClassification(config, 1, regression=True),
+         {"labels": torch.tensor([0.5, -1.0, 2.0])}, 3),
+        ("token", BertForTokenClassification(config, 3), {"labels": tokens}, 3 + 2 + 4),
+        ("qa", BertForQuestionAnswering(config), {"start_positions": torch.tensor([0, 2, 1]),
+                                                  "end_positions": torch.tensor([0, 3, 4])}, 3),
+    ], {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)}
+
+
+def test_loss_sum_and_units_give_the_heads_mean():
+    """The training loop divides summed shares by the whole batch's count: sum / units must be
+    the head's own mean, for tokens the mean over labelled tokens (not over sentences)."""
+    heads, inputs = _small_heads()
+    for name, model, targets, units in heads:
+        batch = {**inputs, **targets}
+        model.eval()
+        mean, _ = model(**batch)
+        total, _ = model(**batch, loss_reduction="sum")
+        assert model.loss_units(batch) == units, name
+        assert torch.allclose(total / units, mean, atol=1e-6), name
+        # a share of the batch: its sum over its own units is its mean (first example alone)
+        one = {k: v[:1] for k, v in batch.items()}
+        assert torch.allclose(model(**one, loss_reduction="sum")[0] / model.loss_units(one), model(**one)[0],
+                              atol=1e-6), name
+
+
+def test_token_share_without_labelled_tokens_adds_nothing():
+    heads, inputs = _small_heads()
+    _, model, _, _ = heads[2]
+    batch = {**inputs, "labels": torch.full_like(inputs["input_ids"], -100)}
+    assert model.loss_units(batch) == 0
+    total, _ = model(**batch, loss_reduction="sum")
+    total.backward()
+    assert total.item() == 0.0
+    assert all(p.grad is None or (p.grad == 0).all() for p in model.parameters())
