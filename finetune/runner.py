@@ -39,7 +39,7 @@ from .metrics import mean_std
 from .readers import InputError
 from .tasks import REGISTRY, Task, TestData, finetuned_config, get_task, load_finetuned
 from .tasks.base import TEST_PREFIX
-from .train import TrainConfig, deepspeed_config, predict
+from .train import TrainConfig, deepspeed_config, predict, resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -311,19 +311,22 @@ def _run_saved(a: FinetuneArgs) -> dict:
     config, tok = _config_and_tokenizer(a, a.model)
     model, _, _ = load_finetuned(a.model)
     model.to(device)
-    log.info("task %s, fine-tuned model %s, no training, device %s", a.task, a.model, device)
+    # the forward pass in the precision a training run on this device would evaluate in
+    precision = resolve_precision(a.train.precision, device.type)
+    log.info("task %s, fine-tuned model %s, no training, device %s, %s", a.task, a.model, device, precision)
     labels = None if a.regression else labels
     summary = {"task": a.task, "model": a.model, "model_dir": a.model, "labels": labels}
     if a.eval_file is not None:
         data = task.read_labelled(a, a.eval_file, tok, labels)
-        outputs = predict(model, data.eval_features, a.train.eval_batch_size, tok.pad_token_id)
+        outputs = predict(model, data.eval_features, a.train.eval_batch_size, tok.pad_token_id, precision,
+                          a.train.progress)
         metrics, preds = task.evaluate(a, data, outputs)
         task.save_predictions(data, preds, a.output_dir)
         log.info("%s: %s", a.eval_file, {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)})
         summary.update(n_eval=len(data.eval_examples), metrics=metrics)
     test = _read_test(a, task, tok)
     if test is not None:
-        task.predict_test(a, test, model, tok.pad_token_id, labels, a.output_dir)
+        task.predict_test(a, test, model, tok.pad_token_id, labels, a.output_dir, precision)
         summary.update(n_test=len(test.examples), test_predictions=glob.glob(
             os.path.join(a.output_dir, f"{TEST_PREFIX}predictions.*")))
     args = {k: v for k, v in asdict(a).items() if k != "train"}

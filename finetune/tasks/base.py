@@ -112,8 +112,9 @@ class Task:
         raise NotImplementedError
 
     def predict_test(self, a: FinetuneArgs, test: TestData, model: nn.Module, pad_id: int,
-                     labels: list[str] | None, out_dir: str) -> None:
-        outputs = predict(model, test.features, a.train.eval_batch_size, pad_id)
+                     labels: list[str] | None, out_dir: str, precision: str = "fp32") -> None:
+        """`precision`: the forward pass's (`finetune.train.predict`), as for the evaluation file."""
+        outputs = predict(model, test.features, a.train.eval_batch_size, pad_id, precision, a.train.progress)
         self.save_test_predictions(test, self.predict_unlabelled(a, test, outputs, labels), out_dir)
 
     def run_seed(self, run: Resolved, data: TaskData, seed: int, out_dir: str, test: TestData | None = None) -> dict:
@@ -141,7 +142,7 @@ class Task:
         metrics.update(stats)
         self.save_predictions(data, preds, out_dir)
         if test is not None:
-            self.predict_test(a, test, model, tok.pad_token_id, data.labels, out_dir)
+            self.predict_test(a, test, model, tok.pad_token_id, data.labels, out_dir, stats["train_precision"])
         if a.save_model:
             self.save_model(model, out_dir, tok, data.labels, a.regression)
         return metrics
