@@ -31,8 +31,9 @@ train_losses.json: the loss of every step; test_predictions.* for --test).
 Without --train (or with --predict-only), --model is a saved OUT/seed_<S>: --eval FILE scores it,
 --test FILE writes OUT/test_predictions.* (GLUE index<TAB>prediction, CoNLL, SQuAD predictions.json
 and null odds). transformers' example spellings (--model_name_or_path, --train_file, --do_train,
---per_device_train_batch_size, --doc_stride, ...) are accepted with the same meaning, except that
-our --doc-stride is the distance between window starts, theirs the overlap.
+--per_device_train_batch_size, --doc_stride, ...) are accepted with their meaning there: --doc_stride
+is the overlap of neighbouring QA windows (run_qa.py), --doc-stride the distance between window
+starts (BERT's run_squad.py).
 --deepspeed CONFIG (e.g. configs/ds_finetune.json) trains through DeepSpeed; in several processes
 with `torchrun --nproc_per_node N -m finetune ...` or `deepspeed --num_gpus N --module finetune ...`
 (on CPU set DS_ACCELERATOR=cpu). --batch-size is then per process: global batch = batch x N.
@@ -100,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="lower-case the text (default: tokenizer_config.json, else uncased)")
     case.add_argument("--cased", dest="lower_case", action="store_false", help="keep the case")
     g = p.add_argument_group("sentence files (classify, pair, features)")
-    g.add_argument("--text-column", "--text_column_name", default=None, help="column name or 0-based index")
+    g.add_argument("--text-column", default=None, help="column name or 0-based index")
     g.add_argument("--text-b-column", default=None, help="second text column of --task pair")
     g.add_argument("--label-column", "--label_column_name", default=None, help="column name or 0-based index")
     g.add_argument("--no-header", action="store_true", help="TSV/CSV without a header row "
@@ -108,9 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--regression", action="store_true", help="numeric targets (STS-B): MSE loss, "
                    "Pearson/Spearman")
     g = p.add_argument_group("extractive QA")
-    g.add_argument("--doc-stride", "--doc_stride", type=int, default=128,
-                   help="tokens between the starts of windows (BERT's meaning; transformers' run_qa "
-                   "--doc_stride is the overlap: ours = window length - theirs)")
+    g.add_argument("--doc-stride", type=int, default=128,
+                   help="tokens between the starts of windows (BERT's run_squad meaning)")
+    g.add_argument("--doc_stride", dest="doc_overlap", type=int, default=None,
+                   help="transformers' run_qa meaning: tokens neighbouring windows share (the same "
+                   "windows as --doc-stride = window length - this, per question); wins over --doc-stride")
     g.add_argument("--max-query-length", "--max_query_length", type=int, default=64, help="question tokens kept")
     g.add_argument("--max-answer-length", "--max_answer_length", type=int, default=30, help="in tokens")
     g.add_argument("--n-best", "--n_best_size", type=int, default=20, help="spans kept per question")

@@ -50,10 +50,12 @@ def _max_context(spans, index, pos) -> bool:
 
 
 def qa_features(examples: list[QAExample], tokenizer, max_length: int = 384, doc_stride: int = 128,
-                max_query_length: int = 64, train: bool = True) -> list[dict]:
+                max_query_length: int = 64, train: bool = True, overlap: int | None = None) -> list[dict]:
     """One feature per window. Bookkeeping keys (start with "_"): the example index, the
     context offset of the window in the input, per-token character offsets into the context
-    and the max-context flags."""
+    and the max-context flags. Windows start `doc_stride` tokens apart (BERT's meaning) or,
+    given `overlap` (transformers' `doc_stride`), share that many tokens with the next one: their
+    starts are then (context tokens the question leaves) - overlap apart."""
     cls_id, sep_id = tokenizer.cls_token_id, tokenizer.sep_token_id
     feats, n_lost = [], 0
     q_enc = tokenizer([e.question for e in examples], add_special_tokens=False)
@@ -65,6 +67,12 @@ def qa_features(examples: list[QAExample], tokenizer, max_length: int = 384, doc
         if max_ctx < 1:
             raise ValueError(f"--max-seq-length {max_length} leaves no room for the context after a "
                              f"{len(q_ids)}-token question; raise it or lower --max-query-length")
+        stride = doc_stride if overlap is None else max_ctx - overlap
+        if len(c_ids) > max_ctx and not 1 <= stride < max_ctx:  # a second window, not overlapping
+            flag = (f"--doc-stride {doc_stride}" if overlap is None else f"--doc_stride {overlap} (the overlap)")
+            raise ValueError(f"{flag}: question {e.qid!r} leaves windows of {max_ctx} context tokens at "
+                             f"--max-seq-length {max_length}, so windows would not overlap; lower it, or raise "
+                             "--max-seq-length, or lower --max-query-length")
         tok_start = tok_end = None
         if e.answers and not e.is_impossible and train:
             text, ch = e.answers[0]
@@ -72,7 +80,7 @@ def qa_features(examples: list[QAExample], tokenizer, max_length: int = 384, doc
             inside = [i for i, (s, t) in enumerate(offsets) if s < ch_end and t > ch]
             if inside:
                 tok_start, tok_end = inside[0], inside[-1]
-        spans = _windows(len(c_ids), max_ctx, doc_stride)
+        spans = _windows(len(c_ids), max_ctx, stride)
         found = False
         for wi, (start, length) in enumerate(spans):
             input_ids = [cls_id] + q_ids + [sep_id] + c_ids[start:start + length] + [sep_id]

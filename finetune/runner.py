@@ -72,7 +72,8 @@ class FinetuneArgs:
     no_header: bool = False
     regression: bool = False
     # QA
-    doc_stride: int = 128  # BERT's meaning: tokens between window starts (transformers': the overlap)
+    doc_stride: int = 128  # BERT's meaning: tokens between window starts
+    doc_overlap: int | None = None  # transformers' --doc_stride: tokens shared by neighbouring windows (wins)
     max_query_length: int = 64
     max_answer_length: int = 30
     n_best: int = 20

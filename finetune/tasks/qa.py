@@ -22,15 +22,25 @@ class QATask(Task):
     def validate(self, a) -> None:
         if a.doc_stride < 1:
             raise InputError(f"--doc-stride {a.doc_stride}: must be >= 1")
-        # The context window of the longest question; windows --doc-stride apart overlap only
-        # if the stride is shorter (an answer across a window edge is otherwise never whole).
+        # The context window a question of --max-query-length tokens leaves ([CLS] and two [SEP]
+        # beside it); windows overlap only if they start closer than that. Shorter questions leave
+        # longer windows, so this is the worst case (qa_features checks each question too).
         window = a.max_seq_length - a.max_query_length - 3
-        if window >= 1 and a.doc_stride >= window:
+        if window < 1:
+            raise InputError(f"--max-seq-length {a.max_seq_length} leaves no context after a "
+                             f"{a.max_query_length}-token question (--max-query-length); raise the first "
+                             "or lower the second")
+        if a.doc_overlap is not None:
+            if not 0 <= a.doc_overlap < window:
+                raise InputError(f"--doc_stride {a.doc_overlap} (transformers' meaning: the overlap of "
+                                 f"windows) must be >= 0 and below the {window} context tokens a window holds "
+                                 f"at --max-seq-length {a.max_seq_length} and --max-query-length {a.max_query_length}")
+        elif a.doc_stride >= window:
             raise InputError(
                 f"--doc-stride {a.doc_stride} with --max-seq-length {a.max_seq_length}: windows hold "
                 f"{window} context tokens (after a {a.max_query_length}-token question, [CLS] and two "
-                f"[SEP]), so they would not overlap; use a --doc-stride below {window} or a longer "
-                "--max-seq-length (BERT's SQuAD setting: 384 and 128)")
+                f"[SEP]), so they would not overlap; use a --doc-stride below {window}, a longer "
+                "--max-seq-length or a shorter --max-query-length (BERT's SQuAD setting: 384, 128, 64)")
 
     def read(self, a, train_file, eval_file, tokenizer) -> TaskData:
         train_skips, eval_skips = {}, {}
@@ -44,7 +54,8 @@ class QATask(Task):
 
     def _features(self, a, examples, tokenizer, train: bool) -> list[dict]:
         try:
-            return qa.qa_features(examples, tokenizer, a.max_seq_length, a.doc_stride, a.max_query_length, train)
+            return qa.qa_features(examples, tokenizer, a.max_seq_length, a.doc_stride, a.max_query_length, train,
+                                  overlap=a.doc_overlap)
         except ValueError as e:
             raise InputError(str(e)) from None
 

@@ -183,7 +183,7 @@ def test_qa_test_predictions_are_the_squad_submission_files(tiny, tmp_path):
     (tmp_path / "train.json").write_text(json.dumps(_squad(True)))
     (tmp_path / "test.json").write_text(json.dumps(_squad(False)))  # questions only, as SQuAD's hidden test
     out = tmp_path / "out"
-    qa = ["--max-seq-length", "64", "--doc_stride", "16", "--max-query-length", "16"]
+    qa = ["--max-seq-length", "64", "--doc-stride", "16", "--max-query-length", "16"]
     assert main(["--task", "qa", "--model", tiny, "--train_file", str(tmp_path / "train.json"),
                  "--validation_file", str(tmp_path / "train.json"), "--test_file", str(tmp_path / "test.json"),
                  "--do_train", "--do_eval", "--do_predict", "--output_dir", str(out),
