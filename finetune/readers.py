@@ -42,13 +42,17 @@ class Skips:
     """Bad records of one file, skipped rather than aborting the read: counted by reason, with
     a few locations kept for the warning."""
 
-    def __init__(self, path: str):
-        self.path = path
+    def __init__(self, path: str, strict: bool = False):
+        self.path, self.strict = path, strict  # strict: a bad record is an error (files to predict)
         self.counts: dict[str, int] = {}
         self.where: dict[str, list[str]] = {}
 
     def add(self, reason: str, where: int | str) -> None:
         """`where`: a line number, or a description of the record."""
+        if self.strict:
+            place = f"{self.path}:{where}" if isinstance(where, int) else f"{self.path}: {where}"
+            raise InputError(f"{place}: {reason}; every record of a file to predict needs a prediction, "
+                             "so fix or remove it")
         self.counts[reason] = self.counts.get(reason, 0) + 1
         seen = self.where.setdefault(reason, [])
         if len(seen) < 2:
@@ -208,13 +212,14 @@ def _no_header_columns(path, rows, pair, text_column, text_b_column, label_colum
 
 def read_text_file(path: str, pair: bool | None = False, text_column=None, text_b_column=None,
                    label_column=None, has_header: bool = True, require_label: bool = True,
-                   skipped: dict | None = None) -> list[TextExample]:
+                   skipped: dict | None = None, strict: bool = False) -> list[TextExample]:
     """Sentence (pair) examples from a TSV/CSV/JSONL file. Columns may be given by name or
     0-based index; with a header they default to GLUE's names. Without a header the layout is
     GLUE CoLA's when the file has it, else `label, text` (`label, text_a, text_b` for pairs).
     `pair=None`: pairs when the file has two text columns (a pair header, or `text_b_column`).
-    Rows lacking a column (or the label) are skipped and counted into `skipped` (reason -> n)."""
-    skips = Skips(path)
+    Rows lacking a column (or the label) are skipped and counted into `skipped` (reason -> n);
+    `strict` (a file to predict, whose every row needs a prediction) makes them errors."""
+    skips = Skips(path, strict)
     header, rows, fmt = _rows(path, has_header, skips)
     if fmt == "jsonl":
         keys = set().union(*(r.keys() for _, r in rows)) if rows else set()
@@ -368,12 +373,20 @@ def _locate(ctx: str, text: str, start) -> int | None:
     return min(hits, key=lambda i: abs(i - start)) if isinstance(start, int) else hits[0]
 
 
-def read_squad(path: str, skipped: dict | None = None, require_answers: bool = True
-               ) -> tuple[list[QAExample], str]:
-    """Examples of a SQuAD v1.1/v2.0 JSON file and its version string. An answer whose text is
-    not in its context is dropped, and a question left without answers skipped (as BERT's
-    run_squad does: "Could not find answer"), both counted into `skipped` (reason -> n). A test file (questions without answers, to
-    predict) is read with require_answers=False."""
+SQUAD_PURPOSES = ("train", "eval", "test")
+
+
+def read_squad(path: str, skipped: dict | None = None, purpose: str = "train") -> tuple[list[QAExample], str]:
+    """Examples of a SQuAD v1.1/v2.0 JSON file and its version string, read for `purpose`:
+
+    - "train": an answer whose text is not in its context is dropped, and a question left without
+      answers skipped (as BERT's run_squad does: "Could not find answer"), both counted into
+      `skipped` (reason -> n); a question with no answers must be marked is_impossible.
+    - "eval": every question is kept with every answer text, as the official evaluation scores
+      them (only the texts are compared; spans are not needed).
+    - "test": questions to predict; answers, if any, are ignored."""
+    if purpose not in SQUAD_PURPOSES:
+        raise ValueError(f"purpose {purpose!r}: one of {SQUAD_PURPOSES}")
     if not os.path.isfile(path):
         raise InputError(f"{path}: no such file")
     try:
@@ -395,9 +408,12 @@ def read_squad(path: str, skipped: dict | None = None, require_answers: bool = T
                 if "id" not in qa or "question" not in qa:
                     raise InputError(f"{where}: a question lacks 'id' or 'question'")
                 answers, lost = [], 0
-                for ans in qa.get("answers", []):
+                for ans in qa.get("answers", []) if purpose != "test" else []:
                     text, start = ans.get("text", ""), ans.get("answer_start", -1)
                     found = _locate(ctx, text, start)
+                    if found is None and purpose == "eval":
+                        answers.append((text, -1))  # scored by its text
+                        continue
                     if found is None:
                         lost += 1
                         continue
@@ -410,7 +426,7 @@ def read_squad(path: str, skipped: dict | None = None, require_answers: bool = T
                 if lost:
                     skips.add("answer not in its context (the question's other answers kept)",
                               f"question {qa['id']!r}")
-                if not answers and not impossible and require_answers:
+                if not answers and not impossible and purpose != "test":
                     raise InputError(f"{where}: question {qa['id']!r} has no answers; mark it "
                                      "'is_impossible': true (SQuAD v2.0) or add its answers")
                 out.append(QAExample(str(qa["id"]), qa["question"], ctx, answers, impossible))

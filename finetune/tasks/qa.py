@@ -45,7 +45,7 @@ class QATask(Task):
     def read(self, a, train_file, eval_file, tokenizer) -> TaskData:
         train_skips, eval_skips = {}, {}
         train_ex, _ = read_squad(train_file, train_skips)
-        eval_ex, version = read_squad(eval_file, eval_skips)
+        eval_ex, version = read_squad(eval_file, eval_skips, purpose="eval")
         train_ex = limit(train_ex, a.max_train_examples)
         eval_ex = limit(eval_ex, a.max_eval_examples)
         return TaskData(train_ex, eval_ex, self._features(a, train_ex, tokenizer, True),
@@ -73,12 +73,12 @@ class QATask(Task):
             atomic_json(os.path.join(out_dir, f"eval_{name}.json"), obj, sort_keys=False)
 
     def read_labelled(self, a, path, tokenizer, labels) -> TaskData:
-        ex, version = read_squad(path)
+        ex, version = read_squad(path, purpose="eval")
         ex = limit(ex, a.max_eval_examples)
         return TaskData([], ex, [], self._features(a, ex, tokenizer, False), version_2=_version_2(a, version, ex))
 
     def read_unlabelled(self, a, path, tokenizer) -> TestData:
-        ex, version = read_squad(path, require_answers=False)
+        ex, version = read_squad(path, purpose="test")
         ex = limit(ex, a.max_test_examples)
         return TestData(path, ex, self._features(a, ex, tokenizer, False), version_2=_version_2(a, version, ex))
 

@@ -152,7 +152,8 @@ class SentenceTask(Task):
         the index column, when the file has one, numbers the predictions."""
         from .base import TestData
         ex = limit(read_text_file(path, pair=self.pair, text_column=a.text_column, text_b_column=a.text_b_column,
-                                  has_header=not a.no_header, require_label=False), a.max_test_examples)
+                                  has_header=not a.no_header, require_label=False, strict=True),
+                   a.max_test_examples)
         ids = [e.id for e in ex] if ex and all(e.id is not None for e in ex) else None
         feats = encode_sentences(ex, tokenizer, a.max_seq_length, None, False, path)
         return TestData(path, ex, feats, ids)

@@ -99,5 +99,7 @@ def test_task_data_reports_skipped_records(tok, tmp_path):
     squad = _write(tmp_path / "s.json", json.dumps(doc))
     data = QA.read(_args("qa", squad, squad), squad, squad, tok)
     assert [e.qid for e in data.train_examples] == ["a"]
-    assert data.skipped == {"train: question whose answer is not in its context": 1,
-                            "eval: question whose answer is not in its context": 1}
+    assert data.skipped == {"train: question whose answer is not in its context": 1}
+    # an evaluation file is scored on every question and every gold text, as the official
+    # script does: "Berlin" cannot be a span here, but it is still the gold answer of "b"
+    assert [(e.qid, e.answers) for e in data.eval_examples] == [("a", [("Paris", 0)]), ("b", [("Berlin", -1)])]

@@ -97,15 +97,14 @@ def test_classify_test_predictions_after_training_and_from_the_saved_model(tiny,
         assert scored[k] == pytest.approx(trained[k], abs=1e-12)
 
 
-def test_bad_rows_are_skipped_counted_and_the_test_index_stays_with_its_row(tiny, glue, tmp_path):
+def test_bad_training_rows_are_skipped_and_counted_a_bad_test_row_is_an_error(tiny, glue, tmp_path, capsys):
     d, train, dev, _ = glue
     # a train row without its label, and a test row without its sentence, among good rows
     bad_train = d / "train_bad.tsv"
     bad_train.write_text(open(train).read() + "a film without a label\n")
     rows = [(100 + i, s) for i, s in enumerate(["a good film", "a bad film", "an awful film"])]
     test = tmp_path / "test.tsv"
-    test.write_text("index\tsentence\n" + f"{rows[0][0]}\t{rows[0][1]}\n" + "101\n"
-                    + "".join(f"{i}\t{s}\n" for i, s in rows[2:]))
+    test.write_text("index\tsentence\n" + "".join(f"{i}\t{s}\n" for i, s in rows))
     out = tmp_path / "out"
     assert main(["--task", "classify", "--model", tiny, "--train", str(bad_train), "--eval", dev,
                  "--test", str(test), "--output-dir", str(out), *FAST]) == 0
@@ -113,7 +112,14 @@ def test_bad_rows_are_skipped_counted_and_the_test_index_stays_with_its_row(tiny
     assert summary["skipped"] == {"train: row with missing fields": 1}
     assert summary["n_train"] == 24
     _, pred = _read_tsv(out / "seed_1" / "test_predictions.tsv")
-    assert [r[0] for r in pred] == ["100", "102"]  # row 101 skipped, 102 keeps its own index
+    assert [r[0] for r in pred] == ["100", "101", "102"]
+    # a submission must cover every test row: a row that cannot be predicted is an error
+    test.write_text("index\tsentence\n100\ta good film\n101\n102\tan awful film\n")
+    capsys.readouterr()
+    assert main(["--task", "classify", "--model", str(out / "seed_1"), "--test", str(test),
+                 "--output-dir", str(tmp_path / "pred"), "--max-seq-length", "32"]) == 2
+    assert "test.tsv:3: row with missing fields; every record of a file to predict" in capsys.readouterr().err
+    assert not (tmp_path / "pred" / "test_predictions.tsv").exists()
 
 
 def test_saved_model_modes_refuse_what_they_cannot_do(tiny, glue, tmp_path):
