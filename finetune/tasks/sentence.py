@@ -31,13 +31,15 @@ def label_list(labels) -> list[str]:
     return sorted(set(labels), key=_label_key)
 
 
-# more distinct numeric labels than this look like a score, not classes
+# more distinct numeric labels than this, each with about one example, look like a score or an id
 MAX_NUMERIC_CLASSES = 20
 
 
-def refuse_scores(labels: list[str], source: str, can_regress: bool) -> None:
-    """Numeric labels with fractions ('3.800', STS-B) or too many distinct numbers are a target to
-    regress, which a classifier would silently treat as that many unrelated classes."""
+def refuse_scores(labels: list[str], source: str, can_regress: bool, n_examples: int | None = None) -> None:
+    """Numeric labels with fractions ('3.800', STS-B), or many distinct numbers with hardly two
+    examples each (a 0-100 rating, an id column), are a target to regress, which a classifier would
+    silently treat as that many unrelated classes. Many integer classes with examples enough
+    (banking77's 77 intents) stay classes."""
     values = []
     for label in labels:
         try:
@@ -45,7 +47,8 @@ def refuse_scores(labels: list[str], source: str, can_regress: bool) -> None:
         except ValueError:
             return
     fractional = [l for l, v in zip(labels, values) if math.isfinite(v) and v != round(v)]
-    if not fractional and len(labels) <= MAX_NUMERIC_CLASSES:
+    sparse = len(labels) > MAX_NUMERIC_CLASSES and (n_examples is None or n_examples < 2 * len(labels))
+    if not fractional and not sparse:
         return
     fix = ("pass --regression to predict the number" if can_regress else
            "--task features trains a classifier: use --task classify or pair with --regression")
@@ -117,7 +120,7 @@ class SentenceTask(Task):
             if len(labels) < 2:
                 raise InputError(f"{train_file}: only one label ({labels}); a classifier "
                                  "needs at least two (or pass --regression)")
-            refuse_scores(labels, train_file, self.supports_regression)
+            refuse_scores(labels, train_file, self.supports_regression, len(train_ex))
         l2i = {l: i for i, l in enumerate(labels)} if labels else None
         L = a.max_seq_length
         return TaskData(train_ex, eval_ex,

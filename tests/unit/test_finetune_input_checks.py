@@ -71,10 +71,14 @@ def test_score_labels_without_regression_refused(tok, tmp_path):
         FEATURES.read(_args("features", f, f), f, f, tok)
     data = PAIR.read(_args("pair", f, f, regression=True), f, f, tok)
     assert data.labels is None and [x["labels"] for x in data.train_features][:2] == [3.8, 0.5]
-    # many distinct whole numbers (an id or a 0-100 rating read as classes) are refused as well
+    # many distinct whole numbers with about one example each (an id or a 0-100 rating read as
+    # classes) are refused as well
     many = _write(tmp_path / "many.tsv", "sentence\tlabel\n" + "".join(f"text {i}\t{i}\n" for i in range(25)))
     with pytest.raises(InputError, match=r"25 distinct numbers.*--label-column"):
         CLASSIFY.read(_args("classify", many, many), many, many, tok)
+    # ... but many integer classes with examples enough are classes (banking77: 77 intents)
+    intents = _write(tmp_path / "intents.tsv", "sentence\tlabel\n" + "".join(f"text {i}\t{i % 25}\n" for i in range(50)))
+    assert len(CLASSIFY.read(_args("classify", intents, intents), intents, intents, tok).labels) == 25
     # integer classes stay classes
     pm = _write(tmp_path / "pm.tsv", "sentence\tlabel\ngood\t1\nbad\t-1\nfine\t1.0\nok\t0\n")
     assert CLASSIFY.read(_args("classify", pm, pm), pm, pm, tok).labels == ["-1", "0", "1", "1.0"]
