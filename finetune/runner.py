@@ -20,6 +20,7 @@ the others wait at a barrier.
 from __future__ import annotations
 
 import glob
+import json
 import logging
 import os
 import platform
@@ -272,6 +273,9 @@ def _run(a: FinetuneArgs) -> dict:
              a.task, len(data.train_examples), len(data.train_features), len(data.eval_examples),
              len(data.eval_features), f", labels {data.labels}" if data.labels and len(data.labels) <= 30 else "")
     test = _read_test(a, r.task, r.tokenizer)
+    if test is not None and a.version_2 is None and data.version_2 and not test.version_2:
+        # a questions-only test file need not say "v2.0": the model trained on v2.0 data abstains
+        test = replace(test, version_2=True)
     runs = []
     for seed in a.seeds:
         out_dir = os.path.join(a.output_dir, f"seed_{seed}")
@@ -307,6 +311,10 @@ def _run_saved(a: FinetuneArgs) -> dict:
     task = get_task(a.task)
     _, labels, regression = finetuned_config(a.model)
     a = replace(a, regression=regression)  # the saved head decides, not the flag
+    with open(os.path.join(a.model, "config.json"), encoding="utf-8") as f:
+        saved_v2 = json.load(f).get("version_2_with_negative")
+    if a.version_2 is None and saved_v2 is not None:
+        a = replace(a, version_2=bool(saved_v2))  # QA: as trained, unless --version-1/--version-2 say
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     os.makedirs(a.output_dir, exist_ok=True)
     config, tok = _config_and_tokenizer(a, a.model)

@@ -36,6 +36,7 @@ _HF_BOOKKEEPING_KEYS = frozenset({
     "_attn_implementation_autoset", "directionality", "pooler_fc_size",
     "pooler_num_attention_heads", "pooler_num_fc_layers", "pooler_size_per_head", "pooler_type",
     "tokenizer_class", "finetuning_task", "num_labels",
+    "version_2_with_negative",  # finetune: a saved SQuAD v2.0 head (abstains when it predicts)
 })
 # HF keys that are accepted only with the value this encoder-only model implements (a RoBERTa or
 # ELECTRA config.json has the same field names but another network, so model_type is checked).

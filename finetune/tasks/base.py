@@ -86,14 +86,15 @@ class Task:
     def save_predictions(self, data: TaskData, preds, out_dir: str) -> None:
         raise NotImplementedError
 
-    def hf_config(self, labels: list[str] | None, regression: bool = False) -> dict:
-        """config.json entries of a saved model beyond the encoder's (architectures, labels)."""
+    def hf_config(self, labels: list[str] | None, regression: bool = False, data: TaskData | None = None) -> dict:
+        """config.json entries of a saved model beyond the encoder's (architectures, labels, and
+        what predicting with it later needs to know about the data it was trained on)."""
         return {"architectures": [self.architecture], "finetuning_task": self.name}
 
     def save_model(self, model: nn.Module, out_dir: str, tokenizer, labels: list[str] | None,
-                   regression: bool = False) -> None:
+                   regression: bool = False, data: TaskData | None = None) -> None:
         """An HF directory transformers' `architecture` class loads (`finetune.tasks.load_finetuned` too)."""
-        checkpoint.save_finetuned(model, out_dir, tokenizer, self.hf_config(labels, regression))
+        checkpoint.save_finetuned(model, out_dir, tokenizer, self.hf_config(labels, regression, data))
 
     # Prediction with a trained head: a labelled file scored against a saved model's labels, and
     # an unlabelled file written in its benchmark's submission format.
@@ -144,5 +145,5 @@ class Task:
         if test is not None:
             self.predict_test(a, test, model, tok.pad_token_id, data.labels, out_dir, stats["train_precision"])
         if a.save_model:
-            self.save_model(model, out_dir, tok, data.labels, a.regression)
+            self.save_model(model, out_dir, tok, data.labels, a.regression, data)
         return metrics

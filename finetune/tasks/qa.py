@@ -68,6 +68,11 @@ class QATask(Task):
         golds = {e.qid: [t for t, _ in e.answers] if not e.is_impossible else [] for e in data.eval_examples}
         return squad_scores(golds, preds), {"predictions": preds, "nbest": nbest, "null_odds": null_odds}
 
+    def hf_config(self, labels, regression=False, data=None):
+        # run_qa.py's name: a saved v2.0 model abstains when it predicts a test file later
+        extra = {"version_2_with_negative": bool(data.version_2)} if data is not None else {}
+        return {**super().hf_config(labels, regression, data), **extra}
+
     def save_predictions(self, data, preds, out_dir):
         for name, obj in preds.items():
             atomic_json(os.path.join(out_dir, f"eval_{name}.json"), obj, sort_keys=False)

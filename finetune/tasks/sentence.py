@@ -139,8 +139,8 @@ class SentenceTask(Task):
             f.write("index\tprediction\tlabel\n")
             f.writelines(f"{i}\t{p}\t{e.label}\n" for i, (p, e) in enumerate(zip(preds, data.eval_examples)))
 
-    def hf_config(self, labels, regression=False):
-        return {**super().hf_config(labels, regression),
+    def hf_config(self, labels, regression=False, data=None):
+        return {**super().hf_config(labels, regression, data),
                 **label_config(["score"] if regression else labels, regression)}
 
     def read_labelled(self, a, path, tokenizer, labels):

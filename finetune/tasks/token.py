@@ -91,8 +91,8 @@ class TokenTask(Task):
                 f.writelines(f"{t}\t{g}\t{q}\n" for t, g, q in zip(s.tokens, s.tags, p))
                 f.write("\n")
 
-    def hf_config(self, labels, regression=False):
-        return {**super().hf_config(labels, regression), **label_config(labels)}
+    def hf_config(self, labels, regression=False, data=None):
+        return {**super().hf_config(labels, regression, data), **label_config(labels)}
 
     def read_labelled(self, a, path, tokenizer, labels):
         ex = limit(read_conll(path), a.max_eval_examples)

@@ -187,7 +187,10 @@ def _squad(with_answers: bool) -> dict:
 
 def test_qa_test_predictions_are_the_squad_submission_files(tiny, tmp_path):
     (tmp_path / "train.json").write_text(json.dumps(_squad(True)))
-    (tmp_path / "test.json").write_text(json.dumps(_squad(False)))  # questions only, as SQuAD's hidden test
+    # questions only, as SQuAD's hidden test, and no "version": the v2.0 model still abstains
+    test = _squad(False)
+    del test["version"]
+    (tmp_path / "test.json").write_text(json.dumps(test))
     out = tmp_path / "out"
     qa = ["--max-seq-length", "64", "--doc-stride", "16", "--max-query-length", "16"]
     assert main(["--task", "qa", "--model", tiny, "--train_file", str(tmp_path / "train.json"),
@@ -213,3 +216,4 @@ def test_qa_test_predictions_are_the_squad_submission_files(tiny, tmp_path):
                  "--do_predict", "--output_dir", str(tmp_path / "pred"), *qa]) == 0
     assert json.loads((tmp_path / "pred" / "test_predictions.json").read_text()) == preds
     assert json.loads((tmp_path / "pred" / "test_nbest_predictions.json").read_text()) == nbest
+    assert json.loads((tmp_path / "pred" / "test_null_odds.json").read_text()) == odds
