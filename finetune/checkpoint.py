@@ -63,7 +63,9 @@ def resolve_model_dir(path: str, work_dir: str) -> str:
         shutil.rmtree(stale, ignore_errors=True)  # left by an export or swap that was killed
     tmp = tempfile.mkdtemp(prefix=".consolidated.", dir=work_dir)
     try:
-        export(path, tmp)
+        # the checkpoint the key describes, not `path` again: a run directory's `latest` may move
+        # (pretraining still saving) between the key and the export
+        export(key["checkpoint"], tmp)
         if not is_hf_dir(tmp):
             raise InputError(f"--model {path}: export produced no HF directory")
         atomic_json(os.path.join(tmp, SOURCE_RECORD), key, sort_keys=False)
