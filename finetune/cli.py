@@ -83,6 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default="auto", choices=PRECISION_CHOICES,
                    help="training precision (auto: bf16 on a GPU or CPU that computes it natively, fp16 on "
                    "older GPUs, else fp32; under --deepspeed auto keeps the config's own setting)")
+    p.add_argument("--bf16", dest="precision", action="store_const", const="bf16",
+                   help="same as --precision bf16 (transformers' spelling)")
+    p.add_argument("--fp16", dest="precision", action="store_const", const="fp16",
+                   help="same as --precision fp16 (transformers' spelling)")
     p.add_argument("--no-progress", dest="progress", action="store_false",
                    help="no progress bars (they show only when stderr is a terminal)")
     p.add_argument("--warmup-ratio", "--warmup_ratio", type=float, default=d.warmup_ratio,

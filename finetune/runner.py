@@ -316,6 +316,12 @@ def _run_saved(a: FinetuneArgs) -> dict:
     if a.version_2 is None and saved_v2 is not None:
         a = replace(a, version_2=bool(saved_v2))  # QA: as trained, unless --version-1/--version-2 say
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    summary_path = os.path.join(a.output_dir, "metrics.json")
+    if os.path.isfile(summary_path):
+        with open(summary_path, encoding="utf-8") as f:
+            if "runs" in json.load(f):
+                raise InputError(f"--output-dir {a.output_dir} holds a fine-tuning run's summary (metrics.json), "
+                                 "which scoring or predicting would replace; give another --output-dir")
     os.makedirs(a.output_dir, exist_ok=True)
     config, tok = _config_and_tokenizer(a, a.model)
     model, _, _ = load_finetuned(a.model)

@@ -19,10 +19,11 @@ log = logging.getLogger(__name__)
 
 
 def encode_tagged(sentences: list[TaggedSentence], tokenizer, max_length: int, label2id: dict,
-                  source: str) -> list[dict]:
+                  source: str, tagged: bool = True) -> list[dict]:
     """WordPiece over pre-split words; each word's label goes on its first sub-token and the
     other sub-tokens get -100 (ignored), the original BERT NER recipe. `_first` keeps, per
-    word, the position of its first sub-token (-1 when truncated away or empty)."""
+    word, the position of its first sub-token (-1 when truncated away or empty). `tagged=False`:
+    a file to predict, whose every word lost to truncation is reported (not only entity words)."""
     enc = tokenizer([s.tokens for s in sentences], is_split_into_words=True, truncation=True,
                     max_length=max_length)
     feats, lost, unseen = [], 0, set()
@@ -42,14 +43,14 @@ def encode_tagged(sentences: list[TaggedSentence], tokenizer, max_length: int, l
                 labels.append(label2id.get(tag, -100))
                 first[w] = pos
             prev = w
-        lost += sum(1 for j, p in enumerate(first) if p < 0 and s.tags[j] != "O")
+        lost += sum(1 for j, p in enumerate(first) if p < 0 and (s.tags[j] != "O" or not tagged))
         feats.append({"input_ids": enc["input_ids"][i], "token_type_ids": enc["token_type_ids"][i],
                       "attention_mask": enc["attention_mask"][i], "labels": labels, "_first": first})
     if unseen:
         log.warning("%s: tags %s do not occur in training; they can never be predicted", source, sorted(unseen))
     if lost:
-        log.warning("%s: %d tagged words fall beyond --max-seq-length %d (or have no sub-tokens) and "
-                    "are predicted as O", source, lost, max_length)
+        log.warning("%s: %d %s fall beyond --max-seq-length %d (or have no sub-tokens) and "
+                    "are predicted as O", source, lost, "tagged words" if tagged else "words", max_length)
     return feats
 
 
@@ -121,7 +122,8 @@ class TokenTask(Task):
         if not sents:
             raise InputError(f"{path}: no sentences")
         sents = limit(sents, a.max_test_examples)
-        return TestData(path, sents, encode_tagged(sents, tokenizer, a.max_seq_length, {"O": 0}, path))
+        return TestData(path, sents, encode_tagged(sents, tokenizer, a.max_seq_length, {"O": 0}, path,
+                                                  tagged=False))
 
     def predict_unlabelled(self, a, test, outputs, labels):
         return evaluate_tagged(outputs, test.features, test.examples, labels)[1]

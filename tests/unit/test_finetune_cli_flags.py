@@ -53,6 +53,8 @@ def test_transformers_doc_stride_is_the_overlap_of_windows():
 
 def test_transformers_spellings_are_aliases():
     p = build_parser()
+    for theirs, ours in (("--bf16", "bf16"), ("--fp16", "fp16")):
+        assert vars(p.parse_args(OURS[:12] + [theirs]))["precision"] == ours
     ours, theirs = vars(p.parse_args(OURS)), vars(p.parse_args(THEIRS))
     assert ours == theirs
     assert theirs["batch_size"] == 12 and theirs["eval_batch_size"] == 5 and theirs["epochs"] == 2.0

@@ -119,6 +119,12 @@ def test_bad_training_rows_are_skipped_and_counted_a_bad_test_row_is_an_error(ti
     assert main(["--task", "classify", "--model", str(out / "seed_1"), "--test", str(test),
                  "--output-dir", str(tmp_path / "pred"), "--max-seq-length", "32"]) == 2
     assert "test.tsv:3: row with missing fields; every record of a file to predict" in capsys.readouterr().err
+    # predicting into the training run's own OUT would replace its summary over seeds
+    before = (out / "metrics.json").read_text()
+    assert main(["--task", "classify", "--model", str(out / "seed_1"), "--eval", dev, "--output-dir", str(out),
+                 "--max-seq-length", "32"]) == 2
+    assert "holds a fine-tuning run's summary" in capsys.readouterr().err
+    assert (out / "metrics.json").read_text() == before
     assert not (tmp_path / "pred" / "test_predictions.tsv").exists()
 
 
