@@ -146,6 +146,12 @@ class FinetuneArgs:
             raise InputError("--do_eval needs --eval FILE (--validation_file)")
         if self.do_train and self.train_file is None and self.dataset is None:
             raise InputError("--do_train needs --train FILE (--train_file) or a built-in --dataset")
+        if self.do_train and not self.do_eval:
+            raise InputError("--do_train without --do_eval: a fine-tuning run here always scores its model on "
+                             "--eval FILE (--validation_file) after training; add --do_eval with that file")
+        if (self.do_train or self.do_eval) and not self.do_predict and self.test_file is not None:
+            raise InputError("--test_file without --do_predict: add --do_predict to write its predictions, "
+                             "or drop --test_file")
         if not self.trains and (self.train_file is not None or self.dataset is not None):
             why = "--predict-only" if self.predict_only else "without --do_train"
             raise InputError(f"{why} nothing is trained: drop --train/--dataset (or add --do_train)")

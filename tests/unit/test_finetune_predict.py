@@ -135,6 +135,12 @@ def test_saved_model_modes_refuse_what_they_cannot_do(tiny, glue, tmp_path):
     common = dict(output_dir=str(tmp_path / "o"), train_file=None, eval_file=None)
     with pytest.raises(InputError, match="not a directory saved by a fine-tuning run"):
         FinetuneArgs(task="classify", model=tiny, test_file=test, **common).validate()
+    with pytest.raises(InputError, match="--do_train without --do_eval"):
+        FinetuneArgs(task="classify", model=tiny, do_train=True, do_predict=True,
+                     **{**common, "train_file": train, "test_file": test}).validate()
+    with pytest.raises(InputError, match="--test_file without --do_predict"):
+        FinetuneArgs(task="classify", model=tiny, do_train=True, do_eval=True,
+                     **{**common, "train_file": train, "eval_file": dev, "test_file": test}).validate()
     with pytest.raises(InputError, match="--do_predict needs"):
         FinetuneArgs(task="classify", model=tiny, do_predict=True, **common).validate()
     with pytest.raises(InputError, match="--predict-only nothing is trained"):
