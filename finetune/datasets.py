@@ -179,6 +179,52 @@ def build_cloze_squad(n: int, seed: int = 0, offset: int = 0, max_sentences: int
             "data": [{"title": title, "paragraphs": paragraphs}]}
 
 
+# A name (capitalised words, "of"/"the"/"de" inside: "Bank of England") or a year; never a
+# sentence's first word, whose capital says nothing.
+_ENTITY = re.compile(r"\b((?:[A-Z][a-z]+)(?:\s+(?:of\s+|the\s+|de\s+)?[A-Z][a-z]+)*|1[0-9]{3}|20[0-9]{2})\b")
+
+
+def _entity_cloze_items(sents: list[str], min_entities: int) -> list[tuple[int, re.Match, str, int]]:
+    """(sentence index, entity match, passage without that sentence, answer start in the passage)
+    for every entity of a non-first sentence that the other sentences also name."""
+    out = []
+    for k in range(1, len(sents)):
+        passage = " ".join(sents[:k] + sents[k + 1:])
+        if len({m.group(1) for m in _ENTITY.finditer(passage)}) < min_entities:
+            continue
+        for m in _ENTITY.finditer(sents[k]):
+            if m.start() == 0:
+                continue
+            hit = re.search(r"\b" + re.escape(m.group(1)) + r"\b", passage)
+            if hit:
+                out.append((k, m, passage, hit.start()))
+    return out
+
+
+def build_entity_cloze_squad(n: int, seed: int = 0, offset: int = 0, max_sentences: int = 4,
+                             min_entities: int = 3, title: str = "embedded") -> dict:
+    """Cross-sentence cloze QA in SQuAD v1.1 JSON: the question is one sentence of an article's
+    lead with a name or year blanked (`____`); the passage is the lead's other sentences, which
+    name the answer too. Because the question sentence is not in the passage, copying its words
+    around the blank finds nothing (a cloze over its own passage is solved by string alignment,
+    finetune.baselines.aligned_blank, at F1 ~99); the model has to tell which of the passage's
+    names (at least `min_entities`) fits the question."""
+    rng = random.Random(seed)
+    paragraphs = []
+    for t, text in load_wiki_extracts()[offset:]:
+        cands = _entity_cloze_items(split_sentences(text)[:max_sentences], min_entities)
+        if not cands:
+            continue
+        k, m, passage, start = rng.choice(cands)
+        question = m.string[:m.start()] + "____" + m.string[m.end():]
+        paragraphs.append({"context": passage, "qas": [{
+            "id": f"{seed}-{offset}-{len(paragraphs)}", "question": question, "is_impossible": False,
+            "answers": [{"text": m.group(1), "answer_start": start}]}]})
+        if len(paragraphs) >= n:
+            break
+    return {"version": "1.1", "data": [{"title": title, "paragraphs": paragraphs}]}
+
+
 # Built-in datasets for `--dataset NAME`: (tasks it serves, writer of its train/eval files).
 BUILTIN = {
     "pang-lee": ("classify", "features"),

