@@ -20,13 +20,15 @@ tasks and input formats:
              .csv or .jsonl. Metrics: accuracy, F1, Matthews (+ Pearson/Spearman with --regression)
   pair       two texts (segments A/B) + label; GLUE headers sentence1/sentence2, question1/question2,
              '#1 String'/'#2 String', question/sentence are recognised
-  token      CoNLL-style file (token ... tag, blank line between sentences, BIO tags);
-             entity-level P/R/F1 (seqeval semantics)
-  qa         SQuAD v1.1 / v2.0 JSON; EM/F1 with the official normalisation
+  token      CoNLL-style file (token ... tag, blank line between sentences; IOB2, IOB1, BIOES/IOBES
+             or BILOU tags, converted to IOB2); entity-level P/R/F1 from the seqeval package
+  qa         SQuAD v1.1 / v2.0 JSON; exact_match/F1 with the official normalisation
+Bad records (a row with missing fields, a SQuAD answer not in its context) are skipped in training
+files and counted in OUT/metrics.json ("skipped"); in a file to predict they are errors.
   features   frozen vectors (--layer, --pooling) to .npy + logistic regression on them
 --model: an HF BERT directory (config.json, model.safetensors, vocab.txt) or a checkpoint of
 our pretraining run (consolidated through pretrain.export_hf into OUT/consolidated).
-Outputs: OUT/metrics.json (per seed, mean, std), OUT/seed_<S>/ (model, metrics, predictions,
+Outputs: OUT/metrics.json (per seed, mean, std, skipped records), OUT/seed_<S>/ (model, metrics, predictions,
 train_losses.json: the loss of every step; test_predictions.* for --test).
 Without --train (or with --predict-only), --model is a saved OUT/seed_<S>: --eval FILE scores it,
 --test FILE writes OUT/test_predictions.* (GLUE index<TAB>prediction, CoNLL, SQuAD predictions.json
@@ -109,7 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--text-b-column", default=None, help="second text column of --task pair")
     g.add_argument("--label-column", "--label_column_name", default=None, help="column name or 0-based index")
     g.add_argument("--no-header", action="store_true", help="TSV/CSV without a header row "
-                   "(default columns: label, text[, text_b])")
+                   "(default columns: GLUE CoLA's source, label, mark, sentence when the file has that "
+                   "layout, else label, text[, text_b])")
     g.add_argument("--regression", action="store_true", help="numeric targets (STS-B): MSE loss, "
                    "Pearson/Spearman")
     g = p.add_argument_group("extractive QA")
