@@ -25,15 +25,10 @@ RUNS = [dict(batch_size=3), dict(batch_size=3, gradient_accumulation_steps=2)]
 
 
 def _features():
-    out = []
-    for i in range(N):
-        length = 3 + (i * 5) % 7
-        labelled = 1 + (i * 3) % (length - 1)
-        ids = [2 + (i * 7 + j * 3) % 45 for j in range(length)]
-        labels = [(i + j) % 3 if j < labelled else -100 for j in range(length)]
-        out.append({"input_ids": ids, "token_type_ids": [0] * length, "attention_mask": [1] * length,
-                    "labels": labels, "_first": list(range(labelled))})
-    return out
+    from tests.unit.test_finetune_train import _token_features
+
+    # the token task's bookkeeping: each labelled word's first sub-token
+    return [{**f, "_first": [j for j, l in enumerate(f["labels"]) if l != -100]} for f in _token_features(N)]
 
 
 def _model():
