@@ -25,6 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from data_prep.atomic import atomic_json  # noqa: E402
+from finetune.datasets import CLOZE_QA_WINDOWS  # noqa: E402
 from finetune.runner import FinetuneArgs, run  # noqa: E402
 from finetune.train import TrainConfig  # noqa: E402
 
@@ -33,10 +34,7 @@ from finetune.train import TrainConfig  # noqa: E402
 TASKS = {"pang-lee": ("classify", "accuracy", (), 3.0), "wnut16": ("token", "f1", (), 10.0),
          "wiki-next-sentence": ("pair", "accuracy", (), 3.0), "wiki-cloze": ("qa", "f1", ("exact_match",), 3.0)}
 INITS = ("pretrained", "random_init")
-# Window settings of the QA task (as tests/integration/test_finetune_corpus_tasks.py): its cloze
-# passages fit 128 tokens; questions of up to 48 leave 77-token windows, which a stride of 64 keeps
-# overlapping (finetune's QA defaults, 384/128, cost 3x the compute here for the same windows).
-QA_WINDOWS = {"max_seq_length": 128, "doc_stride": 64, "max_query_length": 48}
+QA_WINDOWS = CLOZE_QA_WINDOWS  # the built-in cloze's windows (finetune's QA default is 384/128)
 SELECTION = "per (task, init): the lr with the best mean over seeds of the task's metric (same rule for both inits)"
 
 
