@@ -56,7 +56,7 @@ def _cloze(minilm, tmp_path, n_train, epochs, seeds):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="not met yet: seed 1 measured F1 32.8 (1,200 questions, 3 epochs, lr 2e-4; "
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason="not met yet: seed 1 measured F1 32.8 (1,200 questions, 3 epochs, lr 2e-4; "
                    "2 epochs lr 1e-4: 26.4) against the most-repeated-name heuristic's 30.0, 5 asked; needs a "
                    "longer run than the CPU here afforded")
 def test_cross_sentence_cloze_beats_heuristics(minilm, tmp_path):
@@ -64,13 +64,15 @@ def test_cross_sentence_cloze_beats_heuristics(minilm, tmp_path):
     got, best = s["mean"], max(h.values())
     print(f"cross-sentence cloze F1 {got['f1']:.1f} +- {s['std']['f1']:.1f} (EM {got['exact_match']:.1f}); heuristics "
           + ", ".join(f"{k} {v:.1f}" for k, v in h.items()))
-    # 300 questions: one F1 point is 3 questions; 5 points is about two standard errors
-    assert got["f1"] > best + 5, (got["f1"], h)
     examples, _ = read_squad(str(tmp_path / "test.json"), purpose="eval")
     golds = {e.qid: [t for t, _ in e.answers] for e in examples}
     preds = json.loads((tmp_path / "out" / "seed_1" / "eval_predictions.json").read_text())
-    assert set(preds) == set(golds)
-    assert squad_scores(golds, preds)["f1"] == pytest.approx(s["runs"][0]["f1"])
+    # the written predictions are what was scored (checked before the bar, which is not met yet:
+    # a failure here is not the expected one, so it is raised as a different error)
+    if set(preds) != set(golds) or squad_scores(golds, preds)["f1"] != pytest.approx(s["runs"][0]["f1"]):
+        raise RuntimeError("eval_predictions.json does not give the reported F1")
+    # 300 questions: one F1 point is 3 questions; 5 points is about two standard errors
+    assert got["f1"] > best + 5, (got["f1"], h)
 
 
 def test_copied_sentence_cloze_is_solved_by_alignment(tmp_path):
