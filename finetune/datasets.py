@@ -119,12 +119,13 @@ def write_conll(path: str, sentences: list[TaggedSentence]) -> None:
             f.write("\n")
 
 
-def build_next_sentence_pairs(n: int, seed: int = 0, offset: int = 0) -> list[TextExample]:
+def build_next_sentence_pairs(n: int, seed: int = 0, offset: int = 0, end: int | None = None) -> list[TextExample]:
     """Sentence-pair task from the corpus: is B the sentence after A in the same article
-    ("next") or a sentence from another article ("random")? Balanced labels. `offset`
-    skips articles so that train and test files use different articles."""
+    ("next") or a sentence from another article ("random")? Balanced labels. Both sentences,
+    the random B too, come from the articles [offset, end): a training file ending where the test
+    file's offset starts shares no sentence with it."""
     rng = random.Random(seed)
-    docs = [split_sentences(t) for _, t in load_wiki_extracts()[offset:]]
+    docs = [split_sentences(t) for _, t in load_wiki_extracts()[offset:end]]
     docs = [d for d in docs if len(d) >= 2]
     out = []
     for i in range(n):
@@ -268,6 +269,6 @@ def write_builtin(name: str, task: str, out_dir: str) -> tuple[str, str]:
                 json.dump(doc, f)
     else:
         paths = (os.path.join(out_dir, "train.tsv"), os.path.join(out_dir, "test.tsv"))
-        write_tsv(paths[0], build_next_sentence_pairs(1000, seed=1))
+        write_tsv(paths[0], build_next_sentence_pairs(1000, seed=1, end=5000))
         write_tsv(paths[1], build_next_sentence_pairs(400, seed=2, offset=5000))
     return paths

@@ -99,7 +99,7 @@ def test_cross_sentence_cloze_questions_are_not_in_their_passage():
 
 
 def _pairs(minilm, tmp_path, n_train, epochs, seeds):
-    datasets.write_tsv(str(tmp_path / "train.tsv"), datasets.build_next_sentence_pairs(n_train, seed=1))
+    datasets.write_tsv(str(tmp_path / "train.tsv"), datasets.build_next_sentence_pairs(n_train, seed=1, end=5000))
     datasets.write_tsv(str(tmp_path / "test.tsv"), datasets.build_next_sentence_pairs(400, seed=2, offset=5000))
     s = run(FinetuneArgs(task="pair", model=minilm, train_file=str(tmp_path / "train.tsv"),
                          eval_file=str(tmp_path / "test.tsv"), output_dir=str(tmp_path / "out"), seeds=seeds,
@@ -120,3 +120,10 @@ def test_next_sentence_pairs_beat_word_overlap(minilm, tmp_path):
           f"{heuristic:.3f}")
     # 400 test pairs: the standard error of an accuracy near 0.8 is 0.02; ask for 0.04
     assert acc > heuristic + 0.04, (acc, heuristic)
+
+
+def test_next_sentence_train_and_test_files_share_no_sentence(tmp_path):
+    # the random B of a training pair once came from anywhere in the corpus, test articles too
+    train, test = datasets.write_builtin("wiki-next-sentence", "pair", str(tmp_path))
+    seen = {s for e in read_text_file(train, pair=True) for s in (e.text_a, e.text_b)}
+    assert not seen & {s for e in read_text_file(test, pair=True) for s in (e.text_a, e.text_b)}

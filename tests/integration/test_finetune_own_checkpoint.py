@@ -49,7 +49,7 @@ def pretrained_run(tmp_path_factory):
 
 def test_pretraining_checkpoint_finetunes_via_cli(pretrained_run):
     d = pretrained_run
-    datasets.write_tsv(str(d / "pair_train.tsv"), datasets.build_next_sentence_pairs(64, seed=1))
+    datasets.write_tsv(str(d / "pair_train.tsv"), datasets.build_next_sentence_pairs(64, seed=1, end=3000))
     datasets.write_tsv(str(d / "pair_test.tsv"), datasets.build_next_sentence_pairs(32, seed=2, offset=3000))
     out = d / "ft_pair"
     cmd = [sys.executable, "-m", "finetune", "--task", "pair", "--model", str(d / "run"),
@@ -135,7 +135,7 @@ def test_second_checkpoint_into_the_same_output_is_exported_again(pretrained_run
     from pretrain import checkpoint as ckpt
 
     d = pretrained_run
-    datasets.write_tsv(str(d / "pair_train.tsv"), datasets.build_next_sentence_pairs(16, seed=1))
+    datasets.write_tsv(str(d / "pair_train.tsv"), datasets.build_next_sentence_pairs(16, seed=1, end=3000))
     datasets.write_tsv(str(d / "pair_test.tsv"), datasets.build_next_sentence_pairs(8, seed=2, offset=3000))
     key = "bert.encoder.layer.1.attention.self.query.weight"
     early, late = (ckpt.full_weights(str(d / "run"), tag)[key] for tag in ("step_3", "step_6"))
