@@ -311,6 +311,25 @@ def _run(a: FinetuneArgs) -> dict:
     return summary
 
 
+def _refuse_training_output(out: str, model: str) -> None:
+    """Scoring or predicting writes OUT/metrics.json and OUT/*_predictions.*: not into the model's
+    own directory, nor over a fine-tuning run's summary or one seed's results."""
+    if os.path.realpath(out) == os.path.realpath(model):
+        raise InputError(f"--output-dir {out} is the model's own directory, whose metrics and predictions "
+                         "scoring would replace; give another --output-dir")
+    path = os.path.join(out, "metrics.json")
+    if not os.path.isfile(path):
+        return
+    try:
+        with open(path, encoding="utf-8") as f:
+            written = json.load(f)
+    except (OSError, ValueError):
+        written = {}
+    if isinstance(written, dict) and ("runs" in written or "seed" in written):
+        raise InputError(f"--output-dir {out} holds a fine-tuning run's results (metrics.json), which scoring "
+                         "or predicting would replace; give another --output-dir")
+
+
 def _run_saved(a: FinetuneArgs) -> dict:
     """No training: --model is a directory saved by a fine-tuning run; --eval scores it
     (OUT/metrics.json, OUT/eval_predictions.*), --test writes OUT/test_predictions.*."""
@@ -322,12 +341,7 @@ def _run_saved(a: FinetuneArgs) -> dict:
     if a.version_2 is None and saved_v2 is not None:
         a = replace(a, version_2=bool(saved_v2))  # QA: as trained, unless --version-1/--version-2 say
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    summary_path = os.path.join(a.output_dir, "metrics.json")
-    if os.path.isfile(summary_path):
-        with open(summary_path, encoding="utf-8") as f:
-            if "runs" in json.load(f):
-                raise InputError(f"--output-dir {a.output_dir} holds a fine-tuning run's summary (metrics.json), "
-                                 "which scoring or predicting would replace; give another --output-dir")
+    _refuse_training_output(a.output_dir, a.model)
     os.makedirs(a.output_dir, exist_ok=True)
     config, tok = _config_and_tokenizer(a, a.model)
     model, _, _ = load_finetuned(a.model)

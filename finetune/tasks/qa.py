@@ -44,12 +44,14 @@ class QATask(Task):
 
     def read(self, a, train_file, eval_file, tokenizer) -> TaskData:
         train_skips, eval_skips = {}, {}
-        train_ex, _ = read_squad(train_file, train_skips)
+        train_ex, train_version = read_squad(train_file, train_skips)
         eval_ex, version = read_squad(eval_file, eval_skips, purpose="eval")
         train_ex = limit(train_ex, a.max_train_examples)
         eval_ex = limit(eval_ex, a.max_eval_examples)
         return TaskData(train_ex, eval_ex, self._features(a, train_ex, tokenizer, True),
-                        self._features(a, eval_ex, tokenizer, False), version_2=_version_2(a, version, eval_ex),
+                        self._features(a, eval_ex, tokenizer, False),
+                        # v2.0 when either file is: a model trained on unanswerable questions abstains
+                        version_2=_version_2(a, version, eval_ex) or _version_2(a, train_version, train_ex),
                         skipped=prefixed(train=train_skips, eval=eval_skips))
 
     def _features(self, a, examples, tokenizer, train: bool) -> list[dict]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+from collections import Counter
 
 import numpy as np
 
@@ -35,11 +36,12 @@ def label_list(labels) -> list[str]:
 MAX_NUMERIC_CLASSES = 20
 
 
-def refuse_scores(labels: list[str], source: str, can_regress: bool, n_examples: int | None = None) -> None:
+def refuse_scores(labels: list[str], source: str, can_regress: bool, counts: dict[str, int] | None = None) -> None:
     """Numeric labels with fractions ('3.800', STS-B), or many distinct numbers with hardly two
     examples each (a 0-100 rating, an id column), are a target to regress, which a classifier would
     silently treat as that many unrelated classes. Many integer classes with examples enough
-    (banking77's 77 intents) stay classes."""
+    (banking77's 77 intents) stay classes, with a warning when some have fewer than two.
+    `counts`: training examples per label."""
     values = []
     for label in labels:
         try:
@@ -47,8 +49,14 @@ def refuse_scores(labels: list[str], source: str, can_regress: bool, n_examples:
         except ValueError:
             return
     fractional = [l for l, v in zip(labels, values) if math.isfinite(v) and v != round(v)]
-    sparse = len(labels) > MAX_NUMERIC_CLASSES and (n_examples is None or n_examples < 2 * len(labels))
+    many = len(labels) > MAX_NUMERIC_CLASSES
+    rare = [l for l in labels if (counts or {}).get(l, 0) < 2]
+    sparse = many and (counts is None or sum(counts.values()) < 2 * len(labels))
     if not fractional and not sparse:
+        if many and rare:
+            log.warning("%s: %d numeric labels kept as classes, %d of them with fewer than 2 training "
+                        "examples (e.g. %s); if the label is a score or a rating, pass --regression",
+                        source, len(labels), len(rare), rare[:3])
         return
     fix = ("pass --regression to predict the number" if can_regress else
            "--task features trains a classifier: use --task classify or pair with --regression")
@@ -120,7 +128,7 @@ class SentenceTask(Task):
             if len(labels) < 2:
                 raise InputError(f"{train_file}: only one label ({labels}); a classifier "
                                  "needs at least two (or pass --regression)")
-            refuse_scores(labels, train_file, self.supports_regression, len(train_ex))
+            refuse_scores(labels, train_file, self.supports_regression, Counter(e.label for e in train_ex))
         l2i = {l: i for i, l in enumerate(labels)} if labels else None
         L = a.max_seq_length
         return TaskData(train_ex, eval_ex,

@@ -2,6 +2,7 @@
 files give `features` both segments, score-like labels are refused without --regression, and
 bad records are skipped and reported in `TaskData.skipped`."""
 import json
+import logging
 
 import pytest
 
@@ -63,7 +64,7 @@ STSB = "index\tgenre\tsentence1\tsentence2\tscore\n" + "".join(
     for i, s in enumerate(["3.800", "0.500", "5.000", "2.750", "4.200", "1.000"]))
 
 
-def test_score_labels_without_regression_refused(tok, tmp_path):
+def test_score_labels_without_regression_refused(tok, tmp_path, caplog):
     f = _write(tmp_path / "train.tsv", STSB)
     with pytest.raises(InputError, match=r"train\.tsv: the labels look like scores.*'0\.500'.*pass --regression"):
         PAIR.read(_args("pair", f, f), f, f, tok)
@@ -79,6 +80,12 @@ def test_score_labels_without_regression_refused(tok, tmp_path):
     # ... but many integer classes with examples enough are classes (banking77: 77 intents)
     intents = _write(tmp_path / "intents.tsv", "sentence\tlabel\n" + "".join(f"text {i}\t{i % 25}\n" for i in range(50)))
     assert len(CLASSIFY.read(_args("classify", intents, intents), intents, intents, tok).labels) == 25
+    # a 0-100 rating with many rows: classes, but a warning names --regression
+    rating = _write(tmp_path / "rating.tsv", "sentence\tlabel\n" + "".join(f"text {i}\t{i % 60 if i < 190 else 61 + i}\n"
+                                                                          for i in range(200)))
+    with caplog.at_level(logging.WARNING, logger="finetune.tasks.sentence"):
+        CLASSIFY.read(_args("classify", rating, rating), rating, rating, tok)
+    assert "with fewer than 2 training examples" in caplog.text and "--regression" in caplog.text
     # integer classes stay classes
     pm = _write(tmp_path / "pm.tsv", "sentence\tlabel\ngood\t1\nbad\t-1\nfine\t1.0\nok\t0\n")
     assert CLASSIFY.read(_args("classify", pm, pm), pm, pm, tok).labels == ["-1", "0", "1", "1.0"]
@@ -107,3 +114,14 @@ def test_task_data_reports_skipped_records(tok, tmp_path):
     # an evaluation file is scored on every question and every gold text, as the official
     # script does: "Berlin" cannot be a span here, but it is still the gold answer of "b"
     assert [(e.qid, e.answers) for e in data.eval_examples] == [("a", [("Paris", 0)]), ("b", [("Berlin", -1)])]
+
+
+def test_a_model_trained_on_unanswerable_questions_is_v2_whatever_the_eval_file(tok, tmp_path):
+    ctx = "Paris is the capital of France."
+    qas = [{"id": "a", "question": "Capital?", "answers": [{"text": "Paris", "answer_start": 0}]}]
+    train = {"data": [{"title": "t", "paragraphs": [{"context": ctx, "qas": qas + [
+        {"id": "b", "question": "Mayor?", "answers": [], "is_impossible": True}]}]}]}
+    dev = {"version": "1.1", "data": [{"title": "t", "paragraphs": [{"context": ctx, "qas": qas}]}]}
+    tr, ev = _write(tmp_path / "train.json", json.dumps(train)), _write(tmp_path / "dev.json", json.dumps(dev))
+    assert QA.read(_args("qa", tr, ev, doc_stride=16, max_query_length=16), tr, ev, tok).version_2
+    assert not QA.read(_args("qa", ev, ev, doc_stride=16, max_query_length=16), ev, ev, tok).version_2

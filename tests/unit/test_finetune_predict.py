@@ -123,8 +123,18 @@ def test_bad_training_rows_are_skipped_and_counted_a_bad_test_row_is_an_error(ti
     before = (out / "metrics.json").read_text()
     assert main(["--task", "classify", "--model", str(out / "seed_1"), "--eval", dev, "--output-dir", str(out),
                  "--max-seq-length", "32"]) == 2
-    assert "holds a fine-tuning run's summary" in capsys.readouterr().err
+    assert "holds a fine-tuning run's results" in capsys.readouterr().err
     assert (out / "metrics.json").read_text() == before
+    # nor into one seed's directory, the model's own
+    seed_metrics = (out / "seed_1" / "metrics.json").read_text()
+    for target in (out / "seed_1", tmp_path / "copy"):
+        if target.name == "copy":
+            target.mkdir()
+            (target / "metrics.json").write_text(seed_metrics)
+        assert main(["--task", "classify", "--model", str(out / "seed_1"), "--eval", dev, "--output-dir",
+                     str(target), "--max-seq-length", "32"]) == 2
+        assert "--output-dir" in capsys.readouterr().err
+    assert (out / "seed_1" / "metrics.json").read_text() == seed_metrics
     assert not (tmp_path / "pred" / "test_predictions.tsv").exists()
 
 
