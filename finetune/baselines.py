@@ -119,27 +119,34 @@ def _spans(tags: list[str]) -> list[tuple[str, int, int]]:
 
 @dataclass
 class Gazetteer:
-    """The training entities as a phrase list: each token sequence that was tagged as an entity
-    gets its most frequent type, and a sentence is tagged by greedy longest match, left to right.
-    Stronger than TagLookup on WNUT-16 (tweets repeat their names); see docs/finetune.md."""
+    """The training entities as a phrase list, matched case-insensitively (tweets vary case):
+    each token sequence that was tagged as an entity gets its most frequent type, a one-word
+    phrase that the training sentences tag "O" more often than not is left out ("the", "new"),
+    and a sentence is tagged by greedy longest match, left to right. Stronger than TagLookup on
+    WNUT-16 (tweets repeat their names); see docs/finetune.md."""
 
     phrases: dict[tuple[str, ...], str] = field(default_factory=dict)
     longest: int = 0
 
     @classmethod
     def fit(cls, sentences: list[TaggedSentence]) -> "Gazetteer":
-        types = defaultdict(Counter)
+        types, outside, inside = defaultdict(Counter), Counter(), Counter()
         for s in sentences:
+            words = [w.lower() for w in s.tokens]
             for kind, a, b in _spans(s.tags):
-                types[tuple(s.tokens[a:b])][kind] += 1
-        phrases = {p: min(c.items(), key=lambda kv: (-kv[1], kv[0]))[0] for p, c in types.items()}
+                types[tuple(words[a:b])][kind] += 1
+            for w, tag in zip(words, s.tags):
+                (outside if tag == "O" else inside)[w] += 1
+        phrases = {p: min(c.items(), key=lambda kv: (-kv[1], kv[0]))[0] for p, c in types.items()
+                   if len(p) > 1 or outside[p[0]] <= inside[p[0]]}
         return cls(phrases, max((len(p) for p in phrases), default=0))
 
     def predict(self, tokens: list[str]) -> list[str]:
-        tags, i = ["O"] * len(tokens), 0
-        while i < len(tokens):
-            for n in range(min(self.longest, len(tokens) - i), 0, -1):
-                kind = self.phrases.get(tuple(tokens[i:i + n]))
+        words = [w.lower() for w in tokens]
+        tags, i = ["O"] * len(words), 0
+        while i < len(words):
+            for n in range(min(self.longest, len(words) - i), 0, -1):
+                kind = self.phrases.get(tuple(words[i:i + n]))
                 if kind:
                     tags[i:i + n] = [f"B-{kind}"] + [f"I-{kind}"] * (n - 1)
                     i += n

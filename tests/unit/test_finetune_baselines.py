@@ -42,11 +42,15 @@ def test_gazetteer_matches_longest_training_entity():
     train = [TaggedSentence(["New", "York", "City", "rocks"], ["B-loc", "I-loc", "I-loc", "O"]),
              TaggedSentence(["New", "York", "Times"], ["B-company", "I-company", "I-company"]),
              TaggedSentence(["in", "York"], ["O", "B-loc"]),
-             TaggedSentence(["York", "York"], ["B-person", "B-loc"])]
+             TaggedSentence(["York", "York"], ["B-person", "B-loc"]),
+             # "apple" the company once, the fruit (O) twice: one word mostly O is left out
+             TaggedSentence(["apple", "pie", "and", "apple", "juice"], ["O", "O", "O", "O", "O"]),
+             TaggedSentence(["Apple", "shares"], ["B-company", "O"])]
     g = b.Gazetteer.fit(train)
-    assert g.phrases[("York",)] == "loc"  # 2 x loc, 1 x person
-    assert g.predict(["I", "love", "New", "York", "City", "and", "York"]) == \
-        ["O", "O", "B-loc", "I-loc", "I-loc", "O", "B-loc"]
+    assert g.phrases[("york",)] == "loc"  # 2 x loc, 1 x person
+    assert ("apple",) not in g.phrases
+    assert g.predict(["I", "love", "new", "YORK", "City", "and", "York"]) == \
+        ["O", "O", "B-loc", "I-loc", "I-loc", "O", "B-loc"]  # case does not matter
     assert g.predict(["New", "York", "Times", "today"]) == ["B-company", "I-company", "I-company", "O"]
     assert g.predict(["New", "Jersey"]) == ["O", "O"]  # "New" alone was never an entity
 
