@@ -59,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "CoNLL tokens): OUT/seed_S/test_predictions.* (OUT/ without training)")
     p.add_argument("--dataset", default=None, choices=sorted(BUILTIN),
                    help="built-in data instead of --train/--eval (written under OUT/data): pang-lee "
-                   "(classify, features), wnut16 (token), wiki-cloze (qa), wiki-next-sentence (pair)")
+                   "(classify, features), wnut16 (token), wiki-cloze and wiki-entity-cloze (qa), wiki-next-sentence "
+                   "(pair, features)")
     p.add_argument("--predict-only", "--predict_only", action="store_true",
                    help="no training: --model is a saved fine-tuned model (the default without --train)")
     p.add_argument("--do_train", "--do-train", action="store_true",
