@@ -16,9 +16,10 @@ import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
+# the patterns the cloze builders blank out (one definition, in the data module)
+from .datasets import NAME_OR_YEAR, YEAR
 from .readers import TaggedSentence, TextExample
 
-YEAR = re.compile(r"\b(1[0-9]{3}|20[0-9]{2})\b")
 BLANK = "____"
 _WORD = re.compile(r"\w+")
 
@@ -55,7 +56,6 @@ def aligned_blank(question: str, context: str, max_chars: int = 40) -> str:
     return first_year_not_in_question(question, context)
 
 
-_NAME_OR_YEAR = re.compile(r"\b((?:[A-Z][a-z]+)(?:\s+(?:of\s+|the\s+|de\s+)?[A-Z][a-z]+)*|1[0-9]{3}|20[0-9]{2})\b")
 # words that put a year rather than a name in the blank after them ("in ____", "since ____")
 _YEAR_SLOT = re.compile(r"\b(in|since|until|by|from|to|of|between|and|early|late|mid|year|c\.)\s*$", re.I)
 
@@ -66,10 +66,10 @@ def frequent_name(question: str, context: str) -> str:
     word before the blank usually precedes one ("in ____"), else a name."""
     before = question.split(BLANK, 1)[0]
     want_year = bool(_YEAR_SLOT.search(before)) and bool(YEAR.search(context))
-    counts = Counter(m for m in _NAME_OR_YEAR.findall(context)
+    counts = Counter(m for m in NAME_OR_YEAR.findall(context)
                      if m not in question and bool(YEAR.fullmatch(m)) == want_year)
     if not counts:
-        counts = Counter(m for m in _NAME_OR_YEAR.findall(context) if m not in question)
+        counts = Counter(m for m in NAME_OR_YEAR.findall(context) if m not in question)
     return counts.most_common(1)[0][0] if counts else ""
 
 

@@ -141,7 +141,7 @@ def build_next_sentence_pairs(n: int, seed: int = 0, offset: int = 0, end: int |
     return out
 
 
-_ANSWER = re.compile(r"\b(1[0-9]{3}|20[0-9]{2})\b")
+YEAR = re.compile(r"\b(1[0-9]{3}|20[0-9]{2})\b")
 
 
 def build_cloze_squad(n: int, seed: int = 0, offset: int = 0, max_sentences: int = 4,
@@ -158,7 +158,7 @@ def build_cloze_squad(n: int, seed: int = 0, offset: int = 0, max_sentences: int
     for t, text in load_wiki_extracts()[offset:end]:
         sents = split_sentences(text)[:max_sentences]
         passage = " ".join(sents)
-        cands = [(s, m) for s in sents for m in _ANSWER.finditer(s)]
+        cands = [(s, m) for s in sents for m in YEAR.finditer(s)]
         if cands and len({m.group(0) for _, m in cands}) >= min_years:
             items.append((t, passage, cands))
         if len(items) >= n:
@@ -183,7 +183,7 @@ def build_cloze_squad(n: int, seed: int = 0, offset: int = 0, max_sentences: int
 
 # A name (capitalised words, "of"/"the"/"de" inside: "Bank of England") or a year; never a
 # sentence's first word, whose capital says nothing.
-_ENTITY = re.compile(r"\b((?:[A-Z][a-z]+)(?:\s+(?:of\s+|the\s+|de\s+)?[A-Z][a-z]+)*|1[0-9]{3}|20[0-9]{2})\b")
+NAME_OR_YEAR = re.compile(r"\b((?:[A-Z][a-z]+)(?:\s+(?:of\s+|the\s+|de\s+)?[A-Z][a-z]+)*|1[0-9]{3}|20[0-9]{2})\b")
 
 
 def _entity_cloze_items(sents: list[str], min_entities: int) -> list[tuple[int, re.Match, str, int]]:
@@ -192,9 +192,9 @@ def _entity_cloze_items(sents: list[str], min_entities: int) -> list[tuple[int, 
     out = []
     for k in range(1, len(sents)):
         passage = " ".join(sents[:k] + sents[k + 1:])
-        if len({m.group(1) for m in _ENTITY.finditer(passage)}) < min_entities:
+        if len({m.group(1) for m in NAME_OR_YEAR.finditer(passage)}) < min_entities:
             continue
-        for m in _ENTITY.finditer(sents[k]):
+        for m in NAME_OR_YEAR.finditer(sents[k]):
             if m.start() == 0:
                 continue
             hit = re.search(r"\b" + re.escape(m.group(1)) + r"\b", passage)

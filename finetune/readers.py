@@ -302,11 +302,12 @@ def to_iob2(tags: list[str]) -> list[str]:
     return out
 
 
-def read_conll(path: str, skipped: dict | None = None) -> list[TaggedSentence]:
+def read_conll(path: str, skipped: dict | None = None, tagged: bool = True) -> list[TaggedSentence]:
     """CoNLL-style token-per-line file: token in the first column, tag in the last, a blank
     (or whitespace-only) line between sentences, `-DOCSTART-` lines ignored. IOB1, BIOES
     (IOBES) and BILOU tags are converted to IOB2; a tag of no scheme is an error. A sentence
-    with a tag-less line is skipped and counted into `skipped` (reason -> n)."""
+    with a tag-less line is skipped and counted into `skipped` (reason -> n). `tagged=False`: a
+    file to tag, whose tokens are read and further columns ignored (every tag "O")."""
     if not os.path.isfile(path):
         raise InputError(f"{path}: no such file")
     skips = Skips(path)
@@ -330,6 +331,10 @@ def read_conll(path: str, skipped: dict | None = None) -> list[TaggedSentence]:
                 close()
                 continue
             if parts[0] == "-DOCSTART-":
+                continue
+            if not tagged:
+                toks.append(parts[0])
+                tags.append("O")
                 continue
             if len(parts) < 2:
                 bad = n if bad is None else bad

@@ -287,9 +287,7 @@ def _run(a: FinetuneArgs) -> dict:
         out_dir = os.path.join(a.output_dir, f"seed_{seed}")
         if r.rank == 0:
             os.makedirs(out_dir, exist_ok=True)
-        # the features task (no head, no --test) keeps the four-argument run_seed
-        metrics = (r.task.run_seed(r, data, seed, out_dir, test) if test is not None
-                   else r.task.run_seed(r, data, seed, out_dir))
+        metrics = r.task.run_seed(r, data, seed, out_dir, test)  # features: validate() refused --test
         if r.rank == 0:
             log.info("seed %d: %s", seed, {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)})
             atomic_json(os.path.join(out_dir, "metrics.json"), {"seed": seed, **metrics}, sort_keys=False)

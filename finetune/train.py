@@ -202,8 +202,8 @@ class _EngineStep:
     def __init__(self, model, cfg: TrainConfig, total: int, ds_config: dict, world: int):
         import deepspeed  # optional and slow to import: only --deepspeed runs need it
 
-        requested = prec.requested_precision(ds_config)
-        self.precision = prec.native_precision(_device_type(model)) if requested == "auto" else requested
+        # deepspeed_config resolved "auto" already (apply_precision): the config names one precision
+        self.precision = prec.requested_precision(ds_config)
         self.net, _, _, self.sched = deepspeed.initialize(
             model=model, model_parameters=optimizer_groups(model, cfg.weight_decay), config=ds_config,
             lr_scheduler=_scheduler(cfg, total))

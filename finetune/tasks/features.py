@@ -34,7 +34,7 @@ class FeaturesTask(SentenceTask):
         if a.deepspeed is not None:
             raise InputError("--deepspeed applies to the fine-tuning tasks, not --task features")
 
-    def run_seed(self, run, data, seed, out_dir) -> dict:
+    def run_seed(self, run, data, seed, out_dir, test=None) -> dict:
         """Vectors of the train and eval files (`OUT/seed_S/{train,eval}_features.npy`, plus
         `_offsets.npy` for --pooling tokens) and, when pooled and labelled, the accuracy of a
         logistic regression (seeded) trained on them."""

@@ -15,7 +15,7 @@ from data_prep.atomic import atomic_write
 from ..metrics import classification_metrics, regression_metrics
 from ..modeling import BertForSequenceClassification
 from ..readers import InputError, TextExample, prefixed, read_text_file
-from .base import Task, TaskData, label_config, limit
+from .base import TEST_PREFIX, Task, TaskData, TestData, label_config, limit
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +161,6 @@ class SentenceTask(Task):
     def read_unlabelled(self, a, path, tokenizer):
         """GLUE test.tsv (columns index, sentence or index, sentence1, sentence2): no label column;
         the index column, when the file has one, numbers the predictions."""
-        from .base import TestData
         ex = limit(read_text_file(path, pair=self.pair, text_column=a.text_column, text_b_column=a.text_b_column,
                                   has_header=not a.no_header, require_label=False, strict=True),
                    a.max_test_examples)
@@ -176,7 +175,6 @@ class SentenceTask(Task):
 
     def save_test_predictions(self, test, preds, out_dir):
         """GLUE's submission layout: `index` TAB `prediction` (label names; numbers for regression)."""
-        from .base import TEST_PREFIX
         ids = test.ids or [str(i) for i in range(len(preds))]
         with atomic_write(os.path.join(out_dir, f"{TEST_PREFIX}predictions.tsv"), "w", encoding="utf-8") as f:
             f.write("index\tprediction\n")

@@ -13,7 +13,7 @@ from data_prep.atomic import atomic_write
 from ..metrics import entity_scores
 from ..modeling import BertForTokenClassification
 from ..readers import TaggedSentence, prefixed, read_conll
-from .base import Task, TaskData, label_config, limit
+from .base import TEST_PREFIX, Task, TaskData, TestData, label_config, limit
 
 log = logging.getLogger(__name__)
 
@@ -103,24 +103,7 @@ class TokenTask(Task):
     def read_unlabelled(self, a, path, tokenizer):
         """A CoNLL file to tag: the token in the first column; any further columns (tags
         included) are ignored."""
-        from ..readers import InputError
-        from .base import TestData
-        if not os.path.isfile(path):
-            raise InputError(f"{path}: no such file")
-        sents, toks = [], []
-        with open(path, encoding="utf-8-sig") as f:
-            for line in f:
-                parts = line.split()
-                if not parts:
-                    if toks:
-                        sents.append(TaggedSentence(toks, ["O"] * len(toks)))
-                        toks = []
-                elif parts[0] != "-DOCSTART-":
-                    toks.append(parts[0])
-        if toks:
-            sents.append(TaggedSentence(toks, ["O"] * len(toks)))
-        if not sents:
-            raise InputError(f"{path}: no sentences")
+        sents = read_conll(path, tagged=False)
         sents = limit(sents, a.max_test_examples)
         return TestData(path, sents, encode_tagged(sents, tokenizer, a.max_seq_length, {"O": 0}, path,
                                                   tagged=False))
@@ -130,7 +113,6 @@ class TokenTask(Task):
 
     def save_test_predictions(self, test, preds, out_dir):
         """CoNLL: token TAB predicted tag, a blank line after each sentence."""
-        from .base import TEST_PREFIX
         with atomic_write(os.path.join(out_dir, f"{TEST_PREFIX}predictions.conll"), "w", encoding="utf-8") as f:
             for s, p in zip(test.examples, preds):
                 f.writelines(f"{t}\t{q}\n" for t, q in zip(s.tokens, p))
