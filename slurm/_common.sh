@@ -52,7 +52,8 @@ slurm_activate() {
 
 # ---------------------------------------------------------------- rendezvous and NCCL
 slurm_rendezvous() {
-  MASTER_ADDR=${MASTER_ADDR:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)}
+  # sed, not head: head exits after one line and, with pipefail, a long node list SIGPIPEs scontrol.
+  MASTER_ADDR=${MASTER_ADDR:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)}
   # Below the Linux ephemeral range (32768+), so the port is not taken by an outgoing socket.
   MASTER_PORT=${MASTER_PORT:-$((10000 + SLURM_JOB_ID % 20000))}
   export MASTER_ADDR MASTER_PORT
