@@ -390,7 +390,7 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
         # A private /tmp per node, as on real nodes: PMIx (srun --mpi=pmix) creates
         # /tmp/spmix_appdir_<uid>_<job>.<step> on every node and fails if another node made it.
         node_tmp = self.root / "nodes" / node.name / "tmp"
-        node_tmp.mkdir(parents=True)
+        node_tmp.mkdir(parents=True, exist_ok=True)  # exists on a restart
         node_tmp.chmod(0o1777)
         # What the jobs run from stays visible when it lives under /tmp (a checkout or venv there,
         # as in a CI clone): bind it into the node's /tmp first, then bind that tree over /tmp.
@@ -409,6 +409,27 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
         node.proc = proc
         self._procs.append(proc)
         self._record()
+
+    def kill_node(self, name: str) -> None:
+        """A node dies: SIGKILL its slurmd and everything it started (slurmstepd, the tasks),
+        i.e. every process in its network namespace. The controller notices only by silence."""
+        node = next(n for n in self.nodes if n.name == name)
+        for pid in _run(["ip", "netns", "pids", node.netns], check=False).stdout.split():
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except (ProcessLookupError, ValueError):
+                pass
+        if node.proc is not None:
+            node.proc.wait(timeout=10)
+
+    def restart_node(self, name: str) -> None:
+        """The node is back (ReturnToService=2 returns it to service when its slurmd registers)."""
+        node = next(n for n in self.nodes if n.name == name)
+        self._procs = [p for p in self._procs if p is not node.proc]
+        self._start_slurmd(node)
+
+    def node_state(self, name: str) -> str:
+        return self.run_cmd(["sinfo", "-h", "-n", name, "-o", "%T"], check=False).stdout.strip()
 
     def _wait_idle(self) -> None:
         def all_idle() -> bool:
