@@ -189,7 +189,8 @@ _slurm_on_term() {
 # controller, so that command-line overrides of the #SBATCH defaults carry over. One per line.
 slurm_same_shape_args() {
   local info
-  info=$(scontrol show job -o "$SLURM_JOB_ID")
+  # This job's line only (for an array's base id scontrol lists every element).
+  info=$(scontrol show job -o "$SLURM_JOB_ID" | awk -v id="JobId=$SLURM_JOB_ID" '$1 == id && !n {print; n = 1}')
   _field() {
     local v
     v=$(sed -n "s/.* $1=\([^ ]*\).*/\1/p" <<<" $info")

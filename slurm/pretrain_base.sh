@@ -26,8 +26,9 @@
 #SBATCH --open-mode=append
 #SBATCH --output=%x-%j.out
 if [ -z "${REPO:-}" ]; then
-  # sbatch runs a spooled copy of this file: ask the controller where the original lives.
-  _orig=$(scontrol show job -o "${SLURM_JOB_ID:-none}" 2>/dev/null | sed -n "s/.* Command=\([^ ]*\).*/\1/p")
+  # sbatch runs a spooled copy of this file: ask the controller where the original lives. The
+  # first line only: for an array's base id (one element has it) scontrol lists every element.
+  _orig=$(scontrol show job -o "${SLURM_JOB_ID:-none}" 2>/dev/null | sed -n "s/.* Command=\([^ ]*\).*/\1/p" | sed -n 1p)
   REPO=$(cd "$(dirname "${_orig:-$0}")/.." && pwd)
 fi
 [ -f "$REPO/slurm/_common.sh" ] || { echo "cannot find the repository from $0: set REPO=/path/to/checkout" >&2; exit 2; }
