@@ -89,13 +89,14 @@ def test_two_deepspeed_finetunes_on_one_node_do_not_collide(slurm_cluster, reque
                              f"--output={work}/%x-%j.out", str(REPO / "slurm/finetune.sh"), *args, cwd=str(work)))
     infos = [c.wait_job(j, 600) for j in jobs]
     logs = [Path(i["StdOut"]).read_text() for i in infos]
+    for info, log in zip(infos, logs):
+        assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), log[-4000:]
     ports = [re.search(r"rendezvous (\S+):(\d+)", log).groups() for log in logs]
     span = [(i["StartTime"], i["EndTime"]) for i in infos]
     show_report(request, "SLURM cluster: two DeepSpeed fine-tunes (2 processes each) on one node", [
         f"job {i['JobId']}: {i['JobState']} ExitCode={i['ExitCode']} on {i['NodeList']}, rendezvous {a}:{p}, "
         f"{s} .. {e}" for i, (a, p), (s, e) in zip(infos, ports, span)])
-    for info, log in zip(infos, logs):
-        assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), log[-4000:]
+    for info in infos:
         assert info["NodeList"] == node
     assert ports[0][1] != ports[1][1]
     # They did share the node at the same time (else there was nothing to collide).
