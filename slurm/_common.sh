@@ -82,15 +82,13 @@ SLURM_JOB_PATHS=()
 # The srun options that place the tasks, one per line (slurm_srun uses them; tests print them).
 slurm_placement_args() {
   # SLURM 22.05 to 23.11: srun no longer inherits sbatch's --cpus-per-task; without it each task
-  # gets one CPU and, bound, runs its OpenMP threads and loader workers on one core. Exported as
-  # well for srun calls the job makes itself (e.g. inside SRUN_ARGS wrappers).
-  if [ -n "${SLURM_CPUS_PER_TASK:-}" ]; then
-    export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK
-    echo "--cpus-per-task=$SLURM_CPUS_PER_TASK"
-  fi
+  # gets one CPU and, bound, runs its OpenMP threads and loader workers on one core.
+  # (slurm_srun also exports SRUN_CPUS_PER_TASK, for srun calls made inside the step.)
+  if [ -n "${SLURM_CPUS_PER_TASK:-}" ]; then echo "--cpus-per-task=$SLURM_CPUS_PER_TASK"; fi
   # Each task on its own cores; block:block keeps consecutive local ranks (and so consecutive GPU
-  # indices) on the same socket, where 2-socket 8-GPU nodes attach GPUs 0-3 and 4-7. The cyclic
-  # default alternates sockets between local ranks. task/none clusters ignore both.
+  # indices) on the same socket, which matches nodes whose GPUs 0-3 and 4-7 hang off one socket
+  # each (the block:cyclic default alternates sockets between local ranks). Other layouts (see
+  # `nvidia-smi topo -m`): CPU_BIND=map_ldom:... or TASK_DISTRIBUTION. task/none ignores both.
   echo "--cpu-bind=${CPU_BIND:-cores}"
   echo "--distribution=${TASK_DISTRIBUTION:-block:block}"
 }
@@ -120,7 +118,6 @@ slurm_container_args() {
 slurm_srun() {
   local srun_opts=()
   mapfile -t srun_opts < <(slurm_placement_args; slurm_container_args)
-  # slurm_placement_args exports SRUN_CPUS_PER_TASK only in the subshell above.
   if [ -n "${SLURM_CPUS_PER_TASK:-}" ]; then export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK; fi
   while [ $# -gt 0 ] && [ "$1" != "--" ]; do srun_opts+=("$1"); shift; done
   [ "${1:-}" = "--" ] && shift
