@@ -249,3 +249,12 @@ def test_array_summary_merges_the_elements(tmp_path):
     s = json.loads((out / "metrics.json").read_text())
     assert s["seeds"] == [1, 2, 3] and s["complete"] is True and sorted(s["elements"]) == ["1", "2", "3"]
     assert s["mean"]["accuracy"] == pytest.approx(0.7) and s["std"]["accuracy"] == pytest.approx(0.2)
+
+
+def test_phase2_reads_this_jobs_line_when_scontrol_lists_several(job):
+    # For an array's base id `scontrol show job -o` prints every element, this job's line not first.
+    other = JOB_INFO_23.replace("JobId=4242", "JobId=4243").replace("Account=proj7", "Account=other")
+    res, calls = job("slurm/pretrain_large.sh", env={"FAKE_JOB_INFO": other + "\n" + JOB_INFO_23})
+    assert res.returncode == 0, res.stderr
+    (sb,) = [c for c in calls if c["tool"] == "sbatch"]
+    assert [a for a in sb["argv"] if a.startswith("--account")] == ["--account=proj7"], sb["argv"]
