@@ -98,6 +98,27 @@ def test_pretrain_large_places_sixteen_tasks_and_chains_phase2(slurm_cluster, re
     check_placement(sorted(task_lines(p2_log), key=lambda t: int(t["rank"])), c.hostnames(p2["NodeList"]))
 
 
+def test_refused_phase2_leaves_phase1_running(slurm_cluster, request):
+    """The controller refuses phase 2 (here: a constraint no node has, through PHASE2_SBATCH_ARGS):
+    phase 1 still runs to the end and its log says how to submit phase 2 by hand."""
+    from data_prep.testing import build_tiny_dataset
+
+    c = slurm_cluster
+    jobs = c.root / "jobs/gpu_shape_refused"
+    jobs.mkdir(parents=True)
+    data = build_tiny_dataset(str(jobs / "data"), seq_lengths=(64, 128), n_docs=40)
+    info = c.wait_job(submit_large(c, jobs, {"DATA": data, "RUN_DIR": str(jobs / "run"), "PYTHON": "true",
+                                             "PHASE2_SBATCH_ARGS": "--constraint=no_such_feature"}), 120)
+    log = Path(info["StdOut"]).read_text()
+    refusal = [ln for ln in log.splitlines() if "sbatch: error" in ln or "WARNING: the controller refused" in ln]
+    show_report(request, "SLURM cluster: phase 2 refused by the controller", [
+        f"job {info['JobId']}: {info['JobState']} ExitCode={info['ExitCode']}"] + [ln[:300] for ln in refusal])
+    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), log[-4000:]
+    assert "Invalid feature specification" in log and "WARNING: the controller refused phase 2" in log, log[-4000:]
+    assert len(task_lines(log)) == 16, "phase 1 did not run its tasks"
+    assert c.run_cmd(["squeue", "-h"]).stdout.strip() == ""
+
+
 @pytest.mark.slow
 def test_pretrain_large_trains_on_two_nodes_by_eight_tasks(slurm_cluster, request):
     """The real trainer at 16 ranks (bert-tiny, a 16-rank tiny recipe) on the script's own shape.
