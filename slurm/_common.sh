@@ -7,7 +7,11 @@
 #   - the rendezvous from the allocation: MASTER_ADDR = first host of the job, MASTER_PORT derived
 #     from the job id (stable across a requeue, different for jobs sharing a node);
 #   - one task per GPU through `srun`, each task told RANK/LOCAL_RANK/WORLD_SIZE from
-#     SLURM_PROCID/SLURM_LOCALID/SLURM_NTASKS (what torch.distributed's env:// and DeepSpeed read);
+#     SLURM_PROCID/SLURM_LOCALID/SLURM_NTASKS (what torch.distributed's env:// and DeepSpeed read)
+#     by slurm/_task.sh; each task bound to its own cores (srun --cpus-per-task, --cpu-bind) and
+#     to the GPU with its local rank as index;
+#   - containers (CONTAINER_IMAGE, pyxis): the repository, the submit directory and every path the
+#     job reads or writes (DATA, RUN_DIR, ...) are mounted at the same path inside;
 #   - NCCL settings exported here, visible and overridable, not buried in Python;
 #   - failure: srun --kill-on-bad-exit=1 takes the job down when one task dies instead of leaving
 #     the others blocked in a collective;
@@ -48,7 +52,8 @@ slurm_activate() {
 
 # ---------------------------------------------------------------- rendezvous and NCCL
 slurm_rendezvous() {
-  MASTER_ADDR=${MASTER_ADDR:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)}
+  # sed, not head: head exits after one line and, with pipefail, a long node list SIGPIPEs scontrol.
+  MASTER_ADDR=${MASTER_ADDR:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)}
   # Below the Linux ephemeral range (32768+), so the port is not taken by an outgoing socket.
   MASTER_PORT=${MASTER_PORT:-$((10000 + SLURM_JOB_ID % 20000))}
   export MASTER_ADDR MASTER_PORT
@@ -70,29 +75,60 @@ slurm_rendezvous() {
 }
 
 # ---------------------------------------------------------------- the srun step
+# Paths the job reads or writes besides the repository and the submit directory (DATA, RUN_DIR,
+# inputs): the scripts add them here so that a container sees them at the same path.
+SLURM_JOB_PATHS=()
+
+# The srun options that place the tasks, one per line (slurm_srun uses them; tests print them).
+slurm_placement_args() {
+  # SLURM 22.05 to 23.11: srun no longer inherits sbatch's --cpus-per-task; without it each task
+  # gets one CPU and, bound, runs its OpenMP threads and loader workers on one core.
+  # (slurm_srun also exports SRUN_CPUS_PER_TASK, for srun calls made inside the step.)
+  if [ -n "${SLURM_CPUS_PER_TASK:-}" ]; then echo "--cpus-per-task=$SLURM_CPUS_PER_TASK"; fi
+  # Each task on its own cores; block:block keeps consecutive local ranks (and so consecutive GPU
+  # indices) on the same socket, which matches nodes whose GPUs 0-3 and 4-7 hang off one socket
+  # each (the block:cyclic default alternates sockets between local ranks). Other layouts (see
+  # `nvidia-smi topo -m`): CPU_BIND=map_ldom:... or TASK_DISTRIBUTION. task/none ignores both.
+  echo "--cpu-bind=${CPU_BIND:-cores}"
+  echo "--distribution=${TASK_DISTRIBUTION:-block:block}"
+}
+
+# The srun options that run the step in CONTAINER_IMAGE (pyxis), one per line; nothing without one.
+slurm_container_args() {
+  [ -n "${CONTAINER_IMAGE:-}" ] || return 0
+  local mounts=() p seen=" "
+  for p in "$REPO" "${SLURM_SUBMIT_DIR:-$PWD}" ${SLURM_JOB_PATHS[@]+"${SLURM_JOB_PATHS[@]}"}; do
+    p=$(realpath -m "$p")
+    case "$seen" in *" $p "*) continue;; esac
+    seen+="$p "
+    mounts+=("$p:$p")
+  done
+  local all
+  all=$(IFS=,; echo "${mounts[*]}")
+  # Same working directory inside as outside: finetune.sh runs from the submit directory so that
+  # relative paths in its arguments resolve as the user meant them.
+  echo "--container-image=$CONTAINER_IMAGE"
+  echo "--container-workdir=$PWD"
+  echo "--container-mounts=${all}${CONTAINER_MOUNTS:+,$CONTAINER_MOUNTS}"
+}
+
 # slurm_srun [srun options...] -- command [args...]
 # Runs one step with a task per GPU (srun's defaults from the allocation), forwards the
 # preemption signal, and on preemption requeues the job. Returns the step's exit status.
 slurm_srun() {
   local srun_opts=()
+  mapfile -t srun_opts < <(slurm_placement_args; slurm_container_args)
+  if [ -n "${SLURM_CPUS_PER_TASK:-}" ]; then export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK; fi
   while [ $# -gt 0 ] && [ "$1" != "--" ]; do srun_opts+=("$1"); shift; done
   [ "${1:-}" = "--" ] && shift
-  if [ -n "${CONTAINER_IMAGE:-}" ]; then
-    srun_opts+=("--container-image=$CONTAINER_IMAGE" "--container-workdir=$REPO"
-                "--container-mounts=${CONTAINER_MOUNTS:-$REPO:$REPO}")
-  fi
   # shellcheck disable=SC2206
   local extra=(${SRUN_ARGS:-})
 
   _SLURM_PREEMPTED=0
   trap _slurm_on_preempt USR1
   trap _slurm_on_term TERM
-  # The inline wrapper turns SLURM's task ids into the variables torch.distributed reads.
-  srun --kill-on-bad-exit=1 "${srun_opts[@]}" "${extra[@]}" \
-    bash -c 'export RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID WORLD_SIZE=$SLURM_NTASKS
-             if [ -n "${SLURM_NTASKS_PER_NODE:-}" ]; then export LOCAL_WORLD_SIZE=$SLURM_NTASKS_PER_NODE; fi
-             echo "task rank=$RANK local_rank=$LOCAL_RANK world_size=$WORLD_SIZE host=$(hostname -s)" >&2
-             exec "$@"' task "$@" &
+  # _task.sh turns SLURM's task ids into the variables torch.distributed reads.
+  srun --kill-on-bad-exit=1 "${srun_opts[@]}" "${extra[@]}" bash "$REPO/slurm/_task.sh" "$@" &
   _SLURM_SRUN_PID=$!
   local rc=0
   # `wait` returns early when a trapped signal arrives; keep waiting until srun itself is gone.
@@ -144,22 +180,53 @@ _slurm_on_term() {
 }
 
 # ---------------------------------------------------------------- chaining
-# Options that give a follow-up job the same shape as this one (nodes, tasks, CPUs, GPUs,
-# partition, time), read back from the controller so that command-line overrides carry over.
+# Options that give a follow-up job the same shape and the same place as this one: nodes, tasks,
+# CPUs, memory, GPUs, partition, time, and account, QOS, constraint, exclusivity, reservation (a
+# follow-up without them may be rejected, or land on other hardware). Read back from the
+# controller, so that command-line overrides of the #SBATCH defaults carry over. One per line.
 slurm_same_shape_args() {
-  local info gres
-  info=$(scontrol show job -o "$SLURM_JOB_ID")
-  _field() { sed -n "s/.* $1=\([^ ]*\).*/\1/p" <<<"$info"; }
+  local info
+  # This job's line only (for an array's base id scontrol lists every element).
+  info=$(scontrol show job -o "$SLURM_JOB_ID" | awk -v id="JobId=$SLURM_JOB_ID" '$1 == id && !n {print; n = 1}')
+  _field() {
+    local v
+    v=$(sed -n "s/.* $1=\([^ ]*\).*/\1/p" <<<" $info")
+    case "$v" in "(null)"|"") ;; *) echo "$v";; esac
+  }
   echo "--nodes=$SLURM_JOB_NUM_NODES"
   [ -n "${SLURM_NTASKS_PER_NODE:-}" ] && echo "--ntasks-per-node=$SLURM_NTASKS_PER_NODE"
   [ -n "${SLURM_CPUS_PER_TASK:-}" ] && echo "--cpus-per-task=$SLURM_CPUS_PER_TASK"
-  [ -n "${SLURM_MEM_PER_NODE:-}" ] && echo "--mem=${SLURM_MEM_PER_NODE}M"
+  # As requested, not as granted: --mem=0 (all of a node's memory) stays 0 on other nodes.
+  local mem
+  mem=$(_field MinMemoryNode)
+  if [ -n "$mem" ]; then echo "--mem=$mem"
+  else
+    mem=$(_field MinMemoryCPU)
+    if [ -n "$mem" ]; then echo "--mem-per-cpu=$mem"; fi
+  fi
   [ -n "${SLURM_JOB_PARTITION:-}" ] && echo "--partition=$SLURM_JOB_PARTITION"
-  gres=$(_field TresPerNode)
-  if [ -n "$gres" ]; then echo "--gres=${gres#gres:}"; else echo "--gres=none"; fi
+  # gres:gpu:8 up to SLURM 22.05, gres/gpu:8 from 23.02 (several comma-separated).
+  local gres
+  gres=$(_field TresPerNode | sed 's/gres[:/]//g')
+  if [ -n "$gres" ]; then echo "--gres=$gres"; else echo "--gres=none"; fi
   local t
   t=$(_field TimeLimit)
   if [ -n "$t" ] && [ "$t" != UNLIMITED ]; then echo "--time=$t"; fi
+  local v
+  v=$(_field Account); v=${v:-${SLURM_JOB_ACCOUNT:-}}
+  if [ -n "$v" ]; then echo "--account=$v"; fi
+  v=$(_field QOS); v=${v:-${SLURM_JOB_QOS:-}}
+  if [ -n "$v" ]; then echo "--qos=$v"; fi
+  v=$(_field Features)
+  if [ -n "$v" ]; then echo "--constraint=$v"; fi
+  v=$(_field Reservation); v=${v:-${SLURM_JOB_RESERVATION:-}}
+  if [ -n "$v" ]; then echo "--reservation=$v"; fi
+  case "$(_field OverSubscribe)" in
+    NO) echo "--exclusive";;
+    USER) echo "--exclusive=user";;
+    MCS) echo "--exclusive=mcs";;
+    YES) echo "--oversubscribe";;
+  esac
   # Same folder and naming as this job's log, with the follow-up's own name and id.
   local out
   out=$(_field StdOut)

@@ -17,6 +17,10 @@ PHASE1_CONFIG=${PHASE1_CONFIG:-configs/phase1.json}
 PHASE2_CONFIG=${PHASE2_CONFIG:-configs/phase2.json}
 CHAIN_PHASE2=${CHAIN_PHASE2:-1}
 export DATA RUN_DIR
+# A container sees them only if mounted; a checkpoint written to an unmounted path is lost with it.
+mkdir -p "$RUN_DIR"
+SLURM_JOB_PATHS+=("$DATA" "$RUN_DIR")
+if [ -n "${INIT_FROM:-}" ]; then SLURM_JOB_PATHS+=("$(dirname "$INIT_FROM")"); fi
 
 cd "$REPO"
 for f in "$MODEL_CONFIG" "$PHASE1_CONFIG" "$PHASE2_CONFIG" ${DS_CONFIG:+"$DS_CONFIG"}; do
@@ -29,10 +33,17 @@ done
 # (MASTER_ADDR, PATH), and only on the first start: a requeued phase 1 keeps its phase 2.
 if [ "$PHASE" = 1 ] && [ "$CHAIN_PHASE2" = 1 ] && [ "${SLURM_RESTART_COUNT:-0}" = 0 ]; then
   mapfile -t _shape < <(slurm_same_shape_args)
-  PHASE2_JOB_ID=$(cd "$SLURM_SUBMIT_DIR" && sbatch --parsable "${_shape[@]}" ${PHASE2_SBATCH_ARGS:-} \
-    --job-name="${SLURM_JOB_NAME}-phase2" --dependency="afterok:$SLURM_JOB_ID" --kill-on-invalid-dep=yes \
-    --export=ALL,PHASE=2 "$SCRIPT" "$@")
-  slurm_log "submitted phase 2 as job ${PHASE2_JOB_ID%%;*} (starts after job $SLURM_JOB_ID completes successfully)"
+  # PHASE2_SBATCH_ARGS come last: they override what was copied (e.g. a longer --time).
+  # shellcheck disable=SC2206
+  _phase2=(sbatch --parsable "${_shape[@]}" ${PHASE2_SBATCH_ARGS:-} --job-name="${SLURM_JOB_NAME}-phase2"
+           --dependency="afterok:$SLURM_JOB_ID" --kill-on-invalid-dep=yes --export=ALL,PHASE=2 "$SCRIPT" "$@")
+  slurm_log "chaining phase 2: ${_phase2[*]}"
+  if PHASE2_JOB_ID=$(cd "$SLURM_SUBMIT_DIR" && "${_phase2[@]}"); then
+    slurm_log "submitted phase 2 as job ${PHASE2_JOB_ID%%;*} (starts after job $SLURM_JOB_ID completes successfully)"
+  else
+    # Phase 1 is still worth running: its checkpoint is what phase 2 starts from.
+    slurm_log "WARNING: the controller refused phase 2 (see sbatch's error above); phase 1 continues. Once it is done, submit phase 2 with PHASE=2 and the same DATA/RUN_DIR, e.g. PHASE=2 DATA=$DATA RUN_DIR=$RUN_DIR sbatch ${_shape[*]} ${PHASE2_SBATCH_ARGS:-} $SCRIPT"
+  fi
 fi
 
 slurm_activate

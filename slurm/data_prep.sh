@@ -12,7 +12,7 @@
 #
 # Environment: INPUT (paths, space-separated; or pass --embedded), VOCAB, DATA (output dir),
 # SEQ_LENGTHS (pair indexes to build, default "128 512": phase 1 and phase 2), MPI_TYPE (srun
-# --mpi plugin, default pmix), VENV / ACTIVATE / CONTAINER_IMAGE, SRUN_ARGS. Arguments after the
+# --mpi plugin, default pmix), VENV / ACTIVATE / CONTAINER_IMAGE (+ CONTAINER_MOUNTS), SRUN_ARGS. Arguments after the
 # script go to `python -m data_prep` (see `python -m data_prep --help`).
 #
 #SBATCH --job-name=bert-data-prep
@@ -22,8 +22,9 @@
 #SBATCH --time=04:00:00
 #SBATCH --output=%x-%j.out
 if [ -z "${REPO:-}" ]; then
-  # sbatch runs a spooled copy of this file: ask the controller where the original lives.
-  _orig=$(scontrol show job -o "${SLURM_JOB_ID:-none}" 2>/dev/null | sed -n "s/.* Command=\([^ ]*\).*/\1/p")
+  # sbatch runs a spooled copy of this file: ask the controller where the original lives. The
+  # first line only: for an array's base id (one element has it) scontrol lists every element.
+  _orig=$(scontrol show job -o "${SLURM_JOB_ID:-none}" 2>/dev/null | sed -n "s/.* Command=\([^ ]*\).*/\1/p" | sed -n 1p)
   REPO=$(cd "$(dirname "${_orig:-$0}")/.." && pwd)
 fi
 [ -f "$REPO/slurm/_common.sh" ] || { echo "cannot find the repository from $0: set REPO=/path/to/checkout" >&2; exit 2; }
@@ -49,6 +50,10 @@ if [ -n "${VOCAB:-}" ]; then
   args+=(--vocab "$VOCAB")
 fi
 for L in ${SEQ_LENGTHS-128 512}; do args+=(--seq-length "$L"); done
+# A container sees them only if mounted.
+mkdir -p "$DATA"
+SLURM_JOB_PATHS+=("$DATA" ${inputs[@]+"${inputs[@]}"})
+if [ -n "${VOCAB:-}" ]; then SLURM_JOB_PATHS+=("$(dirname "$VOCAB")"); fi
 
 slurm_activate
 slurm_log "data prep on ${SLURM_NTASKS} MPI ranks (${SLURM_JOB_NODELIST}): $PYTHON -m data_prep ${args[*]} $*"

@@ -154,8 +154,20 @@ class SlurmCluster:
     """Start with `start()`, stop with `stop()` (idempotent, safe after a partial start)."""
 
     n_nodes: int = 2
-    cpus_per_node: int = 2
+    # What each node declares: shaped like an 8-GPU node (2 sockets, 8 tasks x 8 CPUs, the
+    # pretraining scripts' #SBATCH shape), far more than the machine has. `config_overrides`
+    # makes slurmd register the declared shape instead of draining the node for it.
+    sockets_per_node: int = 2
+    cores_per_socket: int = 32
+    gpus_per_node: int = 8
+    features: str = "citest_gpu"
     real_memory_mb: int = 4000
+    # task/none by default: every node is the same 2 real cores, so binding would pin the tasks
+    # of both nodes onto the same core (core 0 of each node is real core 0). The 8-task test
+    # asks for task/affinity to check the masks SLURM computes.
+    task_plugin: str = "task/none"
+    # How long a node may be silent before slurmctld marks it DOWN (and fails its jobs).
+    slurmd_timeout: int = 300
     # Not under /tmp: each node gets its own /tmp (a bind mount in its mount namespace), and the
     # cluster's files must stay visible to all nodes, like a shared filesystem.
     root: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="slurm-ci-", dir="/var/tmp")))
@@ -289,9 +301,13 @@ class SlurmCluster:
         r = self.root
         self.ctl_port = _free_port()
         ctl_host = socket.gethostname().split(".")[0]
+        gres = f" Gres=gpu:{self.gpus_per_node}" if self.gpus_per_node else ""
+        feature = f" Feature={self.features}" if self.features else ""
         nodes = "\n".join(
-            f"NodeName={n.name} NodeAddr={n.addr} CPUs={self.cpus_per_node} "
-            f"RealMemory={self.real_memory_mb} State=UNKNOWN" for n in self.nodes)
+            f"NodeName={n.name} NodeAddr={n.addr} CPUs={self.cpus_per_node} Boards=1 "
+            f"SocketsPerBoard={self.sockets_per_node} CoresPerSocket={self.cores_per_socket} ThreadsPerCore=1 "
+            f"RealMemory={self.real_memory_mb}{gres}{feature} State=UNKNOWN" for n in self.nodes)
+        self._write_gres_conf()
         self.conf.write_text(f"""\
 ClusterName=citest
 SlurmctldHost={ctl_host}({self.ctl_addr})
@@ -312,7 +328,10 @@ SlurmdLogFile={r}/log/slurmd_%n.log
 SlurmctldDebug=info
 SlurmdDebug=info
 ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
+TaskPlugin={self.task_plugin}
+SlurmdParameters=config_overrides
+GresTypes=gpu
+SlurmdTimeout={self.slurmd_timeout}
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 JobCompType=jobcomp/none
@@ -328,6 +347,28 @@ MinJobAge=3600
 {nodes}
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 """)
+
+    @property
+    def cpus_per_node(self) -> int:
+        return self.sockets_per_node * self.cores_per_socket
+
+    def _write_gres_conf(self) -> None:
+        """GPUs as placeholder files named like NVIDIA's device nodes: SLURM schedules and counts
+        them (and takes the index for CUDA_VISIBLE_DEVICES from the name); nothing opens them.
+        Half the GPUs per socket, as on a 2-socket 8-GPU node."""
+        if not self.gpus_per_node:
+            (self.conf.parent / "gres.conf").write_text("")
+            return
+        dev = self.root / "dev"
+        dev.mkdir(exist_ok=True)
+        lines = []
+        per_socket = max(1, self.gpus_per_node // self.sockets_per_node)
+        for g in range(self.gpus_per_node):
+            (dev / f"nvidia{g}").touch()
+            socket_ = min(g // per_socket, self.sockets_per_node - 1)
+            cores = f"{socket_ * self.cores_per_socket}-{(socket_ + 1) * self.cores_per_socket - 1}"
+            lines.append(f"Name=gpu File={dev}/nvidia{g} Cores={cores}\n")
+        (self.conf.parent / "gres.conf").write_text("".join(lines))
 
     def _record(self) -> None:
         """What a later run needs to undo this cluster if this process dies without stop()."""
@@ -349,7 +390,7 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
         # A private /tmp per node, as on real nodes: PMIx (srun --mpi=pmix) creates
         # /tmp/spmix_appdir_<uid>_<job>.<step> on every node and fails if another node made it.
         node_tmp = self.root / "nodes" / node.name / "tmp"
-        node_tmp.mkdir(parents=True)
+        node_tmp.mkdir(parents=True, exist_ok=True)  # exists on a restart
         node_tmp.chmod(0o1777)
         # What the jobs run from stays visible when it lives under /tmp (a checkout or venv there,
         # as in a CI clone): bind it into the node's /tmp first, then bind that tree over /tmp.
@@ -368,6 +409,27 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
         node.proc = proc
         self._procs.append(proc)
         self._record()
+
+    def kill_node(self, name: str) -> None:
+        """A node dies: SIGKILL its slurmd and everything it started (slurmstepd, the tasks),
+        i.e. every process in its network namespace. The controller notices only by silence."""
+        node = next(n for n in self.nodes if n.name == name)
+        for pid in _run(["ip", "netns", "pids", node.netns], check=False).stdout.split():
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except (ProcessLookupError, ValueError):
+                pass
+        if node.proc is not None:
+            node.proc.wait(timeout=10)
+
+    def restart_node(self, name: str) -> None:
+        """The node is back (ReturnToService=2 returns it to service when its slurmd registers)."""
+        node = next(n for n in self.nodes if n.name == name)
+        self._procs = [p for p in self._procs if p is not node.proc]
+        self._start_slurmd(node)
+
+    def node_state(self, name: str) -> str:
+        return self.run_cmd(["sinfo", "-h", "-n", name, "-o", "%T"], check=False).stdout.strip()
 
     def _wait_idle(self) -> None:
         def all_idle() -> bool:

@@ -1,0 +1,260 @@
+"""What the sbatch scripts ask SLURM for, without a cluster: the scripts run as a batch job would
+run them (the SLURM_* variables a job gets), with `srun`, `sbatch` and `scontrol` replaced on PATH
+by recorders that write their argv, working directory and environment to a file (and answer
+`scontrol show job` with a given line). This covers what the two-core test cluster cannot show:
+the binding and container options a real 8-GPU cluster with pyxis acts on, and phase 2's options
+for an account, QOS, reservation and SLURM 23's `TresPerNode=gres/gpu:8` spelling.
+
+The real cluster runs of the same scripts are in test_slurm_pretrain.py / test_slurm_gpu_shape.py.
+"""
+import json
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+RECORDER = f"""#!{sys.executable}
+import json, os, sys
+name = os.path.basename(sys.argv[0])
+log = os.environ["FAKE_SLURM_LOG"]
+with open(log, "a") as f:
+    f.write(json.dumps({{"tool": name, "argv": sys.argv[1:], "cwd": os.getcwd(), "env": dict(os.environ)}}) + "\\n")
+if name == "scontrol" and sys.argv[1:3] == ["show", "hostnames"]:
+    print("node1\\nnode2")
+elif name == "scontrol" and sys.argv[1:3] == ["show", "job"]:
+    print(os.environ.get("FAKE_JOB_INFO", ""))
+elif name == "sbatch":
+    if os.environ.get("FAKE_SBATCH_FAIL"):
+        print("sbatch: error: Invalid qos specification", file=sys.stderr)
+        sys.exit(1)
+    print("777")
+"""
+
+JOB_INFO_23 = ("JobId=4242 JobName=bert-large UserId=root(0) Account=proj7 QOS=high JobState=RUNNING "
+               "Requeue=1 Restarts=0 TimeLimit=1-00:00:00 Partition=gpu NumNodes=2 NumCPUs=128 NumTasks=16 "
+               "CPUs/Task=8 MinCPUsNode=64 MinMemoryNode=0 MinTmpDiskNode=0 Features=h100&ib "
+               "Reservation=maint_after OverSubscribe=NO Contiguous=0 StdOut=/logs/bert-large-4242.out "
+               "Power= TresPerNode=gres/gpu:8")
+
+
+@pytest.fixture
+def job(tmp_path):
+    """Runs a script of slurm/ as a 2-node x 8-task batch job would; returns (result, calls)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("srun", "sbatch", "scontrol"):
+        p = bin_dir / tool
+        p.write_text(RECORDER)
+        p.chmod(p.stat().st_mode | stat.S_IEXEC)
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "manifest.json").write_text("{}")
+    submit = tmp_path / "submit"
+    submit.mkdir()
+    log = tmp_path / "calls.jsonl"
+
+    def run(script: str, *args: str, env: dict | None = None, job_id: int = 4242):
+        base = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SRUN_", "SBATCH_"))}
+        for k in ("CONTAINER_IMAGE", "CONTAINER_MOUNTS", "MASTER_ADDR", "MASTER_PORT", "PHASE2_SBATCH_ARGS"):
+            base.pop(k, None)
+        full = {**base, "PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_SLURM_LOG": str(log),
+                "FAKE_JOB_INFO": JOB_INFO_23, "REPO": str(REPO),
+                "SLURM_JOB_ID": str(job_id), "SLURM_JOB_NAME": "bert-large", "SLURM_SUBMIT_DIR": str(submit),
+                "SLURM_JOB_NODELIST": "node[1-2]", "SLURM_JOB_NUM_NODES": "2", "SLURM_NTASKS": "16",
+                "SLURM_NTASKS_PER_NODE": "8", "SLURM_CPUS_PER_TASK": "8", "SLURM_JOB_PARTITION": "gpu",
+                "DATA": str(data), "RUN_DIR": str(tmp_path / "run"), "MODEL_CONFIG": "configs/bert-tiny.json",
+                **(env or {})}
+        log.write_text("")
+        res = subprocess.run(["bash", str(REPO / script), *args], cwd=submit, env=full, capture_output=True,
+                             text=True, timeout=60)
+        calls = [json.loads(ln) for ln in log.read_text().splitlines()]
+        return res, calls
+
+    run.tmp = tmp_path
+    run.data, run.submit = data, submit
+    return run
+
+
+def sruns(calls):
+    return [c for c in calls if c["tool"] == "srun"]
+
+
+def split_srun(argv):
+    """(srun options, the task command after slurm/_task.sh)."""
+    i = argv.index("bash")
+    assert argv[i + 1] == str(REPO / "slurm/_task.sh"), argv
+    return argv[:i], argv[i + 2:]
+
+
+def test_pretrain_srun_gets_cpus_per_task_and_binding(job):
+    res, calls = job("slurm/pretrain_large.sh")
+    assert res.returncode == 0, res.stderr
+    (srun,) = sruns(calls)
+    opts, cmd = split_srun(srun["argv"])
+    # SLURM 22.05-23.11: srun does not inherit sbatch's --cpus-per-task (one CPU per task else).
+    assert "--cpus-per-task=8" in opts and srun["env"]["SRUN_CPUS_PER_TASK"] == "8", opts
+    assert "--cpu-bind=cores" in opts and "--distribution=block:block" in opts, opts
+    assert "--kill-on-bad-exit=1" in opts
+    assert not any(o.startswith(("--gpus-per-task", "--gpu-bind")) for o in opts), opts
+    assert cmd[:2] == ["python", "pretrain/run.py"] and f"{job.tmp}/run/phase1" in cmd, cmd
+    assert srun["env"]["MASTER_ADDR"] == "node1" and srun["env"]["MASTER_PORT"] == str(10000 + 4242 % 20000)
+    # Whole nodes by default, as NVIDIA's run.sub.
+    head = (REPO / "slurm/pretrain_large.sh").read_text()
+    assert "#SBATCH --exclusive\n" in head and "#SBATCH --mem=0\n" in head
+
+
+def test_cpu_bind_and_distribution_can_be_changed(job):
+    res, calls = job("slurm/pretrain_large.sh", env={"CPU_BIND": "none", "TASK_DISTRIBUTION": "block:cyclic",
+                                                    "CHAIN_PHASE2": "0"})
+    opts, _ = split_srun(sruns(calls)[0]["argv"])
+    assert "--cpu-bind=none" in opts and "--distribution=block:cyclic" in opts, opts
+
+
+def test_container_mounts_data_run_dir_and_submit_dir(job, tmp_path):
+    res, calls = job("slurm/pretrain_large.sh", env={"CONTAINER_IMAGE": "nvcr.io#nvidia/pytorch:24.01-py3",
+                                                    "CONTAINER_MOUNTS": "/scratch:/scratch:ro", "CHAIN_PHASE2": "0"})
+    assert res.returncode == 0, res.stderr
+    opts, _ = split_srun(sruns(calls)[0]["argv"])
+    assert "--container-image=nvcr.io#nvidia/pytorch:24.01-py3" in opts
+    mounts = next(o for o in opts if o.startswith("--container-mounts=")).split("=", 1)[1].split(",")
+    for path in (REPO, job.submit, job.data, tmp_path / "run"):
+        assert f"{path}:{path}" in mounts, (path, mounts)
+    assert mounts[-1] == "/scratch:/scratch:ro"
+    assert f"--container-workdir={REPO}" in opts
+    assert (tmp_path / "run").is_dir(), "RUN_DIR must exist before it is mounted"
+
+
+def test_finetune_container_runs_in_the_submit_dir(job, tmp_path):
+    model = tmp_path / "ckpt/phase2"
+    model.mkdir(parents=True)
+    res, calls = job("slurm/finetune.sh", "--task", "classify", "--model", str(model), "--train", "t.tsv",
+                     "--output-dir", "ft", env={"CONTAINER_IMAGE": "img.sqsh"})
+    assert res.returncode == 0, res.stderr
+    (srun,) = sruns(calls)
+    opts, cmd = split_srun(srun["argv"])
+    mounts = next(o for o in opts if o.startswith("--container-mounts=")).split("=", 1)[1].split(",")
+    assert f"--container-workdir={job.submit}" in opts, opts
+    for path in (REPO, job.submit, model):
+        assert f"{path}:{path}" in mounts, (path, mounts)
+    assert srun["cwd"] == str(job.submit)
+    assert "--cpus-per-task=8" in opts and cmd[:3] == ["python", "-m", "finetune"]
+
+
+def test_phase2_copies_account_qos_constraint_reservation_exclusive(job):
+    res, calls = job("slurm/pretrain_large.sh", env={"PHASE2_SBATCH_ARGS": "--time=2-00:00:00"})
+    assert res.returncode == 0, res.stderr
+    (sb,) = [c for c in calls if c["tool"] == "sbatch"]
+    argv = sb["argv"]
+    for opt in ("--nodes=2", "--ntasks-per-node=8", "--cpus-per-task=8", "--mem=0", "--partition=gpu",
+                "--gres=gpu:8", "--time=1-00:00:00", "--account=proj7", "--qos=high", "--constraint=h100&ib",
+                "--reservation=maint_after", "--exclusive", "--output=/logs/%x-%j.out",
+                "--dependency=afterok:4242", "--export=ALL,PHASE=2"):
+        assert opt in argv, (opt, argv)
+    # PHASE2_SBATCH_ARGS come after the copied options, so sbatch takes them (the last one wins).
+    assert argv.index("--time=2-00:00:00") > argv.index("--time=1-00:00:00")
+    assert argv[-1] == str(REPO / "slurm/pretrain_large.sh")
+    assert "submitted phase 2 as job 777" in res.stderr
+
+
+def test_phase2_slurm_22_spelling_and_shared_nodes(job):
+    info = (JOB_INFO_23.replace("TresPerNode=gres/gpu:8", "TresPerNode=gres:gpu:8")
+            .replace("OverSubscribe=NO", "OverSubscribe=YES").replace("MinMemoryNode=0", "MinMemoryNode=200G")
+            .replace("Account=proj7", "Account=(null)").replace(" Reservation=maint_after", ""))
+    res, calls = job("slurm/pretrain_large.sh", env={"FAKE_JOB_INFO": info})
+    (sb,) = [c for c in calls if c["tool"] == "sbatch"]
+    argv = sb["argv"]
+    assert "--gres=gpu:8" in argv and "--oversubscribe" in argv and "--mem=200G" in argv, argv
+    assert not any(a.startswith(("--account", "--reservation")) for a in argv) and "--exclusive" not in argv, argv
+
+
+def test_refused_phase2_does_not_end_phase1(job):
+    res, calls = job("slurm/pretrain_large.sh", env={"FAKE_SBATCH_FAIL": "1"})
+    assert res.returncode == 0, res.stderr
+    assert len(sruns(calls)) == 1, "phase 1 must still train"
+    assert "WARNING: the controller refused phase 2" in res.stderr and "PHASE=2" in res.stderr
+
+
+def test_finetune_array_elements_get_their_own_output_and_port(job):
+    args = ("--task", "classify", "--model", "m", "--train", "t.tsv", "--output-dir", "ft", "--seeds", "SEED")
+    seen = {}
+    for element, job_id in ((1, 5001), (2, 5002)):
+        res, calls = job("slurm/finetune.sh", *args, job_id=job_id,
+                         env={"SLURM_ARRAY_TASK_ID": str(element), "SLURM_ARRAY_JOB_ID": "5000",
+                              "SLURM_ARRAY_TASK_COUNT": "2", "SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1"})
+        assert res.returncode == 0, res.stderr
+        train, summary = sruns(calls)
+        _, cmd = split_srun(train["argv"])
+        assert cmd[cmd.index("--output-dir") + 1] == f"{job.submit}/ft/array_{element}", cmd
+        assert cmd[cmd.index("--seeds") + 1] == str(element)
+        seen[element] = (train["env"]["MASTER_ADDR"], train["env"]["MASTER_PORT"])
+        opts, scmd = split_srun(summary["argv"])
+        assert "--ntasks=1" in opts and scmd[1:] == [str(REPO / "slurm/_array_summary.py"), f"{job.submit}/ft"]
+    assert seen[1][0] == seen[2][0] == "node1"
+    assert seen[1][1] != seen[2][1], f"two jobs on one node need two ports: {seen}"
+
+
+def test_finetune_without_output_dir_is_refused(job):
+    res, calls = job("slurm/finetune.sh", "--task", "classify", "--model", "m", "--train", "t.tsv")
+    assert res.returncode == 2 and "no --output-dir" in res.stderr and not sruns(calls)
+
+
+def cpu_list(text: str) -> set[int]:
+    """'0-3,8' -> {0, 1, 2, 3, 8} (the kernel's Cpus_allowed_list)."""
+    cpus = set()
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        cpus.update(range(int(lo), int(hi or lo) + 1))
+    return cpus
+
+
+def _task(env: dict, *cmd: str) -> subprocess.CompletedProcess:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k != "CUDA_VISIBLE_DEVICES"}
+    return subprocess.run(["bash", str(REPO / "slurm/_task.sh"), *cmd], env={**base, **env},
+                          capture_output=True, text=True, timeout=30)
+
+
+def test_task_wrapper_sets_ranks_and_uses_the_gpu_at_local_rank():
+    env = {"SLURM_PROCID": "11", "SLURM_LOCALID": "3", "SLURM_NTASKS": "16", "SLURM_NTASKS_PER_NODE": "8",
+           "SLURM_CPUS_PER_TASK": "8", "CUDA_VISIBLE_DEVICES": "0,1,2,3,4,5,6,7"}
+    res = _task(env, "sh", "-c", 'echo "$RANK $LOCAL_RANK $WORLD_SIZE $LOCAL_WORLD_SIZE"')
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == ["11", "3", "16", "8"]
+    assert "gpu=3 " in res.stderr and "cpus_per_task=8" in res.stderr, res.stderr
+    logged = res.stderr.split("cpus=", 1)[1].split()[0]
+    assert cpu_list(logged) == os.sched_getaffinity(0), logged
+    # A cluster that gives each task one GPU (--gpu-bind=single:1): cuda:3 would not exist.
+    res = _task({**env, "CUDA_VISIBLE_DEVICES": "3"}, "true")
+    assert res.returncode == 2 and "sees only GPU(s) 3" in res.stderr and "SRUN_ARGS" in res.stderr, res.stderr
+    # GRES without device files (CUDA_VISIBLE_DEVICES unset): the index is the local rank.
+    env.pop("CUDA_VISIBLE_DEVICES")
+    res = _task({**env, "SLURM_GPUS_ON_NODE": "8"}, "true")
+    assert res.returncode == 0 and "gpu=3/8 " in res.stderr, res.stderr
+
+
+def test_array_summary_merges_the_elements(tmp_path):
+    out = tmp_path / "ft"
+    for i, (seed, acc) in enumerate(((1, 0.5), (2, 0.7), (3, 0.9)), start=1):
+        (out / f"array_{i}").mkdir(parents=True)
+        (out / f"array_{i}/metrics.json").write_text(json.dumps(
+            {"task": "classify", "model": "m", "runs": [{"seed": seed, "accuracy": acc, "per_type": {}}]}))
+    res = subprocess.run([sys.executable, str(REPO / "slurm/_array_summary.py"), str(out)], cwd=REPO,
+                         env={**os.environ, "PYTHONPATH": str(REPO), "SLURM_ARRAY_TASK_COUNT": "3"},
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    s = json.loads((out / "metrics.json").read_text())
+    assert s["seeds"] == [1, 2, 3] and s["complete"] is True and sorted(s["elements"]) == ["1", "2", "3"]
+    assert s["mean"]["accuracy"] == pytest.approx(0.7) and s["std"]["accuracy"] == pytest.approx(0.2)
+
+
+def test_phase2_reads_this_jobs_line_when_scontrol_lists_several(job):
+    # For an array's base id `scontrol show job -o` prints every element, this job's line not first.
+    other = JOB_INFO_23.replace("JobId=4242", "JobId=4243").replace("Account=proj7", "Account=other")
+    res, calls = job("slurm/pretrain_large.sh", env={"FAKE_JOB_INFO": other + "\n" + JOB_INFO_23})
+    assert res.returncode == 0, res.stderr
+    (sb,) = [c for c in calls if c["tool"] == "sbatch"]
+    assert [a for a in sb["argv"] if a.startswith("--account")] == ["--account=proj7"], sb["argv"]
