@@ -347,18 +347,30 @@ class _Writes:
 
 @contextmanager
 def _recording(engine, writes: _Writes):
-    """Route the DeepSpeed engine's checkpoint writes through `writes` for one save."""
+    """Route the DeepSpeed engine's checkpoint writes through `writes` for one save, and keep an
+    OSError of its one write outside that engine (rank 0 copies zero_to_fp32.py into RUN_DIR)."""
     ce = engine.checkpoint_engine
     original = ce.save
+    copy_script = getattr(engine, "_copy_recovery_script", None)
 
     def save(state_dict, path):
         writes.write(path, lambda p: original(state_dict, p))
 
+    def copy_recovery_script(save_path):
+        try:
+            copy_script(save_path)
+        except OSError as e:
+            writes.error = writes.error or f"{getattr(e, 'filename', None) or save_path}: {e.strerror or e}"
+
     ce.save = save
+    if copy_script is not None:
+        engine._copy_recovery_script = copy_recovery_script
     try:
         yield
     finally:
-        del ce.save  # the instance attribute shadowed the class's method
+        del ce.save  # the instance attributes shadowed the classes' methods
+        if copy_script is not None:
+            del engine._copy_recovery_script
 
 
 def save(engine, run_dir: str, step: int, state: dict, keep_last: int, vocab_file: Optional[str] = None,
