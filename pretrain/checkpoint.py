@@ -284,6 +284,35 @@ def choose_resume(run_dir: str, checksums: bool = True) -> ResumeChoice:
     )
 
 
+def select_for_resume(run_dir: str, checksums: bool) -> tuple[Optional[str], Optional[str]]:
+    """Rank 0 on start: (tag to resume from or None, error line or None). Removes `.incomplete`
+    folders, logs every rejected checkpoint in one line and a fall-back, and points `latest` at
+    the chosen checkpoint after a fall-back. Never raises a CheckpointError: the other ranks wait
+    for its answer."""
+    gone = remove_incomplete(run_dir)
+    if gone:
+        log.info("removed %s: saves that did not complete (killed or failed)", ", ".join(gone))
+    try:
+        choice = choose_resume(run_dir, checksums=checksums)
+    except CheckpointError as e:
+        return None, f"--save_dir {run_dir}: {e}"
+    for verdict in choice.rejected:
+        log.error("%s", damage_message(run_dir, verdict))
+    v = choice.verdict
+    if choice.fell_back:
+        log.warning("falling back to %s, the newest checkpoint that verifies (`latest` named %s, now moved back; the "
+                    "damaged folder is left for inspection and replaced when the run saves that step again)",
+                    os.path.join(run_dir, choice.tag), choice.latest or "nothing")
+        point_latest(run_dir, choice.tag)
+    if v is not None and v.legacy:
+        log.warning("%s has no %s (written before integrity records): its files cannot be verified",
+                    os.path.join(run_dir, choice.tag), INTEGRITY)
+    elif v is not None:
+        log.info("checkpoint %s verified: %d files, %.1f MiB, sizes%s", os.path.join(run_dir, choice.tag), v.files,
+                 v.bytes / 2**20, " and CRC-32s" if v.checksums else " (checksums skipped: --no-verify_checksums)")
+    return choice.tag, None
+
+
 def point_latest(run_dir: str, tag: str) -> None:
     """Move `latest` to `tag`: write-then-rename, then the directory fsynced (the rename durable)."""
     with atomic_write(os.path.join(run_dir, LATEST), "w", encoding="utf-8") as f:

@@ -286,7 +286,7 @@ def plan_resume(res: Resolved) -> ResumePlan:
     call on every rank). One rank decides so that the ranks cannot disagree (a file being checked
     while a shared filesystem catches up could otherwise pass on one node and fail on another)."""
     save_dir = res.cfg.save_dir
-    tag, error = _broadcast_object(_choose_checkpoint(save_dir, res.cfg.verify_checksums) if dist.get_rank() == 0
+    tag, error = _broadcast_object(ckpt.select_for_resume(save_dir, res.cfg.verify_checksums) if dist.get_rank() == 0
                                    else None)
     if error:
         raise ckpt.CheckpointError(error)
@@ -295,31 +295,6 @@ def plan_resume(res: Resolved) -> ResumePlan:
     state = ckpt.read_state(save_dir, tag)
     load_tag = tag if state["dp"] == res.dp else _convert_to_universal(save_dir, tag, state["dp"], res.dp)
     return ResumePlan(tag=tag, load_tag=load_tag, same_world=state["world_size"] == res.world_size)
-
-
-def _choose_checkpoint(save_dir: str, checksums: bool) -> tuple:
-    """(tag or None, error line or None) on rank 0, saying what it rejected and why."""
-    try:
-        gone = ckpt.remove_incomplete(save_dir)
-        if gone:
-            log.info("removed %s: saves that did not complete (killed or failed)", ", ".join(gone))
-        choice = ckpt.choose_resume(save_dir, checksums=checksums)
-    except ckpt.CheckpointError as e:
-        log.error("--save_dir %s: %s", save_dir, e)
-        return None, f"--save_dir {save_dir}: {e}"
-    for verdict in choice.rejected:
-        log.error("%s", ckpt.damage_message(save_dir, verdict))
-    if choice.fell_back:
-        log.warning("falling back to %s, the newest checkpoint that verifies (`latest` named %s, now moved back; "
-                    "the damaged folder is left for inspection and is replaced when the run saves that step again)",
-                    os.path.join(save_dir, choice.tag), choice.latest or "nothing")
-        ckpt.point_latest(save_dir, choice.tag)
-    elif choice.tag is not None:
-        v = choice.verdict
-        log.info("checkpoint %s verified: %s", os.path.join(save_dir, choice.tag),
-                 "no integrity record (written before they existed)" if v.legacy else
-                 f"{v.files} files, {v.bytes / 2**20:.1f} MiB, sizes{' and CRC-32s' if v.checksums else ' (checksums skipped)'}")
-    return choice.tag, None
 
 
 def _convert_to_universal(save_dir: str, tag: str, old_dp: int, new_dp: int) -> str:

@@ -236,15 +236,40 @@ def _argv(values):
     return out
 
 
-def _run_with_full_disk(rank, world_size, values):
-    """pretrain/run.py's main with the disk full halfway through rank 1's optimizer shard of
-    step 4: half the bytes land on disk, then the write fails with ENOSPC, as a real one does."""
+def _main(rank, world_size, values):
+    """pretrain/run.py's main in this rank: (exit code, what it printed to stderr)."""
     import contextlib
     import io
 
-    import torch
-
     from pretrain import run
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = run.main(_argv(values))
+    return code, err.getvalue()
+
+
+@pytest.mark.slow
+def test_no_checkpoint_that_verifies_stops_every_rank_with_what_to_do(configs, tiny_data, tmp_path):
+    run = tmp_path / "run"
+    values, _ = _damaged_latest(configs, tiny_data, run, _flip_one_bit_of_the_master_weights)
+    _flip_one_bit_of_the_master_weights(str(run / "step_4" / OPTIM.format(1)))
+    before = {p: os.path.getmtime(p) for p in glob.glob(str(run / "**"), recursive=True)}
+    for code, err in spawn(_main, world_size=2, args=(values,), timeout=600):
+        assert code == 2, err  # an input error, as when validate finds it
+        line = [ln for ln in err.splitlines() if ln.startswith("error: ")]
+        assert len(line) == 1 and "no checkpoint verifies (step_6: " in line[0] and "step_4: " in line[0], err
+        assert "use a new --save_dir" in line[0] and "Traceback" not in err
+    assert _latest(run) == "step_6"
+    assert {p: os.path.getmtime(p) for p in glob.glob(str(run / "**"), recursive=True)} == before  # nothing written
+
+
+def _run_with_full_disk(rank, world_size, values):
+    """pretrain/run.py's main with the disk full halfway through rank 1's optimizer shard of
+    step 4: half the bytes land on disk, then the write fails with ENOSPC, as a real one does."""
+    import io
+
+    import torch
 
     real_save = torch.save
 
@@ -258,10 +283,7 @@ def _run_with_full_disk(rank, world_size, values):
         return real_save(obj, f, *args, **kwargs)
 
     torch.save = save
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err):
-        code = run.main(_argv(values))
-    return code, err.getvalue()
+    return _main(rank, world_size, values)
 
 
 def test_full_disk_during_a_save_fails_cleanly_and_keeps_latest(configs, tiny_data, uninterrupted, tmp_path):
