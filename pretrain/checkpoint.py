@@ -2,16 +2,26 @@
 
 Layout of RUN_DIR (one folder per saved step, DeepSpeed's own files inside):
 
-    RUN_DIR/latest                      # the tag of the newest COMPLETE checkpoint (DeepSpeed's format)
+    RUN_DIR/latest                      # the tag of the newest complete checkpoint (DeepSpeed's format)
     RUN_DIR/step_<N>/                   # DeepSpeed files (mp_rank_*, *_optim_states.pt) ...
     RUN_DIR/step_<N>/rng/rank_<r>.pt    # every rank's python/numpy/torch RNG states
     RUN_DIR/step_<N>/trainer_state.json # step, consumed samples, resolved config, model config, world
     RUN_DIR/step_<N>/vocab.txt          # the tokenizer, so export needs nothing but this folder
+    RUN_DIR/step_<N>/integrity.json     # name, size and CRC-32 of every file above, written last
+    RUN_DIR/step_<N>.incomplete/        # a save in progress (or killed, or failed): never loaded
 
-`latest` is rewritten (atomically) only after every rank has finished writing, so a run killed
-mid-save resumes from the previous checkpoint; older folders beyond `keep_last` are removed only
-after that. DeepSpeed's own `latest` handling is turned off (save_latest=False) because it writes
-`latest` before the trainer's extra files exist.
+A save writes into `step_<N>.incomplete`. Each rank fsyncs and checksums the files it wrote (the
+DeepSpeed checkpoint engine's writes are recorded as they happen); rank 0 gathers the records,
+covers anything else found in the folder, writes `integrity.json`, fsyncs the folders, renames the
+folder to `step_<N>`, and only then moves `latest` (write-then-rename, directory fsynced). So a
+folder named `step_<N>` is complete by construction, and `latest` never names anything else.
+An OSError on any rank (a full disk) is gathered instead of raised inside DeepSpeed's collectives,
+so every rank stops with the same `CheckpointSaveError` and `latest` stays where it was.
+
+On start `choose_resume` verifies the checkpoint `latest` names (sizes, and CRC-32s unless
+--no-verify_checksums) and falls back to the newest older one that verifies. DeepSpeed's own
+`latest` handling is turned off (save_latest=False) because it writes `latest` before the
+trainer's extra files exist.
 """
 from __future__ import annotations
 
@@ -23,13 +33,16 @@ import random
 import re
 import shutil
 import tempfile
-from typing import Optional
+import zlib
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Callable, Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from data_prep.atomic import atomic_write
+from data_prep.atomic import atomic_write, fsync_path
 from pretrain.model import BertForPreTraining
 from pretrain.quiet import captured_output
 from pretrain.tensor_parallel import universal_checkpoint_patterns, unshard_state_dicts
@@ -39,42 +52,52 @@ log = logging.getLogger(__name__)
 
 LATEST = "latest"
 STATE_FILE = "trainer_state.json"
+INTEGRITY = "integrity.json"
+INCOMPLETE = ".incomplete"
+INTEGRITY_FORMAT = 1
 _TAG_RE = re.compile(r"^step_(\d+)$")
+_CHUNK = 8 << 20
 
 
 class CheckpointError(ValueError):
-    pass
+    """A checkpoint that cannot be used (missing, damaged, not this trainer's); one line."""
+
+
+class CheckpointSaveError(RuntimeError):
+    """A save that could not complete (a full disk, an I/O error); `latest` was not moved."""
 
 
 def tag_for(step: int) -> str:
     return f"step_{step}"
 
 
+def _step_of(tag: str) -> Optional[int]:
+    m = _TAG_RE.match(tag or "")
+    return int(m.group(1)) if m else None
+
+
 def latest_tag(run_dir: str) -> Optional[str]:
-    """The tag `latest` names, if it points at a complete checkpoint; None for a fresh run."""
+    """The tag `latest` names (None for a fresh run). Whether that checkpoint is usable is
+    `verify`'s question, answered on start by `choose_resume`."""
     path = os.path.join(run_dir, LATEST)
     if not os.path.isfile(path):
         return None
     with open(path) as f:
-        tag = f.read().strip()
-    if not os.path.isfile(os.path.join(run_dir, tag, STATE_FILE)):
-        raise CheckpointError(
-            f"{path} names checkpoint {tag!r} but {os.path.join(run_dir, tag, STATE_FILE)} is missing; "
-            "the run directory was edited by hand: fix `latest` or use a new --save_dir"
-        )
-    return tag
+        return f.read().strip()
 
 
 def resolve(path: str) -> tuple[str, str]:
-    """RUN_DIR, RUN_DIR/latest or RUN_DIR/step_N -> (run_dir, tag) of a complete checkpoint."""
+    """RUN_DIR, RUN_DIR/latest or RUN_DIR/step_N -> (run_dir, tag). The checkpoint is not
+    verified here: readers of its weights go through `full_weights`, which is."""
     path = os.path.normpath(path)
-    if os.path.isdir(path) and os.path.isfile(os.path.join(path, STATE_FILE)):
+    if os.path.isdir(path) and (_step_of(os.path.basename(path)) is not None
+                                or os.path.isfile(os.path.join(path, STATE_FILE))):
         return os.path.dirname(path) or ".", os.path.basename(path)
     if os.path.basename(path) == LATEST:
         path = os.path.dirname(path) or "."
     if os.path.isdir(path):
         tag = latest_tag(path)
-        if tag is not None:
+        if tag:
             return path, tag
     raise CheckpointError(
         f"{path}: not a checkpoint of this trainer (expected RUN_DIR, RUN_DIR/latest or RUN_DIR/step_N "
@@ -85,6 +108,226 @@ def resolve(path: str) -> tuple[str, str]:
 def read_state(run_dir: str, tag: str) -> dict:
     with open(os.path.join(run_dir, tag, STATE_FILE)) as f:
         return json.load(f)
+
+
+# ----------------------------------------------------------------------------------------------
+# Integrity record: one CRC-32 per file (zlib's, ~1 GB/s from the page cache, docs/pretrain.md)
+# catches every flipped bit and burst up to 32 bits; sizes catch truncation without reading.
+
+
+def file_crc32(path: str) -> tuple[int, str]:
+    """(size, CRC-32 as 8 hex digits), streamed in 8 MiB chunks."""
+    buf = bytearray(_CHUNK)
+    view = memoryview(buf)
+    crc, size = 0, 0
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            crc = zlib.crc32(view[:n], crc)
+            size += n
+    return size, f"{crc:08x}"
+
+
+def _durable_entry(path: str) -> dict:
+    """fsync a finished file, then its size and checksum (read back from the page cache)."""
+    fsync_path(path)
+    size, crc = file_crc32(path)
+    return {"size": size, "crc32": crc}
+
+
+@dataclass
+class Verdict:
+    """What `verify` found: `problem` is None for a usable checkpoint."""
+
+    tag: str
+    problem: Optional[str] = None
+    files: int = 0
+    bytes: int = 0
+    checksums: bool = False
+    legacy: bool = False  # written before integrity records: readable, but nothing to check against
+
+    @property
+    def ok(self) -> bool:
+        return self.problem is None
+
+
+def verify(run_dir: str, tag: str, checksums: bool = True) -> Verdict:
+    """Check `run_dir/tag` against its integrity record: every file present with its size (and,
+    with `checksums`, its CRC-32), and no loadable `.pt` file the record does not know."""
+    tag_dir = os.path.join(run_dir, tag)
+    if not os.path.isdir(tag_dir):
+        return Verdict(tag, f"{tag_dir} is missing")
+    record_path = os.path.join(tag_dir, INTEGRITY)
+    if not os.path.isfile(record_path):
+        return _verify_legacy(run_dir, tag)
+    try:
+        with open(record_path) as f:
+            record = json.load(f)
+        files = record["files"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return Verdict(tag, f"{record_path} is unreadable ({e})")
+    total = 0
+    for name in sorted(files):
+        want = files[name]
+        path = os.path.join(tag_dir, name)
+        try:
+            size = os.path.getsize(path)
+        except OSError:
+            return Verdict(tag, f"{name} is missing (the integrity record lists it)")
+        if size != want["size"]:
+            return Verdict(tag, f"{name} is {size} bytes, the integrity record says {want['size']} (truncated or overwritten)")
+        if checksums:
+            _, crc = file_crc32(path)
+            if crc != want["crc32"]:
+                return Verdict(tag, f"{name} has CRC-32 {crc}, the integrity record says {want['crc32']} "
+                                    "(its bytes changed after it was written)")
+        total += size
+    extra = sorted(n for n in _files_under(tag_dir) if n.endswith(".pt") and n not in files)
+    if extra:
+        return Verdict(tag, f"{extra[0]} is not in the integrity record (a file added after the save)")
+    return Verdict(tag, None, files=len(files), bytes=total, checksums=checksums)
+
+
+def _verify_legacy(run_dir: str, tag: str) -> Verdict:
+    """A `step_N` folder without a record: written before integrity records existed (saves now
+    write into `.incomplete` folders, so a folder under its final name was complete once).
+    Usable if its trainer state reads; nothing else can be checked."""
+    path = os.path.join(run_dir, tag, STATE_FILE)
+    try:
+        with open(path) as f:
+            json.load(f)
+    except FileNotFoundError:
+        return Verdict(tag, f"{path} is missing and there is no {INTEGRITY} (not a complete checkpoint)")
+    except (OSError, ValueError) as e:
+        return Verdict(tag, f"{path} is unreadable ({e})")
+    return Verdict(tag, None, legacy=True)
+
+
+def _files_under(tag_dir: str) -> list[str]:
+    out = []
+    for root, dirs, names in os.walk(tag_dir):
+        dirs.sort()
+        out += [os.path.relpath(os.path.join(root, n), tag_dir) for n in sorted(names)]
+    return [n for n in out if n != INTEGRITY and not os.path.basename(n).startswith(".nfs")]
+
+
+def damage_message(run_dir: str, verdict: Verdict) -> str:
+    """The one line every reader (resume, export, the verify command) reports a bad checkpoint with."""
+    return f"checkpoint {os.path.join(run_dir, verdict.tag)} is damaged or incomplete: {verdict.problem}"
+
+
+def check(run_dir: str, tag: str, checksums: bool = True) -> Verdict:
+    """`verify`, raising CheckpointError with `damage_message` for a bad checkpoint."""
+    verdict = verify(run_dir, tag, checksums)
+    if not verdict.ok:
+        raise CheckpointError(damage_message(run_dir, verdict))
+    if verdict.legacy:
+        log.warning("%s has no %s (written before integrity records): its files cannot be verified",
+                    os.path.join(run_dir, tag), INTEGRITY)
+    return verdict
+
+
+# ----------------------------------------------------------------------------------------------
+# Which checkpoint to resume from
+
+
+@dataclass
+class ResumeChoice:
+    tag: Optional[str]  # None: a fresh run
+    latest: Optional[str] = None  # what `latest` named
+    rejected: list = field(default_factory=list)  # Verdicts of the newer checkpoints that failed
+    verdict: Optional[Verdict] = None
+
+    @property
+    def fell_back(self) -> bool:
+        return bool(self.rejected)
+
+
+def step_tags(run_dir: str) -> list[str]:
+    """Complete-looking `step_N` folders, newest first (`.incomplete` ones never match)."""
+    try:
+        names = os.listdir(run_dir)
+    except FileNotFoundError:
+        return []
+    tags = [(s, d) for d in names if (s := _step_of(d)) is not None and os.path.isdir(os.path.join(run_dir, d))]
+    return [d for _, d in sorted(tags, reverse=True)]
+
+
+def choose_resume(run_dir: str, checksums: bool = True) -> ResumeChoice:
+    """The checkpoint to continue from: the one `latest` names if it verifies, else the newest
+    older one that does. Folders newer than `latest` are saves that never became `latest`
+    (killed before it moved): not candidates. Raises CheckpointError when none verifies.
+    Pure (no logging, no writes): `config.validate` calls it on every rank with sizes only."""
+    latest = latest_tag(run_dir)
+    if latest is None:
+        return ResumeChoice(None)
+    rejected = []
+    latest_step = _step_of(latest)
+    older = [t for t in step_tags(run_dir) if latest_step is None or _step_of(t) < latest_step]
+    if latest:
+        candidates = [latest] + [t for t in older if t != latest]
+    else:  # an empty `latest` (a filesystem that lost the rename's data): every folder is a candidate
+        candidates = older
+        rejected.append(Verdict(LATEST, f"{os.path.join(run_dir, LATEST)} is empty"))
+    for tag in candidates:
+        verdict = verify(run_dir, tag, checksums)
+        if verdict.ok:
+            return ResumeChoice(tag, latest, rejected, verdict)
+        if tag == latest and not os.path.isdir(os.path.join(run_dir, tag)):
+            verdict.problem = (f"{os.path.join(run_dir, LATEST)} names checkpoint {tag!r} but "
+                               f"{os.path.join(run_dir, tag)} is missing")
+        rejected.append(verdict)
+    found = "; ".join(f"{v.tag}: {v.problem}" for v in rejected) or "no step_N folders"
+    raise CheckpointError(
+        f"no checkpoint verifies ({found}); point `latest` at an earlier complete step_N, "
+        "restore the folder from a copy, or use a new --save_dir (--init_from an export to keep the weights); "
+        f"`python -m pretrain.verify_checkpoint {run_dir} step_N` checks one"
+    )
+
+
+def select_for_resume(run_dir: str, checksums: bool) -> tuple[Optional[str], Optional[str]]:
+    """Rank 0 on start: (tag to resume from or None, error line or None). Removes `.incomplete`
+    folders, logs every rejected checkpoint in one line and a fall-back, and points `latest` at
+    the chosen checkpoint after a fall-back. Never raises a CheckpointError: the other ranks wait
+    for its answer."""
+    gone = remove_incomplete(run_dir)
+    if gone:
+        log.info("removed %s: saves that did not complete (killed or failed)", ", ".join(gone))
+    try:
+        choice = choose_resume(run_dir, checksums=checksums)
+    except CheckpointError as e:
+        return None, f"--save_dir {run_dir}: {e}"
+    for verdict in choice.rejected:
+        log.error("%s", damage_message(run_dir, verdict))
+    v = choice.verdict
+    if choice.fell_back:
+        log.warning("falling back to %s, the newest checkpoint that verifies (`latest` named %s, now moved back; the "
+                    "damaged folder is left for inspection and replaced when the run saves that step again)",
+                    os.path.join(run_dir, choice.tag), choice.latest or "nothing")
+        point_latest(run_dir, choice.tag)
+    if v is not None and v.legacy:
+        log.warning("%s has no %s (written before integrity records): its files cannot be verified",
+                    os.path.join(run_dir, choice.tag), INTEGRITY)
+    elif v is not None:
+        log.info("checkpoint %s verified: %d files, %.1f MiB, sizes%s", os.path.join(run_dir, choice.tag), v.files,
+                 v.bytes / 2**20, " and CRC-32s" if v.checksums else " (checksums skipped: --no-verify_checksums)")
+    return choice.tag, None
+
+
+def point_latest(run_dir: str, tag: str) -> None:
+    """Move `latest` to `tag`: write-then-rename, then the directory fsynced (the rename durable)."""
+    with atomic_write(os.path.join(run_dir, LATEST), "w", encoding="utf-8") as f:
+        f.write(tag)
+    fsync_path(run_dir)
+
+
+def remove_incomplete(run_dir: str) -> list[str]:
+    """Delete `step_N.incomplete` folders (saves killed or failed; never loadable); rank 0, on start."""
+    gone = []
+    for name in sorted(os.listdir(run_dir)) if os.path.isdir(run_dir) else []:
+        if name.endswith(INCOMPLETE) and _step_of(name[: -len(INCOMPLETE)]) is not None:
+            shutil.rmtree(os.path.join(run_dir, name), ignore_errors=True)
+            gone.append(name)
+    return gone
 
 
 # ----------------------------------------------------------------------------------------------
@@ -110,34 +353,146 @@ def set_rng_state(state: dict) -> None:
 # Save / load (collective: every rank calls these)
 
 
+class _Writes:
+    """The files this rank wrote into the folder being saved, each fsynced, sized and checksummed
+    right after it was written (in parallel across ranks, from this rank's page cache). An OSError
+    is kept, not raised: a rank that raised inside DeepSpeed's save would leave the others waiting
+    in its collectives; instead every rank finishes the save's collectives and they agree after."""
+
+    def __init__(self, tag_dir: str):
+        self.tag_dir = tag_dir
+        self.files: dict[str, dict] = {}
+        self.error: Optional[str] = None
+
+    def write(self, path: str, fill: Callable[[str], None]) -> None:
+        if self.error is not None:
+            return  # the disk already failed this rank: skip the rest, the save is lost anyway
+        try:
+            fill(path)
+            self.files[os.path.relpath(path, self.tag_dir)] = _durable_entry(path)
+        except OSError as e:
+            self.error = f"{path}: {e.strerror or e}"
+
+
+@contextmanager
+def _recording(engine, writes: _Writes):
+    """Route the DeepSpeed engine's checkpoint writes through `writes` for one save, and keep an
+    OSError of its one write outside that engine (rank 0 copies zero_to_fp32.py into RUN_DIR)."""
+    ce = engine.checkpoint_engine
+    original = ce.save
+    copy_script = getattr(engine, "_copy_recovery_script", None)
+
+    def save(state_dict, path):
+        writes.write(path, lambda p: original(state_dict, p))
+
+    def copy_recovery_script(save_path):
+        try:
+            copy_script(save_path)
+        except OSError as e:
+            writes.error = writes.error or f"{getattr(e, 'filename', None) or save_path}: {e.strerror or e}"
+
+    ce.save = save
+    if copy_script is not None:
+        engine._copy_recovery_script = copy_recovery_script
+    try:
+        yield
+    finally:
+        del ce.save  # the instance attributes shadowed the classes' methods
+        if copy_script is not None:
+            del engine._copy_recovery_script
+
+
 def save(engine, run_dir: str, step: int, state: dict, keep_last: int, vocab_file: Optional[str] = None,
          extra: Optional[dict] = None) -> str:
-    """Write checkpoint `step_<step>` and move `latest` to it once complete; prune old ones."""
-
+    """Write checkpoint `step_<step>` (see the module docstring for the order that makes it
+    crash-safe), move `latest` to it, prune old ones. Raises CheckpointSaveError on every rank
+    if any rank could not write."""
     rank = dist.get_rank()
     tag = tag_for(step)
-    tag_dir = os.path.join(run_dir, tag)
-    if rank == 0 and os.path.isdir(tag_dir):
-        # Leftover of a save that was killed before `latest` moved (or of another TP size, whose
-        # mp_rank files DeepSpeed would try to load): never mix old and new files.
-        shutil.rmtree(tag_dir)
+    work_tag = tag + INCOMPLETE
+    work_dir = os.path.join(run_dir, work_tag)
+    if rank == 0 and os.path.isdir(work_dir):
+        shutil.rmtree(work_dir)  # a killed save of this step: never mix old and new files
     dist.barrier()
+    writes = _Writes(work_dir)
     client = {"trainer": state, "iteration": step, "universal_checkpoint_info": universal_info()}
-    engine.save_checkpoint(run_dir, tag=tag, client_state=client, save_latest=False)
-    os.makedirs(os.path.join(tag_dir, "rng"), exist_ok=True)
-    torch.save({"rng": rng_state(), **(extra or {})}, os.path.join(tag_dir, "rng", f"rank_{rank}.pt"))
-    dist.barrier()
+    with _recording(engine, writes):
+        engine.save_checkpoint(run_dir, tag=work_tag, client_state=client, save_latest=False)
+    writes.write(os.path.join(work_dir, "rng", f"rank_{rank}.pt"), lambda p: _save_rng(p, extra))
     if rank == 0:
         if vocab_file and os.path.isfile(vocab_file):
-            shutil.copyfile(vocab_file, os.path.join(tag_dir, os.path.basename(vocab_file)))
-        with atomic_write(os.path.join(tag_dir, STATE_FILE), "w", encoding="utf-8") as f:
-            json.dump(state, f, indent=1, sort_keys=True)
-        with atomic_write(os.path.join(run_dir, LATEST), "w", encoding="utf-8") as f:
-            f.write(tag)
-        prune(run_dir, keep_last)
-    dist.barrier()
-    log.info("saved checkpoint %s", tag_dir)
-    return tag_dir
+            writes.write(os.path.join(work_dir, os.path.basename(vocab_file)), lambda p: shutil.copyfile(vocab_file, p))
+        writes.write(os.path.join(work_dir, STATE_FILE), lambda p: _write_json(p, state))
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, {"files": writes.files, "error": writes.error})
+    error = next((f"rank {r}: {p['error']}" for r, p in enumerate(parts) if p["error"]), None)
+    if rank == 0 and error is None:
+        error = _commit(run_dir, tag, parts, keep_last)
+    error = _broadcast(error)
+    if error is not None:
+        if rank == 0:
+            shutil.rmtree(work_dir, ignore_errors=True)  # frees the space; its name says incomplete anyway
+        dist.barrier()
+        previous = latest_tag(run_dir)
+        raise CheckpointSaveError(
+            f"could not save checkpoint {tag} in {run_dir} ({error}); `latest` still names "
+            f"{previous or 'nothing (no checkpoint yet)'}. Free space on that filesystem (or lower --keep_last, or "
+            "point --save_dir elsewhere) and re-run the same command to continue from there"
+        )
+    log.info("saved checkpoint %s", os.path.join(run_dir, tag))
+    return os.path.join(run_dir, tag)
+
+
+def _save_rng(path: str, extra: Optional[dict]) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    torch.save({"rng": rng_state(), **(extra or {})}, path)
+
+
+def _write_json(path: str, obj: dict) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1, sort_keys=True)
+
+
+def _commit(run_dir: str, tag: str, parts: list[dict], keep_last: int) -> Optional[str]:
+    """Rank 0, after every rank's files are durable: the integrity record, the rename to the
+    final name, `latest`. Returns an error line instead of raising (the other ranks wait for it)."""
+    work_dir = os.path.join(run_dir, tag + INCOMPLETE)
+    final_dir = os.path.join(run_dir, tag)
+    try:
+        files = {}
+        for part in parts:
+            files.update(part["files"])
+        for name in _files_under(work_dir):
+            if name not in files:  # written by DeepSpeed outside its checkpoint engine, if ever
+                files[name] = _durable_entry(os.path.join(work_dir, name))
+        for sub in sorted({os.path.dirname(n) for n in files} - {""}):
+            fsync_path(os.path.join(work_dir, sub))
+        record = {"format": INTEGRITY_FORMAT, "tag": tag, "checksum": "crc32", "files": dict(sorted(files.items()))}
+        with atomic_write(os.path.join(work_dir, INTEGRITY), "w", encoding="utf-8") as f:
+            json.dump(record, f, indent=1)
+        fsync_path(work_dir)
+        if os.path.isdir(final_dir):
+            # A complete save of this step that never became `latest` (killed just before), or a
+            # damaged one the run fell back from: this one replaces it.
+            shutil.rmtree(final_dir)
+        os.replace(work_dir, final_dir)
+        fsync_path(run_dir)
+        _move_latest(run_dir, tag)
+    except OSError as e:
+        return f"rank 0: {getattr(e, 'filename', None) or run_dir}: {e.strerror or e}"
+    prune(run_dir, keep_last)
+    return None
+
+
+def _move_latest(run_dir: str, tag: str) -> None:
+    # Its own function: the fault-injection tests kill every rank right here.
+    point_latest(run_dir, tag)
+
+
+def _broadcast(obj):
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def universal_info() -> dict:
@@ -147,16 +502,24 @@ def universal_info() -> dict:
     return {"universal_checkpoint_version": 0.4, **universal_checkpoint_patterns()}
 
 
-def prune(run_dir: str, keep_last: int) -> None:
-    """Delete checkpoint folders beyond the newest `keep_last` (never the one `latest` names)."""
+def prune(run_dir: str, keep_last: int) -> list[str]:
+    """Keep `latest` and the `keep_last - 1` checkpoints before it; delete older ones. Nothing is
+    deleted unless `latest` verifies (sizes), so the newest checkpoint that verifies is never
+    among them. Folders newer than `latest` (a save killed before `latest` moved, or a damaged one
+    the run fell back from) are left alone: the run overwrites them when it reaches that step."""
     latest = latest_tag(run_dir)
-    tags = sorted(
-        (int(m.group(1)), d) for d in os.listdir(run_dir) if (m := _TAG_RE.match(d)) and os.path.isdir(os.path.join(run_dir, d))
-    )
-    complete = [(s, d) for s, d in tags if os.path.isfile(os.path.join(run_dir, d, STATE_FILE))]
-    for _, d in complete[:-keep_last] if keep_last > 0 else []:
-        if d != latest:
-            shutil.rmtree(os.path.join(run_dir, d), ignore_errors=True)
+    latest_step = _step_of(latest)
+    if latest_step is None:
+        return []
+    verdict = verify(run_dir, latest, checksums=False)
+    if not verdict.ok:
+        log.warning("not pruning old checkpoints: %s", damage_message(run_dir, verdict))
+        return []
+    older = [t for t in step_tags(run_dir) if _step_of(t) < latest_step]
+    gone = older[max(keep_last - 1, 0):]
+    for tag in gone:
+        shutil.rmtree(os.path.join(run_dir, tag), ignore_errors=True)
+    return gone
 
 
 def load(engine, run_dir: str, tag: str, same_world: bool, rng_tag: Optional[str] = None) -> tuple[dict, dict]:
@@ -180,11 +543,13 @@ def load(engine, run_dir: str, tag: str, same_world: bool, rng_tag: Optional[str
 # Offline: full fp32 weights out of ZeRO (and tensor-parallel) shards, without a process group
 
 
-def full_weights(run_dir: str, tag: str) -> dict:
+def full_weights(run_dir: str, tag: str, checksums: bool = True) -> dict:
     """The checkpoint's full fp32 weights in the HF layout, with its real vocabulary: ZeRO
     partitions gathered, TP shards joined, vocabulary rows cut to the model config's vocab_size
     (training pads them for tensor parallelism, pretrain/vocab.py). Every offline reader (HF export,
-    --init_from, tests comparing against a dense model) takes the weights from here."""
+    --init_from, tests comparing against a dense model) takes the weights from here, so every one
+    refuses a damaged checkpoint (CheckpointError, `damage_message`)."""
+    check(run_dir, tag, checksums)
     state = read_state(run_dir, tag)
     shards = fp32_shards(run_dir, tag)
     if len(shards) != state["tp"]:

@@ -75,6 +75,8 @@ class TrainConfig:
     save_interval: int = _f(1000, "save a checkpoint every N steps (and always at the end)")
     exit_at_step: int = _f(0, "save and exit after this step (e.g. to fit a job's time slot); re-running continues to --train_steps")
     keep_last: int = _f(3, "checkpoints kept in --save_dir (older ones are deleted after a newer one is complete)")
+    verify_checksums: bool = _f(True, "on start, check the CRC-32 of every file of the checkpoint to resume from (sizes are "
+                                "always checked); --no-verify_checksums skips reading them, for multi-TB checkpoints")
     # --- evaluation and logging
     eval_interval: int = _f(1000, "evaluate on the held-out split every N steps (and at the end); 0 = only at the end")
     eval_samples: int = _f(2048, "held-out samples per evaluation (the same samples every time)")
@@ -229,7 +231,7 @@ def validate(cfg: TrainConfig, world_size: Optional[int] = None, device: Optiona
 
     Each input is read by its owner's reader: the model config by `BertConfig.from_dict`, the
     tensor-parallel split by `validate_model_for_tp`, the data directory by `data_prep.manifest`,
-    a run directory to resume by `checkpoint.latest_tag`/`read_state`. `device` ("cuda" or "cpu",
+    a run directory to resume by `checkpoint.choose_resume`/`read_state`. `device` ("cuda" or "cpu",
     default: where training will run) decides what "auto" precision is.
     """
     world_size = world_size_from_env() if world_size is None else world_size
@@ -445,11 +447,12 @@ def _check_resume(cfg: TrainConfig, padded_vocab: int) -> Optional[dict]:
     """A re-run resumes from --save_dir: its checkpoint must fit this layout. Returns its state."""
     tag = None
     try:
-        tag = ckpt.latest_tag(cfg.save_dir)
+        # Sizes only, on every rank: the trainer verifies checksums on rank 0 and reports fall-backs.
+        tag = ckpt.choose_resume(cfg.save_dir, checksums=False).tag
         state = ckpt.read_state(cfg.save_dir, tag) if tag is not None else None
         if state is not None and not isinstance(state, dict):
             raise ValueError("not a JSON object")
-    except ckpt.CheckpointError as e:  # `latest` names a checkpoint that is not there
+    except ckpt.CheckpointError as e:  # no checkpoint in --save_dir verifies
         raise ConfigError(f"--save_dir {cfg.save_dir}: {e}") from None
     except (OSError, ValueError) as e:  # an unreadable `latest` or trainer state, or not JSON
         where = os.path.join(cfg.save_dir, tag, ckpt.STATE_FILE) if tag else os.path.join(cfg.save_dir, ckpt.LATEST)

@@ -27,9 +27,10 @@ log = logging.getLogger("pretrain.export_hf")
 def export(checkpoint_path: str, out_dir: str) -> str:
     """Write the HF directory; returns out_dir."""
     run_dir, tag = ckpt.resolve(checkpoint_path)
+    ckpt.check(run_dir, tag)  # a damaged checkpoint is refused before any of it is read
     state = ckpt.read_state(run_dir, tag)
     config = BertConfig.from_dict(state["model_config"], source=f"{os.path.join(run_dir, tag, ckpt.STATE_FILE)}")
-    full = ckpt.full_weights(run_dir, tag)  # padded vocabulary rows already cut off
+    full = ckpt.full_weights(run_dir, tag, checksums=False)  # checked above; padded vocabulary rows cut off
     vocab = None
     for name in ("vocab.txt",):
         if os.path.isfile(os.path.join(run_dir, tag, name)):

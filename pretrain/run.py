@@ -26,11 +26,16 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    from pretrain.checkpoint import CheckpointError, CheckpointSaveError
     from pretrain.trainer import NonFiniteError, Trainer  # after validate: a config error costs no DeepSpeed import
 
     try:
         Trainer(res).run()
-    except (ConfigError, NonFiniteError) as e:
+    except CheckpointError as e:  # no checkpoint in --save_dir verifies: an input error, as in validate
+        logging.getLogger("pretrain").error("%s", e)
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (ConfigError, NonFiniteError, CheckpointSaveError) as e:
         logging.getLogger("pretrain").error("%s", e)
         print(f"error: {e}", file=sys.stderr)
         return 3

@@ -282,9 +282,14 @@ class ResumePlan:
 
 
 def plan_resume(res: Resolved) -> ResumePlan:
-    """Rank 0 reads `latest`; every rank gets its answer (a collective: call on every rank)."""
+    """Rank 0 verifies the checkpoint to continue from; every rank gets its answer (a collective:
+    call on every rank). One rank decides so that the ranks cannot disagree (a file being checked
+    while a shared filesystem catches up could otherwise pass on one node and fail on another)."""
     save_dir = res.cfg.save_dir
-    tag = _broadcast_object(ckpt.latest_tag(save_dir) if dist.get_rank() == 0 else None)
+    tag, error = _broadcast_object(ckpt.select_for_resume(save_dir, res.cfg.verify_checksums) if dist.get_rank() == 0
+                                   else None)
+    if error:
+        raise ckpt.CheckpointError(error)
     if tag is None:
         return ResumePlan()
     state = ckpt.read_state(save_dir, tag)
