@@ -225,5 +225,7 @@ def _plan_buckets(lengths: list, cu_seqlens: torch.Tensor, device, dtype):
             bias.masked_fill_(~valid[:, None, None, :], torch.finfo(dtype).min)
             bias = bias.to(device)
         buckets.append(_Bucket(len(members), length, None if identity else gather.reshape(-1).to(device), bias))
-    unbucket = None if torch.equal(position, torch.arange(total)) else position.to(device)
+    # No permutation back only when the buckets' rows are the packed tokens themselves, in order
+    # and without padding rows (a short last sequence alone pads the end).
+    unbucket = None if row == total and torch.equal(position, torch.arange(total)) else position.to(device)
     return buckets, unbucket
