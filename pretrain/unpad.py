@@ -110,9 +110,10 @@ class TokenLayout:
         max_position = int(position_ids.max()) if indices.numel() else 0
         return cls(indices, cu_seqlens, position_ids, lengths.tolist(), batch, seq, max_position, backend)
 
-    def to(self, device) -> "TokenLayout":
-        return TokenLayout(self.indices.to(device), self.cu_seqlens.to(device), self.position_ids.to(device),
-                           self.lengths, self.batch, self.seq, self.max_position, self.backend)
+    def to(self, device, non_blocking: bool = False) -> "TokenLayout":
+        """The layout on ``device`` (same call as a tensor's, so a batch dict moves as one)."""
+        move = [t.to(device, non_blocking=non_blocking) for t in (self.indices, self.cu_seqlens, self.position_ids)]
+        return TokenLayout(*move, self.lengths, self.batch, self.seq, self.max_position, self.backend)
 
     # -- moving between the padded grid and the packed tokens -------------------------------------
 

@@ -185,3 +185,25 @@ def test_bf16_autocast_unpadded_stays_close_to_padded():
         model.unpad = True
         out = model(ids, types, mask, labels=labels, next_sentence_label=nsp).loss
     assert abs(float(out) - float(ref)) < 2e-2 * abs(float(ref))
+
+
+def test_host_layout_spares_the_device_a_nonzero(monkeypatch):
+    """The trainer builds the layout where the mask is still on the host (as it does the masked
+    positions) and moves it with the batch; the forward pass then never calls nonzero (on a GPU
+    that waits for every queued kernel), and gives the padded model's loss."""
+    config = BertConfig(**NO_DROPOUT)
+    model = randomize_(BertForPreTraining(config)).train()
+    ids, types, mask, labels, nsp = ragged_batch(config, LENGTHS["random"], LONG)
+    ref = model(ids, types, mask, labels=labels, next_sentence_label=nsp).loss
+    batch = {"input_ids": ids, "token_type_ids": types, "attention_mask": mask, "labels": labels,
+             "next_sentence_label": nsp, "masked_positions": (labels.reshape(-1) != -100).nonzero().squeeze(1),
+             "layout": TokenLayout.from_attention_mask(mask)}
+    batch = {k: v.to("cpu", non_blocking=True) for k, v in batch.items()}  # the trainer's _to_device
+
+    def no_nonzero(*a, **k):
+        raise AssertionError("nonzero called in the forward pass")
+
+    monkeypatch.setattr(torch.Tensor, "nonzero", no_nonzero)
+    out = model(**batch)
+    out.loss.backward()
+    torch.testing.assert_close(out.loss, ref, atol=ATOL, rtol=0)
