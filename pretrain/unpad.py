@@ -148,7 +148,7 @@ class TokenLayout:
         if backend == "auto":
             backend = "nested" if query.is_cuda else "bucketed"
         if backend == "nested":
-            return _nested_attention(query, key, value, self.cu_seqlens, dropout_p)
+            return _nested_attention(query, key, value, self.cu_seqlens, self.lengths, dropout_p)
         return self._bucketed_attention(query, key, value, dropout_p)
 
     def _bucketed_attention(self, query, key, value, dropout_p):
@@ -169,9 +169,12 @@ class TokenLayout:
         return out if unbucket is None else out.index_select(0, unbucket)
 
 
-def _nested_attention(query, key, value, cu_seqlens, dropout_p):
+def _nested_attention(query, key, value, cu_seqlens, lengths, dropout_p):
     offsets = cu_seqlens.long()
-    q, k, v = (torch.nested.nested_tensor_from_jagged(t, offsets).transpose(1, 2) for t in (query, key, value))
+    # The host-side min/max lengths spare SDPA reading them back from the device (a sync).
+    bounds = dict(min_seqlen=min(lengths), max_seqlen=max(lengths))
+    q, k, v = (torch.nested.nested_tensor_from_jagged(t, offsets, **bounds).transpose(1, 2)
+               for t in (query, key, value))
     out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
     return out.transpose(1, 2).values()
 
