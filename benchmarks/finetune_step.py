@@ -81,7 +81,8 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=6, help="timed steps per variant (batches of the sample)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per variant")
     parser.add_argument("--max-length", type=int, default=128, help="the task's --max-seq-length")
-    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch intra-op threads (1: CPU time then excludes OpenMP spin-waits)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")

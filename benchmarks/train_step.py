@@ -160,7 +160,8 @@ def main(argv=None):
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per variant")
     parser.add_argument("--rounds", type=int, default=3, help="timed steps per variant")
-    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch intra-op threads (1: CPU time then excludes OpenMP spin-waits)")
     parser.add_argument("--hf-attn", default="sdpa", choices=["sdpa", "eager"],
                         help="transformers attention implementation (sdpa is its default)")
     parser.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "bert_bench_data"),
