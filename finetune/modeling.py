@@ -11,7 +11,8 @@ whole batch: several processes and accumulated micro-batches then give exactly t
 gradient of one step on the whole batch (`finetune/train.py`).
 
 The encoder runs unpadded (`pretrain/unpad.py`: the dense layers see only the real tokens)
-wherever no output at a padding position is returned: always for the pooled and span heads
+wherever no output at a padding position is returned: always for the pooled head (whose last
+layer computes the [CLS] rows only) and the span head
 (span logits at padding are masked anyway), and for token labelling when labels are given
 (training; its logits at padding are then those of a zero hidden state). Token logits without
 labels keep the padded layout, so every position equals transformers'."""
@@ -49,7 +50,12 @@ class BertForSequenceClassification(nn.Module):
         _init_linear(self.classifier, config.initializer_range)
 
     def forward(self, input_ids, token_type_ids=None, attention_mask=None, labels=None, loss_reduction="mean"):
-        pooled = self.bert(input_ids, token_type_ids, attention_mask, unpad=True).pooler_output
+        # Only the [CLS] rows leave the last layer (its attention output and feed-forward skip
+        # every other token), as pretraining's NSP head does.
+        batch, seq = input_ids.shape
+        cls_rows = torch.arange(0, batch * seq, seq, device=input_ids.device)
+        hidden = self.bert(input_ids, token_type_ids, attention_mask, output_rows=cls_rows, unpad=True).last_hidden_state
+        pooled = self.bert.pooler(hidden[:, None])
         logits = self.classifier(self.dropout(pooled))
         loss = None
         if labels is not None:
