@@ -1,8 +1,9 @@
 """The fine-tuning loop shared by every task: AdamW over `pretrain.optim.optimizer_groups` (no decay
 on biases and LayerNorm), `pretrain.optim`'s linear warm-up then linear decay, gradient clipping,
 length-bucketed batches padded to their longest sequence (the unpadded encoder then skips the
-padding). `train` runs it in plain single-process PyTorch, or, given a DeepSpeed config, through a DeepSpeed engine (one or several processes). The tasks
-(`finetune/tasks/`) supply features and evaluation.
+padding). `train` runs it in plain single-process PyTorch, or, given a DeepSpeed config,
+through a DeepSpeed engine (one or several processes). The tasks (`finetune/tasks/`) supply
+features and evaluation.
 
 One optimizer update consumes batch_size x processes x gradient_accumulation_steps examples. Its
 loss is the mean over the loss terms of that whole batch (examples; labelled tokens for token
