@@ -10,6 +10,10 @@ only ``layers.tp_size`` (to size the local attention heads) and never touches pr
 devices or environment variables. Activation checkpointing is toggled from outside with
 ``model.bert.encoder.gradient_checkpointing = True``; weights are initialised by
 ``init_weights()``, which the trainer calls after applying parallelism.
+
+Layers work on [B, S, H] (padded) or on the packed real tokens [T, H] (unpadded,
+``pretrain/unpad.py``); the attention plan passed down the encoder (``PaddedAttention`` or a
+``TokenLayout``) is the only thing that knows which, so no layer branches on it.
 """
 
 from __future__ import annotations
