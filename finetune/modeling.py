@@ -8,7 +8,14 @@ Every head's loss is a mean over its loss terms (examples; for token labelling t
 tokens). `forward(..., loss_reduction="sum")` returns their sum instead and `loss_units(batch)`
 counts them, so that the training loop can divide a share of a batch by the term count of the
 whole batch: several processes and accumulated micro-batches then give exactly the loss and
-gradient of one step on the whole batch (`finetune/train.py`)."""
+gradient of one step on the whole batch (`finetune/train.py`).
+
+The encoder runs unpadded (`pretrain/unpad.py`: the dense layers see only the real tokens)
+wherever no output at a padding position is returned: always for the pooled head (whose last
+layer computes the [CLS] rows only) and the span head
+(span logits at padding are masked anyway), and for token labelling when labels are given
+(training; its logits at padding are then those of a zero hidden state). Token logits without
+labels keep the padded layout, so every position equals transformers'."""
 from __future__ import annotations
 
 import torch
@@ -43,7 +50,12 @@ class BertForSequenceClassification(nn.Module):
         _init_linear(self.classifier, config.initializer_range)
 
     def forward(self, input_ids, token_type_ids=None, attention_mask=None, labels=None, loss_reduction="mean"):
-        pooled = self.bert(input_ids, token_type_ids, attention_mask).pooler_output
+        # Only the [CLS] rows leave the last layer (its attention output and feed-forward skip
+        # every other token), as pretraining's NSP head does.
+        batch, seq = input_ids.shape
+        cls_rows = torch.arange(0, batch * seq, seq, device=input_ids.device)
+        hidden = self.bert(input_ids, token_type_ids, attention_mask, output_rows=cls_rows, unpad=True).last_hidden_state
+        pooled = self.bert.pooler(hidden[:, None])
         logits = self.classifier(self.dropout(pooled))
         loss = None
         if labels is not None:
@@ -72,7 +84,7 @@ class BertForTokenClassification(nn.Module):
         _init_linear(self.classifier, config.initializer_range)
 
     def forward(self, input_ids, token_type_ids=None, attention_mask=None, labels=None, loss_reduction="mean"):
-        hidden = self.bert(input_ids, token_type_ids, attention_mask).last_hidden_state
+        hidden = self.bert(input_ids, token_type_ids, attention_mask, unpad=labels is not None).last_hidden_state
         logits = self.classifier(self.dropout(hidden))
         loss = None
         if labels is not None:
@@ -100,7 +112,7 @@ class BertForQuestionAnswering(nn.Module):
 
     def forward(self, input_ids, token_type_ids=None, attention_mask=None,
                 start_positions=None, end_positions=None, loss_reduction="mean"):
-        hidden = self.bert(input_ids, token_type_ids, attention_mask).last_hidden_state
+        hidden = self.bert(input_ids, token_type_ids, attention_mask, unpad=True).last_hidden_state
         start, end = self.qa_outputs(hidden).unbind(-1)
         if attention_mask is not None:
             # padding must never be picked as a span boundary

@@ -1,8 +1,9 @@
 """The fine-tuning loop shared by every task: AdamW over `pretrain.optim.optimizer_groups` (no decay
 on biases and LayerNorm), `pretrain.optim`'s linear warm-up then linear decay, gradient clipping,
-batches padded to their longest sequence. `train` runs it in plain single-process PyTorch, or,
-given a DeepSpeed config, through a DeepSpeed engine (one or several processes). The tasks
-(`finetune/tasks/`) supply features and evaluation.
+length-bucketed batches padded to their longest sequence (the unpadded encoder then skips the
+padding). `train` runs it in plain single-process PyTorch, or, given a DeepSpeed config,
+through a DeepSpeed engine (one or several processes). The tasks (`finetune/tasks/`) supply
+features and evaluation.
 
 One optimizer update consumes batch_size x processes x gradient_accumulation_steps examples. Its
 loss is the mean over the loss terms of that whole batch (examples; labelled tokens for token
@@ -91,12 +92,38 @@ def collate(features: list[dict], pad_id: int = 0) -> dict:
     return out
 
 
+# Length-bucketed training batches: the shuffled epoch is cut into windows of this many batches,
+# each window is sorted by length and cut into batches, and the batches are shuffled again (as
+# transformers' group_by_length does with its "mega-batches"). A batch then holds sentences of
+# similar lengths, so the padded layout (and the attention blocks of the unpadded encoder) waste
+# little, while which examples meet in a batch still changes with every epoch and seed.
+_BUCKET_WINDOW = 50
+
+
 def _batches(features, batch_size, shuffle, rng):
+    """Batches of `batch_size` examples (the last may be short). Shuffled (training): every
+    example once per epoch, grouped by length within windows, in an order drawn from `rng`
+    alone, so the same seed gives the same batches on every rank and run."""
     order = list(range(len(features)))
     if shuffle:
         rng.shuffle(order)
+        order = _length_grouped(order, features, batch_size, rng)
     for i in range(0, len(order), batch_size):
         yield [features[j] for j in order[i:i + batch_size]]
+
+
+def _length_grouped(order: list, features, batch_size: int, rng) -> list:
+    window = batch_size * _BUCKET_WINDOW  # a multiple of batch_size: only the last batch is short
+    batches = []
+    for w in range(0, len(order), window):
+        # Longest first within a window; the sort is stable, so ties keep the shuffled order.
+        chunk = sorted(order[w:w + window], key=lambda j: -len(features[j]["input_ids"]))
+        batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+    short = batches.pop() if batches and len(batches[-1]) < batch_size else None
+    rng.shuffle(batches)
+    if short is not None:
+        batches.append(short)  # the epoch's short batch stays last, as without grouping
+    return [j for b in batches for j in b]
 
 
 def _to(batch: dict, model) -> dict:

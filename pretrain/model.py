@@ -10,6 +10,10 @@ only ``layers.tp_size`` (to size the local attention heads) and never touches pr
 devices or environment variables. Activation checkpointing is toggled from outside with
 ``model.bert.encoder.gradient_checkpointing = True``; weights are initialised by
 ``init_weights()``, which the trainer calls after applying parallelism.
+
+Layers work on [B, S, H] (padded) or on the packed real tokens [T, H] (unpadded,
+``pretrain/unpad.py``); the attention plan passed down the encoder (``PaddedAttention`` or a
+``TokenLayout``) is the only thing that knows which, so no layer branches on it.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from pretrain.layers import IGNORE_INDEX, LayerFactory
+from pretrain.unpad import TokenLayout
 
 # Keys HF writes into config.json that do not change the network; accepted and dropped.
 _HF_BOOKKEEPING_KEYS = frozenset({
@@ -180,12 +185,18 @@ class BertEmbeddings(nn.Module):
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
-    def forward(self, input_ids, token_type_ids):
-        seq_length = input_ids.shape[1]
+    def forward(self, input_ids, token_type_ids, layout: Optional[TokenLayout] = None):
+        """[B, S] ids -> [B, S, H]; with ``layout``, only its real tokens -> [T, H]."""
+        if layout is None:
+            seq_length = input_ids.shape[1]
+            positions = torch.arange(seq_length, device=input_ids.device)
+        else:
+            input_ids, token_type_ids = layout.unpad(input_ids), layout.unpad(token_type_ids)
+            seq_length = layout.max_position + 1
+            positions = layout.position_ids
         if seq_length > self.position_embeddings.num_embeddings:
             raise ValueError(f"sequence length {seq_length} exceeds max_position_embeddings "
                              f"({self.position_embeddings.num_embeddings})")
-        positions = torch.arange(seq_length, device=input_ids.device)
         embeddings = self.word_embeddings(input_ids) + self.token_type_embeddings(token_type_ids)
         embeddings = embeddings + self.position_embeddings(positions)
         return self.dropout(self.LayerNorm(embeddings))
@@ -204,16 +215,13 @@ class BertSelfAttention(nn.Module):
         self.dropout_prob = config.attention_probs_dropout_prob
         self._sharded_rng = layers.sharded_rng
 
-    def forward(self, hidden_states, attention_mask):
-        batch, seq, _ = hidden_states.shape
-        shape = (batch, seq, self.num_heads, self.head_dim)
-        query = self.query(hidden_states).view(shape).transpose(1, 2)
-        key = self.key(hidden_states).view(shape).transpose(1, 2)
-        value = self.value(hidden_states).view(shape).transpose(1, 2)
-        if attention_mask is not None and attention_mask.dtype != query.dtype:
-            # Under autocast q/k/v are bf16/fp16 while the bias was built in fp32; SDPA wants
-            # one dtype, and the clamp keeps "masked" finite (fp32's min overflows fp16).
-            attention_mask = attention_mask.clamp(min=torch.finfo(query.dtype).min).to(query.dtype)
+    def forward(self, hidden_states, attention):
+        """``hidden_states`` [B, S, H] or packed [T, H]; ``attention`` the matching plan
+        (``PaddedAttention`` or ``TokenLayout``), which runs the softmax over each sequence."""
+        shape = (*hidden_states.shape[:-1], self.num_heads, self.head_dim)
+        query = self.query(hidden_states).view(shape)
+        key = self.key(hidden_states).view(shape)
+        value = self.value(hidden_states).view(shape)
         dropout = self.dropout_prob if self.training else 0.0
         # Attention probabilities live on this rank's heads only: their dropout mask must differ
         # across TP ranks, hence the sharded RNG region. Entered only when dropout runs: the
@@ -221,9 +229,25 @@ class BertSelfAttention(nn.Module):
         # The region forks the generator of the device the activations are on (CUDA's for a GPU
         # run: SDPA's dropout draws from it there, not from the CPU generator).
         with self._sharded_rng(query.device) if dropout > 0 else contextlib.nullcontext():
-            context = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask,
-                                                     dropout_p=dropout)
-        return context.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim)
+            context = attention.attend(query, key, value, dropout)
+        return context.reshape(*hidden_states.shape[:-1], self.num_heads * self.head_dim)
+
+
+class PaddedAttention:
+    """Attention on the padded [B, S, heads, d] layout with an additive [B, 1, 1, S] key bias."""
+
+    def __init__(self, bias: Optional[torch.Tensor]):
+        self.bias = bias
+
+    def attend(self, query, key, value, dropout_p: float = 0.0):
+        query, key, value = (t.transpose(1, 2) for t in (query, key, value))
+        bias = self.bias
+        if bias is not None and bias.dtype != query.dtype:
+            # Under autocast q/k/v are bf16/fp16 while the bias was built in fp32; SDPA wants
+            # one dtype, and the clamp keeps "masked" finite (fp32's min overflows fp16).
+            bias = bias.clamp(min=torch.finfo(query.dtype).min).to(query.dtype)
+        context = F.scaled_dot_product_attention(query, key, value, attn_mask=bias, dropout_p=dropout_p)
+        return context.transpose(1, 2)
 
 
 class BertSelfOutput(nn.Module):
@@ -243,11 +267,12 @@ class BertAttention(nn.Module):
         self.self = BertSelfAttention(config, layers)  # "self" is the HF key name
         self.output = BertSelfOutput(config, layers)
 
-    def forward(self, hidden_states, attention_mask, rows=None):
-        context = self.self(hidden_states, attention_mask)
+    def forward(self, hidden_states, attention, rows=None):
+        context = self.self(hidden_states, attention)
         if rows is not None:
             # Every token is a key/value, but only `rows` (flat B*S indices) are read after this
             # layer: the output projection, LayerNorm and feed-forward skip all other tokens.
+            # (Packed [T, C] inputs: `rows` index the packed tokens.)
             context = context.reshape(-1, context.shape[-1]).index_select(0, rows)
             hidden_states = hidden_states.reshape(-1, hidden_states.shape[-1]).index_select(0, rows)
         return self.output(context, hidden_states)
@@ -281,8 +306,8 @@ class BertLayer(nn.Module):
         self.intermediate = BertIntermediate(config, layers)
         self.output = BertOutput(config, layers)
 
-    def forward(self, hidden_states, attention_mask, rows=None):
-        attention_output = self.attention(hidden_states, attention_mask, rows)
+    def forward(self, hidden_states, attention, rows=None):
+        attention_output = self.attention(hidden_states, attention, rows)
         return self.output(self.intermediate(attention_output), attention_output)
 
 
@@ -293,16 +318,16 @@ class BertEncoder(nn.Module):
         # Toggled by the trainer; recomputes each layer in backward instead of storing activations.
         self.gradient_checkpointing = False
 
-    def forward(self, hidden_states, attention_mask, output_hidden_states=False, output_rows=None):
+    def forward(self, hidden_states, attention, output_hidden_states=False, output_rows=None):
         all_hidden = [hidden_states] if output_hidden_states else None
         last = len(self.layer) - 1
         for i, layer in enumerate(self.layer):
             rows = output_rows if i == last else None
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 hidden_states = torch.utils.checkpoint.checkpoint(
-                    layer, hidden_states, attention_mask, rows, use_reentrant=False)
+                    layer, hidden_states, attention, rows, use_reentrant=False)
             else:
-                hidden_states = layer(hidden_states, attention_mask, rows)
+                hidden_states = layer(hidden_states, attention, rows)
             if output_hidden_states:
                 all_hidden.append(hidden_states)
         return hidden_states, (tuple(all_hidden) if output_hidden_states else None)
@@ -354,17 +379,44 @@ class BertModel(nn.Module):
         self.embeddings = BertEmbeddings(config, layers, rows)
         self.encoder = BertEncoder(config, layers)
         self.pooler = BertPooler(config) if add_pooling_layer else None
+        # Unpadded attention: "auto" (CPU: bucketed SDPA, CUDA: nested-tensor varlen SDPA),
+        # "bucketed" or "nested" (``pretrain/unpad.py``).
+        self.attention_backend = "auto"
 
     def forward(self, input_ids, token_type_ids=None, attention_mask=None,
-                output_hidden_states=False, output_rows=None) -> BertModelOutput:
+                output_hidden_states=False, output_rows=None, unpad: bool = False,
+                layout: Optional[TokenLayout] = None) -> BertModelOutput:
         """``output_rows`` (optional, int64 indices into the flattened [B * S] tokens): the last
         layer computes only these rows; ``last_hidden_state`` is then [len(rows), H] and
-        ``pooler_output`` None (the caller pools the [CLS] rows it asked for)."""
+        ``pooler_output`` None (the caller pools the [CLS] rows it asked for).
+
+        ``unpad`` (with an ``attention_mask``), or an explicit ``layout`` (e.g. of packed rows):
+        every layer runs on the packed real tokens only (``pretrain/unpad.py``), with the padded
+        model's numbers at real tokens (up to float rounding; dropout masks differ).
+        ``last_hidden_state`` and ``hidden_states`` come back as [B, S, H] with zeros at padding
+        where the padded model has values nobody should read (hence off by default: this
+        module's outputs then equal transformers' at every position); ``output_rows`` must be
+        real tokens."""
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
-        hidden = self.embeddings(input_ids, token_type_ids)
-        bias = _attention_bias(attention_mask, hidden.dtype)
-        hidden, all_hidden = self.encoder(hidden, bias, output_hidden_states, output_rows)
+        if layout is None and unpad and attention_mask is not None:
+            layout = TokenLayout.from_attention_mask(attention_mask, backend=self.attention_backend)
+        if layout is None:
+            hidden = self.embeddings(input_ids, token_type_ids)
+            attention = PaddedAttention(_attention_bias(attention_mask, hidden.dtype))
+            rows = output_rows
+        else:
+            hidden = self.embeddings(input_ids, token_type_ids, layout)
+            attention = layout
+            rows = None if output_rows is None else layout.to_packed(output_rows)
+        hidden, all_hidden = self.encoder(hidden, attention, output_hidden_states, rows)
+        if layout is not None:
+            all_hidden = None if all_hidden is None else tuple(layout.pad(h) for h in all_hidden)
+            if output_rows is None:
+                cls_rows = layout.to_packed(torch.arange(0, layout.batch * layout.seq, layout.seq,
+                                                         device=hidden.device))
+                pooled = None if self.pooler is None else self.pooler(hidden.index_select(0, cls_rows)[:, None])
+                return BertModelOutput(layout.pad(hidden), pooled, all_hidden)
         pooled = None
         if self.pooler is not None and output_rows is None:
             pooled = self.pooler(hidden)
@@ -439,16 +491,28 @@ class BertForPreTraining(nn.Module):
         real_rows = _real_vocab_rows(self.bert.embeddings.word_embeddings, config.vocab_size)
         self.cls = BertPreTrainingHeads(config, layers, self.padded_vocab_size, real_rows)
         self.tie_weights()
+        # With labels, run the encoder unpadded (every output then is a real token's: masked
+        # positions and [CLS]). Toggled from outside like ``gradient_checkpointing``; off by
+        # default because building the layout from a GPU mask waits for the device (``nonzero``),
+        # which a caller avoids by passing ``layout`` built on the host (see ``forward``).
+        # Without labels the full [B, S, V] logits stay padded (transformers' at every position).
+        self.unpad = False
 
     def tie_weights(self) -> None:
         self.cls.predictions.decoder.weight = self.bert.embeddings.word_embeddings.weight
 
     def forward(self, input_ids, token_type_ids=None, attention_mask=None, labels=None,
-                next_sentence_label=None, masked_positions=None) -> PreTrainingOutput:
+                next_sentence_label=None, masked_positions=None,
+                layout: Optional[TokenLayout] = None) -> PreTrainingOutput:
         """``masked_positions`` (optional, with ``labels``): the flat [B * S] indices of
         ``labels != -100`` in row-major order, computed by the caller where the labels are still on
         the host. Without it the model finds them itself with ``nonzero``, which on a GPU waits for
-        every queued kernel (the output size depends on the data) once per micro-batch."""
+        every queued kernel (the output size depends on the data) once per micro-batch.
+
+        ``layout`` (optional, with ``labels``): the batch's ``TokenLayout``, built by the caller
+        on the host for the same reason (``TokenLayout.from_attention_mask(mask).to(device)``);
+        the encoder then runs unpadded whatever ``self.unpad`` says. Without it and with
+        ``self.unpad`` the model builds it from ``attention_mask``."""
         mlm_loss = nsp_loss = mlm_labels = None
         if labels is not None:
             # Sparse prediction: only the [CLS] rows (NSP) and the masked rows (~15% of tokens,
@@ -465,7 +529,8 @@ class BertForPreTraining(nn.Module):
                 masked = masked_positions.reshape(-1).to(device=flat_labels.device, dtype=torch.long)
             cls_rows = torch.arange(0, batch * seq, seq, device=masked.device)
             rows = torch.cat([cls_rows, masked])
-            hidden = self.bert(input_ids, token_type_ids, attention_mask, output_rows=rows).last_hidden_state
+            hidden = self.bert(input_ids, token_type_ids, attention_mask, output_rows=rows,
+                               unpad=self.unpad, layout=layout).last_hidden_state
             pooled_output = self.bert.pooler(hidden[:batch, None])
             mlm_labels = flat_labels.index_select(0, masked)
             prediction_logits = self.cls.predictions(hidden[batch:])
