@@ -96,12 +96,16 @@ slurm_placement_args() {
 # The srun options that run the step in CONTAINER_IMAGE (pyxis), one per line; nothing without one.
 slurm_container_args() {
   [ -n "${CONTAINER_IMAGE:-}" ] || return 0
-  local mounts=() p seen=" "
+  local mounts=() p src seen=" "
   for p in "$REPO" "${SLURM_SUBMIT_DIR:-$PWD}" ${SLURM_JOB_PATHS[@]+"${SLURM_JOB_PATHS[@]}"}; do
-    p=$(realpath -m "$p")
+    # Inside, the job uses the paths as it sees them outside (REPO from pwd, DATA, the workdir),
+    # which may pass through a symlink (/home -> /gpfs/home): the target keeps them unresolved
+    # (only normalised), the source is the real folder the host mounts.
+    p=$(realpath -m -s "$p")
+    src=$(realpath -m "$p")
     case "$seen" in *" $p "*) continue;; esac
     seen+="$p "
-    mounts+=("$p:$p")
+    mounts+=("$src:$p")
   done
   local all
   all=$(IFS=,; echo "${mounts[*]}")

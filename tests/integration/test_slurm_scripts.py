@@ -258,3 +258,26 @@ def test_phase2_reads_this_jobs_line_when_scontrol_lists_several(job):
     assert res.returncode == 0, res.stderr
     (sb,) = [c for c in calls if c["tool"] == "sbatch"]
     assert [a for a in sb["argv"] if a.startswith("--account")] == ["--account=proj7"], sb["argv"]
+
+
+def test_container_mounts_keep_symlinked_paths_as_the_job_sees_them(job, tmp_path):
+    # /home -> /gpfs/home style: the checkout, the data and the run dir are reached through a link.
+    real = tmp_path / "gpfs"
+    (real / "data").mkdir(parents=True)
+    (real / "data/manifest.json").write_text("{}")
+    link = tmp_path / "home"
+    link.symlink_to(real)
+    repo_link = tmp_path / "repo_link"
+    repo_link.symlink_to(REPO)
+    res, calls = job("slurm/pretrain_large.sh", env={
+        "CONTAINER_IMAGE": "img.sqsh", "CHAIN_PHASE2": "0", "REPO": str(repo_link),
+        "DATA": str(link / "data"), "RUN_DIR": str(link / "run")})
+    assert res.returncode == 0, res.stderr
+    (srun,) = sruns(calls)
+    argv = srun["argv"]
+    mounts = next(o for o in argv if o.startswith("--container-mounts=")).split("=", 1)[1].split(",")
+    # Source: the real folder; target: the path the job uses inside (workdir, _task.sh, --data).
+    for src, dst in ((REPO, repo_link), (real / "data", link / "data"), (real / "run", link / "run")):
+        assert f"{src}:{dst}" in mounts, (src, dst, mounts)
+    assert f"--container-workdir={repo_link}" in argv, argv
+    assert str(repo_link / "slurm/_task.sh") in argv and str(link / "data") in argv, argv
