@@ -188,10 +188,18 @@ _slurm_on_term() {
 # CPUs, memory, GPUs, partition, time, and account, QOS, constraint, exclusivity, reservation (a
 # follow-up without them may be rejected, or land on other hardware). Read back from the
 # controller, so that command-line overrides of the #SBATCH defaults carry over. One per line.
+# Returns 1 (and prints nothing) when the controller did not answer: a follow-up submitted
+# without the shape would get the script's #SBATCH defaults (other node count, no account...).
 slurm_same_shape_args() {
-  local info
-  # This job's line only (for an array's base id scontrol lists every element).
-  info=$(scontrol show job -o "$SLURM_JOB_ID" | awk -v id="JobId=$SLURM_JOB_ID" '$1 == id && !n {print; n = 1}')
+  local info="" try tries=${SCONTROL_TRIES:-3}
+  for ((try = 1; try <= tries; try++)); do
+    # This job's line only (for an array's base id scontrol lists every element). A busy
+    # controller times out now and then ("Socket timed out on send/recv"): ask again.
+    info=$(scontrol show job -o "$SLURM_JOB_ID" | awk -v id="JobId=$SLURM_JOB_ID" '$1 == id && !n {print; n = 1}') || info=""
+    [ -z "$info" ] || break
+    if [ "$try" -lt "$tries" ]; then sleep "$((try * ${SCONTROL_RETRY_DELAY:-5}))"; fi
+  done
+  [ -n "$info" ] || return 1
   _field() {
     local v
     v=$(sed -n "s/.* $1=\([^ ]*\).*/\1/p" <<<" $info")

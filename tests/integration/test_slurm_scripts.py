@@ -27,6 +27,13 @@ with open(log, "a") as f:
 if name == "scontrol" and sys.argv[1:3] == ["show", "hostnames"]:
     print("node1\\nnode2")
 elif name == "scontrol" and sys.argv[1:3] == ["show", "job"]:
+    # FAKE_SCONTROL_FAILS=N: the first N queries time out, as on a busy controller.
+    count = log + ".scontrol_fails"
+    failed = int(open(count).read()) if os.path.exists(count) else 0
+    if failed < int(os.environ.get("FAKE_SCONTROL_FAILS", "0")):
+        open(count, "w").write(str(failed + 1))
+        print("slurm_load_jobs error: Socket timed out on send/recv operation", file=sys.stderr)
+        sys.exit(1)
     print(os.environ.get("FAKE_JOB_INFO", ""))
 elif name == "sbatch":
     if os.environ.get("FAKE_SBATCH_FAIL"):
@@ -67,9 +74,10 @@ def job(tmp_path):
                 "SLURM_JOB_ID": str(job_id), "SLURM_JOB_NAME": "bert-large", "SLURM_SUBMIT_DIR": str(submit),
                 "SLURM_JOB_NODELIST": "node[1-2]", "SLURM_JOB_NUM_NODES": "2", "SLURM_NTASKS": "16",
                 "SLURM_NTASKS_PER_NODE": "8", "SLURM_CPUS_PER_TASK": "8", "SLURM_JOB_PARTITION": "gpu",
-                "DATA": str(data), "RUN_DIR": str(tmp_path / "run"), "MODEL_CONFIG": "configs/bert-tiny.json",
+                "SCONTROL_RETRY_DELAY": "0", "DATA": str(data), "RUN_DIR": str(tmp_path / "run"), "MODEL_CONFIG": "configs/bert-tiny.json",
                 **(env or {})}
         log.write_text("")
+        Path(f"{log}.scontrol_fails").unlink(missing_ok=True)
         res = subprocess.run(["bash", str(REPO / script), *args], cwd=submit, env=full, capture_output=True,
                              text=True, timeout=60)
         calls = [json.loads(ln) for ln in log.read_text().splitlines()]
@@ -281,3 +289,21 @@ def test_container_mounts_keep_symlinked_paths_as_the_job_sees_them(job, tmp_pat
         assert f"{src}:{dst}" in mounts, (src, dst, mounts)
     assert f"--container-workdir={repo_link}" in argv, argv
     assert str(repo_link / "slurm/_task.sh") in argv and str(link / "data") in argv, argv
+
+
+def test_phase2_keeps_its_shape_through_a_scontrol_timeout(job):
+    res, calls = job("slurm/pretrain_large.sh", env={"FAKE_SCONTROL_FAILS": "2"})
+    assert res.returncode == 0, res.stderr
+    (sb,) = [c for c in calls if c["tool"] == "sbatch"]
+    assert "--nodes=2" in sb["argv"] and "--account=proj7" in sb["argv"] and "--gres=gpu:8" in sb["argv"], sb["argv"]
+
+
+def test_phase2_is_not_chained_without_phase1s_shape(job):
+    # The controller never answers: phase 2 with the script's defaults (4 nodes, no account)
+    # would be wrong; it is not submitted, phase 1 trains, and the log says how to submit it.
+    res, calls = job("slurm/pretrain_large.sh", env={"FAKE_SCONTROL_FAILS": "99", "SLURM_JOB_ACCOUNT": "proj7"})
+    assert res.returncode == 0, res.stderr
+    assert len([c for c in calls if c["tool"] == "scontrol" and c["argv"][:2] == ["show", "job"]]) == 3
+    assert not [c for c in calls if c["tool"] == "sbatch"], "phase 2 submitted without phase 1's shape"
+    assert len(sruns(calls)) == 1, "phase 1 must still train"
+    assert "phase 2 NOT chained" in res.stderr and "--nodes=2" in res.stderr and "--account=proj7" in res.stderr, res.stderr
