@@ -217,14 +217,25 @@ slurm_same_shape_args() {
     if [ -n "$mem" ]; then echo "--mem-per-cpu=$mem"; fi
   fi
   [ -n "${SLURM_JOB_PARTITION:-}" ] && echo "--partition=$SLURM_JOB_PARTITION"
-  # gres:gpu:8 up to SLURM 22.05, gres/gpu:8 from 23.02 (several comma-separated).
-  local gres
+  # GPUs however phase 1 asked for them: --gres/--gpus-per-node (TresPerNode), --gpus
+  # (TresPerJob), --gpus-per-task, --gpus-per-socket. gres:gpu:8 up to SLURM 22.05, gres/gpu:8
+  # from 23.02, several comma-separated (23.x also lists cpu=8 in TresPerTask: not a GPU).
+  _gpus() { _field "$1" | tr ',' '\n' | sed -n 's/^gres[:/]gpu[:=]//p' | sed -n 1p; }
+  local gres v
   gres=$(_field TresPerNode | sed 's/gres[:/]//g')
-  if [ -n "$gres" ]; then echo "--gres=$gres"; else echo "--gres=none"; fi
+  if [ -n "$gres" ]; then echo "--gres=$gres"
+  else
+    # The script's own #SBATCH --gres=gpu:8 would otherwise come back: phase 1 turned it off.
+    echo "--gres=none"
+  fi
+  v=$(_gpus TresPerJob); if [ -n "$v" ]; then echo "--gpus=$v"; fi
+  v=$(_gpus TresPerTask); if [ -n "$v" ]; then echo "--gpus-per-task=$v"; fi
+  v=$(_gpus TresPerSocket); if [ -n "$v" ]; then echo "--gpus-per-socket=$v"; fi
+  # Nodes phase 1 kept away from (a known bad node) stay excluded.
+  v=$(_field ExcNodeList); if [ -n "$v" ]; then echo "--exclude=$v"; fi
   local t
   t=$(_field TimeLimit)
   if [ -n "$t" ] && [ "$t" != UNLIMITED ]; then echo "--time=$t"; fi
-  local v
   v=$(_field Account); v=${v:-${SLURM_JOB_ACCOUNT:-}}
   if [ -n "$v" ]; then echo "--account=$v"; fi
   v=$(_field QOS); v=${v:-${SLURM_JOB_QOS:-}}

@@ -166,6 +166,7 @@ def test_phase2_copies_account_qos_constraint_reservation_exclusive(job):
     # PHASE2_SBATCH_ARGS come after the copied options, so sbatch takes them (the last one wins).
     assert argv.index("--time=2-00:00:00") > argv.index("--time=1-00:00:00")
     assert argv[-1] == str(REPO / "slurm/pretrain_large.sh")
+    assert [a for a in argv if a.startswith(("--gpus", "--gres"))] == ["--gres=gpu:8"], argv
     assert "submitted phase 2 as job 777" in res.stderr
 
 
@@ -307,3 +308,18 @@ def test_phase2_is_not_chained_without_phase1s_shape(job):
     assert not [c for c in calls if c["tool"] == "sbatch"], "phase 2 submitted without phase 1's shape"
     assert len(sruns(calls)) == 1, "phase 1 must still train"
     assert "phase 2 NOT chained" in res.stderr and "--nodes=2" in res.stderr and "--account=proj7" in res.stderr, res.stderr
+
+
+@pytest.mark.parametrize("tres, expected", [
+    ("TresPerJob=gres:gpu:16", ["--gres=none", "--gpus=16"]),                      # sbatch --gpus=16 (22.05)
+    ("TresPerJob=gres/gpu:a100:16", ["--gres=none", "--gpus=a100:16"]),            # 23.02 spelling, typed
+    ("TresPerTask=cpu=8,gres/gpu:1", ["--gres=none", "--gpus-per-task=1"]),        # --gpus-per-task=1 (23.x)
+])
+def test_phase2_keeps_gpus_asked_for_per_job_or_task(job, tres, expected):
+    info = JOB_INFO_23.replace("TresPerNode=gres/gpu:8", tres) + " ExcNodeList=node[7,9]"
+    res, calls = job("slurm/pretrain_large.sh", env={"FAKE_JOB_INFO": info})
+    (sb,) = [c for c in calls if c["tool"] == "sbatch"]
+    argv = sb["argv"]
+    for opt in (*expected, "--exclude=node[7,9]"):
+        assert opt in argv, (opt, argv)
+    assert len([a for a in argv if a.startswith(("--gpus", "--gres"))]) == len(expected), argv
