@@ -35,6 +35,8 @@ elif name == "scontrol" and sys.argv[1:3] == ["show", "job"]:
         print("slurm_load_jobs error: Socket timed out on send/recv operation", file=sys.stderr)
         sys.exit(1)
     print(os.environ.get("FAKE_JOB_INFO", ""))
+elif name == "srun" and os.environ.get("FAKE_SRUN_FAIL") and os.environ["FAKE_SRUN_FAIL"] in " ".join(sys.argv):
+    sys.exit(1)
 elif name == "sbatch":
     if os.environ.get("FAKE_SBATCH_FAIL"):
         print("sbatch: error: Invalid qos specification", file=sys.stderr)
@@ -245,19 +247,98 @@ def test_task_wrapper_sets_ranks_and_uses_the_gpu_at_local_rank():
     assert res.returncode == 0 and "gpu=3/8 " in res.stderr, res.stderr
 
 
+def _element(out: Path, index: int, acc: float, array_job: str | None) -> None:
+    """An array element's output as finetune.sh leaves it (the marker only once it succeeded)."""
+    (out / f"array_{index}").mkdir(parents=True, exist_ok=True)
+    (out / f"array_{index}/metrics.json").write_text(json.dumps(
+        {"task": "classify", "model": "m", "runs": [{"seed": index, "accuracy": acc, "per_type": {}}]}))
+    if array_job is not None:
+        (out / f"array_{index}/slurm_array.json").write_text(json.dumps({"array_job_id": array_job}))
+
+
+def _summary(out: Path, count: int = 3, array_job: str = "200", **env) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "slurm/_array_summary.py"), str(out)], cwd=REPO,
+                          env={**os.environ, "PYTHONPATH": str(REPO), "SLURM_ARRAY_TASK_COUNT": str(count),
+                               "SLURM_ARRAY_JOB_ID": array_job, **env},
+                          capture_output=True, text=True, timeout=60)
+
+
 def test_array_summary_merges_the_elements(tmp_path):
     out = tmp_path / "ft"
-    for i, (seed, acc) in enumerate(((1, 0.5), (2, 0.7), (3, 0.9)), start=1):
-        (out / f"array_{i}").mkdir(parents=True)
-        (out / f"array_{i}/metrics.json").write_text(json.dumps(
-            {"task": "classify", "model": "m", "runs": [{"seed": seed, "accuracy": acc, "per_type": {}}]}))
-    res = subprocess.run([sys.executable, str(REPO / "slurm/_array_summary.py"), str(out)], cwd=REPO,
-                         env={**os.environ, "PYTHONPATH": str(REPO), "SLURM_ARRAY_TASK_COUNT": "3"},
-                         capture_output=True, text=True, timeout=60)
+    for i, acc in ((1, 0.5), (2, 0.7), (3, 0.9)):
+        _element(out, i, acc, "200")
+    res = _summary(out)
     assert res.returncode == 0, res.stderr
     s = json.loads((out / "metrics.json").read_text())
     assert s["seeds"] == [1, 2, 3] and s["complete"] is True and sorted(s["elements"]) == ["1", "2", "3"]
     assert s["mean"]["accuracy"] == pytest.approx(0.7) and s["std"]["accuracy"] == pytest.approx(0.2)
+    assert s["array_job_id"] == "200" and not list(out.glob(".metrics.json.*")), "temp file left behind"
+
+
+def test_array_summary_counts_only_this_array_jobs_elements(tmp_path):
+    # OUT held an earlier --array=1-5 (job 100); now --array=1-3 (job 200): elements 1 and 2 are
+    # done, 3 is training again (its old metrics still there, no marker), 4 and 5 are leftovers.
+    out = tmp_path / "ft"
+    _element(out, 1, 0.5, "200")
+    _element(out, 2, 0.7, "200")
+    _element(out, 3, 0.1, None)
+    _element(out, 4, 0.1, "100")
+    _element(out, 5, 0.1, "100")
+    res = _summary(out)
+    assert res.returncode == 0, res.stderr
+    s = json.loads((out / "metrics.json").read_text())
+    assert sorted(s["elements"]) == ["1", "2"] and s["complete"] is False, s
+    assert s["mean"]["accuracy"] == pytest.approx(0.6), s
+
+
+def test_array_summary_does_not_write_through_a_lock_symlink(tmp_path):
+    out = tmp_path / "ft"
+    _element(out, 1, 0.5, "200")
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep")
+    (out / ".metrics.lock").symlink_to(victim)
+    res = _summary(out, count=1)
+    assert victim.read_text() == "keep"
+    assert res.returncode != 0 and ".metrics.lock is a symlink" in res.stderr, res.stderr
+
+
+def test_array_summary_without_file_locks(tmp_path, monkeypatch, capsys):
+    """Lustre mounted without `flock`: flock() fails with ENOSYS; the summary is still written."""
+    import errno
+    import importlib.util
+
+    out = tmp_path / "ft"
+    _element(out, 1, 0.5, "200")
+    _element(out, 2, 0.7, "200")
+    spec = importlib.util.spec_from_file_location("array_summary", REPO / "slurm/_array_summary.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+
+    def no_flock(fd, op):
+        raise OSError(errno.ENOSYS, os.strerror(errno.ENOSYS))
+
+    monkeypatch.setattr(mod.fcntl, "flock", no_flock)
+    monkeypatch.setattr(sys, "argv", ["_array_summary.py", str(out)])
+    monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "2")
+    monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "200")
+    mod.main()
+    s = json.loads((out / "metrics.json").read_text())
+    assert sorted(s["elements"]) == ["1", "2"] and s["complete"] is True
+    assert "no file locks" in capsys.readouterr().err
+
+
+def test_finetune_array_element_survives_a_failed_summary(job):
+    args = ("--task", "classify", "--model", "m", "--train", "t.tsv", "--output-dir", "ft", "--seeds", "SEED")
+    stale = job.submit / "ft/array_2/slurm_array.json"
+    stale.parent.mkdir(parents=True)
+    stale.write_text('{"array_job_id": "100"}')
+    res, calls = job("slurm/finetune.sh", *args, job_id=5002,
+                     env={"SLURM_ARRAY_TASK_ID": "2", "SLURM_ARRAY_JOB_ID": "5000", "SLURM_ARRAY_TASK_COUNT": "2",
+                          "SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1", "FAKE_SRUN_FAIL": "_array_summary.py"})
+    assert res.returncode == 0, res.stderr
+    assert len(sruns(calls)) == 2 and "WARNING: the array summary" in res.stderr, res.stderr
+    # The element's marker names this array job (the summary counts it); the old one is gone.
+    assert json.loads(stale.read_text()) == {"array_job_id": "5000", "array_task_id": 2, "job_id": "5002"}
 
 
 def test_phase2_reads_this_jobs_line_when_scontrol_lists_several(job):
