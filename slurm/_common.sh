@@ -79,6 +79,17 @@ slurm_rendezvous() {
 # inputs): the scripts add them here so that a container sees them at the same path.
 SLURM_JOB_PATHS=()
 
+# slurm_add_arg_paths args...: the existing absolute paths among the arguments, as `/abs` or
+# `--flag=/abs`, join SLURM_JOB_PATHS (a folder itself, a file through its folder).
+slurm_add_arg_paths() {
+  local a
+  for a in "$@"; do
+    case "$a" in --*=/*) a=${a#*=};; esac
+    case "$a" in /*) ;; *) continue;; esac
+    if [ -d "$a" ]; then SLURM_JOB_PATHS+=("$a"); elif [ -e "$a" ]; then SLURM_JOB_PATHS+=("$(dirname "$a")"); fi
+  done
+}
+
 # The srun options that place the tasks, one per line (slurm_srun uses them; tests print them).
 slurm_placement_args() {
   # SLURM 22.05 to 23.11: srun no longer inherits sbatch's --cpus-per-task; without it each task
@@ -103,6 +114,10 @@ slurm_container_args() {
     # (only normalised), the source is the real folder the host mounts.
     p=$(realpath -m -s "$p")
     src=$(realpath -m "$p")
+    # --container-mounts is SRC:DST[:FLAGS],...: a comma or colon in a path would split it.
+    case "$p$src" in *[,:]*)
+      slurm_die "CONTAINER_IMAGE: cannot mount $p${src:+ (really $src)}: --container-mounts cannot express a path with ',' or ':'; rename it or reach it through a path without them";;
+    esac
     case "$seen" in *" $p "*) continue;; esac
     seen+="$p "
     mounts+=("$src:$p")
@@ -120,8 +135,10 @@ slurm_container_args() {
 # Runs one step with a task per GPU (srun's defaults from the allocation), forwards the
 # preemption signal, and on preemption requeues the job. Returns the step's exit status.
 slurm_srun() {
-  local srun_opts=()
-  mapfile -t srun_opts < <(slurm_placement_args; slurm_container_args)
+  local srun_opts=() opts_text
+  # Not in a process substitution: a path the container cannot mount must end the job here.
+  opts_text=$(slurm_placement_args; slurm_container_args) || exit 2
+  mapfile -t srun_opts <<<"$opts_text"
   if [ -n "${SLURM_CPUS_PER_TASK:-}" ]; then export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK; fi
   while [ $# -gt 0 ] && [ "$1" != "--" ]; do srun_opts+=("$1"); shift; done
   [ "${1:-}" = "--" ] && shift

@@ -25,8 +25,13 @@ if [ -n "${INIT_FROM:-}" ]; then SLURM_JOB_PATHS+=("$(dirname "$INIT_FROM")"); f
 cd "$REPO"
 for f in "$MODEL_CONFIG" "$PHASE1_CONFIG" "$PHASE2_CONFIG" ${DS_CONFIG:+"$DS_CONFIG"}; do
   [ -f "$f" ] || slurm_die "config file $f not found (relative paths are relative to $REPO); fix MODEL_CONFIG/PHASE1_CONFIG/PHASE2_CONFIG/DS_CONFIG"
+  # A config outside the repository (an absolute path, or ../) must be mounted too.
+  case "$f" in /*) SLURM_JOB_PATHS+=("$(dirname "$f")");; *) SLURM_JOB_PATHS+=("$(dirname "$REPO/$f")");; esac
 done
 [ -f "$DATA/manifest.json" ] || slurm_die "DATA=$DATA has no manifest.json: data prep did not finish there (run slurm/data_prep.sh)"
+slurm_add_arg_paths "$@"
+# A path the container cannot mount ends the job now, before phase 2 is chained.
+slurm_container_args >/dev/null
 
 # Chain phase 2 once the inputs are known good (a phase 1 that fails would leave it pending; with
 # --kill-on-invalid-dep it is then cancelled), before this job changes its environment

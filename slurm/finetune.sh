@@ -71,10 +71,9 @@ mkdir -p "$elem_out"
 # element drops its old one first, so old metrics are not counted while it trains again.
 if [ -n "${SLURM_ARRAY_TASK_ID:-}" ]; then rm -f "$elem_out/slurm_array.json"; fi
 SLURM_JOB_PATHS+=("$out")
-# Absolute paths in the arguments (--model /ckpt/..., --train /data/...) must be visible in a container.
-for a in "${args[@]}"; do
-  case "$a" in /*) if [ -d "$a" ]; then SLURM_JOB_PATHS+=("$a"); elif [ -e "$a" ]; then SLURM_JOB_PATHS+=("$(dirname "$a")"); fi;; esac
-done
+# Absolute paths in the arguments (--model /ckpt/..., --train=/data/...) must be visible in a container.
+slurm_add_arg_paths "${args[@]}"
+slurm_container_args >/dev/null
 
 slurm_activate
 # Relative paths in the arguments are meant from where the job was submitted.

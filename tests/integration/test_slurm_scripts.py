@@ -404,3 +404,47 @@ def test_phase2_keeps_gpus_asked_for_per_job_or_task(job, tres, expected):
     for opt in (*expected, "--exclude=node[7,9]"):
         assert opt in argv, (opt, argv)
     assert len([a for a in argv if a.startswith(("--gpus", "--gres"))]) == len(expected), argv
+
+
+def _mounts(srun: dict) -> list[str]:
+    return next(o for o in srun["argv"] if o.startswith("--container-mounts=")).split("=", 1)[1].split(",")
+
+
+def test_container_mounts_configs_and_argument_paths_outside_the_repo(job, tmp_path):
+    cfg = tmp_path / "cfg"
+    cfg.mkdir()
+    (cfg / "phase1.json").write_text((REPO / "configs/phase1.json").read_text())
+    vocab = tmp_path / "vocab"
+    vocab.mkdir()
+    (vocab / "v.txt").write_text("[PAD]\n")
+    extra = tmp_path / "extra"
+    extra.mkdir()
+    res, calls = job("slurm/pretrain_large.sh", "--vocab=" + str(vocab / "v.txt"), "--some_dir", str(extra),
+                     env={"CONTAINER_IMAGE": "img.sqsh", "CHAIN_PHASE2": "0", "PHASE1_CONFIG": str(cfg / "phase1.json")})
+    assert res.returncode == 0, res.stderr
+    mounts = _mounts(sruns(calls)[0])
+    for path in (cfg, vocab, extra):
+        assert f"{path}:{path}" in mounts, (path, mounts)
+
+
+def test_finetune_container_mounts_flag_equals_paths(job, tmp_path):
+    model = tmp_path / "ckpt/phase2"
+    model.mkdir(parents=True)
+    (tmp_path / "glue").mkdir()
+    (tmp_path / "glue/train.tsv").write_text("sentence\tlabel\n")
+    res, calls = job("slurm/finetune.sh", "--task", "classify", f"--model={model}", f"--train={tmp_path}/glue/train.tsv",
+                     "--output-dir", "ft", env={"CONTAINER_IMAGE": "img.sqsh"})
+    assert res.returncode == 0, res.stderr
+    mounts = _mounts(sruns(calls)[0])
+    for path in (model, tmp_path / "glue"):
+        assert f"{path}:{path}" in mounts, (path, mounts)
+
+
+@pytest.mark.parametrize("name", ["data,v2", "data:v2"])
+def test_container_refuses_a_path_with_comma_or_colon(job, tmp_path, name):
+    data = tmp_path / name
+    data.mkdir()
+    (data / "manifest.json").write_text("{}")
+    res, calls = job("slurm/pretrain_large.sh", env={"CONTAINER_IMAGE": "img.sqsh", "DATA": str(data)})
+    assert res.returncode == 2 and "--container-mounts cannot express" in res.stderr and str(data) in res.stderr, res.stderr
+    assert not sruns(calls) and not [c for c in calls if c["tool"] == "sbatch"], "nothing may start"
