@@ -52,10 +52,23 @@ slurm_activate() {
 
 # ---------------------------------------------------------------- rendezvous and NCCL
 slurm_rendezvous() {
+  local hosts own_addr own_port
+  hosts=$(scontrol show hostnames "$SLURM_JOB_NODELIST")
   # sed, not head: head exits after one line and, with pipefail, a long node list SIGPIPEs scontrol.
-  MASTER_ADDR=${MASTER_ADDR:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)}
+  own_addr=$(sed -n 1p <<<"$hosts")
   # Below the Linux ephemeral range (32768+), so the port is not taken by an outgoing socket.
-  MASTER_PORT=${MASTER_PORT:-$((10000 + SLURM_JOB_ID % 20000))}
+  own_port=$((10000 + SLURM_JOB_ID % 20000))
+  # sbatch exports the submitting shell (--export=ALL): a MASTER_ADDR/MASTER_PORT left there by a
+  # torchrun session would otherwise land in every job.
+  if [ -n "${MASTER_ADDR:-}" ] && ! grep -qxF "$MASTER_ADDR" <<<"$hosts"; then
+    slurm_log "WARNING: ignoring MASTER_ADDR=$MASTER_ADDR from the submitting environment: not a host of this job; using $own_addr"
+    MASTER_ADDR=$own_addr
+  fi
+  if [ -n "${MASTER_PORT:-}" ] && [ "$MASTER_PORT" != "$own_port" ]; then
+    slurm_log "WARNING: MASTER_PORT=$MASTER_PORT from the submitting environment replaces this job's own port $own_port: jobs sharing a node with the same MASTER_PORT collide (unset it before sbatch for a port per job)"
+  fi
+  MASTER_ADDR=${MASTER_ADDR:-$own_addr}
+  MASTER_PORT=${MASTER_PORT:-$own_port}
   export MASTER_ADDR MASTER_PORT
   # NCCL: all settings are env vars with defaults here; set any NCCL_* in the submitting shell
   # (sbatch exports it) to override, e.g. NCCL_SOCKET_IFNAME=ib0 NCCL_IB_HCA=mlx5.

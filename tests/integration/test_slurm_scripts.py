@@ -448,3 +448,15 @@ def test_container_refuses_a_path_with_comma_or_colon(job, tmp_path, name):
     res, calls = job("slurm/pretrain_large.sh", env={"CONTAINER_IMAGE": "img.sqsh", "DATA": str(data)})
     assert res.returncode == 2 and "--container-mounts cannot express" in res.stderr and str(data) in res.stderr, res.stderr
     assert not sruns(calls) and not [c for c in calls if c["tool"] == "sbatch"], "nothing may start"
+
+
+def test_rendezvous_from_a_submitting_shell_with_master_addr(job):
+    # A shell that ran torchrun on the login node: sbatch's --export=ALL carries its variables.
+    res, calls = job("slurm/pretrain_large.sh", env={"MASTER_ADDR": "login3", "CHAIN_PHASE2": "0"})
+    assert res.returncode == 0, res.stderr
+    assert sruns(calls)[0]["env"]["MASTER_ADDR"] == "node1", "an address outside the job cannot be the rendezvous"
+    assert "ignoring MASTER_ADDR=login3" in res.stderr
+    # One of the job's own hosts is kept; a fixed port is kept but said to collide.
+    res, calls = job("slurm/pretrain_large.sh", env={"MASTER_ADDR": "node2", "MASTER_PORT": "29500", "CHAIN_PHASE2": "0"})
+    assert (sruns(calls)[0]["env"]["MASTER_ADDR"], sruns(calls)[0]["env"]["MASTER_PORT"]) == ("node2", "29500")
+    assert "MASTER_PORT=29500 from the submitting environment replaces this job's own port 14242" in res.stderr
