@@ -112,7 +112,8 @@ slurm_placement_args() {
   # Each task on its own cores; block:block keeps consecutive local ranks (and so consecutive GPU
   # indices) on the same socket, which matches nodes whose GPUs 0-3 and 4-7 hang off one socket
   # each (the block:cyclic default alternates sockets between local ranks). Other layouts (see
-  # `nvidia-smi topo -m`): CPU_BIND=map_ldom:... or TASK_DISTRIBUTION. task/none ignores both.
+  # `nvidia-smi topo -m`; DGX A100: CPU_BIND=map_ldom:3,3,1,1,7,7,5,5, docs/slurm.md) or
+  # TASK_DISTRIBUTION. task/none ignores both.
   echo "--cpu-bind=${CPU_BIND:-cores}"
   echo "--distribution=${TASK_DISTRIBUTION:-block:block}"
 }
