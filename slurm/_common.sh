@@ -130,7 +130,7 @@ slurm_container_args() {
     src=$(realpath -m "$p")
     # --container-mounts is SRC:DST[:FLAGS],...: a comma or colon in a path would split it.
     case "$p$src" in *[,:]*)
-      slurm_die "CONTAINER_IMAGE: cannot mount $p${src:+ (really $src)}: --container-mounts cannot express a path with ',' or ':'; rename it or reach it through a path without them";;
+      slurm_die "CONTAINER_IMAGE: cannot mount $p$([ "$src" = "$p" ] || echo " (really $src)"): --container-mounts cannot express a path with ',' or ':'; rename or move that folder (a symlink to it does not help: its real path is what is mounted)";;
     esac
     case "$seen" in *" $p "*) continue;; esac
     seen+="$p "
