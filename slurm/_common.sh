@@ -52,10 +52,23 @@ slurm_activate() {
 
 # ---------------------------------------------------------------- rendezvous and NCCL
 slurm_rendezvous() {
+  local hosts own_addr own_port
+  hosts=$(scontrol show hostnames "$SLURM_JOB_NODELIST")
   # sed, not head: head exits after one line and, with pipefail, a long node list SIGPIPEs scontrol.
-  MASTER_ADDR=${MASTER_ADDR:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)}
+  own_addr=$(sed -n 1p <<<"$hosts")
   # Below the Linux ephemeral range (32768+), so the port is not taken by an outgoing socket.
-  MASTER_PORT=${MASTER_PORT:-$((10000 + SLURM_JOB_ID % 20000))}
+  own_port=$((10000 + SLURM_JOB_ID % 20000))
+  # sbatch exports the submitting shell (--export=ALL): a MASTER_ADDR/MASTER_PORT left there by a
+  # torchrun session would otherwise land in every job.
+  if [ -n "${MASTER_ADDR:-}" ] && ! grep -qxF "$MASTER_ADDR" <<<"$hosts"; then
+    slurm_log "WARNING: ignoring MASTER_ADDR=$MASTER_ADDR from the submitting environment: not a host of this job; using $own_addr"
+    MASTER_ADDR=$own_addr
+  fi
+  if [ -n "${MASTER_PORT:-}" ] && [ "$MASTER_PORT" != "$own_port" ]; then
+    slurm_log "WARNING: MASTER_PORT=$MASTER_PORT from the submitting environment replaces this job's own port $own_port: jobs sharing a node with the same MASTER_PORT collide (unset it before sbatch for a port per job)"
+  fi
+  MASTER_ADDR=${MASTER_ADDR:-$own_addr}
+  MASTER_PORT=${MASTER_PORT:-$own_port}
   export MASTER_ADDR MASTER_PORT
   # NCCL: all settings are env vars with defaults here; set any NCCL_* in the submitting shell
   # (sbatch exports it) to override, e.g. NCCL_SOCKET_IFNAME=ib0 NCCL_IB_HCA=mlx5.
@@ -79,6 +92,17 @@ slurm_rendezvous() {
 # inputs): the scripts add them here so that a container sees them at the same path.
 SLURM_JOB_PATHS=()
 
+# slurm_add_arg_paths args...: the existing absolute paths among the arguments, as `/abs` or
+# `--flag=/abs`, join SLURM_JOB_PATHS (a folder itself, a file through its folder).
+slurm_add_arg_paths() {
+  local a
+  for a in "$@"; do
+    case "$a" in --*=/*) a=${a#*=};; esac
+    case "$a" in /*) ;; *) continue;; esac
+    if [ -d "$a" ]; then SLURM_JOB_PATHS+=("$a"); elif [ -e "$a" ]; then SLURM_JOB_PATHS+=("$(dirname "$a")"); fi
+  done
+}
+
 # The srun options that place the tasks, one per line (slurm_srun uses them; tests print them).
 slurm_placement_args() {
   # SLURM 22.05 to 23.11: srun no longer inherits sbatch's --cpus-per-task; without it each task
@@ -88,7 +112,8 @@ slurm_placement_args() {
   # Each task on its own cores; block:block keeps consecutive local ranks (and so consecutive GPU
   # indices) on the same socket, which matches nodes whose GPUs 0-3 and 4-7 hang off one socket
   # each (the block:cyclic default alternates sockets between local ranks). Other layouts (see
-  # `nvidia-smi topo -m`): CPU_BIND=map_ldom:... or TASK_DISTRIBUTION. task/none ignores both.
+  # `nvidia-smi topo -m`; DGX A100: CPU_BIND=map_ldom:3,3,1,1,7,7,5,5, docs/slurm.md) or
+  # TASK_DISTRIBUTION. task/none ignores both.
   echo "--cpu-bind=${CPU_BIND:-cores}"
   echo "--distribution=${TASK_DISTRIBUTION:-block:block}"
 }
@@ -96,12 +121,20 @@ slurm_placement_args() {
 # The srun options that run the step in CONTAINER_IMAGE (pyxis), one per line; nothing without one.
 slurm_container_args() {
   [ -n "${CONTAINER_IMAGE:-}" ] || return 0
-  local mounts=() p seen=" "
+  local mounts=() p src seen=" "
   for p in "$REPO" "${SLURM_SUBMIT_DIR:-$PWD}" ${SLURM_JOB_PATHS[@]+"${SLURM_JOB_PATHS[@]}"}; do
-    p=$(realpath -m "$p")
+    # Inside, the job uses the paths as it sees them outside (REPO from pwd, DATA, the workdir),
+    # which may pass through a symlink (/home -> /gpfs/home): the target keeps them unresolved
+    # (only normalised), the source is the real folder the host mounts.
+    p=$(realpath -m -s "$p")
+    src=$(realpath -m "$p")
+    # --container-mounts is SRC:DST[:FLAGS],...: a comma or colon in a path would split it.
+    case "$p$src" in *[,:]*)
+      slurm_die "CONTAINER_IMAGE: cannot mount $p$([ "$src" = "$p" ] || echo " (really $src)"): --container-mounts cannot express a path with ',' or ':'; rename or move that folder (a symlink to it does not help: its real path is what is mounted)";;
+    esac
     case "$seen" in *" $p "*) continue;; esac
     seen+="$p "
-    mounts+=("$p:$p")
+    mounts+=("$src:$p")
   done
   local all
   all=$(IFS=,; echo "${mounts[*]}")
@@ -116,8 +149,10 @@ slurm_container_args() {
 # Runs one step with a task per GPU (srun's defaults from the allocation), forwards the
 # preemption signal, and on preemption requeues the job. Returns the step's exit status.
 slurm_srun() {
-  local srun_opts=()
-  mapfile -t srun_opts < <(slurm_placement_args; slurm_container_args)
+  local srun_opts=() opts_text
+  # Not in a process substitution: a path the container cannot mount must end the job here.
+  opts_text=$(slurm_placement_args; slurm_container_args) || exit 2
+  mapfile -t srun_opts <<<"$opts_text"
   if [ -n "${SLURM_CPUS_PER_TASK:-}" ]; then export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK; fi
   while [ $# -gt 0 ] && [ "$1" != "--" ]; do srun_opts+=("$1"); shift; done
   [ "${1:-}" = "--" ] && shift
@@ -184,10 +219,18 @@ _slurm_on_term() {
 # CPUs, memory, GPUs, partition, time, and account, QOS, constraint, exclusivity, reservation (a
 # follow-up without them may be rejected, or land on other hardware). Read back from the
 # controller, so that command-line overrides of the #SBATCH defaults carry over. One per line.
+# Returns 1 (and prints nothing) when the controller did not answer: a follow-up submitted
+# without the shape would get the script's #SBATCH defaults (other node count, no account...).
 slurm_same_shape_args() {
-  local info
-  # This job's line only (for an array's base id scontrol lists every element).
-  info=$(scontrol show job -o "$SLURM_JOB_ID" | awk -v id="JobId=$SLURM_JOB_ID" '$1 == id && !n {print; n = 1}')
+  local info="" try tries=${SCONTROL_TRIES:-3}
+  for ((try = 1; try <= tries; try++)); do
+    # This job's line only (for an array's base id scontrol lists every element). A busy
+    # controller times out now and then ("Socket timed out on send/recv"): ask again.
+    info=$(scontrol show job -o "$SLURM_JOB_ID" | awk -v id="JobId=$SLURM_JOB_ID" '$1 == id && !n {print; n = 1}') || info=""
+    [ -z "$info" ] || break
+    if [ "$try" -lt "$tries" ]; then sleep "$((try * ${SCONTROL_RETRY_DELAY:-5}))"; fi
+  done
+  [ -n "$info" ] || return 1
   _field() {
     local v
     v=$(sed -n "s/.* $1=\([^ ]*\).*/\1/p" <<<" $info")
@@ -205,14 +248,25 @@ slurm_same_shape_args() {
     if [ -n "$mem" ]; then echo "--mem-per-cpu=$mem"; fi
   fi
   [ -n "${SLURM_JOB_PARTITION:-}" ] && echo "--partition=$SLURM_JOB_PARTITION"
-  # gres:gpu:8 up to SLURM 22.05, gres/gpu:8 from 23.02 (several comma-separated).
-  local gres
+  # GPUs however phase 1 asked for them: --gres/--gpus-per-node (TresPerNode), --gpus
+  # (TresPerJob), --gpus-per-task, --gpus-per-socket. gres:gpu:8 up to SLURM 22.05, gres/gpu:8
+  # from 23.02, several comma-separated (23.x also lists cpu=8 in TresPerTask: not a GPU).
+  _gpus() { _field "$1" | tr ',' '\n' | sed -n 's/^gres[:/]gpu[:=]//p' | sed -n 1p; }
+  local gres v
   gres=$(_field TresPerNode | sed 's/gres[:/]//g')
-  if [ -n "$gres" ]; then echo "--gres=$gres"; else echo "--gres=none"; fi
+  if [ -n "$gres" ]; then echo "--gres=$gres"
+  else
+    # The script's own #SBATCH --gres=gpu:8 would otherwise come back: phase 1 turned it off.
+    echo "--gres=none"
+  fi
+  v=$(_gpus TresPerJob); if [ -n "$v" ]; then echo "--gpus=$v"; fi
+  v=$(_gpus TresPerTask); if [ -n "$v" ]; then echo "--gpus-per-task=$v"; fi
+  v=$(_gpus TresPerSocket); if [ -n "$v" ]; then echo "--gpus-per-socket=$v"; fi
+  # Nodes phase 1 kept away from (a known bad node) stay excluded.
+  v=$(_field ExcNodeList); if [ -n "$v" ]; then echo "--exclude=$v"; fi
   local t
   t=$(_field TimeLimit)
   if [ -n "$t" ] && [ "$t" != UNLIMITED ]; then echo "--time=$t"; fi
-  local v
   v=$(_field Account); v=${v:-${SLURM_JOB_ACCOUNT:-}}
   if [ -n "$v" ]; then echo "--account=$v"; fi
   v=$(_field QOS); v=${v:-${SLURM_JOB_QOS:-}}

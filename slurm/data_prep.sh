@@ -54,6 +54,7 @@ for L in ${SEQ_LENGTHS-128 512}; do args+=(--seq-length "$L"); done
 mkdir -p "$DATA"
 SLURM_JOB_PATHS+=("$DATA" ${inputs[@]+"${inputs[@]}"})
 if [ -n "${VOCAB:-}" ]; then SLURM_JOB_PATHS+=("$(dirname "$VOCAB")"); fi
+slurm_add_arg_paths "$@"
 
 slurm_activate
 slurm_log "data prep on ${SLURM_NTASKS} MPI ranks (${SLURM_JOB_NODELIST}): $PYTHON -m data_prep ${args[*]} $*"

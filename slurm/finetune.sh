@@ -67,11 +67,13 @@ if [ -n "${SLURM_ARRAY_TASK_ID:-}" ]; then
   [ "$seed_arg" = 1 ] || slurm_log "array element $SLURM_ARRAY_TASK_ID without SEED in the arguments: every element trains with the same seeds"
 fi
 mkdir -p "$elem_out"
+# The summary counts an element once this marker names the array job; a requeued or resubmitted
+# element drops its old one first, so old metrics are not counted while it trains again.
+if [ -n "${SLURM_ARRAY_TASK_ID:-}" ]; then rm -f "$elem_out/slurm_array.json"; fi
 SLURM_JOB_PATHS+=("$out")
-# Absolute paths in the arguments (--model /ckpt/..., --train /data/...) must be visible in a container.
-for a in "${args[@]}"; do
-  case "$a" in /*) if [ -d "$a" ]; then SLURM_JOB_PATHS+=("$a"); elif [ -e "$a" ]; then SLURM_JOB_PATHS+=("$(dirname "$a")"); fi;; esac
-done
+# Absolute paths in the arguments (--model /ckpt/..., --train=/data/...) must be visible in a container.
+slurm_add_arg_paths "${args[@]}"
+slurm_container_args >/dev/null
 
 slurm_activate
 # Relative paths in the arguments are meant from where the job was submitted.
@@ -84,6 +86,11 @@ slurm_log "finetune: $PYTHON -m finetune ${args[*]}"
 rc=0
 slurm_srun -- "$PYTHON" -m finetune --threads "${SLURM_CPUS_PER_TASK:-1}" "${args[@]}" || rc=$?
 if [ -n "${SLURM_ARRAY_TASK_ID:-}" ] && [ "$rc" = 0 ]; then
-  slurm_srun --ntasks=1 --nodes=1 -- "$PYTHON" "$REPO/slurm/_array_summary.py" "$out"
+  printf '{"array_job_id": "%s", "array_task_id": %s, "job_id": "%s"}\n' \
+    "${SLURM_ARRAY_JOB_ID:-}" "$SLURM_ARRAY_TASK_ID" "$SLURM_JOB_ID" >"$elem_out/slurm_array.json"
+  # The element's own results are written; a summary that fails (file system, a leftover lock
+  # symlink) must not mark it FAILED.
+  slurm_srun --ntasks=1 --nodes=1 -- "$PYTHON" "$REPO/slurm/_array_summary.py" "$out" ||
+    slurm_log "WARNING: the array summary $out/metrics.json was not updated (see above); this element's results are in $elem_out"
 fi
 exit "$rc"

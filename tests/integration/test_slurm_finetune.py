@@ -49,6 +49,10 @@ def test_finetune_array_of_three_seeds_writes_three_outputs_and_one_summary(slur
     work = c.root / "jobs/finetune_array"
     work.mkdir(parents=True)
     args = _tiny_task(work) + ["--model", gt.get_model_path(), "--output-dir", "out", "--seeds", "SEED"]
+    # An earlier --array=1-4 into the same OUT left its element 4: not part of this summary.
+    (work / "out/array_4").mkdir(parents=True)
+    (work / "out/array_4/metrics.json").write_text(json.dumps({"task": "classify", "runs": [{"seed": 4, "accuracy": 0.0}]}))
+    (work / "out/array_4/slurm_array.json").write_text('{"array_job_id": "999"}')
     # --cpus-per-task=1, --gres=none: CPU-sized, as the other finetune test.
     job = c.sbatch("--array=1-3", "--gres=none", "--cpus-per-task=1", f"--output={work}/%x-%A_%a.out",
                    str(REPO / "slurm/finetune.sh"), *args, cwd=str(work))
@@ -67,7 +71,7 @@ def test_finetune_array_of_three_seeds_writes_three_outputs_and_one_summary(slur
         assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), Path(info["StdOut"]).read_text()[-4000:]
     assert [per[i]["seeds"] for i in (1, 2, 3)] == [[1], [2], [3]]
     assert sorted(summary["seeds"]) == [1, 2, 3] and summary["complete"] is True
-    assert sorted(summary["elements"]) == ["1", "2", "3"]
+    assert sorted(summary["elements"]) == ["1", "2", "3"] and summary["array_job_id"] == str(job)
     for key, mean in summary["mean"].items():
         assert mean == pytest.approx(sum(per[i]["mean"][key] for i in (1, 2, 3)) / 3), key
 

@@ -5,7 +5,8 @@ the 2-core machine has (`SlurmdParameters=config_overrides`).
 - `sbatch --nodes=2 slurm/pretrain_large.sh` keeps its own #SBATCH shape (8 tasks x 8 CPUs per
   node, gpu:8, --exclusive, --mem=0): 16 tasks on two nodes, each with its own rank, local rank
   and GPU index, and its phase-2 job submitted with the same shape, account and constraint and
-  run on the nodes with the feature (default run, `PYTHON=true` in place of the trainer: seconds);
+  run on the nodes with the feature (default run, tests/assets/slurm/task_probe.py in place of the
+  trainer: seconds; each task reports SLURM_LOCALID, SLURM_JOB_GPUS and its CPU affinity itself);
   the real trainer at 16 ranks is the slow variant (bert-tiny, a 16-rank tiny recipe).
 - CPU binding is real only where SLURM can lay tasks out on real cores: on this machine
   task/affinity refuses the 8 x 8 layout ("only 2 bits in avail_map ... Unable to layout tasks on
@@ -40,6 +41,11 @@ def task_lines(log: str) -> list[dict]:
             if ln.startswith("task rank=")]
 
 
+def probe_lines(log: str) -> list[dict]:
+    return [dict(re.findall(r"(\w+)=(\S+)", ln.split("probe ", 1)[1])) for ln in log.splitlines()
+            if ln.startswith("probe procid=")]
+
+
 def check_placement(tasks: list[dict], hosts: list[str]) -> None:
     """16 tasks, block-distributed: ranks 0-7 on the first node, 8-15 on the second; each with its
     local rank, the GPU at that index of the node's 8, and the script's 8 CPUs per task."""
@@ -48,6 +54,32 @@ def check_placement(tasks: list[dict], hosts: list[str]) -> None:
         r = int(t["rank"])
         assert (t["local_rank"], t["world_size"], t["host"]) == (str(r % 8), "16", hosts[r // 8]), t
         assert t["gpu"] == f"{r % 8}/8" and t["cpus_per_task"] == "8", t
+
+
+def check_probes(probes: list[dict], tasks: list[dict]) -> None:
+    """What each task's own process got from slurmstepd, independent of _task.sh's line: per node,
+    SLURM_LOCALID is 0..7 once each and equals LOCAL_RANK (the GPU index the trainer uses), with
+    RANK = SLURM_PROCID; the GPU that index picks out of the node's SLURM_GPUS_ON_NODE=8 GPUs
+    (SLURM_JOB_GPUS where SLURM sets it) is a different one for each task; the CPUs the task may run on are the ones _task.sh logged."""
+    assert len(probes) == 16, probes
+    by_host: dict[str, list[dict]] = {}
+    for p in probes:
+        assert (p["rank"], p["local_rank"], p["world_size"]) == (p["procid"], p["localid"], "16"), p
+        assert p["host"] == p["nodename"], p
+        by_host.setdefault(p["host"], []).append(p)
+    assert len(by_host) == 2, by_host.keys()
+    for host, ps in by_host.items():
+        assert sorted(int(p["localid"]) for p in ps) == list(range(8)), (host, ps)
+        assert {p["gpus_on_node"] for p in ps} == {"8"}, (host, ps)
+        # SLURM 22.05 with placeholder device files sets neither SLURM_JOB_GPUS nor
+        # CUDA_VISIBLE_DEVICES in the tasks: the node's GPUs are then 0..7 by index.
+        gpus = {p["job_gpus"] for p in ps}
+        assert len(gpus) == 1, (host, gpus)
+        node_gpus = gpus.pop().split(",") if "-" not in gpus else [str(i) for i in range(8)]
+        assert len(node_gpus) == 8 and len({node_gpus[int(p["localid"])] for p in ps}) == 8, (host, ps)
+    logged = {t["rank"]: t for t in tasks}
+    for p in probes:
+        assert cpu_list(p["affinity"]) == cpu_list(logged[p["procid"]]["cpus"]), (p, logged[p["procid"]])
 
 
 def submit_large(c, jobs: Path, env: dict) -> int:
@@ -59,8 +91,8 @@ def submit_large(c, jobs: Path, env: dict) -> int:
 
 def test_pretrain_large_places_sixteen_tasks_and_chains_phase2(slurm_cluster, request):
     """The placement and the chain with the script's own shape, at the cost of a few seconds:
-    PYTHON=true runs `true` in each of the 16 tasks instead of the trainer (the trainer at 16
-    ranks is the slow test below), so phase 1 completes at once and phase 2 really starts, on
+    PYTHON=task_probe.py runs a probe in each of the 16 tasks instead of the trainer (the trainer
+    at 16 ranks is the slow test below), so phase 1 completes at once and phase 2 really starts, on
     nodes with the feature, in the same shape."""
     from data_prep.testing import build_tiny_dataset
 
@@ -68,7 +100,8 @@ def test_pretrain_large_places_sixteen_tasks_and_chains_phase2(slurm_cluster, re
     jobs = c.root / "jobs/gpu_shape_chain"
     jobs.mkdir(parents=True)
     data = build_tiny_dataset(str(jobs / "data"), seq_lengths=(64, 128), n_docs=40)
-    env = {"DATA": data, "RUN_DIR": str(jobs / "run"), "PYTHON": "true"}
+    # The probe (in place of the trainer) reports what SLURM gave each task, from the task itself.
+    env = {"DATA": data, "RUN_DIR": str(jobs / "run"), "PYTHON": str(ASSETS / "task_probe.py")}
     t0 = time.monotonic()
     job = submit_large(c, jobs, env)
     p1 = c.wait_job(job, 120)
@@ -82,20 +115,26 @@ def test_pretrain_large_places_sixteen_tasks_and_chains_phase2(slurm_cluster, re
             "MinMemoryNode", "Dependency", "JobState", "ExitCode")
     tasks = sorted(task_lines(log), key=lambda t: int(t["rank"]))
     lines = [f"phase 1 job {job}: " + " ".join(f"{k}={p1.get(k)}" for k in keys)]
+    probes = {p["procid"]: p for p in probe_lines(log)}
     lines += [f"  rank {t['rank']:>2} local {t['local_rank']} on {t['host']}: gpu {t['gpu']}, cpus {t['cpus']} "
-              f"(no binding: task/none, see the affinity test)" for t in tasks]
+              f"(no binding: task/none, see the affinity test); the task itself: SLURM_LOCALID "
+              f"{probes.get(t['rank'], {}).get('localid')}, SLURM_JOB_GPUS {probes.get(t['rank'], {}).get('job_gpus')}, "
+              f"sched_getaffinity {probes.get(t['rank'], {}).get('affinity')}" for t in tasks]
     lines.append(f"phase 2 job {phase2}: " + " ".join(f"{k}={p2.get(k)}" for k in keys))
     lines.append(f"both jobs in {elapsed:.1f}s")
     show_report(request, "SLURM cluster: slurm/pretrain_large.sh --nodes=2 (8 tasks x 8 CPUs, gpu:8 per node)", lines)
 
     check_placement(tasks, c.hostnames(p1["NodeList"]))
+    check_probes(probe_lines(log), tasks)
     assert (p1["NumTasks"], p1["CPUs/Task"], p1["OverSubscribe"], p1["MinMemoryNode"]) == ("16", "8", "NO", "0"), p1
     assert (p2["JobState"], p2["ExitCode"]) == ("COMPLETED", "0:0"), p2_log[-4000:]
     assert (p2["NumNodes"], p2["NumTasks"], p2["CPUs/Task"]) == ("2", "16", "8"), p2
     assert p2["TresPerNode"].endswith("gpu:8") and p2["OverSubscribe"] == "NO" and p2["MinMemoryNode"] == "0", p2
     assert (p2["Account"], p2["Features"]) == ("citest", "citest_gpu"), p2
     assert "phase 2 of bert-large" in p2_log and f"--init_from {jobs}/run/phase1/latest" in p2_log, p2_log[-3000:]
-    check_placement(sorted(task_lines(p2_log), key=lambda t: int(t["rank"])), c.hostnames(p2["NodeList"]))
+    p2_tasks = sorted(task_lines(p2_log), key=lambda t: int(t["rank"]))
+    check_placement(p2_tasks, c.hostnames(p2["NodeList"]))
+    check_probes(probe_lines(p2_log), p2_tasks)
 
 
 def test_refused_phase2_leaves_phase1_running(slurm_cluster, request):
