@@ -538,3 +538,12 @@ if __name__ == "__main__":  # manual debugging
         input("cluster up; press Enter to stop ")
     finally:
         c.stop()
+
+
+def cpu_list(text: str) -> set[int]:
+    """'0-3,8' -> {0, 1, 2, 3, 8} (the kernel's Cpus_allowed_list)."""
+    cpus = set()
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        cpus.update(range(int(lo), int(hi or lo) + 1))
+    return cpus

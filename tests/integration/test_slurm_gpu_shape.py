@@ -21,19 +21,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.slurm_cluster import SlurmCluster, show_report, slurm_cluster, unavailable_reason  # noqa: F401
+from tests.integration.slurm_cluster import SlurmCluster, cpu_list, show_report, slurm_cluster, unavailable_reason  # noqa: F401
 
 pytestmark = pytest.mark.slurm
 REPO = Path(__file__).resolve().parents[2]
 ASSETS = REPO / "tests/assets/slurm"
-
-
-def cpu_list(text: str) -> set[int]:
-    cpus = set()
-    for part in text.split(","):
-        lo, _, hi = part.partition("-")
-        cpus.update(range(int(lo), int(hi or lo) + 1))
-    return cpus
 
 
 def task_lines(log: str) -> list[dict]:

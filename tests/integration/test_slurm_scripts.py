@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.integration.slurm_cluster import cpu_list
+
 REPO = Path(__file__).resolve().parents[2]
 
 RECORDER = f"""#!{sys.executable}
@@ -212,15 +214,6 @@ def test_finetune_array_elements_get_their_own_output_and_port(job):
 def test_finetune_without_output_dir_is_refused(job):
     res, calls = job("slurm/finetune.sh", "--task", "classify", "--model", "m", "--train", "t.tsv")
     assert res.returncode == 2 and "no --output-dir" in res.stderr and not sruns(calls)
-
-
-def cpu_list(text: str) -> set[int]:
-    """'0-3,8' -> {0, 1, 2, 3, 8} (the kernel's Cpus_allowed_list)."""
-    cpus = set()
-    for part in text.split(","):
-        lo, _, hi = part.partition("-")
-        cpus.update(range(int(lo), int(hi or lo) + 1))
-    return cpus
 
 
 def _task(env: dict, *cmd: str) -> subprocess.CompletedProcess:
