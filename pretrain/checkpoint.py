@@ -508,7 +508,10 @@ class _Writes:
             self.fail(path, e)
 
     def fail(self, path: str, e: BaseException) -> None:
-        self.error = self.error or f"{path}: {one_line(e)} ({free_space(path)})"
+        # torch's writers do not say why a write failed ("unexpected pos 704 vs 598"): say it
+        # was the write, and how much space is left.
+        what = one_line(e) if isinstance(e, OSError) else f"the write failed: {one_line(e)}"
+        self.error = self.error or f"{path}: {what} ({free_space(path)})"
 
 
 def free_space(path: str) -> str:
