@@ -209,9 +209,9 @@ def load_init_weights(path: str, config, model, tp_rank: int, tp: int, checksums
     else:
         try:
             run_dir, tag = ckpt.resolve(path)
-            full = ckpt.full_weights(run_dir, tag, checksums=checksums)
         except ckpt.CheckpointError as e:
             raise ConfigError(f"--init_from {path}: {e}") from None
+        full = ckpt.full_weights(run_dir, tag, checksums=checksums)
     words = full.get("bert.embeddings.word_embeddings.weight")
     if words is not None and words.shape[0] != config.vocab_size:
         raise ConfigError(f"--init_from {path}: its vocabulary has {words.shape[0]} tokens, --model_config says vocab_size "
