@@ -349,3 +349,34 @@ def test_an_io_error_while_choosing_reaches_every_rank_as_one_line(tmp_path):
     tag, error = second
     assert tag is None and "\n" not in error
     assert error.startswith(f"--save_dir {run}: cannot choose a checkpoint to resume from (") and "Not a directory" in error
+
+
+def _init_from(rank, world_size, path, checksums):
+    """--init_from's collective on every rank: the one line each rank raises."""
+    import torch.distributed as dist
+
+    from pretrain import checkpoint as ckpt
+    from pretrain.trainer import init_weights_on_every_rank
+
+    dist.init_process_group("gloo")
+    try:
+        init_weights_on_every_rank(path, None, None, 0, 1, checksums=checksums)
+    except ckpt.CheckpointError as e:
+        return str(e)
+    return None
+
+
+@pytest.mark.slow
+def test_init_from_a_damaged_checkpoint_stops_every_rank_with_one_line(tmp_path):
+    from tests.unit.test_checkpoint_integrity import SHARD, _commit, _flip_bit
+
+    run = tmp_path / "run"
+    _flip_bit(_commit(run, 2) / SHARD)
+    # Rank 0 alone verifies, with checksums: both ranks raise its line.
+    errors = spawn(_init_from, world_size=2, args=(str(run / "latest"), True), timeout=300)
+    assert errors[0] == errors[1] and errors[0].startswith(f"--init_from {run / 'latest'}: checkpoint ")
+    assert "CRC-32" in errors[0] and "\n" not in errors[0]
+    # --no-verify_checksums is honoured (the flipped bit is not seen); these files are not DeepSpeed's,
+    # so reading the weights fails on every rank, and every rank says so instead of one hanging.
+    errors = spawn(_init_from, world_size=2, args=(str(run / "latest"), False), timeout=300)
+    assert errors[0] == errors[1] and "CRC-32" not in errors[0] and errors[0].startswith(f"--init_from {run / 'latest'}: ")
