@@ -9,6 +9,8 @@ Layout of RUN_DIR (one folder per saved step, DeepSpeed's own files inside):
     RUN_DIR/step_<N>/vocab.txt          # the tokenizer, so export needs nothing but this folder
     RUN_DIR/step_<N>/integrity.json     # name, size and CRC-32 of every file above, written last
     RUN_DIR/step_<N>.incomplete/        # a save in progress (or killed, or failed): never loaded
+    RUN_DIR/step_<N>_universal/         # its conversion for a resume at another dp (DeepSpeed's format)
+    RUN_DIR/.run.lock                   # flock held by rank 0 of the job using RUN_DIR (one job at a time)
 
 A save writes into `step_<N>.incomplete`. Each rank fsyncs and checksums the files it wrote (the
 DeepSpeed checkpoint engine's writes are recorded as they happen); rank 0 gathers the records,
@@ -21,8 +23,9 @@ rank 0's own steps, so every rank stops with the same `CheckpointSaveError` and 
 where it was. `trainer_state.json` records `integrity_format`, so a new checkpoint that lost its
 `integrity.json` is not mistaken for one written before integrity records.
 
-On start `choose_resume` verifies the checkpoint `latest` names (sizes, and CRC-32s unless
---no-verify_checksums) and falls back to the newest older one that verifies. DeepSpeed's own
+On start `select_for_resume` (every rank) verifies the checkpoint `latest` names (sizes, and
+CRC-32s unless --no-verify_checksums; each rank reads a slice of its files, rank 0 decides) and
+falls back to the newest older one that verifies (`choose_resume`). DeepSpeed's own
 `latest` handling is turned off (save_latest=False) because it writes `latest` before the
 trainer's extra files exist.
 """
