@@ -9,22 +9,29 @@ Layout of RUN_DIR (one folder per saved step, DeepSpeed's own files inside):
     RUN_DIR/step_<N>/vocab.txt          # the tokenizer, so export needs nothing but this folder
     RUN_DIR/step_<N>/integrity.json     # name, size and CRC-32 of every file above, written last
     RUN_DIR/step_<N>.incomplete/        # a save in progress (or killed, or failed): never loaded
+    RUN_DIR/step_<N>_universal/         # its conversion for a resume at another dp (DeepSpeed's format)
+    RUN_DIR/.run.lock                   # flock held by rank 0 of the job using RUN_DIR (one job at a time)
 
 A save writes into `step_<N>.incomplete`. Each rank fsyncs and checksums the files it wrote (the
 DeepSpeed checkpoint engine's writes are recorded as they happen); rank 0 gathers the records,
 covers anything else found in the folder, writes `integrity.json`, fsyncs the folders, renames the
 folder to `step_<N>`, and only then moves `latest` (write-then-rename, directory fsynced). So a
 folder named `step_<N>` is complete by construction, and `latest` never names anything else.
-An OSError on any rank (a full disk) is gathered instead of raised inside DeepSpeed's collectives,
-so every rank stops with the same `CheckpointSaveError` and `latest` stays where it was.
+Any exception of a write on any rank (a full disk: torch's zip writer raises RuntimeError, not
+OSError) is gathered instead of raised inside DeepSpeed's collectives, and so is any failure of
+rank 0's own steps, so every rank stops with the same `CheckpointSaveError` and `latest` stays
+where it was. `trainer_state.json` records `integrity_format`, so a new checkpoint that lost its
+`integrity.json` is not mistaken for one written before integrity records.
 
-On start `choose_resume` verifies the checkpoint `latest` names (sizes, and CRC-32s unless
---no-verify_checksums) and falls back to the newest older one that verifies. DeepSpeed's own
+On start `select_for_resume` (every rank) verifies the checkpoint `latest` names (sizes, and
+CRC-32s unless --no-verify_checksums; each rank reads a slice of its files, rank 0 decides) and
+falls back to the newest older one that verifies (`choose_resume`). DeepSpeed's own
 `latest` handling is turned off (save_latest=False) because it writes `latest` before the
 trainer's extra files exist.
 """
 from __future__ import annotations
 
+import fcntl
 import glob
 import json
 import logging
@@ -32,6 +39,7 @@ import os
 import random
 import re
 import shutil
+import socket
 import tempfile
 import zlib
 from contextlib import contextmanager
@@ -90,6 +98,8 @@ def resolve(path: str) -> tuple[str, str]:
     """RUN_DIR, RUN_DIR/latest or RUN_DIR/step_N -> (run_dir, tag). The checkpoint is not
     verified here: readers of its weights go through `full_weights`, which is."""
     path = os.path.normpath(path)
+    if os.path.basename(path).endswith(INCOMPLETE):
+        raise CheckpointError(_incomplete_problem(path))
     if os.path.isdir(path) and (_step_of(os.path.basename(path)) is not None
                                 or os.path.isfile(os.path.join(path, STATE_FILE))):
         return os.path.dirname(path) or ".", os.path.basename(path)
@@ -103,6 +113,11 @@ def resolve(path: str) -> tuple[str, str]:
         f"{path}: not a checkpoint of this trainer (expected RUN_DIR, RUN_DIR/latest or RUN_DIR/step_N "
         f"containing {STATE_FILE})"
     )
+
+
+def _incomplete_problem(where: str) -> str:
+    return (f"{where} is a save that did not complete (killed or failed; its name ends in {INCOMPLETE}) and is never "
+            "loaded; use a step_N folder of the same run directory")
 
 
 def read_state(run_dir: str, tag: str) -> dict:
@@ -150,41 +165,84 @@ class Verdict:
         return self.problem is None
 
 
-def verify(run_dir: str, tag: str, checksums: bool = True) -> Verdict:
+def verify(run_dir: str, tag: str, checksums: bool = True, share: tuple[int, int] = (0, 1)) -> Verdict:
     """Check `run_dir/tag` against its integrity record: every file present with its size (and,
-    with `checksums`, its CRC-32), and no loadable `.pt` file the record does not know."""
+    with `checksums`, its CRC-32), and no loadable `.pt` file the record does not know. Never
+    raises: an unreadable file is a problem like any other. `share` = (i, n) checks only every
+    n-th recorded file from the i-th (the start-up check splits the reading across the ranks)."""
     tag_dir = os.path.join(run_dir, tag)
+    if tag.endswith(INCOMPLETE):
+        return Verdict(tag, _incomplete_problem(tag_dir))
     if not os.path.isdir(tag_dir):
         return Verdict(tag, f"{tag_dir} is missing")
     record_path = os.path.join(tag_dir, INTEGRITY)
     if not os.path.isfile(record_path):
         return _verify_legacy(run_dir, tag)
     try:
-        with open(record_path) as f:
-            record = json.load(f)
-        files = record["files"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        return Verdict(tag, f"{record_path} is unreadable ({e})")
+        files = _read_record(record_path, tag)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        return Verdict(tag, f"{record_path} is unreadable ({one_line(e)})")
     total = 0
-    for name in sorted(files):
-        want = files[name]
-        path = os.path.join(tag_dir, name)
-        try:
-            size = os.path.getsize(path)
-        except OSError:
-            return Verdict(tag, f"{name} is missing (the integrity record lists it)")
-        if size != want["size"]:
-            return Verdict(tag, f"{name} is {size} bytes, the integrity record says {want['size']} (truncated or overwritten)")
-        if checksums:
-            _, crc = file_crc32(path)
-            if crc != want["crc32"]:
-                return Verdict(tag, f"{name} has CRC-32 {crc}, the integrity record says {want['crc32']} "
-                                    "(its bytes changed after it was written)")
+    for name in sorted(files)[share[0]::share[1]]:
+        problem, size = _check_file(tag_dir, name, files[name], checksums)
+        if problem:
+            return Verdict(tag, problem)
         total += size
-    extra = sorted(n for n in _files_under(tag_dir) if n.endswith(".pt") and n not in files)
+    try:
+        on_disk = _files_under(tag_dir)
+    except OSError as e:
+        return Verdict(tag, f"{tag_dir} cannot be listed ({one_line(e)})")
+    extra = sorted(n for n in on_disk if n.endswith(".pt") and n not in files)
     if extra:
         return Verdict(tag, f"{extra[0]} is not in the integrity record (a file added after the save)")
-    return Verdict(tag, None, files=len(files), bytes=total, checksums=checksums)
+    return Verdict(tag, None, files=len(sorted(files)[share[0]::share[1]]), bytes=total, checksums=checksums)
+
+
+def _read_record(record_path: str, tag: str) -> dict:
+    """The record's {file: {"size", "crc32"}}, after checking its format, its tag and the shape of
+    every entry (raises ValueError with what is wrong)."""
+    with open(record_path) as f:
+        record = json.load(f)
+    if record.get("format") != INTEGRITY_FORMAT:
+        raise ValueError(f"format {record.get('format')!r}, this trainer reads format {INTEGRITY_FORMAT}")
+    if record.get("tag") != tag:
+        raise ValueError(f"it is the record of {record.get('tag')!r}, not of {tag!r} (a folder renamed or copied over)")
+    files = record["files"]
+    for name, entry in files.items():
+        if not (isinstance(entry, dict) and isinstance(entry.get("size"), int) and isinstance(entry.get("crc32"), str)):
+            raise ValueError(f"malformed entry for {name}: {entry!r}")
+    return files
+
+
+def _check_file(tag_dir: str, name: str, want: dict, checksums: bool) -> tuple[Optional[str], int]:
+    """(problem or None, size) of one recorded file; an I/O error is a problem, never raised."""
+    path = os.path.join(tag_dir, name)
+    try:
+        size = os.path.getsize(path)
+    except FileNotFoundError:
+        return f"{name} is missing (the integrity record lists it)", 0
+    except OSError as e:
+        return f"{name} cannot be read ({one_line(e)})", 0
+    if size != want["size"]:
+        return f"{name} is {size} bytes, the integrity record says {want['size']} (truncated or overwritten)", size
+    if checksums:
+        try:
+            _, crc = file_crc32(path)
+        except OSError as e:
+            return f"{name} cannot be read ({one_line(e)})", size
+        if crc != want["crc32"]:
+            return (f"{name} has CRC-32 {crc}, the integrity record says {want['crc32']} "
+                    "(its bytes changed after it was written)"), size
+    return None, size
+
+
+def one_line(e: BaseException) -> str:
+    """An exception as one short line (torch's C++ errors carry newlines and stack frames)."""
+    text = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+    text = " ".join(text.split()) or type(e).__name__
+    if isinstance(e, OSError) and e.filename and e.strerror:
+        text = f"{e.filename}: {text}"
+    return text if len(text) <= 1000 else text[:997] + "..."
 
 
 def _verify_legacy(run_dir: str, tag: str) -> Verdict:
@@ -194,11 +252,14 @@ def _verify_legacy(run_dir: str, tag: str) -> Verdict:
     path = os.path.join(run_dir, tag, STATE_FILE)
     try:
         with open(path) as f:
-            json.load(f)
+            state = json.load(f)
     except FileNotFoundError:
         return Verdict(tag, f"{path} is missing and there is no {INTEGRITY} (not a complete checkpoint)")
     except (OSError, ValueError) as e:
-        return Verdict(tag, f"{path} is unreadable ({e})")
+        return Verdict(tag, f"{path} is unreadable ({one_line(e)})")
+    if isinstance(state, dict) and "integrity_format" in state:
+        return Verdict(tag, f"{INTEGRITY} is missing (this checkpoint was written with an integrity record; "
+                            "it is incomplete or was copied without it)")
     return Verdict(tag, None, legacy=True)
 
 
@@ -252,11 +313,13 @@ def step_tags(run_dir: str) -> list[str]:
     return [d for _, d in sorted(tags, reverse=True)]
 
 
-def choose_resume(run_dir: str, checksums: bool = True) -> ResumeChoice:
+def choose_resume(run_dir: str, checksums: bool = True,
+                  verify_fn: Optional[Callable[[str], Verdict]] = None) -> ResumeChoice:
     """The checkpoint to continue from: the one `latest` names if it verifies, else the newest
     older one that does. Folders newer than `latest` are saves that never became `latest`
     (killed before it moved): not candidates. Raises CheckpointError when none verifies.
-    Pure (no logging, no writes): `config.validate` calls it on every rank with sizes only."""
+    Pure (no logging, no writes): `config.validate` calls it on every rank with sizes only.
+    `verify_fn(tag)` replaces `verify` (the start-up check verifies on every rank at once)."""
     latest = latest_tag(run_dir)
     if latest is None:
         return ResumeChoice(None)
@@ -269,7 +332,7 @@ def choose_resume(run_dir: str, checksums: bool = True) -> ResumeChoice:
         candidates = older
         rejected.append(Verdict(LATEST, f"{os.path.join(run_dir, LATEST)} is empty"))
     for tag in candidates:
-        verdict = verify(run_dir, tag, checksums)
+        verdict = verify_fn(tag) if verify_fn else verify(run_dir, tag, checksums)
         if verdict.ok:
             return ResumeChoice(tag, latest, rejected, verdict)
         if tag == latest and not os.path.isdir(os.path.join(run_dir, tag)):
@@ -285,17 +348,57 @@ def choose_resume(run_dir: str, checksums: bool = True) -> ResumeChoice:
 
 
 def select_for_resume(run_dir: str, checksums: bool) -> tuple[Optional[str], Optional[str]]:
-    """Rank 0 on start: (tag to resume from or None, error line or None). Removes `.incomplete`
-    folders, logs every rejected checkpoint in one line and a fall-back, and points `latest` at
-    the chosen checkpoint after a fall-back. Never raises a CheckpointError: the other ranks wait
-    for its answer."""
+    """Every rank on start (collective): (tag to resume from or None, error line or None), the
+    same on every rank. Rank 0 decides: it locks the run directory (`lock_run_dir`), removes
+    `.incomplete` folders, walks the candidates, logs every rejected checkpoint in one line and a
+    fall-back, and points `latest` at the chosen checkpoint after a fall-back. The reading is
+    shared: for each candidate every rank checks its slice of the files and rank 0 takes the
+    gathered verdicts, so the start-up check costs 1/world of the checkpoint per rank. Never
+    raises and never leaves a rank in a collective: any failure becomes the error line."""
+    if dist.get_rank() != 0:
+        while (tag := _broadcast(None)) is not None:
+            _verify_share(run_dir, tag, checksums)
+        return _broadcast(None)
+    try:
+        result = _select_for_resume(run_dir, checksums, lambda tag: _shared_verify(run_dir, tag, checksums)), None
+    except CheckpointError as e:
+        result = None, f"--save_dir {run_dir}: {e}"
+    except Exception as e:  # an I/O error reading or writing RUN_DIR: every rank must hear of it
+        result = None, (f"--save_dir {run_dir}: cannot choose a checkpoint to resume from ({one_line(e)}); check "
+                        "that the filesystem is mounted, readable and writable, or use a new --save_dir")
+    _broadcast(None)  # the other ranks stop verifying
+    return _broadcast(result)
+
+
+def _verify_share(run_dir: str, tag: str, checksums: bool) -> list:
+    """This rank's slice of `tag`'s check, gathered from every rank (a collective that cannot raise
+    before it is entered)."""
+    try:
+        mine = verify(run_dir, tag, checksums, share=(dist.get_rank(), dist.get_world_size()))
+    except Exception as e:
+        mine = Verdict(tag, f"cannot be checked on rank {dist.get_rank()} ({one_line(e)})")
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, mine)
+    return parts
+
+
+def _shared_verify(run_dir: str, tag: str, checksums: bool) -> Verdict:
+    """Rank 0: ask every rank to check its slice of `tag`, and combine their verdicts."""
+    _broadcast(tag)
+    parts = _verify_share(run_dir, tag, checksums)
+    bad = next((v for v in parts if not v.ok), None)
+    if bad is not None:
+        return bad
+    return Verdict(tag, None, files=sum(v.files for v in parts), bytes=sum(v.bytes for v in parts),
+                   checksums=checksums, legacy=parts[0].legacy)
+
+
+def _select_for_resume(run_dir: str, checksums: bool, verify_fn: Callable[[str], Verdict]) -> Optional[str]:
+    lock_run_dir(run_dir)
     gone = remove_incomplete(run_dir)
     if gone:
         log.info("removed %s: saves that did not complete (killed or failed)", ", ".join(gone))
-    try:
-        choice = choose_resume(run_dir, checksums=checksums)
-    except CheckpointError as e:
-        return None, f"--save_dir {run_dir}: {e}"
+    choice = choose_resume(run_dir, checksums=checksums, verify_fn=verify_fn)
     for verdict in choice.rejected:
         log.error("%s", damage_message(run_dir, verdict))
     v = choice.verdict
@@ -310,7 +413,40 @@ def select_for_resume(run_dir: str, checksums: bool) -> tuple[Optional[str], Opt
     elif v is not None:
         log.info("checkpoint %s verified: %d files, %.1f MiB, sizes%s", os.path.join(run_dir, choice.tag), v.files,
                  v.bytes / 2**20, " and CRC-32s" if v.checksums else " (checksums skipped: --no-verify_checksums)")
-    return choice.tag, None
+    return choice.tag
+
+
+LOCK = ".run.lock"
+_LOCKS: dict[str, int] = {}  # run directory (real path) -> the open, locked file, held until exit
+
+
+def lock_run_dir(run_dir: str) -> None:
+    """Rank 0 on start: an exclusive flock on RUN_DIR/.run.lock, held for the life of the process
+    (the kernel drops it when the process dies, however it dies), so a second job on the same run
+    directory stops before it deletes the first one's save in progress or moves its `latest`.
+    A filesystem without locks (ENOLCK, EOPNOTSUPP) only gets a warning."""
+    key = os.path.realpath(run_dir)
+    if key in _LOCKS:
+        return  # this process holds it already (a second trainer in one process)
+    os.makedirs(run_dir, exist_ok=True)
+    path = os.path.join(run_dir, LOCK)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
+        os.close(fd)
+        raise CheckpointError(
+            f"another run is using this run directory ({path} is locked by {holder or 'another process'}); two jobs "
+            "must not share one: wait for that one to end, or use another --save_dir"
+        ) from None
+    except OSError as e:
+        os.close(fd)
+        log.warning("cannot lock %s (%s): a second job on this run directory would not be detected", path, one_line(e))
+        return
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+    _LOCKS[key] = fd
 
 
 def point_latest(run_dir: str, tag: str) -> None:
@@ -325,7 +461,7 @@ def remove_incomplete(run_dir: str) -> list[str]:
     gone = []
     for name in sorted(os.listdir(run_dir)) if os.path.isdir(run_dir) else []:
         if name.endswith(INCOMPLETE) and _step_of(name[: -len(INCOMPLETE)]) is not None:
-            shutil.rmtree(os.path.join(run_dir, name), ignore_errors=True)
+            shutil.rmtree(os.path.join(run_dir, name))
             gone.append(name)
     return gone
 
@@ -355,9 +491,10 @@ def set_rng_state(state: dict) -> None:
 
 class _Writes:
     """The files this rank wrote into the folder being saved, each fsynced, sized and checksummed
-    right after it was written (in parallel across ranks, from this rank's page cache). An OSError
+    right after it was written (in parallel across ranks, from this rank's page cache). Any exception
     is kept, not raised: a rank that raised inside DeepSpeed's save would leave the others waiting
-    in its collectives; instead every rank finishes the save's collectives and they agree after."""
+    in its collectives; instead every rank finishes the save's collectives and they agree after.
+    Not only OSError: torch.save on a full disk raises RuntimeError from its C++ writers."""
 
     def __init__(self, tag_dir: str):
         self.tag_dir = tag_dir
@@ -370,14 +507,33 @@ class _Writes:
         try:
             fill(path)
             self.files[os.path.relpath(path, self.tag_dir)] = _durable_entry(path)
-        except OSError as e:
-            self.error = f"{path}: {e.strerror or e}"
+        except Exception as e:
+            self.fail(path, e)
+
+    def fail(self, path: str, e: BaseException) -> None:
+        # torch's writers do not say why a write failed ("unexpected pos 704 vs 598"): say it
+        # was the write, and how much space is left.
+        what = one_line(e) if isinstance(e, OSError) else f"the write failed: {one_line(e)}"
+        self.error = self.error or f"{path}: {what} ({free_space(path)})"
+
+
+def free_space(path: str) -> str:
+    """What is left on the filesystem of `path`, for the save error (the writer's own message
+    often does not say the disk is full)."""
+    d = path
+    while d and not os.path.isdir(d):
+        d = os.path.dirname(d)
+    try:
+        st = os.statvfs(d or ".")
+    except OSError:
+        return "free space unknown"
+    return f"{st.f_bavail * st.f_frsize / 2**30:.2f} GiB free there"
 
 
 @contextmanager
 def _recording(engine, writes: _Writes):
-    """Route the DeepSpeed engine's checkpoint writes through `writes` for one save, and keep an
-    OSError of its one write outside that engine (rank 0 copies zero_to_fp32.py into RUN_DIR)."""
+    """Route the DeepSpeed engine's checkpoint writes through `writes` for one save, and keep a
+    failure of its one write outside that engine (rank 0 copies zero_to_fp32.py into RUN_DIR)."""
     ce = engine.checkpoint_engine
     original = ce.save
     copy_script = getattr(engine, "_copy_recovery_script", None)
@@ -388,8 +544,8 @@ def _recording(engine, writes: _Writes):
     def copy_recovery_script(save_path):
         try:
             copy_script(save_path)
-        except OSError as e:
-            writes.error = writes.error or f"{getattr(e, 'filename', None) or save_path}: {e.strerror or e}"
+        except Exception as e:
+            writes.fail(save_path, e)
 
     ce.save = save
     if copy_script is not None:
@@ -406,14 +562,18 @@ def save(engine, run_dir: str, step: int, state: dict, keep_last: int, vocab_fil
          extra: Optional[dict] = None) -> str:
     """Write checkpoint `step_<step>` (see the module docstring for the order that makes it
     crash-safe), move `latest` to it, prune old ones. Raises CheckpointSaveError on every rank
-    if any rank could not write."""
+    if any rank could not write; no rank is left waiting in a collective."""
     rank = dist.get_rank()
     tag = tag_for(step)
     work_tag = tag + INCOMPLETE
     work_dir = os.path.join(run_dir, work_tag)
+    error = None
     if rank == 0 and os.path.isdir(work_dir):
-        shutil.rmtree(work_dir)  # a killed save of this step: never mix old and new files
-    dist.barrier()
+        try:
+            shutil.rmtree(work_dir)  # a killed save of this step: never mix old and new files
+        except Exception as e:
+            error = f"rank 0: cannot remove {work_dir}: {one_line(e)}"
+    _raise_save_error(run_dir, tag, _broadcast(error))
     writes = _Writes(work_dir)
     client = {"trainer": state, "iteration": step, "universal_checkpoint_info": universal_info()}
     with _recording(engine, writes):
@@ -422,25 +582,50 @@ def save(engine, run_dir: str, step: int, state: dict, keep_last: int, vocab_fil
     if rank == 0:
         if vocab_file and os.path.isfile(vocab_file):
             writes.write(os.path.join(work_dir, os.path.basename(vocab_file)), lambda p: shutil.copyfile(vocab_file, p))
-        writes.write(os.path.join(work_dir, STATE_FILE), lambda p: _write_json(p, state))
+        writes.write(os.path.join(work_dir, STATE_FILE), lambda p: _write_json(p, state_for_disk(state)))
     parts = [None] * dist.get_world_size()
     dist.all_gather_object(parts, {"files": writes.files, "error": writes.error})
     error = next((f"rank {r}: {p['error']}" for r, p in enumerate(parts) if p["error"]), None)
-    if rank == 0 and error is None:
-        error = _commit(run_dir, tag, parts, keep_last)
-    error = _broadcast(error)
-    if error is not None:
-        if rank == 0:
-            shutil.rmtree(work_dir, ignore_errors=True)  # frees the space; its name says incomplete anyway
-        dist.barrier()
-        previous = latest_tag(run_dir)
-        raise CheckpointSaveError(
-            f"could not save checkpoint {tag} in {run_dir} ({error}); `latest` still names "
-            f"{previous or 'nothing (no checkpoint yet)'}. Free space on that filesystem (or lower --keep_last, or "
-            "point --save_dir elsewhere) and re-run the same command to continue from there"
-        )
+    message = None
+    if rank == 0:
+        if error is None:
+            error = _commit(run_dir, tag, parts, keep_last)
+        if error is not None:
+            message = _save_error_message(run_dir, tag, error)
+    _raise_save_error(run_dir, tag, _broadcast(message), formatted=True)
     log.info("saved checkpoint %s", os.path.join(run_dir, tag))
     return os.path.join(run_dir, tag)
+
+
+def state_for_disk(state: dict) -> dict:
+    """trainer_state.json's content: the state plus `integrity_format`, so that a checkpoint of
+    this trainer that lost its integrity.json is never taken for one written before integrity
+    records (`_verify_legacy`)."""
+    return {**state, "integrity_format": INTEGRITY_FORMAT}
+
+
+def _save_error_message(run_dir: str, tag: str, error: str) -> str:
+    """Rank 0, after a failed save: free what it wrote (its name says incomplete anyway) and say
+    where `latest` stands and what to do, in one line."""
+    shutil.rmtree(os.path.join(run_dir, tag + INCOMPLETE), ignore_errors=True)
+    try:
+        previous = latest_tag(run_dir) or "nothing (no checkpoint yet)"
+    except Exception as e:
+        previous = f"an unreadable file ({one_line(e)})"
+    return (f"could not save checkpoint {tag} in {run_dir} ({error}); `latest` still names {previous}. Free space on "
+            f"that filesystem (delete step_N folders older than the one `latest` names: pruning by --keep_last runs "
+            "only after a save succeeds), or point --save_dir elsewhere, and re-run the same command to continue "
+            "from there")
+
+
+def _raise_save_error(run_dir: str, tag: str, error: Optional[str], formatted: bool = False) -> None:
+    """Every rank calls this with the broadcast error, so every rank raises the same line."""
+    if error is None:
+        return
+    if not formatted:
+        error = (f"could not save checkpoint {tag} in {run_dir} ({error}); fix that (permissions, the filesystem) or "
+                 "point --save_dir elsewhere, and re-run the same command")
+    raise CheckpointSaveError(error)
 
 
 def _save_rng(path: str, extra: Optional[dict]) -> None:
@@ -455,7 +640,9 @@ def _write_json(path: str, obj: dict) -> None:
 
 def _commit(run_dir: str, tag: str, parts: list[dict], keep_last: int) -> Optional[str]:
     """Rank 0, after every rank's files are durable: the integrity record, the rename to the
-    final name, `latest`. Returns an error line instead of raising (the other ranks wait for it)."""
+    final name, `latest`, then pruning. Returns an error line instead of raising (the other ranks
+    wait for it). A pruning failure is logged, not returned: the checkpoint is complete and
+    `latest` names it."""
     work_dir = os.path.join(run_dir, tag + INCOMPLETE)
     final_dir = os.path.join(run_dir, tag)
     try:
@@ -471,17 +658,40 @@ def _commit(run_dir: str, tag: str, parts: list[dict], keep_last: int) -> Option
         with atomic_write(os.path.join(work_dir, INTEGRITY), "w", encoding="utf-8") as f:
             json.dump(record, f, indent=1)
         fsync_path(work_dir)
+        # A complete save of this step that never became `latest` (killed just before), or a
+        # damaged one the run fell back from: this one replaces it, and its universal conversion
+        # (with its `.complete` marker) describes the old files, so it goes too.
+        _remove_universal(run_dir, tag)
         if os.path.isdir(final_dir):
-            # A complete save of this step that never became `latest` (killed just before), or a
-            # damaged one the run fell back from: this one replaces it.
             shutil.rmtree(final_dir)
         os.replace(work_dir, final_dir)
         fsync_path(run_dir)
         _move_latest(run_dir, tag)
-    except OSError as e:
-        return f"rank 0: {getattr(e, 'filename', None) or run_dir}: {e.strerror or e}"
-    prune(run_dir, keep_last)
+    except Exception as e:
+        return f"rank 0: {one_line(e)}"
+    try:
+        prune(run_dir, keep_last)
+    except Exception as e:
+        log.warning("checkpoint %s saved, but pruning older ones failed (%s); delete old step_N folders by hand",
+                    final_dir, one_line(e))
     return None
+
+
+UNIVERSAL = "_universal"
+
+
+def _remove_universal(run_dir: str, tag: str) -> None:
+    """Delete `tag`'s conversion to DeepSpeed's universal format (made on a resume at another dp
+    size) and the `latest_universal` pointer ds_to_universal leaves when it names it."""
+    shutil.rmtree(os.path.join(run_dir, tag + UNIVERSAL), ignore_errors=True)
+    pointer = os.path.join(run_dir, "latest_universal")
+    try:
+        with open(pointer) as f:
+            named = f.read().strip()
+    except OSError:
+        return
+    if named == tag + UNIVERSAL:
+        os.remove(pointer)
 
 
 def _move_latest(run_dir: str, tag: str) -> None:
@@ -519,6 +729,11 @@ def prune(run_dir: str, keep_last: int) -> list[str]:
     gone = older[max(keep_last - 1, 0):]
     for tag in gone:
         shutil.rmtree(os.path.join(run_dir, tag), ignore_errors=True)
+    # Universal conversions whose checkpoint is gone (pruned now or before) go with it.
+    for name in os.listdir(run_dir):
+        if name.endswith(UNIVERSAL) and _step_of(name[: -len(UNIVERSAL)]) is not None \
+                and not os.path.isdir(os.path.join(run_dir, name[: -len(UNIVERSAL)])):
+            _remove_universal(run_dir, name[: -len(UNIVERSAL)])
     return gone
 
 

@@ -286,6 +286,7 @@ def validate(cfg: TrainConfig, world_size: Optional[int] = None, device: Optiona
             f"--ds_config {cfg.ds_config}: remove the \"scheduler\" block; the warm-up/decay schedule is set by "
             "--warmup_steps/--warmup_proportion/--decay/--decay_power so that phase 2 gets its own"
         )
+    _check_checkpoint_options(cfg, ds)
     zero_stage = int(ds.get("zero_optimization", {}).get("stage", 0))
     if zero_stage not in (1, 2, 3):
         raise ConfigError(f"--ds_config {cfg.ds_config}: zero_optimization.stage must be 1, 2 or 3 (got {zero_stage})")
@@ -352,6 +353,31 @@ def validate(cfg: TrainConfig, world_size: Optional[int] = None, device: Optiona
         precision_warning=precision_warning,
         resume_warning=resume_warning,
     )
+
+
+def _check_checkpoint_options(cfg: TrainConfig, ds: dict) -> None:
+    """DeepSpeed checkpoint options under which the integrity record cannot hold: rank 0 records
+    and renames one folder on one filesystem after every rank's files are written and fsynced, so
+    files on node-local disks, or written later by a background engine, would be missing from it
+    or written after `latest` moved (pretrain/checkpoint.py, docs/pretrain.md)."""
+    ckpt_opts = ds.get("checkpoint") or {}
+    refused = []
+    if ckpt_opts.get("use_node_local_storage"):
+        refused.append('"checkpoint": {"use_node_local_storage": true} (files on node-local disks)')
+    if ckpt_opts.get("writer") is not None:
+        refused.append('"checkpoint": {"writer": ...} (FastPersist / decoupled asynchronous checkpoint writers)')
+    if ckpt_opts.get("parallel_write"):
+        refused.append('"checkpoint": {"parallel_write": ...}')
+    if ds.get("datastates_ckpt", False) is not False:
+        refused.append('"datastates_ckpt" (asynchronous DataStates checkpointing)')
+    if ds.get("nebula"):
+        refused.append('"nebula"')
+    if refused:
+        raise ConfigError(
+            f"--ds_config {cfg.ds_config}: remove {refused[0]}; checkpoints are written synchronously by every rank "
+            "into --save_dir, which must be one filesystem shared by all nodes, so that their integrity record covers "
+            "every file before `latest` moves"
+        )
 
 
 def _resolve_precision(cfg: TrainConfig, ds: dict, device: str) -> tuple:
@@ -460,6 +486,14 @@ def _check_resume(cfg: TrainConfig, padded_vocab: int) -> Optional[dict]:
                           "complete step_N or use a new --save_dir") from None
     if state is None:
         return None
+    check_resume_state(cfg, state, padded_vocab)
+    return state
+
+
+def check_resume_state(cfg: TrainConfig, state: dict, padded_vocab: int) -> None:
+    """The checkpoint's trainer state fits this run's layout (tp, seq_length, vocabulary rows).
+    Also called by the trainer on the checkpoint rank 0 finally chose: a checksum failure can make
+    it fall back to an older one than the sizes-only choice checked here."""
     if state.get("tp") != cfg.tp:
         raise ConfigError(
             f"--save_dir {cfg.save_dir} holds a checkpoint written at tp={state.get('tp')}; resume with --tp {state.get('tp')}, "
@@ -479,4 +513,3 @@ def _check_resume(cfg: TrainConfig, padded_vocab: int) -> Optional[dict]:
             "--make_vocab_size_divisible_by of that run (1 for checkpoints written before padding), or start a new "
             f"--save_dir with --init_from {os.path.join(cfg.save_dir, 'latest')}"
         )
-    return state

@@ -53,8 +53,8 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         export(args.checkpoint, args.out_dir)
-    except (ckpt.CheckpointError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (ckpt.CheckpointError, ValueError, OSError) as e:
+        print(f"error: {ckpt.one_line(e)}", file=sys.stderr)
         return 2
     return 0
 

@@ -22,6 +22,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -39,7 +40,7 @@ from megatron.core import parallel_state
 
 from pretrain import checkpoint as ckpt
 from pretrain import optim
-from pretrain.config import ConfigError, Resolved
+from pretrain.config import ConfigError, Resolved, check_resume_state
 from pretrain.data import PretrainingDataset, PretrainingSampler, build_dataloader
 from pretrain.hf_io import load_hf_dir, load_into
 from pretrain.launch import init_distributed
@@ -193,19 +194,24 @@ def build_model(res: Resolved, tp_rank: int, tp: int):
     return config, model, layers
 
 
-def load_init_weights(path: str, config, model, tp_rank: int, tp: int) -> None:
+def _is_hf_dir(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "config.json")) and not os.path.isfile(os.path.join(path, ckpt.STATE_FILE))
+
+
+def load_init_weights(path: str, config, model, tp_rank: int, tp: int, checksums: bool = True) -> None:
     """--init_from: full fp32 weights from a trainer checkpoint or an HF directory, into `model`.
 
     Both sources give the real vocabulary (a checkpoint's padding, maybe for another tp, is cut
-    off by ckpt.full_weights); it is padded again to this model's rows."""
-    if os.path.isfile(os.path.join(path, "config.json")) and not os.path.isfile(os.path.join(path, ckpt.STATE_FILE)):
+    off by ckpt.full_weights); it is padded again to this model's rows. `checksums=False` when the
+    checkpoint was verified already (`init_weights_on_every_rank`); its sizes are still checked."""
+    if _is_hf_dir(path):
         _, full = load_hf_dir(path)
     else:
         try:
             run_dir, tag = ckpt.resolve(path)
         except ckpt.CheckpointError as e:
             raise ConfigError(f"--init_from {path}: {e}") from None
-        full = ckpt.full_weights(run_dir, tag)
+        full = ckpt.full_weights(run_dir, tag, checksums=checksums)
     words = full.get("bert.embeddings.word_embeddings.weight")
     if words is not None and words.shape[0] != config.vocab_size:
         raise ConfigError(f"--init_from {path}: its vocabulary has {words.shape[0]} tokens, --model_config says vocab_size "
@@ -213,6 +219,31 @@ def load_init_weights(path: str, config, model, tp_rank: int, tp: int) -> None:
     full = {k: v for k, v in full.items() if k in dict(model.state_dict())}
     full = resize_vocab(full, config.vocab_size, model.padded_vocab_size)
     load_into(model, shard_state_dict(full, tp_rank, tp, tp_partition_dims(model)) if tp > 1 else full)
+
+
+def init_weights_on_every_rank(path: str, config, model, tp_rank: int, tp: int, checksums: bool) -> None:
+    """--init_from on every rank (collective): rank 0 verifies a checkpoint once (CRC-32s unless
+    --no-verify_checksums) and every rank hears its verdict; then each rank loads, and a failure on
+    any rank stops every rank with the same one line (none is left waiting in a collective)."""
+    error = None  # (the exception class to raise, its line)
+    if dist.get_rank() == 0 and not _is_hf_dir(path):
+        try:
+            ckpt.check(*ckpt.resolve(path), checksums=checksums)
+        except Exception as e:
+            error = ("checkpoint", f"--init_from {path}: {ckpt.one_line(e)}")
+    error = _broadcast_object(error)
+    if error is None:
+        try:
+            load_init_weights(path, config, model, tp_rank, tp, checksums=False)
+        except ConfigError as e:  # the weights do not fit this model
+            error = ("config", str(e))
+        except Exception as e:
+            error = ("checkpoint", f"--init_from {path}: {ckpt.one_line(e)}")
+        errors = [None] * dist.get_world_size()
+        dist.all_gather_object(errors, error)
+        error = next((e for e in errors if e), None)
+    if error is not None:
+        raise (ConfigError if error[0] == "config" else ckpt.CheckpointError)(error[1])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -282,37 +313,68 @@ class ResumePlan:
 
 
 def plan_resume(res: Resolved) -> ResumePlan:
-    """Rank 0 verifies the checkpoint to continue from; every rank gets its answer (a collective:
-    call on every rank). One rank decides so that the ranks cannot disagree (a file being checked
-    while a shared filesystem catches up could otherwise pass on one node and fail on another)."""
+    """Which checkpoint to continue from, the same answer on every rank (a collective: call on
+    every rank). Rank 0 decides, after every rank has checked its slice of the candidates' files
+    (`ckpt.select_for_resume`), so that the ranks cannot disagree (a file being checked while a
+    shared filesystem catches up could otherwise pass on one node and fail on another). Any
+    failure reaches every rank as the same one-line CheckpointError."""
     save_dir = res.cfg.save_dir
-    tag, error = _broadcast_object(ckpt.select_for_resume(save_dir, res.cfg.verify_checksums) if dist.get_rank() == 0
-                                   else None)
+    tag, error = ckpt.select_for_resume(save_dir, res.cfg.verify_checksums)
+    state = None
+    if tag is not None:
+        state, error = _broadcast_object(_chosen_state(res, tag) if dist.get_rank() == 0 else None)
     if error:
         raise ckpt.CheckpointError(error)
     if tag is None:
         return ResumePlan()
-    state = ckpt.read_state(save_dir, tag)
     load_tag = tag if state["dp"] == res.dp else _convert_to_universal(save_dir, tag, state["dp"], res.dp)
     return ResumePlan(tag=tag, load_tag=load_tag, same_world=state["world_size"] == res.world_size)
 
 
+def _chosen_state(res: Resolved, tag: str) -> tuple[Optional[dict], Optional[str]]:
+    """Rank 0: (trainer state of the chosen checkpoint, or the error line). `config.validate`
+    checked the layout against the sizes-only choice; a checksum failure may have made rank 0
+    fall back to an older checkpoint, so the chosen one is checked again."""
+    save_dir = res.cfg.save_dir
+    try:
+        state = ckpt.read_state(save_dir, tag)
+        check_resume_state(res.cfg, state, res.padded_vocab_size)
+        return state, None
+    except ConfigError as e:
+        return None, str(e)
+    except Exception as e:
+        return None, (f"--save_dir {save_dir}: {os.path.join(save_dir, tag, ckpt.STATE_FILE)} is unreadable "
+                      f"({ckpt.one_line(e)}); point `latest` at an earlier complete step_N or use a new --save_dir")
+
+
 def _convert_to_universal(save_dir: str, tag: str, old_dp: int, new_dp: int) -> str:
     """A checkpoint from another dp size: DeepSpeed's universal format re-partitions ZeRO
-    optimizer state; convert once (rank 0) and return the converted tag."""
+    optimizer state; convert once (rank 0) and return the converted tag. A failed conversion
+    stops every rank with one line (its output is logged on rank 0)."""
     src = os.path.join(save_dir, tag)
-    uni_tag = tag + "_universal"
+    uni_tag = tag + ckpt.UNIVERSAL
     dst = os.path.join(save_dir, uni_tag)
+    error = None
     if dist.get_rank() == 0 and not os.path.isfile(os.path.join(dst, ".complete")):
         log.info("checkpoint %s was written at dp=%d, now dp=%d: converting it to DeepSpeed's universal format",
                  src, old_dp, new_dp)
         cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", src,
                "--output_folder", dst, "--num_extract_workers", "1", "--num_merge_workers", "1"]
-        r = subprocess.run(cmd, capture_output=True, text=True)
-        if r.returncode != 0:
-            raise RuntimeError(f"ds_to_universal failed on {src}:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
-        open(os.path.join(dst, ".complete"), "w").close()
-    dist.barrier()
+        try:
+            shutil.rmtree(dst, ignore_errors=True)  # a conversion killed half-way: start over
+            r = subprocess.run(cmd, capture_output=True, text=True)
+            if r.returncode != 0:
+                log.error("ds_to_universal output:\n%s\n%s", r.stdout[-3000:], r.stderr[-3000:])
+                last = (r.stderr.strip().splitlines() or ["no output"])[-1]
+                error = (f"ds_to_universal failed on {src} (exit {r.returncode}: {last[:300]}); its output is in rank "
+                         f"0's log; resume at dp={old_dp}, or fix the cause and re-run")
+            else:
+                open(os.path.join(dst, ".complete"), "w").close()
+        except Exception as e:
+            error = f"converting {src} to the universal format failed ({ckpt.one_line(e)}); resume at dp={old_dp}"
+    error = _broadcast_object(error)
+    if error is not None:
+        raise ckpt.CheckpointError(error)
     return uni_tag
 
 
@@ -423,7 +485,8 @@ class Trainer:
         log.info("model: %s parameters on this rank (tp shard), %s", f"{count_parameters(model):,}",
                  json.dumps(self.model_config.to_dict()))
         if cfg.init_from and plan.tag is None:
-            load_init_weights(cfg.init_from, self.model_config, model, self.tp_rank, cfg.tp)
+            init_weights_on_every_rank(cfg.init_from, self.model_config, model, self.tp_rank, cfg.tp,
+                                       cfg.verify_checksums)
             log.info("initialised weights from %s (optimizer and schedule start fresh)", cfg.init_from)
         model.to(torch.device("cuda", procs.local_rank) if res.device == "cuda" else torch.device("cpu"))
         self.engine = build_engine(res, model, plan, procs)
@@ -635,7 +698,7 @@ class Trainer:
     def _finish(self, loop: "_LoopState") -> None:
         """The final checkpoint (and eval at --train_steps) unless the last step is saved already."""
         cfg, step = self.cfg, self.progress.step
-        final_tag = _broadcast_object(ckpt.latest_tag(cfg.save_dir) if self.rank == 0 else None)
+        final_tag = _broadcast_object(_latest_or_none(cfg.save_dir) if self.rank == 0 else None)
         if final_tag != ckpt.tag_for(step):
             if step == cfg.train_steps:
                 loop.last_eval = self.evaluate()
@@ -743,6 +806,14 @@ class _LoopState:
     window: dict = field(default_factory=_new_window)  # the log interval's timings and counts
     consecutive_skipped: int = 0
     last_eval: Optional[dict] = None
+
+
+def _latest_or_none(save_dir: str) -> Optional[str]:
+    """`latest`, or None when it cannot be read (then the final save runs again and reports)."""
+    try:
+        return ckpt.latest_tag(save_dir)
+    except OSError:
+        return None
 
 
 def _broadcast_object(obj):

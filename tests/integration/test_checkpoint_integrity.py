@@ -1,15 +1,15 @@
 """Checkpoints you can trust (issue 14), with real faults in real 2-rank gloo runs of the trainer.
 
 Every rank is SIGKILLed at points inside a save, an optimizer shard is truncated or gets one
-flipped bit, the disk fills up in the middle of a shard (ENOSPC raised from the write itself, half
-the bytes on disk): the re-run must continue from a checkpoint that verifies and end with exactly
+flipped bit, a write fails in the middle of a shard (RLIMIT_FSIZE: the kernel refuses the write
+inside torch's C++ writer, half the bytes on disk, as on a full disk): the re-run must continue from a checkpoint that verifies and end with exactly
 (bitwise, on CPU) the per-step losses of an uninterrupted run with the same flags.
 
 Run: checkpoints every 2 steps of 8; a fault hits the save of step 4 or the checkpoint of step 6,
 and the re-run must continue from step 2 or step 4. Dropout is on, so the RNG states must resume too.
 """
-import errno
 import glob
+import json
 import os
 import signal
 import subprocess
@@ -265,22 +265,29 @@ def test_no_checkpoint_that_verifies_stops_every_rank_with_what_to_do(configs, t
 
 
 def _run_with_full_disk(rank, world_size, values):
-    """pretrain/run.py's main with the disk full halfway through rank 1's optimizer shard of
-    step 4: half the bytes land on disk, then the write fails with ENOSPC, as a real one does."""
+    """pretrain/run.py's main where rank 1's optimizer shard of step 4 cannot be written past half
+    its size: RLIMIT_FSIZE with SIGXFSZ ignored makes the kernel refuse the write (EFBIG) as a full
+    disk does (ENOSPC), inside torch's own C++ zip writer, which then raises RuntimeError."""
     import io
+    import resource
 
     import torch
 
     real_save = torch.save
 
     def save(obj, f, *args, **kwargs):
-        if rank == 1 and isinstance(f, str) and "step_4" in f and f.endswith(OPTIM.format(1)):
-            buf = io.BytesIO()
-            real_save(obj, buf, *args, **kwargs)
-            with open(f, "wb") as out:
-                out.write(buf.getvalue()[: len(buf.getvalue()) // 2])
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), f)
-        return real_save(obj, f, *args, **kwargs)
+        if not (rank == 1 and isinstance(f, str) and "step_4" in f and f.endswith(OPTIM.format(1))):
+            return real_save(obj, f, *args, **kwargs)
+        buf = io.BytesIO()
+        real_save(obj, buf, *args, **kwargs)
+        size = len(buf.getvalue())
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size // 2, limits[1]))
+        try:
+            return real_save(obj, f, *args, **kwargs)
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, limits)
 
     torch.save = save
     return _main(rank, world_size, values)
@@ -290,14 +297,86 @@ def test_full_disk_during_a_save_fails_cleanly_and_keeps_latest(configs, tiny_da
     run = tmp_path / "run"
     values = _values(configs, tiny_data, run)
     results = spawn(_run_with_full_disk, world_size=2, args=(values,), timeout=600)
-    for code, err in results:  # every rank stops, none hangs in a collective
+    for code, err in results:  # every rank stops with the same line, none hangs in a collective
         assert code == 3, err
         line = [ln for ln in err.splitlines() if ln.startswith("error: ")]
-        assert len(line) == 1, err
-        assert "could not save checkpoint step_4 in" in line[0] and str(run) in line[0]
-        assert "No space left on device" in line[0] and OPTIM.format(1) in line[0]
-        assert "`latest` still names step_2" in line[0] and "Free space" in line[0]
+        assert len(line) == 1 and "Traceback" not in err, err
+        assert f"could not save checkpoint step_4 in {run} (rank 1: " in line[0] and OPTIM.format(1) in line[0]
+        assert "the write failed" in line[0] and "GiB free there" in line[0]
+        assert "`latest` still names step_2" in line[0] and "delete step_N folders older than" in line[0]
+    assert results[0][1] == results[1][1]
     assert _latest(run) == "step_2"
     assert sorted(d for d in os.listdir(run) if d.startswith("step_")) == ["step_2"]  # nothing partial at all
     assert _verify_cli(run).returncode == 0
     _rerun_and_compare(values, uninterrupted, first_step=3)
+
+
+# ----------------------------------------------------------------------------------------------
+# I/O errors on rank 0 while it chooses the checkpoint: every rank gets the same answer
+
+
+def _select_twice(rank, world_size, run):
+    """select_for_resume on every rank; then rank 0 meets a file where a save's folder was (it
+    cannot clean up) and every rank selects again."""
+    import torch.distributed as dist
+
+    from pretrain import checkpoint as ckpt
+
+    dist.init_process_group("gloo")
+    first = ckpt.select_for_resume(run, checksums=True)
+    if rank == 0:
+        with open(os.path.join(run, "step_6.incomplete"), "w"):
+            pass
+    dist.barrier()
+    return first, ckpt.select_for_resume(run, checksums=True)
+
+
+def test_an_io_error_while_choosing_reaches_every_rank_as_one_line(tmp_path):
+    from tests.unit.test_checkpoint_integrity import SHARD, _commit
+
+    run = tmp_path / "run"
+    _commit(run, 2, keep_last=9)
+    step_4 = _commit(run, 4, keep_last=9)
+    # A real read error (EISDIR; the tests may run as root, so no chmod) in a file of `latest`,
+    # with the recorded size: the check reports it, and the run falls back.
+    (step_4 / SHARD).unlink()
+    (step_4 / SHARD).mkdir()
+    record = json.loads((step_4 / "integrity.json").read_text())
+    record["files"][SHARD]["size"] = os.path.getsize(step_4 / SHARD)
+    (step_4 / "integrity.json").write_text(json.dumps(record))
+    (first, second), other = spawn(_select_twice, world_size=2, args=(str(run),), timeout=300)
+    assert first == ("step_2", None) and other == (first, second)  # both ranks, both answers
+    tag, error = second
+    assert tag is None and "\n" not in error
+    assert error.startswith(f"--save_dir {run}: cannot choose a checkpoint to resume from (") and "Not a directory" in error
+
+
+def _init_from(rank, world_size, path, checksums):
+    """--init_from's collective on every rank: the one line each rank raises."""
+    import torch.distributed as dist
+
+    from pretrain import checkpoint as ckpt
+    from pretrain.trainer import init_weights_on_every_rank
+
+    dist.init_process_group("gloo")
+    try:
+        init_weights_on_every_rank(path, None, None, 0, 1, checksums=checksums)
+    except ckpt.CheckpointError as e:
+        return str(e)
+    return None
+
+
+@pytest.mark.slow
+def test_init_from_a_damaged_checkpoint_stops_every_rank_with_one_line(tmp_path):
+    from tests.unit.test_checkpoint_integrity import SHARD, _commit, _flip_bit
+
+    run = tmp_path / "run"
+    _flip_bit(_commit(run, 2) / SHARD)
+    # Rank 0 alone verifies, with checksums: both ranks raise its line.
+    errors = spawn(_init_from, world_size=2, args=(str(run / "latest"), True), timeout=300)
+    assert errors[0] == errors[1] and errors[0].startswith(f"--init_from {run / 'latest'}: checkpoint ")
+    assert "CRC-32" in errors[0] and "\n" not in errors[0]
+    # --no-verify_checksums is honoured (the flipped bit is not seen); these files are not DeepSpeed's,
+    # so reading the weights fails on every rank, and every rank says so instead of one hanging.
+    errors = spawn(_init_from, world_size=2, args=(str(run / "latest"), False), timeout=300)
+    assert errors[0] == errors[1] and "CRC-32" not in errors[0] and errors[0].startswith(f"--init_from {run / 'latest'}: ")

@@ -1,6 +1,7 @@
 """The integrity record, verification, the choice of checkpoint to resume from, pruning and the
 verify command, on checkpoint folders committed by the trainer's own commit step (rank 0's part
 of `checkpoint.save`: record, fsync, rename, `latest`, prune) without DeepSpeed or processes."""
+import fcntl
 import json
 import os
 import re
@@ -10,18 +11,25 @@ import pytest
 
 from pretrain import checkpoint as ckpt
 from pretrain import verify_checkpoint
+from pretrain.config import ConfigError, TrainConfig, _check_checkpoint_options
 
 SHARD = "zero_pp_rank_1_mp_rank_00_optim_states.pt"
 
 
-def _commit(run, step, keep_last=3, size=50_000):
-    """A checkpoint of `step` as a save leaves it: files written into step_N.incomplete, then committed."""
+def _write_files(run, step, size=50_000):
+    """The files a save writes into step_N.incomplete, before rank 0 commits them."""
     work = run / f"step_{step}{ckpt.INCOMPLETE}"
     (work / "rng").mkdir(parents=True)
     for i, name in enumerate(["mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt", SHARD,
                               "rng/rank_0.pt", "rng/rank_1.pt"]):
         (work / name).write_bytes(os.urandom(size + i))
-    (work / ckpt.STATE_FILE).write_text(json.dumps({"step": step}))
+    (work / ckpt.STATE_FILE).write_text(json.dumps(ckpt.state_for_disk({"step": step})))
+    return work
+
+
+def _commit(run, step, keep_last=3, size=50_000):
+    """A checkpoint of `step` as a save leaves it: files written into step_N.incomplete, then committed."""
+    _write_files(run, step, size)
     assert ckpt._commit(str(run), f"step_{step}", [{"files": {}, "error": None}], keep_last) is None
     return run / f"step_{step}"
 
@@ -59,6 +67,11 @@ def test_crc32_streams_files_larger_than_one_chunk(tmp_path):
     ("delete", False, f"{SHARD} is missing"),
     ("extra", False, "zero_pp_rank_2_mp_rank_00_optim_states.pt is not in the integrity record"),
     ("record", False, "integrity.json is unreadable"),
+    ("format", False, "integrity.json is unreadable \\(format 2, this trainer reads format 1\\)"),
+    ("tag", False, "integrity.json is unreadable \\(it is the record of 'step_4', not of 'step_2'"),
+    ("entry", False, f"integrity.json is unreadable \\(malformed entry for {SHARD}"),
+    ("unreadable", True, f"{SHARD} cannot be read \\(.*Is a directory"),
+    ("no_record", False, "integrity.json is missing \\(this checkpoint was written with an integrity record"),
 ])
 def test_verify_names_the_file_and_what_is_wrong(tmp_path, damage, checksums, expected):
     run = tmp_path / "run"
@@ -73,13 +86,43 @@ def test_verify_names_the_file_and_what_is_wrong(tmp_path, damage, checksums, ex
         shard.unlink()
     elif damage == "extra":
         (tag_dir / "zero_pp_rank_2_mp_rank_00_optim_states.pt").write_bytes(b"x")
-    else:
+    elif damage == "record":
         (tag_dir / ckpt.INTEGRITY).write_text('{"files": {')
+    elif damage in ("format", "tag", "entry", "unreadable"):
+        record = json.loads((tag_dir / ckpt.INTEGRITY).read_text())
+        if damage == "format":
+            record["format"] = 2
+        elif damage == "tag":
+            record["tag"] = "step_4"
+        elif damage == "entry":
+            record["files"][SHARD] = {"size": "50002"}
+        else:  # a real I/O error on read (EISDIR: root can read any file, so no chmod), same recorded size
+            shard.unlink()
+            shard.mkdir()
+            record["files"][SHARD]["size"] = os.path.getsize(shard)
+        (tag_dir / ckpt.INTEGRITY).write_text(json.dumps(record))
+    else:  # a checkpoint of this trainer that lost its record is not one from before records existed
+        (tag_dir / ckpt.INTEGRITY).unlink()
     v = ckpt.verify(str(run), "step_2", checksums=checksums)
     assert not v.ok
     line = ckpt.damage_message(str(run), v)
     assert "\n" not in line and line.startswith(f"checkpoint {run / 'step_2'} is damaged or incomplete: ")
     assert re.search(expected, line), line
+    assert verify_checkpoint.main([str(run)]) == 1  # the command reports it, no traceback
+
+
+def test_incomplete_folders_are_never_verified_exported_or_resolved(tmp_path, capsys):
+    run = tmp_path / "run"
+    _commit(run, 2)
+    work = _write_files(run, 4)  # every file and trainer_state.json there, killed before the record
+    v = ckpt.verify(str(run), work.name)
+    assert not v.ok and "did not complete" in v.problem
+    assert verify_checkpoint.main([str(run), work.name]) == 1
+    assert "did not complete" in capsys.readouterr().err
+    with pytest.raises(ckpt.CheckpointError, match="did not complete"):
+        ckpt.resolve(str(work))
+    with pytest.raises(ckpt.CheckpointError, match="did not complete"):
+        ckpt.full_weights(str(run), work.name)  # what export_hf and --init_from read through
 
 
 def test_resume_falls_back_to_the_newest_checkpoint_that_verifies(tmp_path):
@@ -109,6 +152,16 @@ def test_resume_with_no_checkpoint_that_verifies_says_what_to_do(tmp_path):
     msg = str(e.value)
     assert "\n" not in msg and msg.startswith("no checkpoint verifies (step_2: ") and SHARD in msg
     assert "use a new --save_dir" in msg and "python -m pretrain.verify_checkpoint" in msg
+
+
+def test_resume_with_an_empty_latest_takes_the_newest_checkpoint_that_verifies(tmp_path):
+    run = tmp_path / "run"
+    for step in (2, 4):
+        _commit(run, step, keep_last=9)
+    (run / "latest").write_text("")  # a filesystem that lost the rename's data
+    choice = ckpt.choose_resume(str(run))
+    assert choice.tag == "step_4" and choice.fell_back
+    assert choice.rejected[0].tag == "latest" and "is empty" in choice.rejected[0].problem
 
 
 def test_resume_of_a_fresh_run_and_of_a_checkpoint_without_a_record(tmp_path):
@@ -163,3 +216,47 @@ def test_verify_command_exit_codes_and_one_line(tmp_path, capsys):
     assert verify_checkpoint.main([str(run), "step_2"]) == 0
     assert verify_checkpoint.main([str(run), "step_9"]) == 1
     assert verify_checkpoint.main([str(tmp_path / "nothing")]) == 2
+    assert verify_checkpoint.main([str(tmp_path / "nothing"), "step_2"]) == 2  # not a run directory
+    assert verify_checkpoint.main([str(run), "--no-verify_checksums"]) == 0  # the trainer's spelling too
+
+
+def test_universal_conversions_go_with_their_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    _commit(run, 2, keep_last=1)
+    (run / "step_2_universal").mkdir()
+    (run / "step_2_universal" / ".complete").write_text("")
+    (run / "latest_universal").write_text("step_2_universal")
+    _commit(run, 4, keep_last=1)  # prunes step_2, and so its conversion
+    assert sorted(os.listdir(run)) == ["latest", "step_4"]
+    # A save that replaces step_4 (after a fall-back) drops the conversion of the old files.
+    (run / "step_4_universal").mkdir()
+    (run / "step_4_universal" / ".complete").write_text("")
+    ckpt.point_latest(str(run), "step_2_gone")
+    _commit(run, 4, keep_last=1)
+    assert sorted(os.listdir(run)) == ["latest", "step_4"]
+
+
+def test_a_second_job_on_the_same_run_directory_is_refused(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    other = os.open(run / ckpt.LOCK, os.O_RDWR | os.O_CREAT)  # another job's lock (its own open file)
+    os.write(other, b"pid 1234 on node7")
+    fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    try:
+        with pytest.raises(ckpt.CheckpointError, match="another run is using this run directory .*pid 1234 on node7"):
+            ckpt.lock_run_dir(str(run))
+    finally:
+        os.close(other)  # that job ends: its lock goes with it
+    ckpt.lock_run_dir(str(run))
+    assert (run / ckpt.LOCK).read_text().startswith(f"pid {os.getpid()} on ")
+
+
+@pytest.mark.parametrize("ds, refused", [
+    ({"checkpoint": {"use_node_local_storage": True}}, "use_node_local_storage"),
+    ({"checkpoint": {"writer": {"type": "fast", "decoupled": True}}}, "writer"),
+    ({"datastates_ckpt": {"host_cache_size": 16}}, "datastates_ckpt"),
+])
+def test_deepspeed_checkpoint_options_that_break_the_record_are_refused(ds, refused):
+    with pytest.raises(ConfigError, match=f"remove .*{refused}.*shared by all nodes"):
+        _check_checkpoint_options(TrainConfig(ds_config="z.json"), ds)
+    _check_checkpoint_options(TrainConfig(ds_config="z.json"), {"checkpoint": {"use_node_local_storage": False}})
