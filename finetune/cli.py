@@ -90,6 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="same as --precision bf16 (transformers' spelling)")
     p.add_argument("--fp16", dest="precision", action="store_const", const="fp16",
                    help="same as --precision fp16 (transformers' spelling)")
+    grouping = p.add_mutually_exclusive_group()
+    grouping.add_argument("--no-group-by-length", dest="group_by_length", action="store_false",
+                          default=d.group_by_length,
+                          help="plain shuffled training batches (default: batches of similar lengths, less padding)")
+    grouping.add_argument("--group-by-length", "--group_by_length", dest="group_by_length", action="store_true",
+                          help="(the default; transformers' spelling) training batches of similar lengths")
     p.add_argument("--no-progress", dest="progress", action="store_false",
                    help="no progress bars (they show only when stderr is a terminal)")
     p.add_argument("--warmup-ratio", "--warmup_ratio", type=float, default=d.warmup_ratio,
@@ -152,7 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
 _TRAIN_FLAGS = {"learning_rate": "learning_rate", "epochs": "epochs", "max_steps": "max_steps",
                 "batch_size": "batch_size", "eval_batch_size": "eval_batch_size", "warmup_ratio": "warmup_ratio",
                 "weight_decay": "weight_decay", "gradient_accumulation_steps": "gradient_accumulation_steps",
-                "precision": "precision", "progress": "progress"}
+                "precision": "precision", "progress": "progress",
+                "group_by_length": "group_by_length"}
 
 
 def args_from_namespace(ns: argparse.Namespace) -> FinetuneArgs:

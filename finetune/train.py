@@ -61,6 +61,9 @@ class TrainConfig:
     # config's own bf16/fp16 blocks and fp32/bf16/fp16 override them
     precision: str = "auto"
     progress: bool = True  # tqdm bars on rank 0 while stderr is a terminal
+    # training batches of similar lengths (less padding; see _length_grouped); False: plain
+    # shuffled batches, as transformers without --group_by_length and this loop before it
+    group_by_length: bool = True
 
     def check(self) -> None:
         """InputError naming the flag when a setting cannot run."""
@@ -92,28 +95,40 @@ def collate(features: list[dict], pad_id: int = 0) -> dict:
     return out
 
 
-# Length-bucketed training batches: the shuffled epoch is cut into windows of this many batches,
-# each window is sorted by length and cut into batches, and the batches are shuffled again (as
-# transformers' group_by_length does with its "mega-batches"). A batch then holds sentences of
-# similar lengths, so the padded layout (and the attention blocks of the unpadded encoder) waste
-# little, while which examples meet in a batch still changes with every epoch and seed.
+# Length-bucketed training batches: the shuffled epoch is cut into windows of at most this many
+# batches, each window is sorted by length and cut into batches, and the batches are shuffled
+# again (transformers' group_by_length "mega-batches"). A batch then holds sentences of similar
+# lengths, so the padded layout (and the attention blocks of the unpadded encoder) waste little.
 _BUCKET_WINDOW = 50
+# ...and at least this many windows per epoch (transformers' cap, mega_batch_mult =
+# min(n // (4 x batch), 50)): a training set that fits in one window would be sorted as a whole,
+# and the same examples would meet in a batch every epoch (~70% of batch-mate pairs repeat).
+_MIN_WINDOWS = 4
 
 
-def _batches(features, batch_size, shuffle, rng):
+def _batches(features, batch_size, shuffle, rng, group_by_length: bool = True):
     """Batches of `batch_size` examples (the last may be short). Shuffled (training): every
-    example once per epoch, grouped by length within windows, in an order drawn from `rng`
-    alone, so the same seed gives the same batches on every rank and run."""
+    example once per epoch, grouped by length within windows unless `group_by_length` is off,
+    in an order drawn from `rng` alone, so the same seed gives the same batches on every rank
+    and run."""
     order = list(range(len(features)))
     if shuffle:
         rng.shuffle(order)
-        order = _length_grouped(order, features, batch_size, rng)
+        if group_by_length:
+            order = _length_grouped(order, features, batch_size, rng)
     for i in range(0, len(order), batch_size):
         yield [features[j] for j in order[i:i + batch_size]]
 
 
+def _window_batches(n: int, batch_size: int) -> int:
+    """Batches per length-sorting window for `n` examples: 50, fewer so that the epoch has at
+    least 4 windows, at least 1."""
+    return max(1, min(n // (_MIN_WINDOWS * batch_size), _BUCKET_WINDOW))
+
+
 def _length_grouped(order: list, features, batch_size: int, rng) -> list:
-    window = batch_size * _BUCKET_WINDOW  # a multiple of batch_size: only the last batch is short
+    # a multiple of batch_size: only the last batch is short
+    window = batch_size * _window_batches(len(order), batch_size)
     batches = []
     for w in range(0, len(order), window):
         # Longest first within a window; the sort is stable, so ties keep the shuffled order.
@@ -364,7 +379,7 @@ def train(model, features: list[dict], cfg: TrainConfig, seed: int, pad_id: int 
     where = f" (deepspeed, {world} processes)" if ds_config is not None else ""
     with _progress(total, cfg.progress and rank == 0, "train") as bar:
         while step < total:
-            for feats in _batches(features, per_update, True, rng):
+            for feats in _batches(features, per_update, True, rng, cfg.group_by_length):
                 running.append(_update_loss(stepper, feats, rank, world, gas, pad_id))
                 if not stepper.step():
                     skipped += 1

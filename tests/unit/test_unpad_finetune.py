@@ -113,3 +113,41 @@ def test_training_batches_are_length_bucketed_and_seeded():
     # ...and batch-mates still change between epochs (the window is shuffled first).
     pairs = {frozenset(b[:2]) for b in ids}
     assert len(pairs & {frozenset([f["i"] for f in b][:2]) for b in second}) < len(pairs) // 10
+
+
+def _repeat_share(first, second):
+    """Share of the batch-mate pairs of one epoch that are batch-mates again in the next."""
+    def pairs(batches):
+        return {frozenset((a["i"], b["i"])) for bt in batches for k, a in enumerate(bt) for b in bt[k + 1:]}
+    mates = pairs(first)
+    return len(mates & pairs(second)) / len(mates)
+
+
+@pytest.mark.parametrize("n,batch", [(600, 32), (3000, 128)])
+def test_small_training_sets_still_change_batch_mates_every_epoch(n, batch):
+    # Both sets fit in one window of 50 batches: sorted as a whole, ~70% of the batch-mate pairs
+    # met again in the next epoch (random batches: batch / n, ~5%). With at least 4 windows per
+    # epoch (transformers' cap) the share is ~15% and batches still pad about half as much as random ones.
+    features = _lengths_features(n)
+    rng = random.Random(3)
+    first, second = list(_batches(features, batch, True, rng)), list(_batches(features, batch, True, rng))
+    assert _repeat_share(first, second) < 0.3
+    assert _padding(first) < 0.6 * _padding(list(_batches(features, batch, True, random.Random(3), False)))
+
+
+def test_group_by_length_off_gives_plain_shuffled_batches():
+    features = _lengths_features(600)
+    order = list(range(600))
+    random.Random(5).shuffle(order)
+    got = [[f["i"] for f in b] for b in _batches(features, 32, True, random.Random(5), group_by_length=False)]
+    assert got == [order[i:i + 32] for i in range(0, 600, 32)]
+
+
+def test_group_by_length_flags():
+    from finetune.cli import args_from_namespace, build_parser
+
+    base = ["--task", "classify", "--model", "M", "--output-dir", "o"]
+    parse = lambda *extra: args_from_namespace(build_parser().parse_args([*base, *extra])).train.group_by_length
+    assert parse() is True
+    assert parse("--no-group-by-length") is False
+    assert parse("--group_by_length") is True
