@@ -396,26 +396,39 @@ class BertModel(nn.Module):
         ``last_hidden_state`` and ``hidden_states`` come back as [B, S, H] with zeros at padding
         where the padded model has values nobody should read (hence off by default: this
         module's outputs then equal transformers' at every position); ``output_rows`` must be
-        real tokens."""
+        real tokens. With ``unpad``, a batch with a left-padded or all-padding row runs padded when
+        the [CLS] rows are read (``output_rows`` or the pooler), so those keep BERT's meaning.
+        ``self.attention_backend`` decides the attention of every layout, a passed one too."""
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
         if layout is None and unpad and attention_mask is not None:
-            layout = TokenLayout.from_attention_mask(attention_mask, backend=self.attention_backend)
+            layout = TokenLayout.from_attention_mask(attention_mask)
+            if not layout.first_column_real and (output_rows is not None or self.pooler is not None):
+                # A left-padded or all-padding row: its [CLS] position (what the pooler and the
+                # classification heads read, as in BERT) is padding, which only the padded
+                # encoder computes; ``unpad`` is a request, so run that rather than fail.
+                layout = None
         if layout is None:
             hidden = self.embeddings(input_ids, token_type_ids)
             attention = PaddedAttention(_attention_bias(attention_mask, hidden.dtype))
             rows = output_rows
         else:
+            layout = layout.with_backend(self.attention_backend)  # one knob, whoever built the layout
             hidden = self.embeddings(input_ids, token_type_ids, layout)
             attention = layout
             rows = None if output_rows is None else layout.to_packed(output_rows)
         hidden, all_hidden = self.encoder(hidden, attention, output_hidden_states, rows)
         if layout is not None:
-            all_hidden = None if all_hidden is None else tuple(layout.pad(h) for h in all_hidden)
+            if all_hidden is not None:
+                # with output_rows the last layer's output is those rows already, as when padded
+                keep = len(all_hidden) - (output_rows is not None)
+                all_hidden = tuple(layout.pad(h) if i < keep else h for i, h in enumerate(all_hidden))
             if output_rows is None:
-                cls_rows = layout.to_packed(torch.arange(0, layout.batch * layout.seq, layout.seq,
-                                                         device=hidden.device))
-                pooled = None if self.pooler is None else self.pooler(hidden.index_select(0, cls_rows)[:, None])
+                pooled = None
+                if self.pooler is not None:
+                    cls_rows = layout.to_packed(torch.arange(0, layout.batch * layout.seq, layout.seq,
+                                                             device=hidden.device))
+                    pooled = self.pooler(hidden.index_select(0, cls_rows)[:, None])
                 return BertModelOutput(layout.pad(hidden), pooled, all_hidden)
         pooled = None
         if self.pooler is not None and output_rows is None:

@@ -16,20 +16,24 @@ packing several NSP pairs per row reuses this layout unchanged.
 
 Attention (``attend``), exact on both devices (the same softmax over the same keys as the padded
 model; padded keys there get weight exactly 0):
-- "bucketed" (the CPU default): sequences sorted by length and cut into a few buckets (a small
+- "bucketed" (the CPU default, and CUDA's for fp32 training): sequences sorted by length and cut into a few buckets (a small
   dynamic programme trading the padding inside a bucket against one more kernel call), each run
   as one batched ``scaled_dot_product_attention`` on its own [n, heads, L_bucket, d] block with a
   key-padding mask. Batched SDPA is CPU's fastest attention (its flash kernel); a block-diagonal
   mask over all packed tokens would cost O(T^2) and a loop per sequence one call per sequence.
-- "nested" (the CUDA default): jagged nested tensors built on the packed q/k/v without a copy,
-  through SDPA, which dispatches them to the flash (fp16/bf16) or memory-efficient (fp32)
-  varlen kernels, dropout included (``torch.nn.attention.varlen.varlen_attn`` has no dropout,
-  so training could not use it).
+- "nested" (the CUDA default for fp16/bf16, and for fp32 without grad): jagged nested tensors
+  built on the packed q/k/v without a copy, through SDPA, which dispatches them to the flash
+  (fp16/bf16, dropout included) or memory-efficient (fp32, inference only: it refuses nested
+  inputs that require grad) varlen kernels. fp32 training on "nested" falls to SDPA's math path
+  (a device sync per sequence), so "auto" uses "bucketed" there, whose dense blocks with a float
+  mask the memory-efficient kernel takes in training, dropout included.
+  ``torch.nn.attention.varlen.varlen_attn`` has no dropout, so training could not use it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import itertools
+from dataclasses import dataclass, field, replace
 from typing import Optional
 
 import torch
@@ -59,7 +63,9 @@ class TokenLayout:
     ``indices``: [T] flat indices into the [batch * seq] grid, row-major (the packed order);
     ``cu_seqlens``: [N + 1] int32 offsets of the N sequences in the packed tokens;
     ``position_ids``: [T] position of each token in its sequence's position embeddings;
-    ``lengths``: the N sequence lengths on the host (the attention plan needs them there)."""
+    ``lengths``: the N sequence lengths on the host (the attention plan needs them there);
+    ``first_column_real``: whether every row's column 0 is a real token (the [CLS] a pooler reads;
+    False for a left-padded or an all-padding row), on the host."""
 
     indices: torch.Tensor
     cu_seqlens: torch.Tensor
@@ -69,6 +75,7 @@ class TokenLayout:
     seq: int
     max_position: int
     backend: str = "auto"
+    first_column_real: bool = True
     _plan: Optional[tuple] = field(default=None, repr=False)
     _inverse: Optional[torch.Tensor] = field(default=None, repr=False)
 
@@ -107,13 +114,24 @@ class TokenLayout:
             position_ids = indices - rows * seq
         else:
             position_ids = torch.arange(indices.numel(), device=device) - cu_seqlens.long()[seq_of_token]
-        max_position = int(position_ids.max()) if indices.numel() else 0
-        return cls(indices, cu_seqlens, position_ids, lengths.tolist(), batch, seq, max_position, backend)
+        # One read-back for every host-side number (on a GPU mask each is a wait for the device).
+        first_real = attention_mask[:, 0].ne(0).all().long().reshape(1) if batch else lengths.new_ones(1)
+        max_position = position_ids.max().reshape(1) if indices.numel() else lengths.new_zeros(1)
+        *lengths, max_position, first_real = torch.cat([lengths.long(), max_position.long(), first_real]).tolist()
+        return cls(indices, cu_seqlens, position_ids, lengths, batch, seq, max_position, backend, bool(first_real))
 
     def to(self, device, non_blocking: bool = False) -> "TokenLayout":
         """The layout on ``device`` (same call as a tensor's, so a batch dict moves as one)."""
         move = [t.to(device, non_blocking=non_blocking) for t in (self.indices, self.cu_seqlens, self.position_ids)]
-        return TokenLayout(*move, self.lengths, self.batch, self.seq, self.max_position, self.backend)
+        return TokenLayout(*move, self.lengths, self.batch, self.seq, self.max_position, self.backend,
+                           self.first_column_real)
+
+    def with_backend(self, backend: str) -> "TokenLayout":
+        """This layout attending through ``backend`` (the encoder's own setting wins over the one
+        the caller built the layout with)."""
+        if backend not in BACKENDS:
+            raise ValueError(f"attention backend {backend!r} is not one of {BACKENDS}")
+        return self if backend == self.backend else replace(self, backend=backend)
 
     # -- moving between the padded grid and the packed tokens -------------------------------------
 
@@ -134,26 +152,34 @@ class TokenLayout:
             inverse[self.indices] = torch.arange(self.num_tokens, device=self.indices.device)
             self._inverse = inverse
         packed = self._inverse[flat_rows]
-        if flat_rows.numel() and int(packed.min()) < 0:
-            raise ValueError("a requested output position is padding (attention_mask 0 there): the "
-                             "unpadded encoder computes real tokens only; [CLS] and masked positions "
-                             "must be inside the attention mask")
+        # Checked without reading the result back (on a GPU a wait for every queued kernel, per
+        # forward): an asynchronous device assert there, an immediate error on the CPU.
+        message = ("a requested output position is padding (attention_mask 0 there): the unpadded "
+                   "encoder computes real tokens only; [CLS] and masked positions must be inside the "
+                   "attention mask")
+        if packed.numel():
+            try:
+                torch._assert_async(packed.min() >= 0, message)
+            except RuntimeError as e:  # raised here only where the check ran synchronously (CPU)
+                raise ValueError(message) from e
         return packed
 
     # -- attention ----------------------------------------------------------------------------
 
     def attend(self, query, key, value, dropout_p: float = 0.0) -> torch.Tensor:
         """Per-sequence softmax attention on packed [T, heads, d] q/k/v; returns [T, heads, d]."""
+        if not self.lengths:  # a batch without a real token (torch.cat / min of nothing below)
+            return query.new_zeros(query.shape)
         backend = self.backend
         if backend == "auto":
-            backend = "nested" if query.is_cuda else "bucketed"
+            backend = "nested" if _nested_is_fused(query) else "bucketed"
         if backend == "nested":
             return _nested_attention(query, key, value, self.cu_seqlens, self.lengths, dropout_p)
         return self._bucketed_attention(query, key, value, dropout_p)
 
     def _bucketed_attention(self, query, key, value, dropout_p):
         if self._plan is None:
-            self._plan = _plan_buckets(self.lengths, self.cu_seqlens, query.device, query.dtype)
+            self._plan = _plan_buckets(self.lengths, query.device, query.dtype)
         buckets, unbucket = self._plan
         heads, dim = query.shape[1:]
         qkv = torch.stack((query, key, value), dim=1)  # one gather per bucket instead of three
@@ -167,6 +193,15 @@ class TokenLayout:
             outputs.append(out.transpose(1, 2).reshape(b.count * b.length, heads, dim))
         out = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
         return out if unbucket is None else out.index_select(0, unbucket)
+
+
+def _nested_is_fused(query: torch.Tensor) -> bool:
+    """Whether SDPA runs nested q/k/v in a fused varlen kernel: flash takes fp16/bf16 only, and
+    the memory-efficient kernel refuses nested inputs that require grad (torch's sdp_utils,
+    check_requires_grad_and_nested), so fp32 training would fall to the MATH path, which splits
+    the values per sequence by a device lengths tensor (a sync per sequence, unfused). ``query``
+    is the projection's output, so under autocast its dtype is the one the kernel sees."""
+    return query.is_cuda and (query.dtype in (torch.float16, torch.bfloat16) or not query.requires_grad)
 
 
 def _nested_attention(query, key, value, cu_seqlens, lengths, dropout_p):
@@ -200,36 +235,37 @@ def _bucket_bounds(sorted_lengths: list) -> list:
     return bounds
 
 
-def _plan_buckets(lengths: list, cu_seqlens: torch.Tensor, device, dtype):
-    """The buckets' gather indices and key biases, and the permutation back to packed order."""
-    starts = cu_seqlens[:-1].tolist()
+def _plan_buckets(lengths: list, device, dtype):
+    """The buckets' gather indices and key biases, and the permutation back to packed order,
+    built on the host from the host lengths (no read-back from the device)."""
+    starts = list(itertools.accumulate(lengths, initial=0))[:-1]
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])  # stable: ties keep packed order
     sorted_lengths = [lengths[i] for i in order]
     total = sum(lengths)
-    buckets, position = [], torch.empty(total, dtype=torch.long)
+    buckets, position = [], [0] * total
     row = 0
     for lo, hi in _bucket_bounds(sorted_lengths):
         members = order[lo:hi]
         length = sorted_lengths[lo]
-        gather = torch.zeros(len(members), length, dtype=torch.long)
-        valid = torch.zeros(len(members), length, dtype=torch.bool)
+        gather, real = [], []
         for j, s in enumerate(members):
             n = lengths[s]
             # padding slots read token 0 of the sequence: finite values whose keys the mask zeroes
             # and whose query outputs are dropped, so they add nothing to any gradient
-            gather[j, :n] = torch.arange(starts[s], starts[s] + n)
-            gather[j, n:] = starts[s]
-            valid[j, :n] = True
-            position[starts[s]:starts[s] + n] = torch.arange(row + j * length, row + j * length + n)
+            gather += list(range(starts[s], starts[s] + n)) + [starts[s]] * (length - n)
+            real.append(n)
+            position[starts[s]:starts[s] + n] = range(row + j * length, row + j * length + n)
         row += len(members) * length
-        identity = bool(valid.all()) and torch.equal(gather.reshape(-1), torch.arange(total)) and len(members) == len(lengths)
+        full = all(n == length for n in real)
+        identity = full and len(members) == len(lengths) and gather == list(range(total))
         bias = None
-        if not bool(valid.all()):
+        if not full:
+            valid = torch.arange(length)[None] < torch.tensor(real)[:, None]
             bias = torch.zeros(len(members), 1, 1, length, dtype=dtype)
             bias.masked_fill_(~valid[:, None, None, :], torch.finfo(dtype).min)
             bias = bias.to(device)
-        buckets.append(_Bucket(len(members), length, None if identity else gather.reshape(-1).to(device), bias))
+        buckets.append(_Bucket(len(members), length, None if identity else torch.tensor(gather).to(device), bias))
     # No permutation back only when the buckets' rows are the packed tokens themselves, in order
     # and without padding rows (a short last sequence alone pads the end).
-    unbucket = None if row == total and torch.equal(position, torch.arange(total)) else position.to(device)
+    unbucket = None if row == total and position == list(range(total)) else torch.tensor(position).to(device)
     return buckets, unbucket

@@ -207,3 +207,84 @@ def test_host_layout_spares_the_device_a_nonzero(monkeypatch):
     out = model(**batch)
     out.loss.backward()
     torch.testing.assert_close(out.loss, ref, atol=ATOL, rtol=0)
+
+
+def test_forward_with_a_host_layout_reads_nothing_back(monkeypatch):
+    """With the layout and masked positions built on the host, the forward and backward read no
+    tensor back to Python (on a GPU each read waits for every queued kernel): no .item(),
+    int(), bool(), .tolist() (the old to_packed check did int(packed.min()) twice a forward,
+    the bucket planner cu_seqlens.tolist())."""
+    config = BertConfig(**dict(NO_DROPOUT, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1))
+    model = randomize_(BertForPreTraining(config)).train()
+    ids, types, mask, labels, nsp = ragged_batch(config, LENGTHS["random"], LONG)
+    layout = TokenLayout.from_attention_mask(mask)
+    masked = (labels.reshape(-1) != -100).nonzero().squeeze(1)
+    reads = []
+    for name in ("item", "tolist", "__int__", "__bool__", "__index__", "__float__"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *a, _name=name, _original=original, **k):
+            reads.append(_name)
+            return _original(self, *a, **k)
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    out = model(ids, types, mask, labels=labels, next_sentence_label=nsp, masked_positions=masked, layout=layout)
+    out.loss.backward()
+    monkeypatch.undo()
+    assert reads == []
+
+
+def test_left_padded_and_empty_rows_fall_back_to_the_padded_pooler():
+    """BERT's pooler reads position 0: a left-padded or all-padding row (which worked before
+    unpadding) gives the padded model's pooled output instead of an error."""
+    config = BertConfig(**NO_DROPOUT)
+    model = randomize_(BertModel(config)).eval()
+    ids, types, mask, _, _ = ragged_batch(config, [5, SEQ, 9], SEQ)
+    mask, ids, types = mask.flip(1), ids.flip(1), types.flip(1)  # left padding
+    mask[2] = 0  # and a row without tokens
+    ref = model(ids, types, mask)
+    out = model(ids, types, mask, unpad=True)
+    torch.testing.assert_close(out.pooler_output, ref.pooler_output, atol=ATOL, rtol=0)
+    rows = torch.arange(0, 3 * SEQ, SEQ)
+    torch.testing.assert_close(model(ids, types, mask, output_rows=rows, unpad=True).last_hidden_state,
+                               ref.last_hidden_state[:, 0], atol=ATOL, rtol=0)
+
+
+def test_hidden_states_with_output_rows_unpadded():
+    config = BertConfig(**NO_DROPOUT)
+    model = randomize_(BertModel(config)).eval()
+    ids, types, mask, _, _ = ragged_batch(config, [5, SEQ, 9], SEQ)
+    rows = torch.tensor([0, SEQ, SEQ + 3, 2 * SEQ])
+    ref = model(ids, types, mask, output_hidden_states=True, output_rows=rows)
+    out = model(ids, types, mask, output_hidden_states=True, output_rows=rows, unpad=True)
+    assert [tuple(h.shape) for h in out.hidden_states] == [tuple(h.shape) for h in ref.hidden_states]
+    real = mask.bool()
+    for got, want in zip(out.hidden_states[:-1], ref.hidden_states[:-1]):
+        torch.testing.assert_close(got[real], want[real], atol=ATOL, rtol=0)
+    torch.testing.assert_close(out.hidden_states[-1], ref.hidden_states[-1], atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("backend", ["bucketed", "nested"])
+def test_a_batch_without_tokens_runs(backend):
+    config = BertConfig(**NO_DROPOUT)
+    model = randomize_(BertModel(config, add_pooling_layer=False)).train()
+    model.attention_backend = backend
+    ids = torch.zeros(2, SEQ, dtype=torch.long)
+    out = model(ids, torch.zeros_like(ids), torch.zeros_like(ids), unpad=True).last_hidden_state
+    assert out.shape == (2, SEQ, config.hidden_size) and torch.count_nonzero(out) == 0
+    out.sum().backward()
+
+
+def test_the_models_backend_decides_a_passed_layout(monkeypatch):
+    """One knob: BertForPreTraining(layout=...) attends through model.bert.attention_backend,
+    not through the backend the caller happened to build the layout with."""
+    import pretrain.unpad as unpad
+
+    config = BertConfig(**NO_DROPOUT)
+    model = randomize_(BertForPreTraining(config)).eval()
+    ids, types, mask, labels, nsp = ragged_batch(config, LENGTHS["random"], LONG)
+    calls = []
+    real = unpad._nested_attention
+    monkeypatch.setattr(unpad, "_nested_attention", lambda *a: calls.append(1) or real(*a))
+    model.bert.attention_backend = "nested"
+    model(ids, types, mask, labels=labels, layout=TokenLayout.from_attention_mask(mask, backend="bucketed"))
+    assert calls
