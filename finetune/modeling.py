@@ -15,7 +15,13 @@ wherever no output at a padding position is returned: always for the pooled head
 layer computes the [CLS] rows only) and the span head
 (span logits at padding are masked anyway), and for token labelling when labels are given
 (training; its logits at padding are then those of a zero hidden state). Token logits without
-labels keep the padded layout, so every position equals transformers'."""
+labels keep the padded layout, so every position equals transformers'.
+
+`layout` (optional, every head): the batch's `pretrain.unpad.TokenLayout`, built by the caller
+where the mask is still on the host (`finetune/train.py` does, for training and prediction) and
+moved with the batch; without it the encoder builds it from the mask, which on a GPU waits for
+the device several times per micro-batch. A batch whose [CLS] column holds padding (left padding,
+a row without tokens) runs the pooled head padded, as BERT's pooler reads position 0."""
 from __future__ import annotations
 
 import torch
@@ -23,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pretrain.model import BertConfig, BertModel
+from pretrain.unpad import TokenLayout
 
 
 def _dropout(config: BertConfig) -> nn.Dropout:
@@ -49,12 +56,14 @@ class BertForSequenceClassification(nn.Module):
         self.classifier = nn.Linear(config.hidden_size, num_labels)
         _init_linear(self.classifier, config.initializer_range)
 
-    def forward(self, input_ids, token_type_ids=None, attention_mask=None, labels=None, loss_reduction="mean"):
+    def forward(self, input_ids, token_type_ids=None, attention_mask=None, labels=None, loss_reduction="mean",
+                layout: TokenLayout | None = None):
         # Only the [CLS] rows leave the last layer (its attention output and feed-forward skip
         # every other token), as pretraining's NSP head does.
         batch, seq = input_ids.shape
         cls_rows = torch.arange(0, batch * seq, seq, device=input_ids.device)
-        hidden = self.bert(input_ids, token_type_ids, attention_mask, output_rows=cls_rows, unpad=True).last_hidden_state
+        hidden = self.bert(input_ids, token_type_ids, attention_mask, output_rows=cls_rows, unpad=True,
+                           layout=layout).last_hidden_state
         pooled = self.bert.pooler(hidden[:, None])
         logits = self.classifier(self.dropout(pooled))
         loss = None
@@ -83,8 +92,11 @@ class BertForTokenClassification(nn.Module):
         self.classifier = nn.Linear(config.hidden_size, num_labels)
         _init_linear(self.classifier, config.initializer_range)
 
-    def forward(self, input_ids, token_type_ids=None, attention_mask=None, labels=None, loss_reduction="mean"):
-        hidden = self.bert(input_ids, token_type_ids, attention_mask, unpad=labels is not None).last_hidden_state
+    def forward(self, input_ids, token_type_ids=None, attention_mask=None, labels=None, loss_reduction="mean",
+                layout: TokenLayout | None = None):
+        train = labels is not None  # without labels every position's logits are returned: padded
+        hidden = self.bert(input_ids, token_type_ids, attention_mask, unpad=train,
+                           layout=layout if train else None).last_hidden_state
         logits = self.classifier(self.dropout(hidden))
         loss = None
         if labels is not None:
@@ -111,8 +123,8 @@ class BertForQuestionAnswering(nn.Module):
         _init_linear(self.qa_outputs, config.initializer_range)
 
     def forward(self, input_ids, token_type_ids=None, attention_mask=None,
-                start_positions=None, end_positions=None, loss_reduction="mean"):
-        hidden = self.bert(input_ids, token_type_ids, attention_mask, unpad=True).last_hidden_state
+                start_positions=None, end_positions=None, loss_reduction="mean", layout: TokenLayout | None = None):
+        hidden = self.bert(input_ids, token_type_ids, attention_mask, unpad=True, layout=layout).last_hidden_state
         start, end = self.qa_outputs(hidden).unbind(-1)
         if attention_mask is not None:
             # padding must never be picked as a span boundary

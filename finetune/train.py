@@ -31,6 +31,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from pretrain import precision as prec
 from pretrain.optim import build_scheduler, optimizer_groups
+from pretrain.unpad import TokenLayout
 
 from .readers import InputError
 
@@ -139,6 +140,12 @@ def _length_grouped(order: list, features, batch_size: int, rng) -> list:
     if short is not None:
         batches.append(short)  # the epoch's short batch stays last, as without grouping
     return [j for b in batches for j in b]
+
+
+def with_layout(batch: dict) -> dict:
+    """The collated batch plus its `TokenLayout` (the heads' unpadded encoder), built here while
+    the mask is on the host: from a GPU mask the model would wait for the device to build it."""
+    return {**batch, "layout": TokenLayout.from_attention_mask(batch["attention_mask"])}
 
 
 def _to(batch: dict, model) -> dict:
@@ -302,7 +309,7 @@ def _update_loss(stepper, feats: list[dict], rank: int, world: int, gas: int, pa
     it is split. A batch that is one piece keeps the head's own mean (the same bits as before
     accumulation and several processes existed)."""
     pieces = _pieces(feats, rank, world, gas)
-    batches = [collate([{k: v for k, v in f.items() if not k.startswith("_")} for f in mine], pad_id)
+    batches = [with_layout(collate([{k: v for k, v in f.items() if not k.startswith("_")} for f in mine], pad_id))
                for mine, _ in pieces]
     units = [stepper.module.loss_units(b) if real else 0 for b, (_, real) in zip(batches, pieces)]
     total = float(sum(units))
@@ -491,7 +498,7 @@ def predict(model, features: list[dict], batch_size: int = 64, pad_id: int = 0, 
     with _progress(math.ceil(len(features) / batch_size), progress, "eval") as bar, \
             autocast(precision, _device_type(model)):
         for idx, batch in length_sorted_batches(features, batch_size, pad_id):
-            _, logits = model(**_to(batch, model))
+            _, logits = model(**_to(with_layout(batch), model))
             for row, j in enumerate(idx):
                 n = len(features[j]["input_ids"])
                 if isinstance(logits, tuple):

@@ -396,18 +396,20 @@ class BertModel(nn.Module):
         ``last_hidden_state`` and ``hidden_states`` come back as [B, S, H] with zeros at padding
         where the padded model has values nobody should read (hence off by default: this
         module's outputs then equal transformers' at every position); ``output_rows`` must be
-        real tokens. With ``unpad``, a batch with a left-padded or all-padding row runs padded when
-        the [CLS] rows are read (``output_rows`` or the pooler), so those keep BERT's meaning.
+        real tokens. With ``unpad`` (and a built or a passed layout), a batch with a left-padded
+        or all-padding row runs padded when the [CLS] rows are read (``output_rows`` or the
+        pooler), so those keep BERT's meaning.
         ``self.attention_backend`` decides the attention of every layout, a passed one too."""
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
         if layout is None and unpad and attention_mask is not None:
             layout = TokenLayout.from_attention_mask(attention_mask)
-            if not layout.first_column_real and (output_rows is not None or self.pooler is not None):
-                # A left-padded or all-padding row: its [CLS] position (what the pooler and the
-                # classification heads read, as in BERT) is padding, which only the padded
-                # encoder computes; ``unpad`` is a request, so run that rather than fail.
-                layout = None
+        if layout is not None and unpad and not layout.first_column_real and \
+                (output_rows is not None or self.pooler is not None):
+            # A left-padded or all-padding row: its [CLS] position (what the pooler and the
+            # classification heads read, as in BERT) is padding, which only the padded encoder
+            # computes; ``unpad`` is a request, so run that rather than fail.
+            layout = None
         if layout is None:
             hidden = self.embeddings(input_ids, token_type_ids)
             attention = PaddedAttention(_attention_bias(attention_mask, hidden.dtype))

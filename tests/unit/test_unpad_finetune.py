@@ -151,3 +151,53 @@ def test_group_by_length_flags():
     assert parse() is True
     assert parse("--no-group-by-length") is False
     assert parse("--group_by_length") is True
+
+
+@pytest.mark.parametrize("kind", ["classify", "token", "qa"])
+def test_head_with_a_host_layout_reads_nothing_back(kind, monkeypatch):
+    """The loop builds each batch's layout on the host (train.with_layout) and the heads take it:
+    the forward and backward then neither call nonzero nor read a tensor back to Python, each of
+    which waits for the device on a GPU; the loss is still the padded encoder's."""
+    from finetune.train import with_layout
+
+    model = _head(kind)
+    inputs, targets = _inputs()
+    ref = _padded_reference(kind, model, inputs, targets[kind])
+    batch = with_layout({**inputs, **targets[kind]})
+    reads = []
+    for name in ("nonzero", "item", "tolist", "__int__", "__bool__", "__index__", "__float__"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *a, _name=name, _original=original, **k):
+            reads.append(_name)
+            return _original(self, *a, **k)
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    loss, _ = model(**batch)
+    loss.backward()
+    monkeypatch.undo()
+    assert reads == []
+    torch.testing.assert_close(loss, ref, atol=1e-5, rtol=0)
+
+
+def _left_padded(inputs, targets):
+    seq = inputs["input_ids"].shape[1]
+    flipped = {k: v.flip(1) for k, v in inputs.items()}
+    targets = dict(targets, token={"labels": targets["token"]["labels"].flip(1)},
+                   qa={"start_positions": seq - 1 - targets["qa"]["end_positions"],
+                       "end_positions": seq - 1 - targets["qa"]["start_positions"]})
+    return flipped, targets
+
+
+@pytest.mark.parametrize("host_layout", [False, True])
+@pytest.mark.parametrize("kind", ["classify", "token", "qa"])
+def test_left_padded_batches_give_the_padded_encoders_loss(kind, host_layout):
+    """Left padding worked before unpadding (the pooler reads position 0, padding or not): the
+    pooled head falls back to the padded encoder, the others unpad with positions = columns."""
+    model = _head(kind).eval()
+    inputs, targets = _left_padded(*_inputs())
+    batch = {**inputs, **targets[kind]}
+    if host_layout:
+        from finetune.train import with_layout
+        batch = with_layout(batch)
+    loss, _ = model(**batch)
+    torch.testing.assert_close(loss, _padded_reference(kind, model, inputs, targets[kind]), atol=1e-5, rtol=0)
