@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The prepared GPU check, one call on a bare H100/H200 image (device tool, kind nvidia-h200):
 #   1. installs from .whl/ what the image lacks (deepspeed, megatron-core, pydantic, hjson; no network there),
-#   2. runs `pytest tests/gpu -m gpu` (its summary goes into the results file),
+#   2. runs `pytest tests/gpu -m gpu` (its summary goes into the results file; test_unpad_cuda.py: the unpadded
+#      encoder reaches flash / memory-efficient SDPA and syncs nowhere, bf16 and fp32 training),
 #   3. BERT-large seq-128 pretraining throughput, ZeRO-2: bf16 and fp16 at tp=1 on one GPU (and bf16 at tp=2
 #      and at dp=2 when two GPUs are visible), reading the trainer's own metrics (FLOPs formula: docs/pretrain.md),
 # and writes ONE results file, $OUT/gpu_check_results.txt (seq/s, tokens/s, TFLOP/s per GPU, MFU, peak memory),

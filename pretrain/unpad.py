@@ -263,9 +263,9 @@ def _plan_buckets(lengths: list, device, dtype):
             valid = torch.arange(length)[None] < torch.tensor(real)[:, None]
             bias = torch.zeros(len(members), 1, 1, length, dtype=dtype)
             bias.masked_fill_(~valid[:, None, None, :], torch.finfo(dtype).min)
-            bias = bias.to(device)
-        buckets.append(_Bucket(len(members), length, None if identity else torch.tensor(gather).to(device), bias))
+            bias = bias.to(device, non_blocking=True)  # pageable source: staged, no stream sync
+        buckets.append(_Bucket(len(members), length, None if identity else torch.tensor(gather).to(device, non_blocking=True), bias))
     # No permutation back only when the buckets' rows are the packed tokens themselves, in order
     # and without padding rows (a short last sequence alone pads the end).
-    unbucket = None if row == total and position == list(range(total)) else torch.tensor(position).to(device)
+    unbucket = None if row == total and position == list(range(total)) else torch.tensor(position).to(device, non_blocking=True)
     return buckets, unbucket
