@@ -6,7 +6,9 @@ over randomly drawn batches, as its Trainer does by default), same weights, fp32
 The same examples (a seeded sample of the 4,000 sentences, tokenized by our task code with the
 embedded bert-base-uncased vocabulary) go through every variant once, in batches of `--batch`:
 ours grouped by length, transformers' in random order; a third variant runs transformers on our
-bucketed batches, which separates the bucketing's share of the gain from the unpadded encoder's.
+bucketed batches, which separates the bucketing's share of the gain from the rest: the unpadded
+encoder and also our head's last layer, which computes the [CLS] rows only (transformers' computes
+every token there).
 One step = forward + backward + AdamW step (the same optimizer on both sides: `--fused-adamw`);
 variants alternate step by step. Prints examples/s
 over the whole sample and the ratios (goal: ours >= 2x transformers with DataCollatorWithPadding).
