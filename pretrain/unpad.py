@@ -215,57 +215,74 @@ def _nested_attention(query, key, value, cu_seqlens, lengths, dropout_p):
 
 
 def _bucket_bounds(sorted_lengths: list) -> list:
-    """Cut lengths sorted longest first into contiguous buckets minimising the attention work
-    (count x longest^2 per bucket) plus a fixed cost per bucket; returns the cut points."""
+    """Cut lengths sorted longest first into at most ``_MAX_BUCKETS`` contiguous buckets minimising
+    the attention work (count x longest^2 per bucket) plus a fixed cost per bucket; returns the
+    (start, end) of each bucket in the sorted list.
+
+    A cut inside a run of equal lengths never pays (the next bucket costs the same per sequence
+    plus one more call), so the dynamic programme runs over the m distinct lengths, with the
+    bucket count as a dimension: m <= the sequence length, and each of the K rounds is one
+    [m, m] tensor minimum."""
     n = len(sorted_lengths)
-    best = [0.0] + [float("inf")] * n  # best[i]: cost of the first i sequences
-    cut = [0] * (n + 1)
-    for end in range(1, n + 1):
-        for start in range(max(0, end - n), end):
-            cost = best[start] + (end - start) * sorted_lengths[start] ** 2 + _BUCKET_CALL_COST
-            if cost < best[end]:
-                best[end], cut[end] = cost, start
-    bounds, end = [], n
-    while end > 0:
-        bounds.append((cut[end], end))
-        end = cut[end]
+    if not n:
+        return []
+    run_starts = [0] + [i for i in range(1, n) if sorted_lengths[i] != sorted_lengths[i - 1]]
+    m = len(run_starts)
+    head = torch.tensor([sorted_lengths[i] for i in run_starts], dtype=torch.float64)
+    ends = torch.tensor(run_starts[1:] + [n], dtype=torch.float64)  # sequences up to the end of run b
+    begins = torch.tensor(run_starts, dtype=torch.float64)
+    # cost[a, b]: one bucket over runs a..b (inclusive), infinite unless a <= b
+    cost = (ends[None, :] - begins[:, None]) * head[:, None] ** 2 + _BUCKET_CALL_COST
+    cost = cost.masked_fill(torch.ones(m, m, dtype=torch.bool).tril(-1), float("inf"))
+    best = cost[0].clone()  # best[b]: runs 0..b in the buckets used so far, the last ending at b
+    choices, totals = [], [best[m - 1]]
+    for _ in range(1, min(_MAX_BUCKETS, m)):
+        # the last bucket covers runs a..b, the ones before runs 0..a-1
+        previous = torch.cat([torch.full((1,), float("inf"), dtype=torch.float64), best[:-1]])
+        best, start = (previous[:, None] + cost).min(0)
+        choices.append(start)
+        totals.append(best[m - 1])
+    k = min(range(len(totals)), key=lambda i: (totals[i], i))  # fewest buckets among the cheapest
+    bounds, b = [], m - 1
+    for level in range(k, 0, -1):
+        a = int(choices[level - 1][b])
+        bounds.append((run_starts[a], n if b == m - 1 else run_starts[b + 1]))
+        b = a - 1
+    bounds.append((0, n if b == m - 1 else run_starts[b + 1]))
     bounds.reverse()
-    if len(bounds) > _MAX_BUCKETS:  # merge the shortest tail into its neighbour
-        bounds = bounds[:_MAX_BUCKETS - 1] + [(bounds[_MAX_BUCKETS - 1][0], n)]
     return bounds
 
 
 def _plan_buckets(lengths: list, device, dtype):
     """The buckets' gather indices and key biases, and the permutation back to packed order,
-    built on the host from the host lengths (no read-back from the device)."""
-    starts = list(itertools.accumulate(lengths, initial=0))[:-1]
+    built on the host from the host lengths (no read-back from the device), without a loop over
+    sequences or tokens."""
+    total = sum(lengths)
+    host_lengths = torch.tensor(lengths)
+    starts = torch.tensor(list(itertools.accumulate(lengths, initial=0))[:-1])
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])  # stable: ties keep packed order
     sorted_lengths = [lengths[i] for i in order]
-    total = sum(lengths)
-    buckets, position = [], [0] * total
-    row = 0
+    buckets, position, row = [], torch.empty(total, dtype=torch.long), 0
     for lo, hi in _bucket_bounds(sorted_lengths):
-        members = order[lo:hi]
-        length = sorted_lengths[lo]
-        gather, real = [], []
-        for j, s in enumerate(members):
-            n = lengths[s]
-            # padding slots read token 0 of the sequence: finite values whose keys the mask zeroes
-            # and whose query outputs are dropped, so they add nothing to any gradient
-            gather += list(range(starts[s], starts[s] + n)) + [starts[s]] * (length - n)
-            real.append(n)
-            position[starts[s]:starts[s] + n] = range(row + j * length, row + j * length + n)
-        row += len(members) * length
-        full = all(n == length for n in real)
-        identity = full and len(members) == len(lengths) and gather == list(range(total))
+        members = torch.tensor(order[lo:hi])
+        count, length = hi - lo, sorted_lengths[lo]
+        columns = torch.arange(length)
+        valid = columns[None] < host_lengths[members][:, None]  # [count, length]
+        # padding slots read token 0 of the sequence: finite values whose keys the mask zeroes
+        # and whose query outputs are dropped, so they add nothing to any gradient
+        gather = torch.where(valid, starts[members][:, None] + columns, starts[members][:, None])
+        position[gather[valid]] = (row + torch.arange(count * length)).view(count, length)[valid]
+        row += count * length
+        full = sorted_lengths[hi - 1] == length
+        identity = full and count == len(lengths) and order[lo:hi] == list(range(count))
         bias = None
         if not full:
-            valid = torch.arange(length)[None] < torch.tensor(real)[:, None]
-            bias = torch.zeros(len(members), 1, 1, length, dtype=dtype)
+            bias = torch.zeros(count, 1, 1, length, dtype=dtype)
             bias.masked_fill_(~valid[:, None, None, :], torch.finfo(dtype).min)
             bias = bias.to(device, non_blocking=True)  # pageable source: staged, no stream sync
-        buckets.append(_Bucket(len(members), length, None if identity else torch.tensor(gather).to(device, non_blocking=True), bias))
+        buckets.append(_Bucket(count, length, None if identity else gather.reshape(-1).to(device, non_blocking=True),
+                               bias))
     # No permutation back only when the buckets' rows are the packed tokens themselves, in order
     # and without padding rows (a short last sequence alone pads the end).
-    unbucket = None if row == total and position == list(range(total)) else torch.tensor(position).to(device, non_blocking=True)
-    return buckets, unbucket
+    in_place = row == total and torch.equal(position, torch.arange(total))
+    return buckets, None if in_place else position.to(device, non_blocking=True)

@@ -209,24 +209,46 @@ def test_host_layout_spares_the_device_a_nonzero(monkeypatch):
     torch.testing.assert_close(out.loss, ref, atol=ATOL, rtol=0)
 
 
+READS = ("nonzero", "item", "tolist", "__int__", "__bool__", "__index__", "__float__")
+
+
+def count_reads_back(monkeypatch) -> list:
+    """Record every Tensor method that hands a tensor's data to Python (on a GPU: a wait for every
+    queued kernel) into the returned list, except inside the bucket planner, whose tensors are
+    built on the host from the host lengths on every device (``_plan_buckets``)."""
+    import pretrain.unpad as unpad
+
+    reads, planning = [], []
+    for name in READS:
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *a, _name=name, _original=original, **k):
+            if not planning:
+                reads.append(_name)
+            return _original(self, *a, **k)
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    plan = unpad._plan_buckets
+
+    def planner(*a, **k):
+        planning.append(1)
+        try:
+            return plan(*a, **k)
+        finally:
+            planning.pop()
+    monkeypatch.setattr(unpad, "_plan_buckets", planner)
+    return reads
+
+
 def test_forward_with_a_host_layout_reads_nothing_back(monkeypatch):
     """With the layout and masked positions built on the host, the forward and backward read no
-    tensor back to Python (on a GPU each read waits for every queued kernel): no .item(),
-    int(), bool(), .tolist() (the old to_packed check did int(packed.min()) twice a forward,
-    the bucket planner cu_seqlens.tolist())."""
+    tensor back to Python (the old to_packed check did int(packed.min()) twice a forward, the
+    bucket planner read the device cu_seqlens with .tolist())."""
     config = BertConfig(**dict(NO_DROPOUT, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1))
     model = randomize_(BertForPreTraining(config)).train()
     ids, types, mask, labels, nsp = ragged_batch(config, LENGTHS["random"], LONG)
     layout = TokenLayout.from_attention_mask(mask)
     masked = (labels.reshape(-1) != -100).nonzero().squeeze(1)
-    reads = []
-    for name in ("item", "tolist", "__int__", "__bool__", "__index__", "__float__"):
-        original = getattr(torch.Tensor, name)
-
-        def counted(self, *a, _name=name, _original=original, **k):
-            reads.append(_name)
-            return _original(self, *a, **k)
-        monkeypatch.setattr(torch.Tensor, name, counted)
+    reads = count_reads_back(monkeypatch)
     out = model(ids, types, mask, labels=labels, next_sentence_label=nsp, masked_positions=masked, layout=layout)
     out.loss.backward()
     monkeypatch.undo()
@@ -288,3 +310,36 @@ def test_the_models_backend_decides_a_passed_layout(monkeypatch):
     model.bert.attention_backend = "nested"
     model(ids, types, mask, labels=labels, layout=TokenLayout.from_attention_mask(mask, backend="bucketed"))
     assert calls
+
+
+def _plan_cost(sorted_lengths, bounds):
+    from pretrain.unpad import _BUCKET_CALL_COST
+
+    return sum((hi - lo) * sorted_lengths[lo] ** 2 + _BUCKET_CALL_COST for lo, hi in bounds)
+
+
+def _best_plan_cost(sorted_lengths, max_buckets):
+    """The cheapest cut into at most max_buckets contiguous buckets, by the plain O(K n^2) programme."""
+    from pretrain.unpad import _BUCKET_CALL_COST
+
+    n, inf = len(sorted_lengths), float("inf")
+    best = [0.0] + [inf] * n
+    found = inf
+    for _ in range(max_buckets):
+        best = [inf] + [min(best[s] + (e - s) * sorted_lengths[s] ** 2 + _BUCKET_CALL_COST for s in range(e))
+                        for e in range(1, n + 1)]
+        found = min(found, best[n])
+    return found
+
+
+@pytest.mark.parametrize("n,seq,seed", [(64, 128, 0), (64, 128, 1), (64, 512, 2), (40, 24, 3)])
+def test_bucket_planner_finds_the_best_plan_of_at_most_8_buckets(n, seq, seed):
+    """Truncating an unconstrained plan to 8 buckets by merging its tail cost ~1.2x the best
+    8-bucket plan's attention work on 64 random lengths; the planner must find the best one."""
+    from pretrain.unpad import _MAX_BUCKETS
+
+    lengths = sorted(random_lengths(n, seq, seed), reverse=True)
+    bounds = _bucket_bounds(lengths)
+    assert bounds[0][0] == 0 and bounds[-1][1] == n and len(bounds) <= _MAX_BUCKETS
+    assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
+    assert _plan_cost(lengths, bounds) == _best_plan_cost(lengths, _MAX_BUCKETS)
