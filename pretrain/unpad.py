@@ -16,10 +16,10 @@ packing several NSP pairs per row reuses this layout unchanged.
 
 Attention (``attend``), exact on both devices (the same softmax over the same keys as the padded
 model; padded keys there get weight exactly 0):
-- "bucketed" (the CPU default, and CUDA's for fp32 training): sequences sorted by length and cut into a few buckets (a small
-  dynamic programme trading the padding inside a bucket against one more kernel call), each run
-  as one batched ``scaled_dot_product_attention`` on its own [n, heads, L_bucket, d] block with a
-  key-padding mask. Batched SDPA is CPU's fastest attention (its flash kernel); a block-diagonal
+- "bucketed" (the CPU default, and CUDA's for fp32 training): sequences sorted by length and cut
+  into at most 8 buckets (a small dynamic programme trading the padding inside a bucket against
+  one more kernel call), each run as one batched ``scaled_dot_product_attention`` on its own
+  [n, heads, L_bucket, d] block with a key-padding mask. Batched SDPA is CPU's fastest attention (its flash kernel); a block-diagonal
   mask over all packed tokens would cost O(T^2) and a loop per sequence one call per sequence.
 - "nested" (the CUDA default for fp16/bf16, and for fp32 without grad): jagged nested tensors
   built on the packed q/k/v without a copy, through SDPA, which dispatches them to the flash
