@@ -41,6 +41,7 @@ import re
 import shutil
 import socket
 import tempfile
+import time
 import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -417,6 +418,7 @@ def _select_for_resume(run_dir: str, checksums: bool, verify_fn: Callable[[str],
 
 
 LOCK = ".run.lock"
+LOCK_WAIT_S = 120.0  # how long a busy lock is retried before a start is refused (NFS lease of a dead node)
 _LOCKS: dict[str, int] = {}  # run directory (real path) -> the open, locked file, held until exit
 
 
@@ -431,21 +433,32 @@ def lock_run_dir(run_dir: str) -> None:
     os.makedirs(run_dir, exist_ok=True)
     path = os.path.join(run_dir, LOCK)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
-        os.close(fd)
-        raise CheckpointError(
-            f"another run is using this run directory ({path} is locked by {holder or 'another process'}); two jobs "
-            "must not share one: wait for that one to end, or use another --save_dir"
-        ) from None
-    except OSError as e:
-        os.close(fd)
-        log.warning("cannot lock %s (%s): a second job on this run directory would not be detected", path, one_line(e))
-        return
+    deadline = time.monotonic() + LOCK_WAIT_S
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            # A requeued job can find its own dead predecessor's lock still held: an NFS server keeps a
+            # crashed node's lock until its lease ends (~90 s on NFSv4). Wait that out before refusing.
+            if time.monotonic() < deadline:
+                time.sleep(2.0)
+                continue
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
+            os.close(fd)
+            raise CheckpointError(
+                f"another run is using this run directory ({path} is locked by {holder or 'another process'}, "
+                f"waited {LOCK_WAIT_S:.0f} s); two jobs must not share one: wait for that one to end, or use another "
+                f"--save_dir; if no other job runs (a crashed node's NFS lock can outlive it), delete {path}"
+            ) from None
+        except OSError as e:
+            os.close(fd)
+            log.warning("cannot lock %s (%s): a second job on this run directory would not be detected", path,
+                        one_line(e))
+            return
     os.ftruncate(fd, 0)
-    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+    job = os.environ.get("SLURM_JOB_ID")
+    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}{f' (SLURM job {job})' if job else ''}\n".encode(), 0)
     _LOCKS[key] = fd
 
 

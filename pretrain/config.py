@@ -366,12 +366,13 @@ def _check_checkpoint_options(cfg: TrainConfig, ds: dict) -> None:
         refused.append('"checkpoint": {"use_node_local_storage": true} (files on node-local disks)')
     if ckpt_opts.get("writer") is not None:
         refused.append('"checkpoint": {"writer": ...} (FastPersist / decoupled asynchronous checkpoint writers)')
-    if ckpt_opts.get("parallel_write"):
-        refused.append('"checkpoint": {"parallel_write": ...}')
+    # DeepSpeed's own example config carries "parallel_write": {"pipeline_stage": false}: only "on" is refused
+    if (ckpt_opts.get("parallel_write") or {}).get("pipeline_stage"):
+        refused.append('"checkpoint": {"parallel_write": {"pipeline_stage": true}}')
     if ds.get("datastates_ckpt", False) is not False:
         refused.append('"datastates_ckpt" (asynchronous DataStates checkpointing)')
-    if ds.get("nebula"):
-        refused.append('"nebula"')
+    if (ds.get("nebula") or {}).get("enabled"):
+        refused.append('"nebula": {"enabled": true}')
     if refused:
         raise ConfigError(
             f"--ds_config {cfg.ds_config}: remove {refused[0]}; checkpoints are written synchronously by every rank "

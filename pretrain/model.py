@@ -396,7 +396,7 @@ class BertModel(nn.Module):
         ``last_hidden_state`` and ``hidden_states`` come back as [B, S, H] with zeros at padding
         where the padded model has values nobody should read (hence off by default: this
         module's outputs then equal transformers' at every position); ``output_rows`` must be
-        real tokens. With ``unpad`` (and a built or a passed layout), a batch with a left-padded
+        real tokens. With a layout (built for ``unpad`` or passed), a batch with a left-padded
         or all-padding row runs padded when the [CLS] rows are read (``output_rows`` or the
         pooler), so those keep BERT's meaning.
         ``self.attention_backend`` decides the attention of every layout, a passed one too."""
@@ -404,11 +404,12 @@ class BertModel(nn.Module):
             token_type_ids = torch.zeros_like(input_ids)
         if layout is None and unpad and attention_mask is not None:
             layout = TokenLayout.from_attention_mask(attention_mask)
-        if layout is not None and unpad and not layout.first_column_real and \
+        if layout is not None and not layout.first_column_real and \
                 (output_rows is not None or self.pooler is not None):
             # A left-padded or all-padding row: its [CLS] position (what the pooler and the
             # classification heads read, as in BERT) is padding, which only the padded encoder
-            # computes; ``unpad`` is a request, so run that rather than fail.
+            # computes; unpadding is an optimisation, so run that rather than fail (on CUDA the
+            # failure would be a device-side assert that poisons the context).
             layout = None
         if layout is None:
             hidden = self.embeddings(input_ids, token_type_ids)

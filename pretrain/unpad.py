@@ -32,6 +32,7 @@ model; padded keys there get weight exactly 0):
 
 from __future__ import annotations
 
+import functools
 import itertools
 from dataclasses import dataclass, field, replace
 from typing import Optional
@@ -200,8 +201,20 @@ def _nested_is_fused(query: torch.Tensor) -> bool:
     the memory-efficient kernel refuses nested inputs that require grad (torch's sdp_utils,
     check_requires_grad_and_nested), so fp32 training would fall to the MATH path, which splits
     the values per sequence by a device lengths tensor (a sync per sequence, unfused). ``query``
-    is the projection's output, so under autocast its dtype is the one the kernel sees."""
-    return query.is_cuda and (query.dtype in (torch.float16, torch.bfloat16) or not query.requires_grad)
+    is the projection's output, so under autocast its dtype is the one the kernel sees. Flash also
+    needs compute capability 8.0+ (a T4 or V100 trains fp16 through the bucketed path instead) and
+    must not be switched off (`torch.backends.cuda.enable_flash_sdp(False)`)."""
+    if not query.is_cuda:
+        return False
+    if not query.requires_grad:
+        return True
+    return (query.dtype in (torch.float16, torch.bfloat16) and torch.backends.cuda.flash_sdp_enabled()
+            and _capability(query.device) >= (8, 0))
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(device: torch.device) -> tuple:
+    return tuple(torch.cuda.get_device_capability(device))
 
 
 def _nested_attention(query, key, value, cu_seqlens, lengths, dropout_p):

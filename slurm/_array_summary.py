@@ -63,6 +63,9 @@ def _write(out: str, summary: dict) -> None:
     # A unique name in OUT itself: elements on other nodes share OUT (and may share a pid), and
     # os.replace is atomic only within one file system.
     fd, tmp = tempfile.mkstemp(dir=out, prefix=".metrics.json.")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)  # mkstemp's 0600 would make the summary private to its owner
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(summary, f, indent=2)

@@ -266,6 +266,10 @@ def test_array_summary_merges_the_elements(tmp_path):
     assert s["seeds"] == [1, 2, 3] and s["complete"] is True and sorted(s["elements"]) == ["1", "2", "3"]
     assert s["mean"]["accuracy"] == pytest.approx(0.7) and s["std"]["accuracy"] == pytest.approx(0.2)
     assert s["array_job_id"] == "200" and not list(out.glob(".metrics.json.*")), "temp file left behind"
+    # readable as the umask allows, like every other output (not mkstemp's owner-only 0600)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (out / "metrics.json").stat().st_mode & 0o777 == 0o666 & ~umask
 
 
 def test_array_summary_counts_only_this_array_jobs_elements(tmp_path):

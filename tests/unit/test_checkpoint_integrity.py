@@ -236,18 +236,38 @@ def test_universal_conversions_go_with_their_checkpoint(tmp_path):
     assert sorted(os.listdir(run)) == ["latest", "step_4"]
 
 
-def test_a_second_job_on_the_same_run_directory_is_refused(tmp_path):
-    run = tmp_path / "run"
-    run.mkdir()
+def _held_lock(run):
     other = os.open(run / ckpt.LOCK, os.O_RDWR | os.O_CREAT)  # another job's lock (its own open file)
     os.write(other, b"pid 1234 on node7")
     fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return other
+
+
+def test_a_second_job_on_the_same_run_directory_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(ckpt, "LOCK_WAIT_S", 0.5)
+    run = tmp_path / "run"
+    run.mkdir()
+    other = _held_lock(run)
     try:
-        with pytest.raises(ckpt.CheckpointError, match="another run is using this run directory .*pid 1234 on node7"):
+        with pytest.raises(ckpt.CheckpointError, match=r"another run is using this run directory .*pid 1234 on node7.*"
+                                                       r"waited 0 s.*delete .*\.run\.lock"):
             ckpt.lock_run_dir(str(run))
     finally:
         os.close(other)  # that job ends: its lock goes with it
     ckpt.lock_run_dir(str(run))
+
+
+def test_a_lock_freed_while_waiting_is_taken(tmp_path, monkeypatch):
+    """A requeued job whose dead predecessor's lock lingers (an NFS lease) starts once it is freed."""
+    import threading
+
+    monkeypatch.setattr(ckpt, "LOCK_WAIT_S", 30.0)
+    run = tmp_path / "run"
+    run.mkdir()
+    other = _held_lock(run)
+    threading.Timer(1.0, os.close, args=(other,)).start()
+    ckpt.lock_run_dir(str(run))
+    assert (run / ckpt.LOCK).read_text().startswith(f"pid {os.getpid()} on ")
     assert (run / ckpt.LOCK).read_text().startswith(f"pid {os.getpid()} on ")
 
 
@@ -255,8 +275,13 @@ def test_a_second_job_on_the_same_run_directory_is_refused(tmp_path):
     ({"checkpoint": {"use_node_local_storage": True}}, "use_node_local_storage"),
     ({"checkpoint": {"writer": {"type": "fast", "decoupled": True}}}, "writer"),
     ({"datastates_ckpt": {"host_cache_size": 16}}, "datastates_ckpt"),
+    ({"checkpoint": {"parallel_write": {"pipeline_stage": True}}}, "parallel_write"),
+    ({"nebula": {"enabled": True}}, "nebula"),
 ])
 def test_deepspeed_checkpoint_options_that_break_the_record_are_refused(ds, refused):
     with pytest.raises(ConfigError, match=f"remove .*{refused}.*shared by all nodes"):
         _check_checkpoint_options(TrainConfig(ds_config="z.json"), ds)
-    _check_checkpoint_options(TrainConfig(ds_config="z.json"), {"checkpoint": {"use_node_local_storage": False}})
+    # the same options switched off pass (DeepSpeed's own example config has parallel_write off)
+    _check_checkpoint_options(TrainConfig(ds_config="z.json"), {
+        "checkpoint": {"use_node_local_storage": False, "parallel_write": {"pipeline_stage": False}},
+        "nebula": {"enabled": False}})

@@ -269,6 +269,9 @@ def test_left_padded_and_empty_rows_fall_back_to_the_padded_pooler():
     rows = torch.arange(0, 3 * SEQ, SEQ)
     torch.testing.assert_close(model(ids, types, mask, output_rows=rows, unpad=True).last_hidden_state,
                                ref.last_hidden_state[:, 0], atol=ATOL, rtol=0)
+    # a layout passed without `unpad` (as BertForPreTraining passes one) falls back alike
+    passed = model(ids, types, mask, layout=TokenLayout.from_attention_mask(mask))
+    torch.testing.assert_close(passed.pooler_output, ref.pooler_output, atol=ATOL, rtol=0)
 
 
 def test_hidden_states_with_output_rows_unpadded():
