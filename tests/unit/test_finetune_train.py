@@ -208,14 +208,21 @@ def test_accumulated_update_equals_one_step_on_the_whole_batch(kind, monkeypatch
 @pytest.mark.parametrize("kind", ["classify", "token"])
 def test_accumulation_counts_updates_and_matches_the_large_batch(kind):
     feats = _data(kind, 13)
+    # weights compared to 1e-6 need the same micro-batch shapes: length grouping reorders the examples
+    # inside an update, and on AVX2 kernels the other rounding, scaled up by Adam on parameters whose
+    # gradient is ~0, moved a key weight by more (native-bf16 CPUs passed); grouped runs compare losses
     base = dict(learning_rate=1e-3, epochs=2, warmup_ratio=0.2, log_every=1, precision="fp32")
-    big, s_big = train(_model(kind), feats, TrainConfig(batch_size=6, **base), seed=4)
-    acc, s_acc = train(_model(kind), feats, TrainConfig(batch_size=2, gradient_accumulation_steps=3, **base), seed=4)
-    # 13 examples, 6 per update: 3 updates per epoch (the last one of 1 example, split 1/0/0)
-    assert s_big["steps"] == s_acc["steps"] == 6
-    assert s_acc["step_losses"] == pytest.approx(s_big["step_losses"], abs=1e-6)
-    assert len(set(round(x, 3) for x in s_acc["step_losses"])) > 3
-    _assert_same_weights(acc, big)
+    runs = {}
+    for grouped in (False, True):
+        cfg = dict(base, group_by_length=grouped)
+        big, s_big = train(_model(kind), feats, TrainConfig(batch_size=6, **cfg), seed=4)
+        acc, s_acc = train(_model(kind), feats, TrainConfig(batch_size=2, gradient_accumulation_steps=3, **cfg), seed=4)
+        # 13 examples, 6 per update: 3 updates per epoch (the last one of 1 example, split 1/0/0)
+        assert s_big["steps"] == s_acc["steps"] == 6
+        assert s_acc["step_losses"] == pytest.approx(s_big["step_losses"], abs=1e-6 if not grouped else 1e-5)
+        assert len(set(round(x, 3) for x in s_acc["step_losses"])) > 3
+        runs[grouped] = (acc, big)
+    _assert_same_weights(*runs[False])
 
 
 class _Terminal(io.StringIO):
