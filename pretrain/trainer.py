@@ -49,6 +49,7 @@ from pretrain.model import BertConfig, BertForPreTraining, count_parameters
 from pretrain.optim import build_scheduler
 from pretrain.tensor_parallel import (MegatronLayerFactory, MegatronMPU, initialize_model_parallel,
                                       mark_tensor_parallel_params, shard_state_dict, tp_partition_dims)
+from pretrain.unpad import TokenLayout
 from pretrain.vocab import resize_vocab
 
 log = logging.getLogger(__name__)
@@ -531,15 +532,32 @@ class Trainer:
     # ------------------------------------------------------------------------------------------
 
     def _with_masked_positions(self, batch: dict) -> dict:
-        """Add the flat indices of the masked tokens, found on the host where the labels still are:
-        the model's own `nonzero` on the GPU would wait for every queued kernel, per micro-batch."""
+        """Add the flat indices of the masked tokens and (unpadded encoder) the batch's
+        `TokenLayout`, both found on the host where the batch still is: the model's own `nonzero`
+        on the GPU would wait for every queued kernel, per micro-batch. Packed rows
+        (`sequence_ids`) give one sequence per pair; their `cls_positions` come with the batch."""
         rows = (batch["labels"].reshape(-1) != -100).nonzero().squeeze(1)
+        out = {**batch, "masked_positions": rows}
+        if self.cfg.unpad:
+            out["layout"] = TokenLayout.from_attention_mask(batch["attention_mask"], sequence_ids=batch.get("sequence_ids"))
         if self.device.type == "cuda":
-            rows = rows.pin_memory()  # an asynchronous copy needs page-locked memory
-        return {**batch, "masked_positions": rows}
+            # an asynchronous copy needs page-locked memory (the loader pinned the batch itself)
+            out["masked_positions"] = rows.pin_memory()
+            if "layout" in out:
+                out["layout"] = out["layout"].pin_memory()
+        return out
 
     def _to_device(self, batch: dict) -> dict:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+
+    @staticmethod
+    def _model_inputs(mb: dict) -> dict:
+        """The engine's keyword arguments from a prepared, placed micro-batch."""
+        return dict(
+            input_ids=mb["input_ids"], token_type_ids=mb["token_type_ids"], attention_mask=mb["attention_mask"],
+            labels=mb["labels"], next_sentence_label=mb["next_sentence_label"],
+            masked_positions=mb["masked_positions"], layout=mb.get("layout"), cls_positions=mb.get("cls_positions"),
+        )
 
     def _all_reduce(self, values: list[float], group) -> list[float]:
         t = torch.tensor(values, dtype=torch.float64, device=self.device)
@@ -567,11 +585,7 @@ class Trainer:
         lr = self.engine.get_lr()[0]  # the lr this step uses (the scheduler moves on in step())
         for mb in micro_batches:
             mb = self._to_device(mb)
-            out = self.engine(
-                input_ids=mb["input_ids"], token_type_ids=mb["token_type_ids"], attention_mask=mb["attention_mask"],
-                labels=mb["labels"], next_sentence_label=mb["next_sentence_label"],
-                masked_positions=mb["masked_positions"],
-            )
+            out = self.engine(**self._model_inputs(mb))
             n_mb = mb["masked_positions"].numel()
             mlm = out.mlm_loss.float() * n_mb
             nsp = out.nsp_loss.float()
@@ -607,10 +621,7 @@ class Trainer:
         for idx in sampler:
             mb = self._to_device(self._with_masked_positions(
                 {k: torch.as_tensor(v) for k, v in self.valid_ds.get_batch(idx).items()}))
-            out = self.engine(
-                input_ids=mb["input_ids"], token_type_ids=mb["token_type_ids"], attention_mask=mb["attention_mask"],
-                labels=mb["labels"], next_sentence_label=mb["next_sentence_label"], masked_positions=mb["masked_positions"],
-            )
+            out = self.engine(**self._model_inputs(mb))
             logits = out.prediction_logits.float()
             if self.cfg.tp > 1:
                 parts = [torch.empty_like(logits) for _ in range(self.cfg.tp)]
