@@ -44,7 +44,7 @@ from pretrain.config import ConfigError, Resolved, check_resume_state
 from pretrain.data import PretrainingDataset, PretrainingSampler, build_dataloader
 from pretrain.hf_io import load_hf_dir, load_into
 from pretrain.launch import init_distributed
-from pretrain.metrics import MetricsWriter, bert_flops_per_sequence, memory_gb, peak_tflops, plot_losses
+from pretrain.metrics import MetricsWriter, bert_flops, memory_gb, peak_tflops, plot_losses
 from pretrain.model import BertConfig, BertForPreTraining, count_parameters
 from pretrain.optim import build_scheduler
 from pretrain.tensor_parallel import (MegatronLayerFactory, MegatronMPU, initialize_model_parallel,
@@ -578,10 +578,12 @@ class Trainer:
         n_global = torch.full((1,), float(n_local), dtype=torch.float64, device=self.device)
         dist.all_reduce(n_global, group=self.procs.dp_group)
         scale = (res.dp * res.grad_accum / n_global.clamp(min=1.0)).float()
-        tokens = sum(int(mb["attention_mask"].sum()) for mb in micro_batches)  # non-pad, host tensors
-        # mlm loss sum, nsp loss sum, non-pad tokens: one all-reduce at the end of the step
-        sums = torch.zeros(3, dtype=torch.float64, device=self.device)
-        sums[2] = float(tokens)
+        lengths = [length for mb in micro_batches for length in _sequence_lengths(mb)]  # real tokens, host
+        # mlm loss sum, nsp loss sum, real tokens, sum of squared sequence lengths (attention's
+        # FLOPs): one all-reduce at the end of the step
+        sums = torch.zeros(4, dtype=torch.float64, device=self.device)
+        sums[2] = float(sum(lengths))
+        sums[3] = float(sum(length * length for length in lengths))
         lr = self.engine.get_lr()[0]  # the lr this step uses (the scheduler moves on in step())
         for mb in micro_batches:
             mb = self._to_device(mb)
@@ -600,7 +602,7 @@ class Trainer:
         nsp_loss = sums[1] / (res.grad_accum * res.dp)
         return {
             "loss": mlm_loss + nsp_loss, "mlm_loss": mlm_loss, "nsp_loss": nsp_loss, "masked": n_global[0],
-            "tokens": sums[2], "lr": lr, "applied": self.engine.was_step_applied(),
+            "tokens": sums[2], "tokens_squared": sums[3], "lr": lr, "applied": self.engine.was_step_applied(),
         }
 
     def _most_frequent_label(self, n: int = 4096) -> int:
@@ -690,6 +692,7 @@ class Trainer:
         w["time"] += time.perf_counter() - t0
         w["wait"] += t1 - t0
         w["tokens"] += m["tokens"]
+        w["tokens_squared"] += m["tokens_squared"]
         w["masked"] += m["masked"]
         w["steps"] += 1
         if step % cfg.log_interval == 0 or step == cfg.train_steps:
@@ -772,11 +775,12 @@ class Trainer:
     def _log_window(self, w: dict, m: dict) -> None:
         res, mc = self.res, self.model_config
         steps, dt = w["steps"], max(w["time"], 1e-9)
-        seqs = steps * res.global_batch_size
-        masked_per_seq = float(w["masked"]) / max(seqs, 1)
-        # the decoder runs over the padded vocabulary's rows
-        flops = bert_flops_per_sequence(mc.hidden_size, mc.num_hidden_layers, mc.intermediate_size,
-                                        res.padded_vocab_size, self.cfg.seq_length, masked=masked_per_seq) * seqs
+        seqs = steps * res.global_batch_size  # NSP pairs, packed or not
+        # Real tokens only (padding is no model work, whether the encoder skipped it or not); the
+        # decoder runs over the padded vocabulary's rows.
+        flops = bert_flops(mc.hidden_size, mc.num_hidden_layers, mc.intermediate_size, res.padded_vocab_size,
+                           tokens=float(w["tokens"]), tokens_squared=float(w["tokens_squared"]),
+                           masked=float(w["masked"]), sequences=seqs)
         tflops = flops / dt / res.world_size / 1e12  # per device
         opt = self.engine.optimizer
         scale = getattr(opt, "cur_scale", None) or getattr(opt, "loss_scale", None) or 1.0
@@ -788,6 +792,7 @@ class Trainer:
             "loss_scale": float(scale), "tokens_per_s": float(w["tokens"]) / dt, "seqs_per_s": seqs / dt,
             "tflops": tflops, "mfu": tflops / self.peak if self.peak else None, "mem_gb": memory_gb(),
             "data_wait": w["wait"] / dt, "skipped": self.progress.skipped_total,
+            "packing": "packed" if self.cfg.pack_sequences else "unpacked",
         })
 
 
@@ -803,9 +808,17 @@ def _check_same_on_every_rank(values: dict) -> None:
                           "or run on one kind of node")
 
 
+def _sequence_lengths(mb: dict) -> list:
+    """Real tokens of each sequence (NSP pair) of a prepared micro-batch: its layout's lengths
+    (one per pair, also in packed rows), else the attention mask's row sums (padded encoder)."""
+    if mb.get("layout") is not None:
+        return list(mb["layout"].lengths)
+    return mb["attention_mask"].sum(1).tolist()
+
+
 def _new_window() -> dict:
     # tokens and masked are summed as device tensors; read when the window is logged
-    return {"time": 0.0, "wait": 0.0, "tokens": 0.0, "steps": 0, "masked": 0.0}
+    return {"time": 0.0, "wait": 0.0, "tokens": 0.0, "tokens_squared": 0.0, "steps": 0, "masked": 0.0}
 
 
 @dataclass
