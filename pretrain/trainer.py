@@ -456,14 +456,16 @@ def build_data(res: Resolved, consumed: int, dp_rank: int, device: torch.device)
     """Training and held-out datasets, and the training loader starting after `consumed` samples
     (so it is built after the resume point is known)."""
     cfg = res.cfg
-    train_ds = PretrainingDataset(cfg.data, cfg.seq_length, "train", masking=cfg.masking(), seed=cfg.seed)
-    valid_ds = PretrainingDataset(cfg.data, cfg.seq_length, "valid", masking=cfg.masking(), seed=cfg.seed)
+    train_ds, valid_ds = (PretrainingDataset(cfg.data, cfg.seq_length, split, masking=cfg.masking(), seed=cfg.seed,
+                                             pack_sequences=cfg.pack_sequences) for split in ("train", "valid"))
     workers = loader_workers(cfg.num_workers, device.type)
     loader = build_dataloader(
         train_ds, res.micro_batch_size, dp_rank=dp_rank, dp_size=res.dp,
         consumed_samples=consumed, num_workers=workers, pin_memory=device.type == "cuda",
     )
-    log.info("data: %d loader worker(s) per rank%s", workers, ", pinned memory" if device.type == "cuda" else "")
+    log.info("data: %d loader worker(s) per rank%s; %s", workers, ", pinned memory" if device.type == "cuda" else "",
+             f"{res.micro_batch_size} NSP pairs per micro-batch packed into rows of {cfg.seq_length}" if cfg.pack_sequences
+             else "one NSP pair per row")
     return train_ds, valid_ds, loader
 
 
@@ -608,7 +610,7 @@ class Trainer:
     def _most_frequent_label(self, n: int = 4096) -> int:
         """The most frequent masked token of the first `n` training samples: the unigram baseline
         that held-out MLM accuracy is compared against (identical on every rank)."""
-        labels = self.train_ds.get_batch(np.arange(n))["labels"]
+        labels = self.train_ds.get_batch(np.arange(n), pack=False)["labels"]
         return int(np.bincount(labels[labels != -100]).argmax())
 
     @torch.no_grad()
