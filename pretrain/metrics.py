@@ -25,10 +25,11 @@ _PEAK_TFLOPS = (("H200", 989.0), ("H100", 989.0), ("A100", 312.0), ("L40S", 362.
 # The order of the log line and of the TensorBoard scalars; never reorder (people grep logs).
 FIELDS = (
     "step", "loss", "mlm_loss", "nsp_loss", "lr", "grad_norm", "loss_scale", "tokens_per_s",
-    "seqs_per_s", "tflops", "mfu", "mem_gb", "data_wait", "skipped", "packing",
+    "seqs_per_s", "tflops", "mfu", "mem_gb", "data_wait", "skipped", "sequences",
 )
-# Fields that are words, not numbers: in the log line and metrics.jsonl, not in TensorBoard.
-TEXT_FIELDS = ("packing",)
+# Fields that are words, not numbers: in the log line and metrics.jsonl, not in TensorBoard
+# ("sequences packed" / "sequences unpacked": NSP pairs packed several per row or one per row).
+TEXT_FIELDS = ("sequences",)
 
 
 def bert_flops_per_sequence(hidden: int, layers: int, intermediate: int, vocab: int, seq: int,
@@ -118,7 +119,7 @@ def _fmt(key: str, v) -> str:
     if key == "step":
         return f"step {v}"
     if key in TEXT_FIELDS:
-        return str(v)
+        return f"{key} {v}"
     if key in ("lr",):
         return f"{key} {v:.3e}"
     if key in ("tokens_per_s", "seqs_per_s"):

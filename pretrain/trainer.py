@@ -794,7 +794,7 @@ class Trainer:
             "loss_scale": float(scale), "tokens_per_s": float(w["tokens"]) / dt, "seqs_per_s": seqs / dt,
             "tflops": tflops, "mfu": tflops / self.peak if self.peak else None, "mem_gb": memory_gb(),
             "data_wait": w["wait"] / dt, "skipped": self.progress.skipped_total,
-            "packing": "packed" if self.cfg.pack_sequences else "unpacked",
+            "sequences": "packed" if self.cfg.pack_sequences else "unpacked",
         })
 
 

@@ -61,6 +61,12 @@ def test_unpadded_and_packed_trainer_steps_equal_the_padded_ones(short_pairs, tm
     # resume of a packed run is sample-exact: the same pairs packed the same way, bit for bit
     assert first["consumed"] == 2 * 8 and resumed["consumed"] == 4 * 8
     assert first["losses"] + resumed["losses"] == packed["losses"]
+    # the metrics line says which layout ran (metrics.jsonl holds its values)
+    from pretrain.metrics import read_history
+
+    for name, word in (("padded", "unpacked"), ("packed", "packed")):
+        train = read_history(str(tmp_path / name / "metrics.jsonl"))["train"]
+        assert [r["sequences"] for r in train] == [word] * 4, name
 
 
 def test_the_short_pairs_pack(short_pairs):

@@ -67,5 +67,5 @@ def test_real_length_flops_match_the_unpadded_models_matmuls():
 
 
 def test_log_line_says_whether_pairs_are_packed():
-    assert format_line({"step": 3, "packing": "packed"}).endswith("| skipped n/a | packed")
-    assert format_line({"step": 3, "packing": "unpacked"}).endswith("| unpacked")
+    assert format_line({"step": 3, "sequences": "packed"}).endswith("| skipped n/a | sequences packed")
+    assert format_line({"step": 3, "sequences": "unpacked"}).endswith("| sequences unpacked")
