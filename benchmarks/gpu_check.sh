@@ -198,7 +198,7 @@ print(f"   {name:<9} | {precision:<9} | {ngpu:>4} | {tp:>2} | {f(last.get('seqs_
       f"{'   n/a' if last.get('mfu') is None else format(100 * last['mfu'], '5.1f') + '%'} | {f(last.get('mem_gb'), '11.1f')} | "
       f"{f(last.get('loss'), '6.3f')} | {f(last.get('skipped'), '7d')} | "
       f"{f(prev.get('seqs_per_s') if prev else None, '.1f')} (step {prev['step'] if prev else '-'}), "
-      f"last step {last['step']}, data_wait {f(last.get('data_wait'), '.1%')}{note}")
+      f"last step {last['step']}, data_wait {f(last.get('data_wait'), '.1%')}, sequences {last.get('sequences', '?')}{note}")
 PYEOF
   grep -m2 -E "optimizer: |world [0-9]+ = dp" "$log" | sed -E 's/^[0-9:]+ [A-Z]+ [A-Za-z_.]+: /      /' | cut -c1-240 >>"$RESULTS"
   echo "      ($((SECONDS - t0)) s)" >>"$RESULTS"
