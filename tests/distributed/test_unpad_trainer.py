@@ -27,14 +27,27 @@ def _run(rank, world_size, runs):
 
     from pretrain.config import from_dict, validate
     from pretrain.trainer import Trainer
+    from pretrain.unpad import TokenLayout
 
+    # Which encoder ran: attention over a TokenLayout is the unpadded one's (equal losses alone
+    # would not tell a trainer that never passed its layout from one that did).
+    sequences = []
+    attend = TokenLayout.attend
+
+    def counting_attend(self, *args, **kwargs):
+        sequences.append(len(self.lengths))
+        return attend(self, *args, **kwargs)
+
+    TokenLayout.attend = counting_attend
     out = []
     for values in runs:
         if parallel_state.model_parallel_is_initialized():
             parallel_state.destroy_model_parallel()
+        sequences.clear()
         result = Trainer(validate(from_dict(values), world_size=world_size)).run()
         out.append({"losses": [(h["loss"], h["mlm_loss"], h["nsp_loss"]) for h in result["history"]],
-                    "eval": result["eval"], "consumed": result["consumed_samples"]})
+                    "eval": result["eval"], "consumed": result["consumed_samples"],
+                    "unpadded_attention_calls": len(sequences), "sequences_per_call": sorted(set(sequences))})
     return out
 
 
@@ -56,6 +69,10 @@ def test_unpadded_and_packed_trainer_steps_equal_the_padded_ones(short_pairs, tm
         for key in ("mlm_loss", "nsp_loss", "mlm_acc", "nsp_acc", "samples"):
             assert abs(run["eval"][key] - padded["eval"][key]) <= TOL, (name, key)
     assert padded["losses"][-1][0] != padded["losses"][0][0]  # the runs trained
+    assert padded["unpadded_attention_calls"] == 0
+    # every layer of every micro-batch (train and eval) attended through the layout, one sequence per pair
+    assert unpadded["unpadded_attention_calls"] > 0 and packed["unpadded_attention_calls"] > 0
+    assert unpadded["sequences_per_call"] == packed["sequences_per_call"] == [4]
     # consumed_samples counts pairs, packed or not: 4 steps of 8 pairs
     assert unpadded["consumed"] == packed["consumed"] == padded["consumed"] == 4 * 8
     # resume of a packed run is sample-exact: the same pairs packed the same way, bit for bit
