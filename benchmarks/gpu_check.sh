@@ -3,8 +3,10 @@
 #   1. installs from .whl/ what the image lacks (deepspeed, megatron-core, pydantic, hjson; no network there),
 #   2. runs `pytest tests/gpu -m gpu` (its summary goes into the results file; test_unpad_cuda.py: the unpadded
 #      encoder reaches flash / memory-efficient SDPA and syncs nowhere, bf16 and fp32 training),
-#   3. BERT-large seq-128 pretraining throughput, ZeRO-2: bf16 and fp16 at tp=1 on one GPU (and bf16 at tp=2
-#      and at dp=2 when two GPUs are visible), reading the trainer's own metrics (FLOPs formula: docs/pretrain.md),
+#   3. BERT-large seq-128 pretraining throughput, ZeRO-2: bf16 padded (--no-unpad), unpadded (the trainer's
+#      default) and packed (--pack_sequences) and fp16 unpadded at tp=1 on one GPU (and bf16 unpadded and packed
+#      at tp=2 and at dp=2 when two GPUs are visible), reading the trainer's own metrics (FLOPs formula:
+#      docs/pretrain.md; tokens/s, TFLOP/s and MFU count real tokens only, so the three layouts compare directly),
 # and writes ONE results file, $OUT/gpu_check_results.txt (seq/s, tokens/s, TFLOP/s per GPU, MFU, peak memory),
 # plus the logs under $OUT/logs/. $OUT defaults to /tmp/gpu_check/out.
 #
@@ -18,7 +20,10 @@
 #   steps of MICRO=128 (~15 s at 2,000 seq/s), end-of-run eval + the 5 GB ZeRO checkpoint the trainer always writes.
 #   The reported figures are the last log interval (steps 151-200: warm-up and JIT are over); the previous
 #   interval's seq/s is shown beside them as a steadiness check.
-# Knobs (environment): STEPS, LOG_INTERVAL, MICRO, MODEL_CONFIG, BUDGET_S, DATA, PY, WORK, OUT.
+#   With the three layouts the runs no longer all fit beside pytest in one 600 s call: they run in the order
+#   below (padded, unpadded, packed first) and what does not fit is reported SKIPPED; SKIP_PYTEST=1 spends the
+#   call on the throughput runs only (a second call after the pytest one).
+# Knobs (environment): STEPS, LOG_INTERVAL, MICRO, MODEL_CONFIG, BUDGET_S, DATA, PY, WORK, OUT, SKIP_PYTEST.
 # A CPU rehearsal of the script's plumbing (no GPU; fp16 is then refused by DeepSpeed, as it should be):
 #   ALLOW_CPU=1 DS_ACCELERATOR=cpu PY=.venv/bin/python MODEL_CONFIG=configs/bert-tiny.json STEPS=20 \
 #     LOG_INTERVAL=10 MICRO=8 bash benchmarks/gpu_check.sh          # REHEARSE_NGPU=2: the two-GPU runs too
@@ -122,7 +127,9 @@ fi
 
 # --- 2. the GPU tests
 t0=$SECONDS
-if T=$(cap_for 240 60); then
+if [ "${SKIP_PYTEST:-0}" = 1 ]; then
+  say "== pytest: SKIPPED (SKIP_PYTEST=1)"
+elif T=$(cap_for 240 60); then
   timeout -k 15 "$T" "$PY" -m pytest tests/gpu -m gpu -q -p no:cacheprovider --durations=8 >"$LOGS/pytest.log" 2>&1
   rc=$?
   say "== pytest tests/gpu -m gpu: exit $rc$([ $rc = 124 ] && echo ' (TIMEOUT)') in $((SECONDS - t0)) s"
@@ -155,8 +162,9 @@ say "== throughput: $MODEL_CONFIG, seq 128, ZeRO-2, micro batch $MICRO per GPU, 
 printf '   %-9s | %-9s | %4s | %2s | %8s | %9s | %11s | %6s | %11s | %6s | %7s | %s\n' run precision GPUs tp seq/s tokens/s \
   "TFLOP/s/GPU" MFU "peak mem GB" loss skipped "seq/s interval before" | tee -a "$RESULTS"
 
-run_case() {  # name ds_config ngpu tp
+run_case() {  # name ds_config ngpu tp [trainer flags: the layout]
   local name=$1 cfg=$2 ngpu=$3 tp=$4 log=$LOGS/$1.log dir=$WORK/run_$1 T rc t0=$SECONDS
+  local layout=("${@:5}")
   if ! T=$(cap_for 140 75); then say "   $name: SKIPPED, not enough of the budget left ($(left) s)"; return; fi
   rm -rf "$dir"
   local launch=("$PY")
@@ -164,7 +172,7 @@ run_case() {  # name ds_config ngpu tp
   timeout -k 40 "$T" "${launch[@]}" pretrain/run.py --ds_config "$cfg" --model_config "$MODEL_CONFIG" \
     --data "$DATA" --seq_length 128 --train_steps "$STEPS" --micro_batch_size "$MICRO" --tp "$tp" \
     --save_dir "$dir" --log_interval "$LOG_INTERVAL" --eval_interval 0 --eval_samples "$MICRO" \
-    --save_interval 1000000 --keep_last 1 --no-tensorboard >"$log" 2>&1
+    --save_interval 1000000 --keep_last 1 --no-tensorboard "${layout[@]}" >"$log" 2>&1
   rc=$?
   # torchrun starts its workers in sessions of their own: end any this run left behind, by id.
   for pid in $(pgrep -f -- "--save_dir $dir " 2>/dev/null); do kill -9 "$pid" 2>/dev/null; done
@@ -190,18 +198,22 @@ print(f"   {name:<9} | {precision:<9} | {ngpu:>4} | {tp:>2} | {f(last.get('seqs_
       f"{'   n/a' if last.get('mfu') is None else format(100 * last['mfu'], '5.1f') + '%'} | {f(last.get('mem_gb'), '11.1f')} | "
       f"{f(last.get('loss'), '6.3f')} | {f(last.get('skipped'), '7d')} | "
       f"{f(prev.get('seqs_per_s') if prev else None, '.1f')} (step {prev['step'] if prev else '-'}), "
-      f"last step {last['step']}, data_wait {f(last.get('data_wait'), '.1%')}{note}")
+      f"last step {last['step']}, data_wait {f(last.get('data_wait'), '.1%')}, sequences {last.get('sequences', '?')}{note}")
 PYEOF
   grep -m2 -E "optimizer: |world [0-9]+ = dp" "$log" | sed -E 's/^[0-9:]+ [A-Z]+ [A-Za-z_.]+: /      /' | cut -c1-240 >>"$RESULTS"
   echo "      ($((SECONDS - t0)) s)" >>"$RESULTS"
   rm -rf "$dir"  # the checkpoint the trainer writes at the end (~5 GB for BERT-large)
 }
 
+run_case bf16_pad configs/zero2.json 1 1 --no-unpad
 run_case bf16_tp1 configs/zero2.json 1 1
+run_case bf16_pack configs/zero2.json 1 1 --pack_sequences
 run_case fp16_tp1 configs/zero2_fp16.json 1 1
 if [ "$NGPU" -ge 2 ]; then
   run_case bf16_tp2 configs/zero2.json 2 2
+  run_case pack_tp2 configs/zero2.json 2 2 --pack_sequences
   run_case bf16_dp2 configs/zero2.json 2 1
+  run_case pack_dp2 configs/zero2.json 2 1 --pack_sequences
 fi
 # the logs come back only up to 16 MiB each
 for f in "$LOGS"/*.log; do

@@ -1,5 +1,5 @@
-"""Training-step throughput on real pretraining batches: our BertForPreTraining padded and
-unpadded vs transformers' BertForPreTraining (SDPA), same config and weights, fp32, CPU, one run.
+"""Training-step throughput on real pretraining batches: our BertForPreTraining padded, unpadded
+and packed vs transformers' BertForPreTraining (SDPA), same config and weights, fp32, CPU, one run.
 
 Batches come from the real pipeline: `data_prep` output of the embedded corpus (wiki lead
 paragraphs: short documents, ~93 real tokens per 128-token NSP pair) read by
@@ -13,7 +13,10 @@ noise hits all alike. Prints tokens/s counting real (non-pad) tokens and the rat
 unpadded >= 1.5x transformers at bert-base on the embedded corpus). Both of our variants predict
 sparsely (the last layer computes the [CLS] and masked rows only, and only the masked rows reach the
 vocabulary decoder), transformers' model every position: "unpadded/transformers" includes that
-sparse MLM head's gain, "unpadded/padded" is the unpadding's alone.
+sparse MLM head's gain, "unpadded/padded" is the unpadding's alone. "Packed" is the same pairs as
+the trainer's `--pack_sequences` lays them out (`pretrain.data.pack_batch`: first fit into fewer
+rows, the layout built from `sequence_ids` in the step, as the trainer builds it per micro-batch):
+"packed/unpadded" is what packing adds on top of unpadding.
 
     ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 nice -n 10 .venv/bin/python benchmarks/train_step.py \\
         --config configs/bert-base.json --batch 8 --rounds 3 --long-docs
@@ -79,13 +82,15 @@ def long_document_data(cache: str, seq: int) -> str:
 
 
 def real_batches(data_dir: str, seq: int, batch: int, count: int, start: int = 0) -> list:
+    """Each batch of `batch` consecutive pairs twice: one pair per row ("plain") and packed."""
     from pretrain.data import PretrainingDataset
 
     ds = PretrainingDataset(data_dir, seq, "train", seed=1234)
     out = []
     for i in range(count):
-        arrays = ds.get_batch(range(start + i * batch, start + (i + 1) * batch))
-        out.append({k: torch.as_tensor(v) for k, v in arrays.items()})
+        indices = range(start + i * batch, start + (i + 1) * batch)
+        out.append({kind: {k: torch.as_tensor(v) for k, v in ds.get_batch(indices, pack=kind == "packed").items()}
+                    for kind in ("plain", "packed")})
     return out
 
 
@@ -100,10 +105,17 @@ def build(config, hf_attn):
     return ours.train(), hf.train()
 
 
-def step_fn(model, optimizer, unpad=None):
-    def step(batch):
+def step_fn(model, optimizer, unpad=None, packed=False):
+    from pretrain.unpad import TokenLayout
+
+    def step(batches):
         if unpad is not None:
             model.unpad = unpad
+        batch = batches["packed" if packed else "plain"]
+        if packed:
+            batch = dict(batch)
+            batch["layout"] = TokenLayout.from_attention_mask(batch["attention_mask"],
+                                                              sequence_ids=batch.pop("sequence_ids"))
         optimizer.zero_grad(set_to_none=True)
         loss = model(**batch).loss
         loss.backward()
@@ -135,10 +147,11 @@ def time_steps(steps: dict, batches: list, warmup: int, rounds: int):
 
 def report(corpus: str, batches: list, wall: dict, cpu: dict, rounds: int) -> dict:
     used = batches[:rounds] if rounds <= len(batches) else batches
-    real = statistics.mean(float(b["attention_mask"].sum()) for b in used)
-    grid = batches[0]["attention_mask"].numel()
-    logger.info("[%s] %.1f real tokens per %d-token batch (%.0f%% padding)", corpus, real, grid,
-                100 * (1 - real / grid))
+    real = statistics.mean(float(b["plain"]["attention_mask"].sum()) for b in used)
+    grid = batches[0]["plain"]["attention_mask"].numel()
+    rows = statistics.mean(len(b["packed"]["input_ids"]) for b in used)
+    logger.info("[%s] %.1f real tokens per %d-token batch (%.0f%% padding); packed into %.1f of %d rows", corpus,
+                real, grid, 100 * (1 - real / grid), rows, len(batches[0]["plain"]["input_ids"]))
     ratios = {}
     for clock, times in (("wall", wall), ("cpu", cpu)):
         rate = {name: real / statistics.median(t) for name, t in times.items()}
@@ -149,6 +162,8 @@ def report(corpus: str, batches: list, wall: dict, cpu: dict, rounds: int) -> di
             "unpadded/transformers": rate["ours unpadded"] / rate["transformers"],
             "padded/transformers": rate["ours padded"] / rate["transformers"],
             "unpadded/padded": rate["ours unpadded"] / rate["ours padded"],
+            "packed/transformers": rate["ours packed"] / rate["transformers"],
+            "packed/unpadded": rate["ours packed"] / rate["ours unpadded"],
         }
     for key in ratios["wall"]:
         logger.info("[%s] ratio %-22s %.2fx wall-clock, %.2fx CPU time", corpus, key,
@@ -189,6 +204,7 @@ def main(argv=None):
     steps = {
         "ours unpadded": step_fn(ours, ours_opt, unpad=True),
         "ours padded": step_fn(ours, ours_opt, unpad=False),
+        "ours packed": step_fn(ours, ours_opt, packed=True),
         "transformers": step_fn(hf, torch.optim.AdamW(hf.parameters(), lr=1e-4)),
     }
     logger.info("config=%s batch=%d seq=%d threads=%d fp32 cpu, hf attn=%s, %d rounds after %d warm-up, "
@@ -197,7 +213,7 @@ def main(argv=None):
     results = {}
     for corpus, data_dir in corpora.items():
         batches = real_batches(data_dir, args.seq, args.batch, max(args.rounds, args.warmup))
-        if int(max(b["input_ids"].max() for b in batches)) >= config.vocab_size:
+        if int(max(b["plain"]["input_ids"].max() for b in batches)) >= config.vocab_size:
             parser.error(f"{data_dir}: token ids exceed vocab_size of {args.config}")
         wall, cpu = time_steps(steps, batches, args.warmup, args.rounds)
         results[corpus] = report(corpus, batches, wall, cpu, args.rounds)

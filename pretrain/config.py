@@ -68,6 +68,11 @@ class TrainConfig:
     decay_power: float = _f(0.5, "power of the polynomial decay (BERT's NVIDIA recipe uses 0.5)")
     # --- model options
     activation_checkpointing: bool = _f(False, "recompute each encoder layer in backward (saves activation memory, ~33%% more compute)")
+    unpad: bool = _f(True, "run the encoder on the real tokens only (pretrain/unpad.py: no dense layer or attention spends "
+                     "work on padding, same numbers); --no-unpad runs it padded (for A/B comparisons)")
+    pack_sequences: bool = _f(False, "pack several NSP pairs into one row of --seq_length (each with its own positions, "
+                              "segments, attention and NSP label; each micro-batch still holds --micro_batch_size pairs, "
+                              "in fewer rows); needs --unpad")
     # --- phases, checkpoints, resume
     init_from: str = _f("", "start from these weights when --save_dir has no checkpoint yet: a checkpoint folder of this "
                         "trainer (phase 1 -> phase 2) or an HF BertForPreTraining directory; optimizer and schedule start fresh")
@@ -249,6 +254,8 @@ def validate(cfg: TrainConfig, world_size: Optional[int] = None, device: Optiona
         raise ConfigError(f"--decay_power must be > 0 (1 = linear), got {cfg.decay_power}")
     if not 0.0 < cfg.masked_lm_prob <= 1.0:
         raise ConfigError(f"--masked_lm_prob must be in (0, 1] (BERT: 0.15), got {cfg.masked_lm_prob}")
+    if cfg.pack_sequences and not cfg.unpad:
+        raise ConfigError("--pack_sequences needs the unpadded encoder (it keeps the packed pairs apart): drop --no-unpad")
     if cfg.eval_interval < 0 or cfg.max_nonfinite_steps < 1 or cfg.num_workers < -1:
         raise ConfigError("--eval_interval must be >= 0, --num_workers >= 0 (or -1 = auto), --max_nonfinite_steps >= 1")
 

@@ -11,6 +11,15 @@ A sample is a pure function of (seed, global sample index i):
 Nothing depends on the batch, the worker, the data-parallel rank or a resume, so the global sample
 order is simply 0, 1, 2, ...: the sampler only decides which rank builds which index, and the
 position in the run is one integer, `consumed_samples`.
+
+Packing (`pack_sequences`): a micro-batch's pairs, built exactly as above, are laid into rows of
+`seq_length` by first fit in sample order (`first_fit`): each pair goes to the first row with room
+for it, else opens a row. The micro-batch is still its `micro_batch_size` pairs (a sample is still
+a pair: `consumed_samples`, the schedule and eval count pairs), only in fewer rows; which pairs
+share a row depends on the micro-batch's sample indices alone, so a resumed run packs the same.
+`sequence_ids` (a pair's number within its row) gives each pair its own positions from 0 and
+attention within itself (`pretrain.unpad.TokenLayout`); `cls_positions` and `next_sentence_label`
+list the pairs in sample order.
 """
 from __future__ import annotations
 
@@ -65,6 +74,54 @@ def open_check_ids(num_pairs: int) -> np.ndarray:
     return np.unique(np.linspace(0, num_pairs - 1, min(num_pairs, _OPEN_CHECKS)).astype(np.int64))
 
 
+def first_fit(lengths: np.ndarray, capacity: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Greedy first fit in the given order: (row, first column, number within the row) of each
+    item of `lengths` (each <= `capacity`) in rows of `capacity` columns. Items keep their order
+    within a row, so a row's columns are filled left to right without gaps."""
+    lengths = np.asarray(lengths, dtype=np.int64).reshape(-1)
+    if len(lengths) and (lengths.min() < 1 or lengths.max() > capacity):
+        raise ValueError(f"first_fit: lengths must be in [1, {capacity}], got {lengths.min()}..{lengths.max()}")
+    used = np.zeros(len(lengths), dtype=np.int64)  # columns used in each row (at most one row per item)
+    count = np.zeros(len(lengths), dtype=np.int64)
+    row, col, number = (np.empty(len(lengths), dtype=np.int64) for _ in range(3))
+    rows = 0
+    for i, length in enumerate(lengths.tolist()):
+        fits = np.flatnonzero(used[:rows] + length <= capacity)
+        r = int(fits[0]) if fits.size else rows
+        rows += not fits.size
+        row[i], col[i], number[i] = r, used[r], count[r]
+        used[r] += length
+        count[r] += 1
+    return row, col, number
+
+
+def pack_batch(arrays: dict[str, np.ndarray], pad_id: int) -> dict[str, np.ndarray]:
+    """A batch of one pair per row ([B, S] arrays, real tokens first in each row) -> its pairs
+    packed into rows of S by `first_fit`, with `sequence_ids` [R, S] (the pair's number within its
+    row), `cls_positions` [B] (flat R * S index of each pair's [CLS], in the batch's order) and
+    `next_sentence_label` [B] unchanged. Every token keeps its id, segment and MLM label."""
+    mask = arrays["attention_mask"]
+    batch, seq = mask.shape
+    lengths = mask.sum(1).astype(np.int64)
+    row, col, number = first_fit(lengths, seq)
+    rows = int(row.max()) + 1 if batch else 0
+    pair = np.repeat(np.arange(batch), lengths)  # the pair of each real token, in batch order
+    within = np.arange(len(pair)) - np.repeat(np.cumsum(lengths) - lengths, lengths)  # its column in the pair
+    src = pair * seq + within
+    dst = row[pair] * seq + col[pair] + within
+    out = {}
+    for key, fill in (("input_ids", pad_id), ("token_type_ids", 0), ("attention_mask", 0), ("labels", -100)):
+        packed = np.full(rows * seq, fill, dtype=arrays[key].dtype)
+        packed[dst] = arrays[key].reshape(-1)[src]
+        out[key] = packed.reshape(rows, seq)
+    sequence_ids = np.zeros(rows * seq, dtype=np.int64)
+    sequence_ids[dst] = number[pair]
+    out["sequence_ids"] = sequence_ids.reshape(rows, seq)
+    out["cls_positions"] = row * seq + col
+    out["next_sentence_label"] = arrays["next_sentence_label"]
+    return out
+
+
 class EpochPermutation:
     """A keyed permutation of [0, n): `perm(positions)` -> the pair ids at those positions.
 
@@ -109,7 +166,8 @@ class PretrainingBatch(Sequence):
     """What `PretrainingDataset.__getitems__` returns: the batch arrays, viewable as samples.
 
     It is a sequence of per-sample dicts (so torch's `default_collate` works on it), but
-    `collate_pretraining` takes the [B, S] arrays as they are, without a per-sample round trip.
+    `collate_pretraining` takes the [B, S] arrays as they are, without a per-sample round trip
+    (packed batches only that way: their rows are not samples).
     """
 
     def __init__(self, arrays: dict[str, np.ndarray]):
@@ -143,8 +201,10 @@ class PretrainingDataset(torch.utils.data.Dataset):
         split: str = "train",
         masking: Optional[MaskingConfig] = None,
         seed: int = 1234,
+        pack_sequences: bool = False,
     ):
         self.data_dir = data_dir
+        self.pack_sequences = bool(pack_sequences)
         self.seq_length = int(seq_length)
         self.split = split
         self.masking = masking if masking is not None else MaskingConfig()
@@ -162,6 +222,7 @@ class PretrainingDataset(torch.utils.data.Dataset):
             "split": self.split,
             "masking": self.masking,
             "seed": self.seed,
+            "pack_sequences": self.pack_sequences,
         }
 
     def __setstate__(self, state):
@@ -274,8 +335,16 @@ class PretrainingDataset(torch.utils.data.Dataset):
             out[sel] = self.permutation(int(e))(within[sel])
         return out
 
-    def get_batch(self, indices) -> dict[str, np.ndarray]:
-        """Samples for global indices as int64 arrays [B, S] (`next_sentence_label` [B])."""
+    def get_batch(self, indices, pack: Optional[bool] = None) -> dict[str, np.ndarray]:
+        """Samples for global indices as int64 arrays [B, S] (`next_sentence_label` [B]); packed
+        (`pack`, default the dataset's `pack_sequences`): the same pairs in R <= B rows, see
+        `pack_batch`."""
+        arrays = self._pairs(indices)
+        if self.pack_sequences if pack is None else pack:
+            return pack_batch(arrays, self.tables.pad_id)
+        return arrays
+
+    def _pairs(self, indices) -> dict[str, np.ndarray]:
         indices = np.asarray(indices, dtype=np.int64).reshape(-1)
         if len(indices) and indices.min() < 0:
             raise IndexError(f"sample index {int(indices.min())} < 0: global sample indices start at 0")
@@ -326,7 +395,7 @@ class PretrainingDataset(torch.utils.data.Dataset):
     def __getitem__(self, i) -> dict[str, np.ndarray]:
         if not isinstance(i, (int, np.integer)):
             raise TypeError(f"PretrainingDataset index must be an int, got {type(i).__name__}")
-        return PretrainingBatch(self.get_batch([int(i)]))[0]
+        return PretrainingBatch(self.get_batch([int(i)], pack=False))[0]
 
 
 class PretrainingSampler:
@@ -339,7 +408,8 @@ class PretrainingSampler:
     size (same global batch) continues exactly where it stopped.
 
     Yields lists of `micro_batch_size` indices for this rank; `consumed_samples` counts the
-    global samples handed out so far (all ranks). Behind a prefetching DataLoader use the
+    global samples handed out so far (all ranks). A sample is one NSP pair, packed or not: a
+    packed micro-batch is the same indices' pairs in fewer rows. Behind a prefetching DataLoader use the
     loader's state_dict (it counts delivered batches), not this one's.
     """
 

@@ -25,8 +25,11 @@ _PEAK_TFLOPS = (("H200", 989.0), ("H100", 989.0), ("A100", 312.0), ("L40S", 362.
 # The order of the log line and of the TensorBoard scalars; never reorder (people grep logs).
 FIELDS = (
     "step", "loss", "mlm_loss", "nsp_loss", "lr", "grad_norm", "loss_scale", "tokens_per_s",
-    "seqs_per_s", "tflops", "mfu", "mem_gb", "data_wait", "skipped",
+    "seqs_per_s", "tflops", "mfu", "mem_gb", "data_wait", "skipped", "sequences",
 )
+# Fields that are words, not numbers: in the log line and metrics.jsonl, not in TensorBoard
+# ("sequences packed" / "sequences unpacked": NSP pairs packed several per row or one per row).
+TEXT_FIELDS = ("sequences",)
 
 
 def bert_flops_per_sequence(hidden: int, layers: int, intermediate: int, vocab: int, seq: int,
@@ -49,23 +52,39 @@ def bert_flops_per_sequence(hidden: int, layers: int, intermediate: int, vocab: 
     forward = L*(6*S*H^2 + 4*S^2*H) + ((L-1)*S + M + 1)*(2*H^2 + 4*H*I) + M*(2*H^2 + 2*H*V)
               + 2*H^2 + 4*H
 
-    `masked` is the mean number of masked tokens per sequence (a float: the log line averages
-    over its interval). `vocab` is the number of decoder rows actually multiplied, i.e. the
-    padded vocabulary (`pretrain.vocab.padded_vocab_size`), not the tokenizer's size. Padding
-    tokens are counted (the encoder runs on them). Bias adds, embedding lookups, LayerNorm,
+    `masked` is the mean number of masked tokens per sequence (a float). `vocab` is the number of
+    decoder rows actually multiplied, i.e. the padded vocabulary (`pretrain.vocab.padded_vocab_size`),
+    not the tokenizer's size. All S tokens are counted: for sequences of real lengths (the log
+    line) use `bert_flops`. Bias adds, embedding lookups, LayerNorm,
     softmax, GELU and dropout are left out (not matmuls, memory bound, < 1%). Backward is counted
     as 2 x forward (gradients of both matmul operands); the recomputation of activation
     checkpointing or of a fused attention backward is not counted: MFU measures model FLOPs.
     tests/unit/test_metrics.py checks this against a hand count and against the matmul FLOPs
     torch's FlopCounterMode sees in the model's forward and backward.
     """
-    h, s, i = float(hidden), float(seq), float(intermediate)
-    rows_out = masked + 1.0  # rows leaving the last layer: the masked tokens and [CLS]
-    attention_all = layers * (6 * s * h * h + 4 * s * s * h)
-    dense_rows = (layers - 1) * s + rows_out  # rows through the attention output and the FFN
+    return bert_flops(hidden, layers, intermediate, vocab, tokens=seq, tokens_squared=float(seq) ** 2,
+                      masked=masked, sequences=1)
+
+
+def bert_flops(hidden: int, layers: int, intermediate: int, vocab: int, tokens: float, tokens_squared: float,
+               masked: float, sequences: float) -> float:
+    """Model FLOPs of one training pass over a set of sequences of real lengths L_1 .. L_N:
+    `bert_flops_per_sequence`'s count with S*(...) summed over the sequences, i.e. the linear
+    terms on T = sum L_n real tokens, the attention's quadratic term on Q = sum L_n^2 (each pair
+    attends within itself, packed or not), M = `masked` tokens and N = `sequences` [CLS] rows:
+
+      forward = L*(6*T*H^2 + 4*Q*H) + ((L-1)*T + M + N)*(2*H^2 + 4*H*I) + M*(2*H^2 + 2*H*V)
+                + N*(2*H^2 + 4*H)
+
+    Padding is not counted, whether or not the encoder ran on it (`--no-unpad`): MFU measures
+    useful work, so a padded run shows the FLOPs it wastes as a lower MFU."""
+    h, i = float(hidden), float(intermediate)
+    t, q, m, n = float(tokens), float(tokens_squared), float(masked), float(sequences)
+    attention_all = layers * (6 * t * h * h + 4 * q * h)
+    dense_rows = (layers - 1) * t + m + n  # rows through the attention output and the FFN
     dense = dense_rows * (2 * h * h + 4 * h * i)
-    mlm = masked * (2 * h * h + 2 * h * vocab)
-    forward = attention_all + dense + mlm + 2 * h * h + 2 * h * 2
+    mlm = m * (2 * h * h + 2 * h * vocab)
+    forward = attention_all + dense + mlm + n * (2 * h * h + 2 * h * 2)
     return 3.0 * forward
 
 
@@ -99,6 +118,8 @@ def _fmt(key: str, v) -> str:
         return f"{key} n/a"
     if key == "step":
         return f"step {v}"
+    if key in TEXT_FIELDS:
+        return f"{key} {v}"
     if key in ("lr",):
         return f"{key} {v:.3e}"
     if key in ("tokens_per_s", "seqs_per_s"):
@@ -152,7 +173,7 @@ class MetricsWriter:
         step = values["step"]
         if self.tb is not None:
             for k, v in values.items():
-                if k != "step" and v is not None and not (isinstance(v, float) and math.isnan(v)):
+                if k != "step" and k not in TEXT_FIELDS and v is not None and not (isinstance(v, float) and math.isnan(v)):
                     self.tb.add_scalar(f"{kind}/{k}", v, step)
             self.tb.flush()
         with open(self.path, "a") as f:

@@ -170,7 +170,7 @@ class PreTrainingOutput(NamedTuple):
     # [n_masked, V] with labels, else [B, S, V] (V / tp shards); V = the padded vocabulary, whose
     # padded ids hold the dtype's lowest value
     prediction_logits: torch.Tensor
-    seq_relationship_logits: torch.Tensor  # [B, 2]
+    seq_relationship_logits: torch.Tensor  # [B, 2] ([pairs, 2] with cls_positions)
     mlm_labels: Optional[torch.Tensor]  # [n_masked] targets matching prediction_logits rows
 
 
@@ -519,7 +519,7 @@ class BertForPreTraining(nn.Module):
 
     def forward(self, input_ids, token_type_ids=None, attention_mask=None, labels=None,
                 next_sentence_label=None, masked_positions=None,
-                layout: Optional[TokenLayout] = None) -> PreTrainingOutput:
+                layout: Optional[TokenLayout] = None, cls_positions=None) -> PreTrainingOutput:
         """``masked_positions`` (optional, with ``labels``): the flat [B * S] indices of
         ``labels != -100`` in row-major order, computed by the caller where the labels are still on
         the host. Without it the model finds them itself with ``nonzero``, which on a GPU waits for
@@ -528,7 +528,12 @@ class BertForPreTraining(nn.Module):
         ``layout`` (optional, with ``labels``): the batch's ``TokenLayout``, built by the caller
         on the host for the same reason (``TokenLayout.from_attention_mask(mask).to(device)``);
         the encoder then runs unpadded whatever ``self.unpad`` says. Without it and with
-        ``self.unpad`` the model builds it from ``attention_mask``."""
+        ``self.unpad`` the model builds it from ``attention_mask``.
+
+        ``cls_positions`` (optional, with ``labels``): the flat [B * S] index of each NSP pair's
+        [CLS], in the order of ``next_sentence_label``, for rows that pack several pairs
+        (``pretrain/data.py``; pass the packed rows' ``layout`` too). Default: column 0 of every
+        row (one pair per row)."""
         mlm_loss = nsp_loss = mlm_labels = None
         if labels is not None:
             # Sparse prediction: only the [CLS] rows (NSP) and the masked rows (~15% of tokens,
@@ -543,13 +548,17 @@ class BertForPreTraining(nn.Module):
                 masked = (flat_labels != IGNORE_INDEX).nonzero().squeeze(1)
             else:
                 masked = masked_positions.reshape(-1).to(device=flat_labels.device, dtype=torch.long)
-            cls_rows = torch.arange(0, batch * seq, seq, device=masked.device)
+            if cls_positions is None:
+                cls_rows = torch.arange(0, batch * seq, seq, device=masked.device)
+            else:
+                cls_rows = cls_positions.reshape(-1).to(device=masked.device, dtype=torch.long)
+            pairs = cls_rows.numel()
             rows = torch.cat([cls_rows, masked])
             hidden = self.bert(input_ids, token_type_ids, attention_mask, output_rows=rows,
                                unpad=self.unpad, layout=layout).last_hidden_state
-            pooled_output = self.bert.pooler(hidden[:batch, None])
+            pooled_output = self.bert.pooler(hidden[:pairs, None])
             mlm_labels = flat_labels.index_select(0, masked)
-            prediction_logits = self.cls.predictions(hidden[batch:])
+            prediction_logits = self.cls.predictions(hidden[pairs:])
             mlm_loss = self._layers.vocab_cross_entropy(prediction_logits, mlm_labels)
         else:
             sequence_output, pooled_output, _ = self.bert(input_ids, token_type_ids, attention_mask)

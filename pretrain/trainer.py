@@ -44,11 +44,12 @@ from pretrain.config import ConfigError, Resolved, check_resume_state
 from pretrain.data import PretrainingDataset, PretrainingSampler, build_dataloader
 from pretrain.hf_io import load_hf_dir, load_into
 from pretrain.launch import init_distributed
-from pretrain.metrics import MetricsWriter, bert_flops_per_sequence, memory_gb, peak_tflops, plot_losses
+from pretrain.metrics import MetricsWriter, bert_flops, memory_gb, peak_tflops, plot_losses
 from pretrain.model import BertConfig, BertForPreTraining, count_parameters
 from pretrain.optim import build_scheduler
 from pretrain.tensor_parallel import (MegatronLayerFactory, MegatronMPU, initialize_model_parallel,
                                       mark_tensor_parallel_params, shard_state_dict, tp_partition_dims)
+from pretrain.unpad import TokenLayout
 from pretrain.vocab import resize_vocab
 
 log = logging.getLogger(__name__)
@@ -455,14 +456,16 @@ def build_data(res: Resolved, consumed: int, dp_rank: int, device: torch.device)
     """Training and held-out datasets, and the training loader starting after `consumed` samples
     (so it is built after the resume point is known)."""
     cfg = res.cfg
-    train_ds = PretrainingDataset(cfg.data, cfg.seq_length, "train", masking=cfg.masking(), seed=cfg.seed)
-    valid_ds = PretrainingDataset(cfg.data, cfg.seq_length, "valid", masking=cfg.masking(), seed=cfg.seed)
+    train_ds, valid_ds = (PretrainingDataset(cfg.data, cfg.seq_length, split, masking=cfg.masking(), seed=cfg.seed,
+                                             pack_sequences=cfg.pack_sequences) for split in ("train", "valid"))
     workers = loader_workers(cfg.num_workers, device.type)
     loader = build_dataloader(
         train_ds, res.micro_batch_size, dp_rank=dp_rank, dp_size=res.dp,
         consumed_samples=consumed, num_workers=workers, pin_memory=device.type == "cuda",
     )
-    log.info("data: %d loader worker(s) per rank%s", workers, ", pinned memory" if device.type == "cuda" else "")
+    log.info("data: %d loader worker(s) per rank%s; %s", workers, ", pinned memory" if device.type == "cuda" else "",
+             f"{res.micro_batch_size} NSP pairs per micro-batch packed into rows of {cfg.seq_length}" if cfg.pack_sequences
+             else "one NSP pair per row")
     return train_ds, valid_ds, loader
 
 
@@ -531,15 +534,32 @@ class Trainer:
     # ------------------------------------------------------------------------------------------
 
     def _with_masked_positions(self, batch: dict) -> dict:
-        """Add the flat indices of the masked tokens, found on the host where the labels still are:
-        the model's own `nonzero` on the GPU would wait for every queued kernel, per micro-batch."""
+        """Add the flat indices of the masked tokens and (unpadded encoder) the batch's
+        `TokenLayout`, both found on the host where the batch still is: the model's own `nonzero`
+        on the GPU would wait for every queued kernel, per micro-batch. Packed rows
+        (`sequence_ids`) give one sequence per pair; their `cls_positions` come with the batch."""
         rows = (batch["labels"].reshape(-1) != -100).nonzero().squeeze(1)
+        out = {**batch, "masked_positions": rows}
+        if self.cfg.unpad:
+            out["layout"] = TokenLayout.from_attention_mask(batch["attention_mask"], sequence_ids=batch.get("sequence_ids"))
         if self.device.type == "cuda":
-            rows = rows.pin_memory()  # an asynchronous copy needs page-locked memory
-        return {**batch, "masked_positions": rows}
+            # an asynchronous copy needs page-locked memory (the loader pinned the batch itself)
+            out["masked_positions"] = rows.pin_memory()
+            if "layout" in out:
+                out["layout"] = out["layout"].pin_memory()
+        return out
 
     def _to_device(self, batch: dict) -> dict:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+
+    @staticmethod
+    def _model_inputs(mb: dict) -> dict:
+        """The engine's keyword arguments from a prepared, placed micro-batch."""
+        return dict(
+            input_ids=mb["input_ids"], token_type_ids=mb["token_type_ids"], attention_mask=mb["attention_mask"],
+            labels=mb["labels"], next_sentence_label=mb["next_sentence_label"],
+            masked_positions=mb["masked_positions"], layout=mb.get("layout"), cls_positions=mb.get("cls_positions"),
+        )
 
     def _all_reduce(self, values: list[float], group) -> list[float]:
         t = torch.tensor(values, dtype=torch.float64, device=self.device)
@@ -560,18 +580,16 @@ class Trainer:
         n_global = torch.full((1,), float(n_local), dtype=torch.float64, device=self.device)
         dist.all_reduce(n_global, group=self.procs.dp_group)
         scale = (res.dp * res.grad_accum / n_global.clamp(min=1.0)).float()
-        tokens = sum(int(mb["attention_mask"].sum()) for mb in micro_batches)  # non-pad, host tensors
-        # mlm loss sum, nsp loss sum, non-pad tokens: one all-reduce at the end of the step
-        sums = torch.zeros(3, dtype=torch.float64, device=self.device)
-        sums[2] = float(tokens)
+        lengths = [length for mb in micro_batches for length in _sequence_lengths(mb)]  # real tokens, host
+        # mlm loss sum, nsp loss sum, real tokens, sum of squared sequence lengths (attention's
+        # FLOPs): one all-reduce at the end of the step
+        sums = torch.zeros(4, dtype=torch.float64, device=self.device)
+        sums[2] = float(sum(lengths))
+        sums[3] = float(sum(length * length for length in lengths))
         lr = self.engine.get_lr()[0]  # the lr this step uses (the scheduler moves on in step())
         for mb in micro_batches:
             mb = self._to_device(mb)
-            out = self.engine(
-                input_ids=mb["input_ids"], token_type_ids=mb["token_type_ids"], attention_mask=mb["attention_mask"],
-                labels=mb["labels"], next_sentence_label=mb["next_sentence_label"],
-                masked_positions=mb["masked_positions"],
-            )
+            out = self.engine(**self._model_inputs(mb))
             n_mb = mb["masked_positions"].numel()
             mlm = out.mlm_loss.float() * n_mb
             nsp = out.nsp_loss.float()
@@ -586,13 +604,13 @@ class Trainer:
         nsp_loss = sums[1] / (res.grad_accum * res.dp)
         return {
             "loss": mlm_loss + nsp_loss, "mlm_loss": mlm_loss, "nsp_loss": nsp_loss, "masked": n_global[0],
-            "tokens": sums[2], "lr": lr, "applied": self.engine.was_step_applied(),
+            "tokens": sums[2], "tokens_squared": sums[3], "lr": lr, "applied": self.engine.was_step_applied(),
         }
 
     def _most_frequent_label(self, n: int = 4096) -> int:
         """The most frequent masked token of the first `n` training samples: the unigram baseline
         that held-out MLM accuracy is compared against (identical on every rank)."""
-        labels = self.train_ds.get_batch(np.arange(n))["labels"]
+        labels = self.train_ds.get_batch(np.arange(n), pack=False)["labels"]
         return int(np.bincount(labels[labels != -100]).argmax())
 
     @torch.no_grad()
@@ -607,10 +625,7 @@ class Trainer:
         for idx in sampler:
             mb = self._to_device(self._with_masked_positions(
                 {k: torch.as_tensor(v) for k, v in self.valid_ds.get_batch(idx).items()}))
-            out = self.engine(
-                input_ids=mb["input_ids"], token_type_ids=mb["token_type_ids"], attention_mask=mb["attention_mask"],
-                labels=mb["labels"], next_sentence_label=mb["next_sentence_label"], masked_positions=mb["masked_positions"],
-            )
+            out = self.engine(**self._model_inputs(mb))
             logits = out.prediction_logits.float()
             if self.cfg.tp > 1:
                 parts = [torch.empty_like(logits) for _ in range(self.cfg.tp)]
@@ -679,6 +694,7 @@ class Trainer:
         w["time"] += time.perf_counter() - t0
         w["wait"] += t1 - t0
         w["tokens"] += m["tokens"]
+        w["tokens_squared"] += m["tokens_squared"]
         w["masked"] += m["masked"]
         w["steps"] += 1
         if step % cfg.log_interval == 0 or step == cfg.train_steps:
@@ -761,11 +777,12 @@ class Trainer:
     def _log_window(self, w: dict, m: dict) -> None:
         res, mc = self.res, self.model_config
         steps, dt = w["steps"], max(w["time"], 1e-9)
-        seqs = steps * res.global_batch_size
-        masked_per_seq = float(w["masked"]) / max(seqs, 1)
-        # the decoder runs over the padded vocabulary's rows
-        flops = bert_flops_per_sequence(mc.hidden_size, mc.num_hidden_layers, mc.intermediate_size,
-                                        res.padded_vocab_size, self.cfg.seq_length, masked=masked_per_seq) * seqs
+        seqs = steps * res.global_batch_size  # NSP pairs, packed or not
+        # Real tokens only (padding is no model work, whether the encoder skipped it or not); the
+        # decoder runs over the padded vocabulary's rows.
+        flops = bert_flops(mc.hidden_size, mc.num_hidden_layers, mc.intermediate_size, res.padded_vocab_size,
+                           tokens=float(w["tokens"]), tokens_squared=float(w["tokens_squared"]),
+                           masked=float(w["masked"]), sequences=seqs)
         tflops = flops / dt / res.world_size / 1e12  # per device
         opt = self.engine.optimizer
         scale = getattr(opt, "cur_scale", None) or getattr(opt, "loss_scale", None) or 1.0
@@ -777,6 +794,7 @@ class Trainer:
             "loss_scale": float(scale), "tokens_per_s": float(w["tokens"]) / dt, "seqs_per_s": seqs / dt,
             "tflops": tflops, "mfu": tflops / self.peak if self.peak else None, "mem_gb": memory_gb(),
             "data_wait": w["wait"] / dt, "skipped": self.progress.skipped_total,
+            "sequences": "packed" if self.cfg.pack_sequences else "unpacked",
         })
 
 
@@ -792,9 +810,17 @@ def _check_same_on_every_rank(values: dict) -> None:
                           "or run on one kind of node")
 
 
+def _sequence_lengths(mb: dict) -> list:
+    """Real tokens of each sequence (NSP pair) of a prepared micro-batch: its layout's lengths
+    (one per pair, also in packed rows), else the attention mask's row sums (padded encoder)."""
+    if mb.get("layout") is not None:
+        return list(mb["layout"].lengths)
+    return mb["attention_mask"].sum(1).tolist()
+
+
 def _new_window() -> dict:
     # tokens and masked are summed as device tensors; read when the window is logged
-    return {"time": 0.0, "wait": 0.0, "tokens": 0.0, "steps": 0, "masked": 0.0}
+    return {"time": 0.0, "wait": 0.0, "tokens": 0.0, "tokens_squared": 0.0, "steps": 0, "masked": 0.0}
 
 
 @dataclass

@@ -127,6 +127,13 @@ class TokenLayout:
         return TokenLayout(*move, self.lengths, self.batch, self.seq, self.max_position, self.backend,
                            self.first_column_real)
 
+    def pin_memory(self) -> "TokenLayout":
+        """The layout in page-locked host memory (an asynchronous copy to a GPU needs it; torch's
+        DataLoader pinning calls this too)."""
+        pinned = [t.pin_memory() for t in (self.indices, self.cu_seqlens, self.position_ids)]
+        return TokenLayout(*pinned, self.lengths, self.batch, self.seq, self.max_position, self.backend,
+                           self.first_column_real)
+
     def with_backend(self, backend: str) -> "TokenLayout":
         """This layout attending through ``backend`` (the encoder's own setting wins over the one
         the caller built the layout with)."""

@@ -56,7 +56,7 @@ def test_deepspeed_launcher_trains_bf16_on_two_processes(launched_run):
     # the fixed field order of the metrics line
     fields = [part.split()[0] for part in lines[0].split("pretrain.metrics: ", 1)[1].split(" | ")]
     assert fields == ["step", "loss", "mlm_loss", "nsp_loss", "lr", "grad_norm", "loss_scale", "tokens_per_s",
-                      "seqs_per_s", "tflops", "mfu", "mem_gb", "data_wait", "skipped"]
+                      "seqs_per_s", "tflops", "mfu", "mem_gb", "data_wait", "skipped", "sequences"]
     with open(os.path.join(save_dir, "latest")) as f:
         assert f.read().strip() == f"step_{STEPS}"
     with open(os.path.join(save_dir, f"step_{STEPS}", "trainer_state.json")) as f:
