@@ -202,7 +202,12 @@ class _PlainStep:
         self.max_grad_norm = cfg.max_grad_norm
         self.device_type = _device_type(model)
         self.precision = resolve_precision(cfg.precision, self.device_type)
-        self.opt = torch.optim.AdamW(optimizer_groups(model, cfg.weight_decay), lr=cfg.learning_rate)
+        # torch's fused AdamW (one kernel over all tensors; CPU and CUDA): a bert-base update took 0.54 s
+        # with the default foreach kernels on one CPU core, 0.08 s fused. transformers' Trainer uses it
+        # by default too (torch >= 2.8), so the two loops also run the same update arithmetic.
+        fused = self.device_type in ("cpu", "cuda")
+        self.opt = torch.optim.AdamW(optimizer_groups(model, cfg.weight_decay), lr=cfg.learning_rate,
+                                     fused=fused or None)
         self.sched = _scheduler(cfg, total)(self.opt)
         self.scaler = torch.amp.GradScaler(self.device_type) if self.precision == "fp16" else None
         self.opt.zero_grad(set_to_none=True)
