@@ -1,7 +1,8 @@
 """Write-then-rename, in one place for the whole product (data prep, checkpoints, HF exports,
 fine-tuning outputs): a reader never sees a partial file under its final name.
 
-Temporary names are `<final>.tmp.<pid>`; a run that is killed leaves them behind, and
+Temporary names are `<final>.tmp.<host>.<pid>` (`<host>`: 8 hex digits of the host name's CRC-32, so
+two nodes writing into one shared directory never pick the same name); a run that is killed leaves them behind, and
 `remove_stale_tmp` deletes them when the next run starts in that directory. OS errors (read-only
 or full disk, a path under a regular file) become `AtomicWriteError`s (a DataPrepError and an
 OSError) naming the path.
@@ -12,17 +13,21 @@ import json
 import os
 import re
 import shutil
+import socket
+import zlib
 from contextlib import contextmanager
 from typing import Callable
 
 from .errors import DataPrepError
 
 # `.model`/`.vocab`: what sentencepiece appends to the temporary prefix it is given.
-_STALE = re.compile(r"\.tmp\.\d+(\.model|\.vocab)?$")
+# Names from before the host tag (`.tmp.<pid>`) are still recognised.
+_STALE = re.compile(r"\.tmp\.(?:[0-9a-f]{8}\.)?\d+(\.model|\.vocab)?$")
+_HOST = f"{zlib.crc32(socket.gethostname().encode()):08x}"
 
 
 def tmp_name(path: str) -> str:
-    return f"{path}.tmp.{os.getpid()}"
+    return f"{path}.tmp.{_HOST}.{os.getpid()}"
 
 
 class AtomicWriteError(DataPrepError, OSError):
@@ -69,7 +74,7 @@ def _replacing(path: str):
 
 @contextmanager
 def atomic_write(path: str, mode: str = "wb", fsync: bool = True, **open_kw):
-    """`with atomic_write(p, "w") as f: ...` writes `p.tmp.<pid>` and renames it on success."""
+    """`with atomic_write(p, "w") as f: ...` writes `p.tmp.<host>.<pid>` and renames it on success."""
     with _replacing(path) as tmp, open(tmp, mode, **open_kw) as f:
         yield f
         f.flush()
@@ -109,7 +114,8 @@ def atomic_copy(src: str, dst: str) -> None:
 
 
 def remove_stale_tmp(directory: str) -> int:
-    """Delete `*.tmp.<pid>` files left by killed runs (call before any writer of this run starts)."""
+    """Delete `*.tmp.<host>.<pid>` (and older `*.tmp.<pid>`) files left by killed runs (call before any
+    writer of this run starts)."""
     n = 0
     try:
         names = os.listdir(directory)
