@@ -474,7 +474,13 @@ def remove_incomplete(run_dir: str) -> list[str]:
     gone = []
     for name in sorted(os.listdir(run_dir)) if os.path.isdir(run_dir) else []:
         if name.endswith(INCOMPLETE) and _step_of(name[: -len(INCOMPLETE)]) is not None:
-            shutil.rmtree(os.path.join(run_dir, name))
+            path = os.path.join(run_dir, name)
+            try:
+                shutil.rmtree(path)
+            except OSError as e:
+                # A save of that step would collide with it later: stop now, with the fix in one line.
+                raise CheckpointError(f"{path}: cannot remove this leftover of an incomplete save ({one_line(e)}); "
+                                      "delete it by hand (or fix its permissions) and start again") from e
             gone.append(name)
     return gone
 

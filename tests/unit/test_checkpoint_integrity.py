@@ -285,3 +285,20 @@ def test_deepspeed_checkpoint_options_that_break_the_record_are_refused(ds, refu
     _check_checkpoint_options(TrainConfig(ds_config="z.json"), {
         "checkpoint": {"use_node_local_storage": False, "parallel_write": {"pipeline_stage": False}},
         "nebula": {"enabled": False}})
+
+
+def test_an_incomplete_save_that_cannot_be_removed_is_one_clear_line(tmp_path, monkeypatch):
+    import shutil
+
+    run = tmp_path / "run"
+    _commit(run, 2)
+    (run / f"step_4{ckpt.INCOMPLETE}").mkdir()
+
+    def refuse(path, *a, **k):
+        raise PermissionError(13, "Permission denied", path)
+
+    monkeypatch.setattr(shutil, "rmtree", refuse)
+    with pytest.raises(ckpt.CheckpointError, match=r"step_4\.incomplete: cannot remove this leftover of an "
+                                                    r"incomplete save \(.*Permission denied.*\); delete it by hand"):
+        ckpt.remove_incomplete(str(run))
+    assert sorted(os.listdir(run)) == ["latest", "step_2", f"step_4{ckpt.INCOMPLETE}"]  # nothing else touched
