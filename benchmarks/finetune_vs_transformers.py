@@ -1,10 +1,14 @@
 """Our fine-tuning runner next to transformers' own Trainer and the strongest simple heuristic,
 on the built-in datasets, in one run: same files, same checkpoint, same hyper-parameters
 (learning rate, epochs, batch size, warm-up ratio, weight decay 0.01 off bias/LayerNorm,
-AdamW, clip 1.0, linear decay, max sequence length, seeds), both in fp32. Not the same: our
-warm-up reaches its peak one update earlier than transformers' linear schedule (ours 0.5, 1.0, 1.0,
-... of the peak at 2 warm-up updates; theirs 0.0, 0.5, 1.0, ...), and Trainer's head is initialised
-under its own seed handling.
+AdamW, clip 1.0, linear decay, max sequence length, seeds), both in fp32. The learning-rate
+schedule is ours on both sides (Trainer's `create_scheduler` overridden): our warm-up reaches its
+peak one update earlier than transformers' linear schedule (ours 0.5, 1.0, 1.0, ... of the peak at
+2 warm-up updates; theirs 0.0, 0.5, 1.0, ...); `--trainer-schedule` gives Trainer its own. Not the
+same: the order of the training batches (ours: `random.Random(seed)`, grouped by length unless
+`--no-group-by-length`; Trainer: its seeded RandomSampler), the dropout masks and the head's
+initial draw (the same N(0, initializer_range) law). Per update, on the same batch without
+dropout, the two give the same loss and gradients (tests/unit/test_finetune_vs_trainer.py).
 
     .venv/bin/python benchmarks/finetune_vs_transformers.py --output-dir fvt_out \\
         --tasks pang-lee wiki-next-sentence wnut16 --seeds 1 2 3 --threads 2
@@ -41,6 +45,8 @@ from finetune.squad_metrics import squad_scores  # noqa: E402
 from finetune.train import TrainConfig  # noqa: E402
 
 log = logging.getLogger("finetune_vs_transformers")
+
+WARMUP_RATIO = TrainConfig.warmup_ratio  # ours' default, on both sides
 
 # built-in dataset -> (our task, metric compared, Trainer head or None)
 TASKS = {"pang-lee": ("classify", "accuracy", "sequence"), "wiki-next-sentence": ("pair", "accuracy", "sequence"),
@@ -81,7 +87,8 @@ def ours(name: str, model: str, files: tuple[str, str], a, out: str) -> list[flo
                          seeds=a.seeds, max_train_examples=a.max_train_examples, save_model=False,
                          threads=a.threads, **windows,
                          train=TrainConfig(epochs=a.epochs, learning_rate=a.lr, batch_size=a.batch_size,
-                                           precision="fp32", progress=False)))
+                                           precision="fp32", progress=False,
+                                           group_by_length=not a.no_group_by_length)))
     return [r[metric] for r in s["runs"]]
 
 
@@ -113,6 +120,19 @@ def trainer_scores(name: str, model: str, files: tuple[str, str], a, out: str) -
                               DataCollatorForTokenClassification, DataCollatorWithPadding, Trainer,
                               TrainingArguments)
 
+    from finetune.train import _scheduler
+
+    class OurScheduleTrainer(Trainer):
+        """Trainer with our warm-up/decay (finetune.train._scheduler): its optimizer, groups,
+        clipping, sampler and loss stay its own."""
+
+        def create_scheduler(self, num_training_steps, optimizer=None):
+            if self.lr_scheduler is None:
+                cfg = TrainConfig(learning_rate=a.lr, warmup_ratio=WARMUP_RATIO)
+                self.lr_scheduler = _scheduler(cfg, num_training_steps)(optimizer or self.optimizer)
+                self._created_lr_scheduler = True
+            return self.lr_scheduler
+
     _, _, head = TASKS[name]
     tok = BertTokenizerFast.from_pretrained(model)
     if head == "sequence":
@@ -137,13 +157,14 @@ def trainer_scores(name: str, model: str, files: tuple[str, str], a, out: str) -
         args = TrainingArguments(
             output_dir=os.path.join(out, f"seed_{seed}"), seed=seed, learning_rate=a.lr, num_train_epochs=a.epochs,
             per_device_train_batch_size=a.batch_size, per_device_eval_batch_size=64, weight_decay=0.01,
-            warmup_steps=int(0.1 * steps), lr_scheduler_type="linear", max_grad_norm=1.0, optim="adamw_torch",
+            warmup_steps=int(WARMUP_RATIO * steps), lr_scheduler_type="linear", max_grad_norm=1.0, optim="adamw_torch",
             use_cpu=not torch.cuda.is_available(), save_strategy="no", report_to="none", disable_tqdm=True,
             logging_strategy="no", dataloader_num_workers=0)
         cls = BertForSequenceClassification if head == "sequence" else BertForTokenClassification
         torch.manual_seed(seed)  # the head's init, as our runner seeds before building its head
         net = cls.from_pretrained(model, num_labels=len(labels))
-        trainer = Trainer(model=net, args=args, train_dataset=train_ds, data_collator=collator)
+        trainer = (Trainer if a.trainer_schedule else OurScheduleTrainer)(
+            model=net, args=args, train_dataset=train_ds, data_collator=collator)
         trainer.train()
         logits = trainer.predict(eval_ds).predictions
         if head == "sequence":
@@ -184,6 +205,14 @@ def main(argv=None) -> int:
     p.add_argument("--max-train-examples", type=int, default=None)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--no-trainer", action="store_true", help="ours and the heuristic only")
+    p.add_argument("--trainer-schedule", action="store_true",
+                   help="Trainer with its own linear warm-up (lr 0 at the first update, the peak one update "
+                        "later than ours); by default it runs ours, so the two sides differ only where noted")
+    p.add_argument("--no-ours", action="store_true",
+                   help="Trainer and the heuristic only (e.g. Trainer's seeds in a process of their own)")
+    p.add_argument("--no-group-by-length", action="store_true",
+                   help="ours on plain shuffled batches (python -m finetune --no-group-by-length), as Trainer's "
+                        "default; without it ours groups batches by length")
     a = p.parse_args(argv)
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if a.threads:
@@ -198,7 +227,7 @@ def main(argv=None) -> int:
         files = write_builtin(name, task, os.path.join(a.output_dir, "data", name))
         t0 = time.time()
         h_name, h_score = heuristic(name, *files, a.max_train_examples)
-        ours_scores = ours(name, a.model, files, a, os.path.join(a.output_dir, "ours", name))
+        ours_scores = [] if a.no_ours else ours(name, a.model, files, a, os.path.join(a.output_dir, "ours", name))
         t1 = time.time()
         ref = [] if a.no_trainer or head is None else trainer_scores(name, a.model, files, a,
                                                                      os.path.join(a.output_dir, "trainer", name))
@@ -207,6 +236,7 @@ def main(argv=None) -> int:
         log.info("%s", rows[-1])
         # after every task: a late failure keeps what the earlier tasks measured
         result = {"model": a.model, "precision": "fp32",
+                  "trainer_schedule": "transformers' linear" if a.trainer_schedule else "ours",
                   "settings": {k: v for k, v in vars(a).items() if k not in ("model", "output_dir")},
                   "versions": {"torch": torch.__version__, **_versions()}, "rows": rows}
         atomic_json(os.path.join(a.output_dir, "finetune_vs_transformers.json"), result, sort_keys=False)
