@@ -348,7 +348,10 @@ def test_an_io_error_while_choosing_reaches_every_rank_as_one_line(tmp_path):
     assert first == ("step_2", None) and other == (first, second)  # both ranks, both answers
     tag, error = second
     assert tag is None and "\n" not in error
-    assert error.startswith(f"--save_dir {run}: cannot choose a checkpoint to resume from (") and "Not a directory" in error
+    # the leftover it cannot remove, the OS's reason and what to do, on every rank
+    assert error.startswith(f"--save_dir {run}: {run}/step_6.incomplete: cannot remove this leftover of an incomplete "
+                            "save (") and "Not a directory" in error and error.endswith("delete it by hand (or fix "
+                                                                                       "its permissions) and start again")
 
 
 def _init_from(rank, world_size, path, checksums):

@@ -112,10 +112,11 @@ def test_deepspeed_matches_plain_and_two_processes_match_one(setup):
     assert w1.keys() == w2.keys() == wp.keys()
     for k in w1:
         assert w2[k].dtype == torch.float32 and w2[k].shape == w1[k].shape
-        assert torch.allclose(w1[k], wp[k], atol=1e-6), k
         # the attention key bias has a zero gradient in exact arithmetic (softmax ignores a
-        # per-query constant); Adam scales its round-off noise up to ~lr-sized steps
+        # per-query constant); Adam scales its round-off noise up to ~lr-sized steps (the plain
+        # loop's fused AdamW and DeepSpeed's torch AdamW round differently)
         tol = 1e-4 if k.endswith("attention.self.key.bias") else 1e-5
+        assert torch.allclose(w1[k], wp[k], atol=1e-6 if tol == 1e-5 else tol), k
         assert torch.allclose(w2[k], w1[k], atol=tol), k
 
 
