@@ -20,16 +20,46 @@ from .base import TEST_PREFIX, Task, TaskData, TestData, label_config, limit
 log = logging.getLogger(__name__)
 
 
-def _label_key(label: str):
+def _number(label: str) -> float | None:
     try:
-        return (0, float(label), label)
+        value = float(label)
     except ValueError:
-        return (1, 0.0, label)
+        return None
+    return value if math.isfinite(value) else None
+
+
+def _label_key(label: str):
+    value = _number(label)
+    return (1, 0.0, label) if value is None else (0, value, label)
 
 
 def label_list(labels) -> list[str]:
-    """Labels in a stable order: numeric labels by value ("-1" < "1"), others alphabetically."""
-    return sorted(set(labels), key=_label_key)
+    """The classes in a stable order: numeric labels by value ("-1" < "1"), others alphabetically.
+    Spellings of one number ("1", "1.0", "01": a column that went through a float somewhere) are one
+    class, named by its most frequent spelling (`class_id` maps every spelling to it)."""
+    counts = Counter(labels)
+    names, seen = [], set()
+    for label, _ in sorted(counts.items(), key=lambda kv: (-kv[1], len(kv[0]), kv[0])):
+        value = _number(label)
+        if value is None or value not in seen:
+            names.append(label)
+            seen.add(value)
+    if len(names) < len(counts):
+        merged = sorted(set(counts) - set(names), key=_label_key)
+        log.info("labels %s name the same number as another spelling and join its class", merged[:5])
+    return sorted(names, key=_label_key)
+
+
+def class_id(label: str, label2id: dict) -> int | None:
+    """`label`'s class in `label2id`: the same string, or the same number spelt another way."""
+    if label in label2id:
+        return label2id[label]
+    value = _number(label)
+    if value is not None:
+        for name, i in label2id.items():
+            if _number(name) == value:
+                return i
+    return None
 
 
 # more distinct numeric labels than this, each with about one example, look like a score or an id
@@ -82,10 +112,11 @@ def encode_sentences(examples: list[TextExample], tokenizer, max_length: int,
                     raise InputError(f"{source}: label {e.label!r} of example {i + 1} is not a number "
                                      "(--regression needs numeric targets)") from None
             else:
-                if e.label not in label2id:
+                label = class_id(e.label, label2id)
+                if label is None:
                     raise InputError(f"{source}: label {e.label!r} of example {i + 1} does not occur in "
                                      f"the training file (known: {list(label2id)})")
-                f["labels"] = label2id[e.label]
+                f["labels"] = label
         feats.append(f)
     n_trunc = sum(len(x) >= max_length for x in enc["input_ids"])
     if n_trunc:
@@ -128,8 +159,11 @@ class SentenceTask(Task):
             if len(labels) < 2:
                 raise InputError(f"{train_file}: only one label ({labels}); a classifier "
                                  "needs at least two (or pass --regression)")
-            refuse_scores(labels, train_file, self.supports_regression, Counter(e.label for e in train_ex))
         l2i = {l: i for i, l in enumerate(labels)} if labels else None
+        if labels:
+            per_class = Counter(class_id(e.label, l2i) for e in train_ex)
+            refuse_scores(labels, train_file, self.supports_regression,
+                          {l: per_class[i] for l, i in l2i.items()})
         L = a.max_seq_length
         return TaskData(train_ex, eval_ex,
                         encode_sentences(train_ex, tokenizer, L, l2i, a.regression, train_file),

@@ -86,9 +86,10 @@ def test_score_labels_without_regression_refused(tok, tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="finetune.tasks.sentence"):
         CLASSIFY.read(_args("classify", rating, rating), rating, rating, tok)
     assert "with fewer than 2 training examples" in caplog.text and "--regression" in caplog.text
-    # integer classes stay classes
+    # integer classes stay classes; "1.0" is class "1" spelt another way
     pm = _write(tmp_path / "pm.tsv", "sentence\tlabel\ngood\t1\nbad\t-1\nfine\t1.0\nok\t0\n")
-    assert CLASSIFY.read(_args("classify", pm, pm), pm, pm, tok).labels == ["-1", "0", "1", "1.0"]
+    data = CLASSIFY.read(_args("classify", pm, pm), pm, pm, tok)
+    assert data.labels == ["-1", "0", "1"] and [x["labels"] for x in data.train_features] == [2, 0, 2, 1]
 
 
 def test_task_data_reports_skipped_records(tok, tmp_path):

@@ -29,6 +29,21 @@ def test_pair_segments_and_labels(tok):
         encode_sentences([TextExample("a", "b", "2")], tok, 32, {"-1": 0, "1": 1}, False, "dev.tsv")
 
 
+def test_spellings_of_one_number_are_one_class(tok):
+    # a label column that went through a float somewhere ("1.0") next to "1": one class, not two
+    ex = [TextExample(t, None, l) for t, l in
+          (("good", "1"), ("fine", "1"), ("great", "1.0"), ("bad", "0"), ("awful", "0.0"), ("meh", "00"))]
+    labels = label_list(e.label for e in ex)
+    assert labels == ["0", "1"]  # each class named by its most frequent spelling (ties: the shortest)
+    l2i = {l: i for i, l in enumerate(labels)}
+    f = encode_sentences(ex + [TextExample("ok", None, "1.00")], tok, 16, l2i, False, "x")
+    assert [x["labels"] for x in f] == [1, 1, 1, 0, 0, 0, 1]
+    assert label_list(["a", "b", "a"]) == ["a", "b"]  # text labels are compared as text
+    assert label_list(["nan", "NaN", "1"]) == ["1", "NaN", "nan"]  # no number: as text
+    with pytest.raises(checkpoint.InputError, match="does not occur in the training file"):
+        encode_sentences([TextExample("a", None, "2.0")], tok, 16, l2i, False, "dev.tsv")
+
+
 def test_token_labels_on_first_subtoken(tok):
     # "Schwarzenegger" splits into several WordPieces; only the first carries B-person
     s = TaggedSentence(["Arnold", "Schwarzenegger", "rocks"], ["B-person", "I-person", "O"])
