@@ -14,6 +14,11 @@ our loop and transformers' Trainer use it; `--foreach-adamw` for the foreach ker
 variants alternate step by step. Prints examples/s
 over the whole sample and the ratios (goal: ours >= 2x transformers with DataCollatorWithPadding).
 
+It also counts each variant's matmul FLOPs over the same batches (torch's FlopCounterMode, forward +
+backward, untimed): their ratio is the speed-up that doing less work gives if both sides run their
+matmuls at the same rate, and GFLOP/s (per CPU second) shows whether they do. On CPU the step is
+matmul-bound, so the FLOP ratio bounds the time ratio.
+
     ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 nice -n 10 .venv/bin/python benchmarks/finetune_step.py \\
         --config configs/bert-base.json --batch 32 --steps 6
 """
@@ -78,6 +83,19 @@ def step_fn(model, optimizer, hf: bool):
     return step
 
 
+def matmul_flops(model, batches, hf: bool) -> int:
+    """Forward + backward matmul FLOPs of `model` over `batches` (no optimizer step; gradients dropped)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        for batch in batches:
+            loss = model(**batch).loss if hf else model(**batch)[0]
+            loss.backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/bert-base.json", help="model config JSON")
@@ -138,6 +156,11 @@ def main(argv=None):
             wall[name] += time.perf_counter() - start
             cpu[name] += time.process_time() - start_cpu
 
+    # the same model for both transformers variants; its batches differ
+    flops = {"ours": matmul_flops(ours, ours_batches, hf=False),
+             "transformers": matmul_flops(hf, hf_batches, hf=True),
+             "transformers bucketed": matmul_flops(hf, ours_batches, hf=True)}
+
     real = sum(len(f["input_ids"]) for f in features)
     for name, (_, batches) in steps.items():
         grid = sum(b["input_ids"].numel() for b in batches)
@@ -148,11 +171,13 @@ def main(argv=None):
                 torch.__version__)
     for clock, times in (("wall", wall), ("cpu", cpu)):
         for name in names:
-            logger.info("%-4s %-22s %7.1f examples/s (%.1f s for the sample)", clock, name, n / times[name], times[name])
+            logger.info("%-4s %-22s %7.1f examples/s (%.1f s for the sample; %.0f matmul GFLOP/s)", clock, name,
+                        n / times[name], times[name], flops[name] / times[name] / 1e9)
     ratios = {}
     for other in ("transformers", "transformers bucketed"):
         ratios[other] = (wall[other] / wall["ours"], cpu[other] / cpu["ours"])
-        logger.info("ratio ours/%-22s %.2fx wall-clock, %.2fx CPU time", other, *ratios[other])
+        logger.info("ratio ours/%-22s %.2fx wall-clock, %.2fx CPU time; %.2fx fewer matmul FLOPs (the bound at equal "
+                    "FLOP/s)", other, *ratios[other], flops[other] / flops["ours"])
     return ratios
 
 

@@ -83,13 +83,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="evaluation / prediction batch")
     p.add_argument("--gradient-accumulation-steps", "--gradient_accumulation_steps", type=int, default=1,
                    help="batches whose gradients are summed per optimizer step")
-    p.add_argument("--precision", default="auto", choices=PRECISION_CHOICES,
-                   help="training precision (auto: bf16 on a GPU or CPU that computes it natively, fp16 on "
-                   "older GPUs, else fp32; under --deepspeed auto keeps the config's own setting)")
-    p.add_argument("--bf16", dest="precision", action="store_const", const="bf16",
-                   help="same as --precision bf16 (transformers' spelling)")
-    p.add_argument("--fp16", dest="precision", action="store_const", const="fp16",
-                   help="same as --precision fp16 (transformers' spelling)")
+    precision = p.add_mutually_exclusive_group()  # "--precision fp32 --fp16" is refused, not last-wins
+    precision.add_argument("--precision", default="auto", choices=PRECISION_CHOICES,
+                           help="training precision (auto: bf16 on a GPU or CPU that computes it natively, fp16 "
+                           "on older GPUs, else fp32; under --deepspeed auto keeps the config's own setting)")
+    precision.add_argument("--bf16", dest="precision", action="store_const", const="bf16",
+                           help="same as --precision bf16 (transformers' spelling)")
+    precision.add_argument("--fp16", dest="precision", action="store_const", const="fp16",
+                           help="same as --precision fp16 (transformers' spelling)")
     grouping = p.add_mutually_exclusive_group()
     grouping.add_argument("--no-group-by-length", dest="group_by_length", action="store_false",
                           default=d.group_by_length,

@@ -55,6 +55,8 @@ def test_transformers_spellings_are_aliases():
     p = build_parser()
     for theirs, ours in (("--bf16", "bf16"), ("--fp16", "fp16")):
         assert vars(p.parse_args(OURS[:12] + [theirs]))["precision"] == ours
+        with pytest.raises(SystemExit):  # two precisions in one command: refused, not the last one wins
+            p.parse_args(OURS[:12] + ["--precision", "fp32", theirs])
     ours, theirs = vars(p.parse_args(OURS)), vars(p.parse_args(THEIRS))
     assert ours == theirs
     assert theirs["batch_size"] == 12 and theirs["eval_batch_size"] == 5 and theirs["epochs"] == 2.0
