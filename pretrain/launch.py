@@ -42,6 +42,7 @@ __all__ = [
     "first_host",
     "default_backend",
     "init_distributed",
+    "shutdown_distributed",
 ]
 
 
@@ -230,3 +231,21 @@ def init_distributed(
         launch.master_addr, launch.master_port,
     )
     return launch
+
+
+def shutdown_distributed() -> None:
+    """End of a finished run: wait for every rank, then take down megatron-core's groups and the
+    default group before the interpreter exits. Left to the interpreter, the backends' C++ threads
+    meet static destruction in whatever order it runs, and a rank can abort at exit ("terminate
+    called without an active exception") after its work is saved, which the launcher reports as a
+    failed job. A failure here is logged, not raised: the run's results are already written."""
+    if not dist.is_initialized():
+        return
+    try:
+        dist.barrier()
+        from megatron.core import parallel_state
+
+        parallel_state.destroy_model_parallel()
+        dist.destroy_process_group()
+    except Exception as exc:  # noqa: BLE001 - nothing left to protect, only to report
+        logger.warning("process group teardown at exit failed (the run's outputs are written): %s", exc)

@@ -29,8 +29,11 @@ def main(argv=None) -> int:
     from pretrain.checkpoint import CheckpointError, CheckpointSaveError
     from pretrain.trainer import NonFiniteError, Trainer  # after validate: a config error costs no DeepSpeed import
 
+    from pretrain.launch import shutdown_distributed
+
     try:
         Trainer(res).run()
+        shutdown_distributed()
     except CheckpointError as e:  # no checkpoint in --save_dir verifies: an input error, as in validate
         logging.getLogger("pretrain").error("%s", e)
         print(f"error: {e}", file=sys.stderr)

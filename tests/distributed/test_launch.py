@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from pretrain.launch import ParallelConfigError, detect_launch_env, first_host, init_distributed
+from pretrain.launch import ParallelConfigError, detect_launch_env, first_host, init_distributed, shutdown_distributed
 from tests.distributed._spawn import spawn
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -127,6 +127,27 @@ def test_a_stuck_rank_fails_the_collective_instead_of_hanging():
     result = spawn(_dead_peer, 2, args=(3,), timeout=120)[0]
     assert result["raised"] is not None
     assert result["seconds"] < 30
+
+
+def _finish_and_shut_down(rank, world_size):
+    from megatron.core import parallel_state
+
+    from pretrain import tensor_parallel
+
+    init_distributed("gloo", use_deepspeed=False)
+    tensor_parallel.initialize_model_parallel(2)
+    t = torch.ones(1)
+    dist.all_reduce(t)
+    shutdown_distributed()
+    return dict(sum=t.item(), initialized=dist.is_initialized(),
+                model_parallel=parallel_state.model_parallel_is_initialized())
+
+
+def test_shutdown_takes_down_every_group_after_the_last_rank():
+    # the end of a finished run (pretrain/run.py): no group is left to the interpreter's exit
+    results = spawn(_finish_and_shut_down, 2, timeout=120)
+    assert all(r["sum"] == 2.0 and not r["initialized"] and not r["model_parallel"] for r in results)
+    shutdown_distributed()  # no group in this process: nothing to do, no error
 
 
 MPI_SCRIPT = """
