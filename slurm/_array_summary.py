@@ -17,8 +17,8 @@ import json
 import os
 import re
 import sys
-import tempfile
 
+from data_prep.atomic import atomic_json
 from finetune.metrics import mean_std
 
 MARKER = "slurm_array.json"
@@ -60,19 +60,9 @@ def summarize(out: str, expected: int | None, array_job_id: str | None = None) -
 
 
 def _write(out: str, summary: dict) -> None:
-    # A unique name in OUT itself: elements on other nodes share OUT (and may share a pid), and
-    # os.replace is atomic only within one file system.
-    fd, tmp = tempfile.mkstemp(dir=out, prefix=".metrics.json.")
-    umask = os.umask(0)
-    os.umask(umask)
-    os.fchmod(fd, 0o666 & ~umask)  # mkstemp's 0600 would make the summary private to its owner
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(summary, f, indent=2)
-        os.replace(tmp, os.path.join(out, "metrics.json"))
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    # a temporary name unique per host and pid in OUT itself (elements on other nodes share OUT,
+    # and os.replace is atomic only within one file system), then one rename
+    atomic_json(os.path.join(out, "metrics.json"), summary, sort_keys=False)
 
 
 def _lock(out: str) -> int | None:
