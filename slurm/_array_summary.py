@@ -26,6 +26,22 @@ MARKER = "slurm_array.json"
 NO_LOCKS = (errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOLCK, errno.EINVAL)
 
 
+def _read_json(path: str) -> dict | None:
+    """One element's record, or None (with a line on stderr) when it cannot be read: a damaged
+    element is left out of the summary (which then says it is incomplete), not the end of it."""
+    try:
+        with open(path) as f:
+            record = json.load(f)
+        if isinstance(record, dict):
+            return record
+        problem = "not a JSON object"
+    except (OSError, ValueError) as exc:
+        problem = str(exc)
+    print(f"_array_summary: {path}: unreadable ({problem}); that element is left out of the summary; re-run "
+          "it (same --array index) to include it", file=sys.stderr)
+    return None
+
+
 def _this_jobs_elements(out: str, array_job_id: str | None) -> dict[int, str]:
     """index -> folder, for the elements of this array job that succeeded (their marker names it)."""
     found = {}
@@ -33,8 +49,10 @@ def _this_jobs_elements(out: str, array_job_id: str | None) -> dict[int, str]:
         m = re.fullmatch(r"array_(\d+)", os.path.basename(os.path.dirname(marker)))
         if not m:
             continue
-        with open(marker) as f:
-            owner = str(json.load(f).get("array_job_id"))
+        record = _read_json(marker)
+        if record is None:
+            continue
+        owner = str(record.get("array_job_id"))
         if array_job_id is None or owner == array_job_id:
             found[int(m.group(1))] = os.path.dirname(marker)
     return dict(sorted(found.items()))
@@ -46,8 +64,9 @@ def summarize(out: str, expected: int | None, array_job_id: str | None = None) -
         path = os.path.join(folder, "metrics.json")
         if not os.path.exists(path):
             continue
-        with open(path) as f:
-            m = json.load(f)
+        m = _read_json(path)
+        if m is None:
+            continue
         first = first or m
         elements[index] = folder
         runs.extend({"array_index": index, **run} for run in m.get("runs", []))

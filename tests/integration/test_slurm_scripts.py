@@ -265,7 +265,7 @@ def test_array_summary_merges_the_elements(tmp_path):
     s = json.loads((out / "metrics.json").read_text())
     assert s["seeds"] == [1, 2, 3] and s["complete"] is True and sorted(s["elements"]) == ["1", "2", "3"]
     assert s["mean"]["accuracy"] == pytest.approx(0.7) and s["std"]["accuracy"] == pytest.approx(0.2)
-    assert s["array_job_id"] == "200" and not list(out.glob(".metrics.json.*")), "temp file left behind"
+    assert s["array_job_id"] == "200" and not list(out.glob("*.tmp.*")), "temp file left behind"
     # readable as the umask allows, like every other output (not mkstemp's owner-only 0600)
     umask = os.umask(0)
     os.umask(umask)
@@ -286,6 +286,21 @@ def test_array_summary_counts_only_this_array_jobs_elements(tmp_path):
     s = json.loads((out / "metrics.json").read_text())
     assert sorted(s["elements"]) == ["1", "2"] and s["complete"] is False, s
     assert s["mean"]["accuracy"] == pytest.approx(0.6), s
+
+
+def test_array_summary_leaves_out_a_damaged_element(tmp_path):
+    # element 2's marker and element 3's metrics were cut short (a node lost mid-write): the
+    # summary is made from element 1, says it is incomplete and names both files
+    out = tmp_path / "ft"
+    for i in (1, 2, 3):
+        _element(out, i, 0.5 + i / 10, "200")
+    (out / "array_2/slurm_array.json").write_text('{"array_job_id": "2')
+    (out / "array_3/metrics.json").write_text('{"task": ')
+    res = _summary(out)
+    assert res.returncode == 0, res.stderr
+    s = json.loads((out / "metrics.json").read_text())
+    assert sorted(s["elements"]) == ["1"] and s["complete"] is False and s["mean"]["accuracy"] == pytest.approx(0.6)
+    assert "array_2/slurm_array.json: unreadable" in res.stderr and "array_3/metrics.json: unreadable" in res.stderr
 
 
 def test_array_summary_does_not_write_through_a_lock_symlink(tmp_path):
