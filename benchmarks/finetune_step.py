@@ -17,7 +17,8 @@ over the whole sample and the ratios (goal: ours >= 2x transformers with DataCol
 It also counts each variant's matmul FLOPs over the same batches (torch's FlopCounterMode, forward +
 backward, untimed): their ratio is the speed-up that doing less work gives if both sides run their
 matmuls at the same rate, and GFLOP/s (per CPU second) shows whether they do. On CPU the step is
-matmul-bound, so the FLOP ratio bounds the time ratio.
+matmul-bound: time ratio = FLOP ratio x (our GFLOP/s / theirs), so at equal rates the FLOP ratio is the
+ceiling. (In training mode attention runs as bmm and is counted; a dropout-free SDPA call on CPU may not be.)
 
     ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 nice -n 10 .venv/bin/python benchmarks/finetune_step.py \\
         --config configs/bert-base.json --batch 32 --steps 6

@@ -233,19 +233,31 @@ def init_distributed(
     return launch
 
 
-def shutdown_distributed() -> None:
-    """End of a finished run: wait for every rank, then take down megatron-core's groups and the
-    default group before the interpreter exits. Left to the interpreter, the backends' C++ threads
-    meet static destruction in whatever order it runs, and a rank can abort at exit ("terminate
-    called without an active exception") after its work is saved, which the launcher reports as a
-    failed job. A failure here is logged, not raised: the run's results are already written."""
+def shutdown_distributed(engine=None) -> None:
+    """End of a finished run: release the DeepSpeed `engine` (its hooks and buffers), then take
+    down megatron-core's groups and the default group before the interpreter exits. Left to the
+    interpreter, the backends' C++ threads meet static destruction in whatever order it runs, and a
+    rank can abort at exit ("terminate called without an active exception") after its work is
+    saved, which the launcher reports as a failed job. No collective here (every rank's last one
+    is the final save; a barrier would make a rank that failed after it hang the others), and a
+    failure is logged, not raised: the run's results are already written."""
     if not dist.is_initialized():
         return
     try:
-        dist.barrier()
-        from megatron.core import parallel_state
+        if engine is not None:
+            engine.destroy()
+        from pretrain.tensor_parallel import destroy_model_parallel
 
-        parallel_state.destroy_model_parallel()
-        dist.destroy_process_group()
+        destroy_model_parallel()
+        try:
+            import deepspeed.comm as ds_comm
+
+            started_by_deepspeed = ds_comm.is_initialized()
+        except ImportError:
+            started_by_deepspeed = False
+        if started_by_deepspeed:
+            ds_comm.destroy_process_group()  # also drops DeepSpeed's references to its groups
+        if dist.is_initialized():
+            dist.destroy_process_group()
     except Exception as exc:  # noqa: BLE001 - nothing left to protect, only to report
         logger.warning("process group teardown at exit failed (the run's outputs are written): %s", exc)

@@ -32,8 +32,9 @@ def main(argv=None) -> int:
     from pretrain.launch import shutdown_distributed
 
     try:
-        Trainer(res).run()
-        shutdown_distributed()
+        trainer = Trainer(res)
+        trainer.run()
+        shutdown_distributed(trainer.engine)
     except CheckpointError as e:  # no checkpoint in --save_dir verifies: an input error, as in validate
         logging.getLogger("pretrain").error("%s", e)
         print(f"error: {e}", file=sys.stderr)

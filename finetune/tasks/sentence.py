@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 from collections import Counter
 
 import numpy as np
@@ -33,33 +34,45 @@ def _label_key(label: str):
     return (1, 0.0, label) if value is None else (0, value, label)
 
 
+# a whole number as a file may spell it: "1", "+1", "01", "1.0", "1.00" (no exponent, no "_")
+_WHOLE = re.compile(r"[+-]?(\d+)(?:\.0*)?")
+
+
+def _whole(label: str) -> int | None:
+    m = _WHOLE.fullmatch(label.strip())
+    return None if m is None else (-1 if label.strip().startswith("-") else 1) * int(m.group(1))
+
+
 def label_list(labels) -> list[str]:
     """The classes in a stable order: numeric labels by value ("-1" < "1"), others alphabetically.
-    Spellings of one number ("1", "1.0", "01": a column that went through a float somewhere) are one
-    class, named by its most frequent spelling (`class_id` maps every spelling to it)."""
+    When every label is a whole number, spellings of one number ("1", "1.0", "01": a column that
+    went through a float somewhere) are one class, named by its most frequent spelling (`class_id`
+    maps every spelling to it); a column with any other label (codes such as "250.1", "V45") keeps
+    every spelling as its own class."""
     counts = Counter(labels)
+    if any(_whole(label) is None for label in counts):
+        return sorted(counts, key=_label_key)
     names, seen = [], set()
     for label, _ in sorted(counts.items(), key=lambda kv: (-kv[1], len(kv[0]), kv[0])):
-        value = _number(label)
-        if value is None or value not in seen:
+        if _whole(label) not in seen:
             names.append(label)
-            seen.add(value)
+            seen.add(_whole(label))
     if len(names) < len(counts):
         merged = sorted(set(counts) - set(names), key=_label_key)
-        log.info("labels %s name the same number as another spelling and join its class", merged[:5])
+        log.warning("labels %s spell the same whole number as another label and join its class (classes: %s)",
+                    merged[:5], sorted(names, key=_label_key)[:10])
     return sorted(names, key=_label_key)
 
 
 def class_id(label: str, label2id: dict) -> int | None:
-    """`label`'s class in `label2id`: the same string, or the same number spelt another way."""
+    """`label`'s class in `label2id`: the same string, or, when every class is a whole number, the
+    same number spelt another way."""
     if label in label2id:
         return label2id[label]
-    value = _number(label)
-    if value is not None:
-        for name, i in label2id.items():
-            if _number(name) == value:
-                return i
-    return None
+    value = _whole(label)
+    if value is None or any(_whole(name) is None for name in label2id):
+        return None
+    return next((i for name, i in label2id.items() if _whole(name) == value), None)
 
 
 # more distinct numeric labels than this, each with about one example, look like a score or an id
@@ -179,7 +192,11 @@ class SentenceTask(Task):
     def save_predictions(self, data, preds, out_dir):
         with atomic_write(os.path.join(out_dir, "eval_predictions.tsv"), "w", encoding="utf-8") as f:
             f.write("index\tprediction\tlabel\n")
-            f.writelines(f"{i}\t{p}\t{e.label}\n" for i, (p, e) in enumerate(zip(preds, data.eval_examples)))
+            # the gold label as its class is named (a "1.0" of class "1" is written "1"), so that the
+            # two columns compare as text
+            gold = [data.labels[f["labels"]] if data.labels and "labels" in f else e.label
+                    for e, f in zip(data.eval_examples, data.eval_features)]
+            f.writelines(f"{i}\t{p}\t{g}\n" for i, (p, g) in enumerate(zip(preds, gold)))
 
     def hf_config(self, labels, regression=False, data=None):
         return {**super().hf_config(labels, regression, data),

@@ -129,12 +129,12 @@ def test_a_stuck_rank_fails_the_collective_instead_of_hanging():
     assert result["seconds"] < 30
 
 
-def _finish_and_shut_down(rank, world_size):
+def _finish_and_shut_down(rank, world_size, use_deepspeed):
     from megatron.core import parallel_state
 
     from pretrain import tensor_parallel
 
-    init_distributed("gloo", use_deepspeed=False)
+    init_distributed("gloo", use_deepspeed=use_deepspeed)
     tensor_parallel.initialize_model_parallel(2)
     t = torch.ones(1)
     dist.all_reduce(t)
@@ -143,9 +143,10 @@ def _finish_and_shut_down(rank, world_size):
                 model_parallel=parallel_state.model_parallel_is_initialized())
 
 
-def test_shutdown_takes_down_every_group_after_the_last_rank():
+@pytest.mark.parametrize("use_deepspeed", [False, True])
+def test_shutdown_takes_down_every_group(use_deepspeed):
     # the end of a finished run (pretrain/run.py): no group is left to the interpreter's exit
-    results = spawn(_finish_and_shut_down, 2, timeout=120)
+    results = spawn(_finish_and_shut_down, 2, args=(use_deepspeed,), timeout=180)
     assert all(r["sum"] == 2.0 and not r["initialized"] and not r["model_parallel"] for r in results)
     shutdown_distributed()  # no group in this process: nothing to do, no error
 

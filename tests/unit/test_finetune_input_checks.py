@@ -90,6 +90,8 @@ def test_score_labels_without_regression_refused(tok, tmp_path, caplog):
     pm = _write(tmp_path / "pm.tsv", "sentence\tlabel\ngood\t1\nbad\t-1\nfine\t1.0\nok\t0\n")
     data = CLASSIFY.read(_args("classify", pm, pm), pm, pm, tok)
     assert data.labels == ["-1", "0", "1"] and [x["labels"] for x in data.train_features] == [2, 0, 2, 1]
+    CLASSIFY.save_predictions(data, ["1", "-1", "1", "0"], str(tmp_path))  # gold written as its class is named
+    assert (tmp_path / "eval_predictions.tsv").read_text().splitlines()[3] == "2\t1\t1"
 
 
 def test_task_data_reports_skipped_records(tok, tmp_path):

@@ -6,7 +6,7 @@ import pytest
 from finetune import checkpoint
 from finetune.cli import main
 from finetune.readers import TaggedSentence, TextExample
-from finetune.tasks.sentence import encode_sentences, label_list
+from finetune.tasks.sentence import class_id, encode_sentences, label_list
 from finetune.tasks.token import encode_tagged, evaluate_tagged
 
 
@@ -40,6 +40,12 @@ def test_spellings_of_one_number_are_one_class(tok):
     assert [x["labels"] for x in f] == [1, 1, 1, 0, 0, 0, 1]
     assert label_list(["a", "b", "a"]) == ["a", "b"]  # text labels are compared as text
     assert label_list(["nan", "NaN", "1"]) == ["1", "NaN", "nan"]  # no number: as text
+    # only a column of whole numbers merges: codes stay apart, and so do numbers a float cannot tell apart
+    assert label_list(["250.1", "250.10", "V45"]) == ["250.1", "250.10", "V45"]
+    assert label_list(["1.0", "1", "1.5"]) == ["1", "1.0", "1.5"]
+    assert len(label_list(["9007199254740993", "9007199254740992"])) == 2
+    assert label_list(["1_0", "10"]) == ["10", "1_0"]
+    assert class_id("01", {"0": 0, "1": 1}) == 1 and class_id("01", {"1": 0, "x": 1}) is None
     with pytest.raises(checkpoint.InputError, match="does not occur in the training file"):
         encode_sentences([TextExample("a", None, "2.0")], tok, 16, l2i, False, "dev.tsv")
 
