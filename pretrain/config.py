@@ -46,6 +46,9 @@ class TrainConfig:
     seq_length: int = _f(128, "tokens per sample; the data directory needs pairs_<seq_length>_train.bin")
     masked_lm_prob: float = _f(0.15, "fraction of each sample's text tokens the MLM predicts (80%% [MASK], 10%% random, 10%% kept)")
     whole_word_masking: bool = _f(False, "mask whole words: a WordPiece word's ## pieces (a sentencepiece word's pieces) go together")
+    masked_lm_frequency_power: float = _f(0.0, "choose the MLM's tokens with weight (corpus count + 1)^-P instead of uniformly "
+                                          "(0 = BERT; 0.5 predicts rare tokens more and 'the' less, like word2vec's subsampling); "
+                                          "held-out MLM accuracy keeps uniform masking")
     # --- how long and how big
     train_steps: int = _f(0, "optimizer steps to run in total (a resumed run continues up to this step)")
     micro_batch_size: int = _f(0, "per-rank micro batch; 0 = take train_micro_batch_size_per_gpu from --ds_config")
@@ -100,7 +103,8 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     def masking(self) -> MaskingConfig:
-        return MaskingConfig(mlm_probability=self.masked_lm_prob, whole_word=self.whole_word_masking)
+        return MaskingConfig(mlm_probability=self.masked_lm_prob, whole_word=self.whole_word_masking,
+                             frequency_power=self.masked_lm_frequency_power)
 
 
 _REQUIRED = ("ds_config", "model_config", "data", "train_steps", "save_dir")
@@ -254,6 +258,11 @@ def validate(cfg: TrainConfig, world_size: Optional[int] = None, device: Optiona
         raise ConfigError(f"--decay_power must be > 0 (1 = linear), got {cfg.decay_power}")
     if not 0.0 < cfg.masked_lm_prob <= 1.0:
         raise ConfigError(f"--masked_lm_prob must be in (0, 1] (BERT: 0.15), got {cfg.masked_lm_prob}")
+    try:
+        cfg.masking().validate()
+    except ValueError as e:
+        raise ConfigError(f"--masked_lm_frequency_power {cfg.masked_lm_frequency_power} / --whole_word_masking "
+                          f"{cfg.whole_word_masking}: {e}") from None
     if cfg.pack_sequences and not cfg.unpad:
         raise ConfigError("--pack_sequences needs the unpadded encoder (it keeps the packed pairs apart): drop --no-unpad")
     if cfg.eval_interval < 0 or cfg.max_nonfinite_steps < 1 or cfg.num_workers < -1:
@@ -335,7 +344,7 @@ def validate(cfg: TrainConfig, world_size: Optional[int] = None, device: Optiona
         precision_warning = f"{precision_warning}; {note}" if precision_warning else note
     resume_warning = None
     old = (resumed or {}).get("config", {}).get("cfg", {})
-    changed = [f"--{k} {old[k]} -> {getattr(cfg, k)}" for k in ("masked_lm_prob", "whole_word_masking")
+    changed = [f"--{k} {old[k]} -> {getattr(cfg, k)}" for k in ("masked_lm_prob", "whole_word_masking", "masked_lm_frequency_power")
                if k in old and old[k] != getattr(cfg, k)]
     if changed:
         resume_warning = (f"--save_dir {cfg.save_dir} resumes with other masking ({', '.join(changed)}): the objective "

@@ -40,6 +40,8 @@ from pretrain.masking import (
     PURPOSE_TRUNCATE_B,
     MaskingConfig,
     apply_masking,
+    corpus_token_counts,
+    frequency_weights,
     binomial_half,
     build_token_tables,
     random_bits,
@@ -283,6 +285,9 @@ class PretrainingDataset(torch.utils.data.Dataset):
                                  f"({bin_size} bytes); re-run data_prep")
         total = int(self._pointers[-1]) // self._itemsize + int(self._lengths[-1]) - self._base if n_sent else 0
         self.tokens = self.corpus.get(0, 0, total) if total else np.zeros(0, dtype=np.int32)
+        if self.masking.frequency_power:
+            counts = corpus_token_counts(self.tokens, self.tables.vocab_size)
+            self.tables.select_weights = frequency_weights(counts, self.masking.frequency_power)
 
         self._n_sent = n_sent
         # O(_OPEN_CHECKS), not a scan: an index of another corpus fails here; every record a batch

@@ -17,6 +17,12 @@ Rules (original BERT, google-research/bert `create_masked_lm_predictions`):
 - whole-word masking chooses words (a WordPiece token and its `##` continuations, or a
   SentencePiece `▁`-word) in random order and takes a word only if it fits in the remaining
   budget, so a word is masked completely or not at all.
+- frequency-weighted selection (`frequency_power` p > 0; not in the original BERT) still predicts
+  exactly `k` tokens per sequence, but draws them without replacement with weight
+  `(count(token) + 1) ** -p` (counts over the corpus), so frequent tokens ("the", ",", "of") are
+  predicted less often and content words more, as word2vec's subsampling of frequent words does
+  (cf. "Weighted Sampling for Masked Language Modeling", Zhang et al. 2023). The draw is the
+  exponential race of Efraimidis & Spirakis: the k smallest `-log(1 - u) / w`.
 """
 from __future__ import annotations
 
@@ -62,6 +68,8 @@ class MaskingConfig:
     None = no bound beyond the rate."""
     whole_word: bool = False
     """Mask whole words (WordPiece `##` continuations go with their word)."""
+    frequency_power: float = 0.0
+    """Choose the predicted tokens with weight (count + 1) ** -frequency_power (0 = uniform, BERT)."""
 
     def validate(self) -> None:
         for name in ("mlm_probability", "mask_token_probability", "random_token_probability"):
@@ -78,6 +86,12 @@ class MaskingConfig:
             )
         if self.max_predictions is not None and self.max_predictions < 1:
             raise ValueError(f"MaskingConfig.max_predictions = {self.max_predictions}: must be >= 1 or None")
+        if not 0.0 <= self.frequency_power <= 4.0:
+            raise ValueError(f"MaskingConfig.frequency_power = {self.frequency_power}: must be within [0, 4] "
+                             "(0 = uniform as BERT, 0.5 = word2vec-like weighting of rare tokens)")
+        if self.frequency_power and self.whole_word:
+            raise ValueError("frequency-weighted masking chooses tokens, whole-word masking chooses words: "
+                             "use one of them (frequency_power 0, or whole_word False)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -149,6 +163,7 @@ class TokenTables:
     cls_id: int
     sep_id: int
     mask_id: int
+    select_weights: Optional[np.ndarray] = None  # float64 [V], frequency-weighted selection only
 
     @property
     def vocab_size(self) -> int:
@@ -206,6 +221,31 @@ def build_token_tables(tokenizer: TokenizerInfo, base_dir: str, source: str = "m
     )
 
 
+def corpus_token_counts(tokens: np.ndarray, vocab_size: int, max_tokens: int = 1 << 26, chunks: int = 256) -> np.ndarray:
+    """Token counts [V] over `tokens` (the corpus's flat token array, e.g. a memmap of the .bin).
+
+    Past `max_tokens` the counts come from `chunks` evenly spaced contiguous slices holding
+    `max_tokens` in all: a frequency estimate that reads a bounded part of a large corpus (ratios
+    are what the weights use) and stays a function of the corpus alone.
+    """
+    n = len(tokens)
+    if n <= max_tokens:
+        parts = [np.asarray(tokens)]
+    else:
+        width = max_tokens // chunks
+        starts = np.linspace(0, n - width, chunks).astype(np.int64)
+        parts = [np.asarray(tokens[s:s + width]) for s in starts]
+    counts = np.zeros(vocab_size, dtype=np.int64)
+    for part in parts:
+        counts += np.bincount(part.astype(np.int64), minlength=vocab_size)[:vocab_size]
+    return counts
+
+
+def frequency_weights(counts: np.ndarray, power: float) -> np.ndarray:
+    """Selection weight per token id: (count + 1) ** -power."""
+    return (counts.astype(np.float64) + 1.0) ** -float(power)
+
+
 # ---------------------------------------------------------------------------------------------
 # Masking.
 
@@ -223,6 +263,20 @@ def _select_tokens(keys: np.ndarray, candidates: np.ndarray, k: np.ndarray) -> n
     order_keys = random_bits(keys[:, None], PURPOSE_SELECT, np.arange(s, dtype=_U64)[None, :])
     order_keys[~candidates] = _ALL_ONES
     order = np.argsort(order_keys, axis=1, kind="stable")
+    selected = np.zeros((b, s), dtype=bool)
+    np.put_along_axis(selected, order, np.arange(s)[None, :] < k[:, None], axis=1)
+    return selected & candidates
+
+
+def _select_weighted(keys: np.ndarray, candidates: np.ndarray, k: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Exactly k[b] candidates per row, drawn without replacement with probability proportional
+    to `weights` [B, S] (exponential race: the k smallest -log(1 - u) / w)."""
+    b, s = candidates.shape
+    u = to_unit_float(random_bits(keys[:, None], PURPOSE_SELECT, np.arange(s, dtype=_U64)[None, :]))
+    with np.errstate(divide="ignore"):
+        race = -np.log1p(-u) / weights
+    race[~candidates] = np.inf
+    order = np.argsort(race, axis=1, kind="stable")
     selected = np.zeros((b, s), dtype=bool)
     np.put_along_axis(selected, order, np.arange(s)[None, :] < k[:, None], axis=1)
     return selected & candidates
@@ -281,6 +335,11 @@ def apply_masking(
     k = _num_to_predict(candidates.sum(axis=1), cfg)
     if cfg.whole_word:
         selected = _select_words(keys, candidates, tables.is_continuation[input_ids], k)
+    elif cfg.frequency_power:
+        if tables.select_weights is None:
+            raise ValueError("MaskingConfig.frequency_power > 0 needs TokenTables.select_weights "
+                             "(frequency_weights(corpus_token_counts(...), power))")
+        selected = _select_weighted(keys, candidates, k, tables.select_weights[input_ids])
     else:
         selected = _select_tokens(keys, candidates, k)
     labels = np.full(input_ids.shape, IGNORE_INDEX, dtype=np.int64)

@@ -92,6 +92,21 @@ def test_masking_flags(tiny_data, model_cfg):
         validate(load_config(_args(tiny_data, model_cfg, "--masked_lm_prob", "0")), world_size=1)
 
 
+def test_frequency_weighted_masking_trains_weighted_and_evaluates_uniform(tiny_data, model_cfg):
+    import torch
+
+    from pretrain.trainer import build_data
+
+    res = validate(load_config(_args(tiny_data, model_cfg, "--masked_lm_frequency_power", "0.5")), world_size=1)
+    train_ds, valid_ds, _ = build_data(res, consumed=0, dp_rank=0, device=torch.device("cpu"))
+    assert train_ds.masking.frequency_power == 0.5 and train_ds.tables.select_weights is not None
+    # held-out MLM accuracy stays comparable with uniform runs
+    assert valid_ds.masking.frequency_power == 0.0 and valid_ds.tables.select_weights is None
+    with pytest.raises(ConfigError, match="--masked_lm_frequency_power 0.5 / --whole_word_masking True: .*use one of them"):
+        validate(load_config(_args(tiny_data, model_cfg, "--masked_lm_frequency_power", "0.5", "--whole_word_masking")),
+                 world_size=1)
+
+
 def test_cli_overrides_file_overrides_defaults(tiny_data, model_cfg, tmp_path):
     recipe = tmp_path / "recipe.json"
     recipe.write_text(json.dumps({"lr": 0.5, "keep_last": 7, "seq_length": 64}))

@@ -11,7 +11,16 @@ import numpy as np
 import pytest
 
 from pretrain.data import PretrainingDataset
-from pretrain.masking import MaskingConfig, binomial_half, mix64
+from pretrain.masking import (
+    MaskingConfig,
+    TokenTables,
+    apply_masking,
+    binomial_half,
+    corpus_token_counts,
+    frequency_weights,
+    mix64,
+    sample_keys,
+)
 from tests.unit._pretrain_fixtures import build_synthetic_dataset, synthetic_vocab
 
 Z = 4.5  # two-sided binomial bound; a correct implementation fails with probability ~7e-6
@@ -176,6 +185,83 @@ def test_masking_changes_between_epochs_and_seeds(data_dir):
     assert not np.array_equal(other_seed["labels"], b0["labels"])
 
 
+def _two_token_tables(count_a: int, count_b: int, power: float) -> TokenTables:
+    """Vocabulary [PAD] [CLS] [SEP] [MASK] a b; a and b seen count_a / count_b times."""
+    counts = np.array([0, 0, 0, 0, count_a, count_b])
+    return TokenTables(
+        is_special=np.array([True] * 4 + [False] * 2), is_continuation=np.zeros(6, dtype=bool),
+        replacement_ids=np.array([4, 5]), pad_id=0, cls_id=1, sep_id=2, mask_id=3,
+        select_weights=frequency_weights(counts, power),
+    )
+
+
+@pytest.mark.parametrize("row, rate, p_b", [
+    # k = 1 of {a, b}: b is drawn first with probability w_b / (w_a + w_b) = 1 / 1.1
+    ([4, 5], 0.5, 1 / 1.1),
+    # k = 1 of {a, a, b}: 1 / 1.2
+    ([4, 4, 5], 0.34, 1 / 1.2),
+    # k = 2 of {a, a, b}: b is left out only if both a's come first: (0.2 / 1.2) * (0.1 / 1.1)
+    ([4, 4, 5], 0.67, 1 - (0.2 / 1.2) * (0.1 / 1.1)),
+])
+def test_frequency_weighted_selection_draws_by_weight_without_replacement(row, rate, p_b):
+    """count(a) = 99, count(b) = 0, power 0.5: weights 100 ** -0.5 = 0.1 and 1 ** -0.5 = 1."""
+    n = 20000
+    tables = _two_token_tables(99, 0, 0.5)
+    cfg = MaskingConfig(mlm_probability=rate, frequency_power=0.5, mask_token_probability=1.0,
+                        random_token_probability=0.0)
+    ids = np.tile(np.array([1, *row, 2]), (n, 1))
+    text = np.zeros(ids.shape, dtype=bool)
+    text[:, 1:-1] = True
+    labels = apply_masking(ids.copy(), text, sample_keys(3, np.arange(n)), tables, cfg)
+    k = round(len(row) * rate)
+    np.testing.assert_array_equal((labels != -100).sum(1), k)  # the count is the rate's, as uniform
+    assert not (labels[:, [0, -1]] != -100).any()
+    ok, info = _binom_ok(int((labels == 5).any(1).sum()), n, p_b)
+    assert ok, info
+    # power 0 would draw b with 1/2, 1/3, 2/3: the weights are what moved it
+    assert p_b - 0.15 > k / len(row)
+
+
+def test_frequency_weighted_masking_on_a_corpus(data_dir, vocab_tables):
+    _, special, _ = vocab_tables
+    cfg = MaskingConfig(mlm_probability=0.4, frequency_power=0.5)
+    ds = PretrainingDataset(data_dir, 128, masking=cfg, seed=7)
+    counts = np.bincount(ds.tokens.astype(np.int64), minlength=ds.tables.vocab_size)
+    np.testing.assert_allclose(ds.tables.select_weights, (counts + 1.0) ** -0.5)
+    batch = ds.get_batch(np.arange(512))
+    orig = _originals(batch)
+    candidates = _text_positions(batch) & ~special[orig]
+    masked = batch["labels"] != -100
+    n = candidates.sum(1)
+    np.testing.assert_array_equal(masked.sum(1), [min(k, max(1, round(0.4 * k))) if k else 0 for k in n])
+    assert not (masked & ~candidates).any()
+    # Rarer tokens are predicted more often than their share of the text, frequent ones less
+    # (the fixture's counts span 19..207); uniform masking predicts both halves at one rate.
+    rare = counts < np.median(counts[counts > 0])
+
+    def rate_ratio(b):
+        o, m = _originals(b), b["labels"] != -100
+        c = _text_positions(b) & ~special[o]
+        return (m & rare[o]).sum() / (c & rare[o]).sum() / ((m & ~rare[o]).sum() / (c & ~rare[o]).sum())
+
+    uniform = PretrainingDataset(data_dir, 128, masking=MaskingConfig(mlm_probability=0.4), seed=7)
+    assert 0.95 < rate_ratio(uniform.get_batch(np.arange(512))) < 1.05
+    assert rate_ratio(batch) > 1.1  # 1.18 here: 40% of a row drawn without replacement damps the weights
+    # a sample's masking does not depend on the batch it is in
+    pick = np.array([5, 300, 9])
+    alone = ds.get_batch(pick)
+    np.testing.assert_array_equal(alone["labels"], batch["labels"][pick])
+    np.testing.assert_array_equal(alone["input_ids"], batch["input_ids"][pick])
+
+
+def test_corpus_token_counts_reads_a_bounded_sample():
+    tokens = np.arange(100_000, dtype=np.int32) % 7
+    np.testing.assert_array_equal(corpus_token_counts(tokens, 8), np.bincount(tokens, minlength=8))
+    sampled = corpus_token_counts(tokens, 8, max_tokens=7_000, chunks=10)
+    assert sampled.sum() == 7_000 and sampled[7] == 0
+    assert sampled[:7].min() >= 990 and sampled[:7].max() <= 1010  # each chunk of 700 holds 100 of each
+
+
 def test_masking_config_errors():
     with pytest.raises(ValueError, match="mlm_probability"):
         MaskingConfig(mlm_probability=1.5).validate()
@@ -183,6 +269,10 @@ def test_masking_config_errors():
         MaskingConfig(mask_token_probability=0.8, random_token_probability=0.3).validate()
     with pytest.raises(ValueError, match="max_predictions"):
         MaskingConfig(max_predictions=0).validate()
+    with pytest.raises(ValueError, match="frequency_power"):
+        MaskingConfig(frequency_power=-0.5).validate()
+    with pytest.raises(ValueError, match="use one of them"):
+        MaskingConfig(frequency_power=0.5, whole_word=True).validate()
 
 
 def test_random_bit_helpers():
