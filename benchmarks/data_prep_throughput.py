@@ -29,6 +29,15 @@ of the largest worker (VmHWM, read from /proc while it runs), the process tree's
 bytes on disk per token.
 
     nice -n 10 .venv/bin/python benchmarks/data_prep_throughput.py --scale-gb 0.05 [--work-dir DIR]
+
+The bare tokenizer's rate is measured on the first `--bare-gb` GB of the big file's lines (default
+0.25; a rate, not a total: the whole 2 GB would add ~45 min on 2 cores and change nothing). The
+full 2 GB run takes ~5 h of an idle 2-core machine; `--scale-workers` and `--scale-shapes` run
+it in pieces (e.g. one shape per sitting) with `--work-dir DIR` keeping the generated corpus
+between them:
+
+    nice -n 10 .venv/bin/python benchmarks/data_prep_throughput.py --scale-gb 2 --work-dir /var/tmp/dp2 \
+        --scale-workers 2 --scale-shapes one_big_file
 """
 from __future__ import annotations
 
@@ -239,11 +248,12 @@ def generate_corpus(work: str, gb: float, long_doc_mb: float, seed: int = 0) -> 
     return paths
 
 
-def bare_tokenizer_child(path: str, vocab: str) -> None:
-    """Encode every non-blank line of `path` in batches (stream: memory stays flat); prints
-    {"tokens", "seconds"} with seconds = time inside encode_batch."""
+def bare_tokenizer_child(path: str, vocab: str, max_bytes: float = float("inf")) -> None:
+    """Encode the non-blank lines of `path`'s first `max_bytes` in batches (stream: memory stays
+    flat); prints {"tokens", "seconds"} with seconds = time inside encode_batch."""
     tok = WordPieceTokenizer(vocab)
     n = 0
+    read = 0
     spent = 0.0
     batch, chars = [], 0
 
@@ -255,6 +265,9 @@ def bare_tokenizer_child(path: str, vocab: str) -> None:
 
     with open(path, encoding="utf-8") as f:
         for line in f:
+            read += len(line)
+            if read > max_bytes:
+                break
             line = line.rstrip("\n")
             if line.strip():
                 batch.append(line)
@@ -312,8 +325,9 @@ def run_monitored(cmd: list[str], cores=None, env=None) -> dict:
     return {"seconds": secs, "main_mib": main, "worker_mib": max(hwm.values(), default=0.0), "tree_pss_mib": peak_pss}
 
 
-def bare_tokenizer_pinned(path: str, vocab: str, cores) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--bare-child", path, "--vocab", vocab]
+def bare_tokenizer_pinned(path: str, vocab: str, cores, max_gb: float) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--bare-child", path, "--vocab", vocab,
+           "--bare-gb", str(max_gb)]
     out = subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True, preexec_fn=_pinned(cores),
                          env=dict(os.environ, PYTHONPATH=ROOT))
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -337,11 +351,11 @@ def scale_mode(args, work: str) -> None:
         cores = set(cores_all[:workers])
         if len(cores) < workers:
             print(f"   (only {len(cores)} cores for {workers} workers)")
-        bare[workers] = bare_tokenizer_pinned(paths["one_big_file"], vocab, cores)
+        bare[workers] = bare_tokenizer_pinned(paths["one_big_file"], vocab, cores, args.bare_gb)
         # What `python -m data_prep` pays before any text (its imports; run() imports torch and
         # megatron-core up front): shown apart, it dominates small runs.
         startup = run_monitored([sys.executable, "-c", STARTUP_IMPORTS], cores, env)["seconds"]
-        for shape in SHAPES:
+        for shape in args.scale_shapes:
             out = os.path.join(work, f"out_{shape}_w{workers}")
             shutil.rmtree(out, ignore_errors=True)
             cmd = [sys.executable, "-m", "data_prep", "--input", paths[shape], "--vocab", vocab,
@@ -358,8 +372,8 @@ def scale_mode(args, work: str) -> None:
                   f"{r['worker_mib']:>10.0f} {r['tree_pss_mib']:>12.0f} {disk / tokens:>8.3f} {tokens:>13,}",
                   flush=True)
             shutil.rmtree(out, ignore_errors=True)
-    print(f"bare tokenizer tokens: {bare[args.scale_workers[0]]['tokens']:,} (pipeline counts differ only by "
-          "its cleaning: cut over-long lines and sentences)")
+    print(f"bare tokenizer: rate over the first {args.bare_gb:g} GB of the big file's lines "
+          f"({bare[args.scale_workers[0]]['tokens']:,} tokens)")
 
 
 def main():
@@ -375,11 +389,15 @@ def main():
     ap.add_argument("--scale-workers", type=int, nargs="+", default=[1, 2], help="scale mode: worker counts")
     ap.add_argument("--long-doc-mb", type=float, default=64.0,
                     help="scale mode: size of each long document without blank lines (default %(default)s MB)")
+    ap.add_argument("--scale-shapes", nargs="+", choices=SHAPES, default=list(SHAPES),
+                    help="scale mode: the shapes to run (all three are generated once per --work-dir)")
+    ap.add_argument("--bare-gb", type=float, default=0.25,
+                    help="scale mode: GB of lines the bare tokenizer's rate is measured on (default %(default)s)")
     ap.add_argument("--bare-child", help=argparse.SUPPRESS)
     ap.add_argument("--vocab", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.bare_child:
-        return bare_tokenizer_child(args.bare_child, args.vocab)
+        return bare_tokenizer_child(args.bare_child, args.vocab, args.bare_gb * 1e9)
     seq_lengths = args.seq_lengths or [128, 512]
     work = args.work_dir or tempfile.mkdtemp(prefix="bench_data_prep_")
     if args.scale_gb is not None:
