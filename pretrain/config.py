@@ -261,8 +261,8 @@ def validate(cfg: TrainConfig, world_size: Optional[int] = None, device: Optiona
     try:
         cfg.masking().validate()
     except ValueError as e:
-        raise ConfigError(f"--masked_lm_frequency_power {cfg.masked_lm_frequency_power} / --whole_word_masking "
-                          f"{cfg.whole_word_masking}: {e}") from None
+        raise ConfigError(f"--masked_lm_frequency_power {cfg.masked_lm_frequency_power}"
+                          f"{' with --whole_word_masking' if cfg.whole_word_masking else ''}: {e}") from None
     if cfg.pack_sequences and not cfg.unpad:
         raise ConfigError("--pack_sequences needs the unpadded encoder (it keeps the packed pairs apart): drop --no-unpad")
     if cfg.eval_interval < 0 or cfg.max_nonfinite_steps < 1 or cfg.num_workers < -1:
@@ -344,8 +344,11 @@ def validate(cfg: TrainConfig, world_size: Optional[int] = None, device: Optiona
         precision_warning = f"{precision_warning}; {note}" if precision_warning else note
     resume_warning = None
     old = (resumed or {}).get("config", {}).get("cfg", {})
-    changed = [f"--{k} {old[k]} -> {getattr(cfg, k)}" for k in ("masked_lm_prob", "whole_word_masking", "masked_lm_frequency_power")
-               if k in old and old[k] != getattr(cfg, k)]
+    # A key missing from an older checkpoint's config held its default then (no frequency weighting).
+    defaults = {"masked_lm_frequency_power": 0.0}
+    changed = [f"--{k} {old.get(k, defaults.get(k))} -> {getattr(cfg, k)}"
+               for k in ("masked_lm_prob", "whole_word_masking", "masked_lm_frequency_power")
+               if old and (k in old or k in defaults) and old.get(k, defaults.get(k)) != getattr(cfg, k)]
     if changed:
         resume_warning = (f"--save_dir {cfg.save_dir} resumes with other masking ({', '.join(changed)}): the objective "
                           "and the held-out MLM accuracy change meaning from here on; pass the run's values to keep them")

@@ -40,10 +40,10 @@ from pretrain.masking import (
     PURPOSE_TRUNCATE_B,
     MaskingConfig,
     apply_masking,
-    corpus_token_counts,
-    frequency_weights,
     binomial_half,
     build_token_tables,
+    corpus_token_counts,
+    frequency_weights,
     random_bits,
     mix64,
     sample_keys,
@@ -225,6 +225,7 @@ class PretrainingDataset(torch.utils.data.Dataset):
             "masking": self.masking,
             "seed": self.seed,
             "pack_sequences": self.pack_sequences,
+            "_select_weights": getattr(self, "_select_weights", None),  # [V] floats, not the corpus
         }
 
     def __setstate__(self, state):
@@ -286,8 +287,12 @@ class PretrainingDataset(torch.utils.data.Dataset):
         total = int(self._pointers[-1]) // self._itemsize + int(self._lengths[-1]) - self._base if n_sent else 0
         self.tokens = self.corpus.get(0, 0, total) if total else np.zeros(0, dtype=np.int32)
         if self.masking.frequency_power:
-            counts = corpus_token_counts(self.tokens, self.tables.vocab_size)
-            self.tables.select_weights = frequency_weights(counts, self.masking.frequency_power)
+            # Computed once per dataset; loader workers receive them through __getstate__.
+            weights = getattr(self, "_select_weights", None)
+            if weights is None:
+                counts = corpus_token_counts(self.tokens, self.tables.vocab_size)
+                weights = frequency_weights(counts, self.masking.frequency_power)
+            self.tables.select_weights = self._select_weights = weights
 
         self._n_sent = n_sent
         # O(_OPEN_CHECKS), not a scan: an index of another corpus fails here; every record a batch

@@ -222,28 +222,40 @@ def build_token_tables(tokenizer: TokenizerInfo, base_dir: str, source: str = "m
 
 
 def corpus_token_counts(tokens: np.ndarray, vocab_size: int, max_tokens: int = 1 << 26, chunks: int = 256) -> np.ndarray:
-    """Token counts [V] over `tokens` (the corpus's flat token array, e.g. a memmap of the .bin).
+    """Token counts [V] over `tokens` (the corpus's flat token array, e.g. a memmap of the .bin),
+    float64 in corpus units.
 
-    Past `max_tokens` the counts come from `chunks` evenly spaced contiguous slices holding
-    `max_tokens` in all: a frequency estimate that reads a bounded part of a large corpus (ratios
-    are what the weights use) and stays a function of the corpus alone.
+    Up to `max_tokens` the counts are exact. Past it they come from `chunks` evenly spaced
+    contiguous slices holding `max_tokens` in all, scaled by len(tokens) / max_tokens: an estimate
+    in corpus units (so `+ 1` in the weights means one occurrence in the corpus, as on the exact
+    path) that reads a bounded part of a large corpus and stays a function of the corpus alone.
+    Read in slices of at most 4M tokens, so no copy of the corpus is made.
     """
     n = len(tokens)
     if n <= max_tokens:
-        parts = [np.asarray(tokens)]
+        spans = [(0, n)]
     else:
         width = max_tokens // chunks
-        starts = np.linspace(0, n - width, chunks).astype(np.int64)
-        parts = [np.asarray(tokens[s:s + width]) for s in starts]
+        if width < 1:
+            raise ValueError(f"corpus_token_counts: max_tokens {max_tokens} < chunks {chunks}")
+        spans = [(int(s), int(s) + width) for s in np.linspace(0, n - width, chunks).astype(np.int64)]
     counts = np.zeros(vocab_size, dtype=np.int64)
-    for part in parts:
-        counts += np.bincount(part.astype(np.int64), minlength=vocab_size)[:vocab_size]
-    return counts
+    read = 0
+    step = 1 << 22
+    for start, stop in spans:
+        for lo in range(start, stop, step):
+            part = tokens[lo:min(stop, lo + step)]
+            counts += np.bincount(part, minlength=vocab_size)[:vocab_size]
+            read += len(part)
+    return counts * (n / read) if read else counts.astype(np.float64)
 
 
 def frequency_weights(counts: np.ndarray, power: float) -> np.ndarray:
-    """Selection weight per token id: (count + 1) ** -power."""
-    return (counts.astype(np.float64) + 1.0) ** -float(power)
+    """Selection weight per token id: (count + 1) ** -power (finite and > 0 for power in [0, 4])."""
+    weights = (np.asarray(counts, dtype=np.float64) + 1.0) ** -float(power)
+    if not (np.isfinite(weights).all() and (weights > 0).all()):
+        raise ValueError(f"frequency_weights: counts must be finite and >= 0 and power in [0, 4], got power {power}")
+    return weights
 
 
 # ---------------------------------------------------------------------------------------------
@@ -257,29 +269,31 @@ def _num_to_predict(n_candidates: np.ndarray, cfg: MaskingConfig) -> np.ndarray:
     return np.where(n_candidates > 0, np.minimum(k, n_candidates), 0)
 
 
-def _select_tokens(keys: np.ndarray, candidates: np.ndarray, k: np.ndarray) -> np.ndarray:
-    """Exactly k[b] candidates per row, chosen uniformly (ranks of per-position random keys)."""
+def _take_first_k(order: np.ndarray, candidates: np.ndarray, k: np.ndarray) -> np.ndarray:
+    """The first k[b] positions of each row's `order` (candidates sorted first), as a mask."""
     b, s = candidates.shape
-    order_keys = random_bits(keys[:, None], PURPOSE_SELECT, np.arange(s, dtype=_U64)[None, :])
-    order_keys[~candidates] = _ALL_ONES
-    order = np.argsort(order_keys, axis=1, kind="stable")
     selected = np.zeros((b, s), dtype=bool)
     np.put_along_axis(selected, order, np.arange(s)[None, :] < k[:, None], axis=1)
     return selected & candidates
+
+
+def _select_tokens(keys: np.ndarray, candidates: np.ndarray, k: np.ndarray) -> np.ndarray:
+    """Exactly k[b] candidates per row, chosen uniformly (ranks of per-position random keys)."""
+    s = candidates.shape[1]
+    order_keys = random_bits(keys[:, None], PURPOSE_SELECT, np.arange(s, dtype=_U64)[None, :])
+    order_keys[~candidates] = _ALL_ONES
+    return _take_first_k(np.argsort(order_keys, axis=1, kind="stable"), candidates, k)
 
 
 def _select_weighted(keys: np.ndarray, candidates: np.ndarray, k: np.ndarray, weights: np.ndarray) -> np.ndarray:
     """Exactly k[b] candidates per row, drawn without replacement with probability proportional
-    to `weights` [B, S] (exponential race: the k smallest -log(1 - u) / w)."""
-    b, s = candidates.shape
+    to `weights` [B, S] (> 0; exponential race: the k smallest -log(1 - u) / w). The same bits as
+    `_select_tokens`, so equal weights give its choice (up to ties in the top 53 bits)."""
+    s = candidates.shape[1]
     u = to_unit_float(random_bits(keys[:, None], PURPOSE_SELECT, np.arange(s, dtype=_U64)[None, :]))
-    with np.errstate(divide="ignore"):
-        race = -np.log1p(-u) / weights
+    race = -np.log1p(-u) / weights  # u < 1: finite
     race[~candidates] = np.inf
-    order = np.argsort(race, axis=1, kind="stable")
-    selected = np.zeros((b, s), dtype=bool)
-    np.put_along_axis(selected, order, np.arange(s)[None, :] < k[:, None], axis=1)
-    return selected & candidates
+    return _take_first_k(np.argsort(race, axis=1, kind="stable"), candidates, k)
 
 
 def _select_words(keys: np.ndarray, candidates: np.ndarray, is_cont: np.ndarray, k: np.ndarray) -> np.ndarray:

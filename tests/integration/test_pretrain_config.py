@@ -102,9 +102,11 @@ def test_frequency_weighted_masking_trains_weighted_and_evaluates_uniform(tiny_d
     assert train_ds.masking.frequency_power == 0.5 and train_ds.tables.select_weights is not None
     # held-out MLM accuracy stays comparable with uniform runs
     assert valid_ds.masking.frequency_power == 0.0 and valid_ds.tables.select_weights is None
-    with pytest.raises(ConfigError, match="--masked_lm_frequency_power 0.5 / --whole_word_masking True: .*use one of them"):
+    with pytest.raises(ConfigError, match="--masked_lm_frequency_power 0.5 with --whole_word_masking: .*use one of them"):
         validate(load_config(_args(tiny_data, model_cfg, "--masked_lm_frequency_power", "0.5", "--whole_word_masking")),
                  world_size=1)
+    with pytest.raises(ConfigError, match=r"--masked_lm_frequency_power 5.0: .*must be within \[0, 4\]"):
+        validate(load_config(_args(tiny_data, model_cfg, "--masked_lm_frequency_power", "5")), world_size=1)
 
 
 def test_cli_overrides_file_overrides_defaults(tiny_data, model_cfg, tmp_path):
@@ -146,6 +148,9 @@ def test_resume_layout_mismatch_is_reported_before_start(tiny_data, model_cfg, t
     assert validate(load_config(args), world_size=2).resume_warning is None
     warning = validate(load_config(args + ["--masked_lm_prob", "0.4"]), world_size=2).resume_warning
     assert "resumes with other masking (--masked_lm_prob 0.15 -> 0.4)" in warning
+    # a checkpoint from before --masked_lm_frequency_power was written without weighting
+    warning = validate(load_config(args + ["--masked_lm_frequency_power", "0.5"]), world_size=2).resume_warning
+    assert "(--masked_lm_frequency_power 0.0 -> 0.5)" in warning
 
 
 def test_vocabulary_is_padded_for_tensor_parallelism(tiny_data, model_cfg, tmp_path):

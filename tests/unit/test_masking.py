@@ -247,6 +247,12 @@ def test_frequency_weighted_masking_on_a_corpus(data_dir, vocab_tables):
     uniform = PretrainingDataset(data_dir, 128, masking=MaskingConfig(mlm_probability=0.4), seed=7)
     assert 0.95 < rate_ratio(uniform.get_batch(np.arange(512))) < 1.05
     assert rate_ratio(batch) > 1.1  # 1.18 here: 40% of a row drawn without replacement damps the weights
+    # a loader worker gets the weights with the dataset (a spawned one does not count the corpus again)
+    import pickle
+
+    clone = pickle.loads(pickle.dumps(ds))
+    np.testing.assert_array_equal(clone.tables.select_weights, ds.tables.select_weights)
+    np.testing.assert_array_equal(clone.get_batch(np.arange(8))["labels"], batch["labels"][:8])
     # a sample's masking does not depend on the batch it is in
     pick = np.array([5, 300, 9])
     alone = ds.get_batch(pick)
@@ -257,9 +263,28 @@ def test_frequency_weighted_masking_on_a_corpus(data_dir, vocab_tables):
 def test_corpus_token_counts_reads_a_bounded_sample():
     tokens = np.arange(100_000, dtype=np.int32) % 7
     np.testing.assert_array_equal(corpus_token_counts(tokens, 8), np.bincount(tokens, minlength=8))
-    sampled = corpus_token_counts(tokens, 8, max_tokens=7_000, chunks=10)
-    assert sampled.sum() == 7_000 and sampled[7] == 0
-    assert sampled[:7].min() >= 990 and sampled[:7].max() <= 1010  # each chunk of 700 holds 100 of each
+    # Past max_tokens: 10 slices of 700 spread evenly over the corpus, scaled to corpus units.
+    # Ten blocks of 10,000 equal ids: a slice at the wrong place (all at the start, all at the
+    # end) misses whole blocks.
+    blocks = np.repeat(np.arange(10, dtype=np.uint16), 10_000)
+    sampled = corpus_token_counts(blocks, 11, max_tokens=7_000, chunks=10)
+    starts = np.linspace(0, 100_000 - 700, 10).astype(np.int64)
+    reference = np.bincount(np.concatenate([blocks[s:s + 700] for s in starts]), minlength=11) * (100_000 / 7_000)
+    np.testing.assert_allclose(sampled, reference)
+    assert sampled.sum() == pytest.approx(100_000) and (sampled[:10] > 0).all() and sampled[10] == 0
+    with pytest.raises(ValueError, match="max_tokens 5 < chunks 10"):
+        corpus_token_counts(blocks, 11, max_tokens=5, chunks=10)
+
+
+def test_equal_weights_choose_what_uniform_masking_chooses(data_dir):
+    """The weighted race reads the same random bits as the uniform draw: equal weights, same tokens."""
+    uniform = PretrainingDataset(data_dir, 128, masking=MaskingConfig(mlm_probability=0.4), seed=4)
+    weighted = PretrainingDataset(data_dir, 128, masking=MaskingConfig(mlm_probability=0.4, frequency_power=0.5),
+                                  seed=4)
+    weighted.tables.select_weights = np.ones(weighted.tables.vocab_size)
+    a, b = uniform.get_batch(np.arange(256)), weighted.get_batch(np.arange(256))
+    np.testing.assert_array_equal(a["labels"], b["labels"])
+    np.testing.assert_array_equal(a["input_ids"], b["input_ids"])
 
 
 def test_masking_config_errors():
