@@ -23,7 +23,7 @@ through a fresh `python -m data_prep` with default flags (only inputs, vocab, ou
 workers given), so it measures whatever sharding the defaults do. The text is the embedded
 Wikipedia corpus repeated with variation: each document joins 1-4 random extracts, and each pass
 renumbers digits, so no two passes are identical. For 1 and 2 workers, pinned to that many cores:
-tokens/s against the bare tokenizer (the same WordPiece vocab's `encode_batch` over the same
+tokens/s against the bare tokenizer (the same WordPiece vocab's `encode_batch` over the big file's first
 lines, in a process pinned to the same cores, encode time only), peak RSS of the main process and
 of the largest worker (VmHWM, read from /proc while it runs), the process tree's peak PSS, and
 bytes on disk per token.
@@ -248,7 +248,7 @@ def generate_corpus(work: str, gb: float, long_doc_mb: float, seed: int = 0) -> 
     return paths
 
 
-def bare_tokenizer_child(path: str, vocab: str, max_bytes: float = float("inf")) -> None:
+def bare_tokenizer_child(path: str, vocab: str, max_bytes: float) -> None:
     """Encode the non-blank lines of `path`'s first `max_bytes` in batches (stream: memory stays
     flat); prints {"tokens", "seconds"} with seconds = time inside encode_batch."""
     tok = WordPieceTokenizer(vocab)
@@ -263,12 +263,12 @@ def bare_tokenizer_child(path: str, vocab: str, max_bytes: float = float("inf"))
         n += sum(len(e.ids) for e in tok._tok.encode_batch(batch, add_special_tokens=False))
         spent += time.perf_counter() - t
 
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            read += len(line)
+    with open(path, "rb") as f:
+        for raw in f:
+            read += len(raw)
             if read > max_bytes:
                 break
-            line = line.rstrip("\n")
+            line = raw.decode("utf-8").rstrip("\n")
             if line.strip():
                 batch.append(line)
                 chars += len(line)
