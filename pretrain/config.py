@@ -344,11 +344,10 @@ def validate(cfg: TrainConfig, world_size: Optional[int] = None, device: Optiona
         precision_warning = f"{precision_warning}; {note}" if precision_warning else note
     resume_warning = None
     old = (resumed or {}).get("config", {}).get("cfg", {})
-    # A key missing from an older checkpoint's config held its default then (no frequency weighting).
-    defaults = {"masked_lm_frequency_power": 0.0}
-    changed = [f"--{k} {old.get(k, defaults.get(k))} -> {getattr(cfg, k)}"
-               for k in ("masked_lm_prob", "whole_word_masking", "masked_lm_frequency_power")
-               if old and (k in old or k in defaults) and old.get(k, defaults.get(k)) != getattr(cfg, k)]
+    # A flag missing from an older checkpoint's config did not exist then: the run had its default.
+    was = {k: old.get(k, TrainConfig.__dataclass_fields__[k].default)
+           for k in ("masked_lm_prob", "whole_word_masking", "masked_lm_frequency_power")} if old else {}
+    changed = [f"--{k} {v} -> {getattr(cfg, k)}" for k, v in was.items() if v != getattr(cfg, k)]
     if changed:
         resume_warning = (f"--save_dir {cfg.save_dir} resumes with other masking ({', '.join(changed)}): the objective "
                           "and the held-out MLM accuracy change meaning from here on; pass the run's values to keep them")
