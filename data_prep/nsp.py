@@ -116,7 +116,31 @@ def pairs_for_documents(seq_length: int, docs: np.ndarray, split_docs: np.ndarra
     return np.array(buf, dtype=PAIR_DTYPE) if buf else np.zeros(0, dtype=PAIR_DTYPE)
 
 
-def pair_tasks(n_docs: int, dupe_factor: int, block: int) -> list[tuple[int, int, int]]:
+def pair_tasks(n_docs: int, dupe_factor: int, block: int, sentences: np.ndarray | None = None,
+               max_sentences: int | None = None) -> list[tuple[int, int, int]]:
     """(dupe, lo, hi) runs of a split's documents, in the order their records are written:
-    dupe-major, then document order. Any worker count runs the same tasks, so the same bytes."""
-    return [(dupe, lo, min(lo + block, n_docs)) for dupe in range(dupe_factor) for lo in range(0, n_docs, block)]
+    dupe-major, then document order. A run ends after `block` documents or, with `sentences` (each
+    document's sentence count, in split order), at the document that takes it to `max_sentences`:
+    a task's records are held in memory until written, and a run of long documents (books, a
+    file without blank lines cut into 1 MiB pseudo-documents) would otherwise hold millions.
+    Every pair takes at least one sentence of its document, so a task holds at most
+    `max_sentences` + (its longest document's sentences) records. Every document's records come
+    from its own RNG, so where runs end never changes the bytes, and any worker count runs the
+    same tasks. No `sentences` (or `max_sentences` 0): runs of `block` documents."""
+    bounds = []
+    if sentences is None or not max_sentences:
+        bounds = [(lo, min(lo + block, n_docs)) for lo in range(0, n_docs, block)]
+    else:
+        if len(sentences) != n_docs or max_sentences < 0:
+            raise ValueError(f"pair_tasks: {len(sentences)} sentence counts for {n_docs} documents, "
+                             f"max_sentences {max_sentences}")
+        ends = np.cumsum(np.asarray(sentences, dtype=np.int64))  # sentences up to and including each
+        lo = 0
+        while lo < n_docs:
+            before = int(ends[lo - 1]) if lo else 0
+            # the first document whose run total reaches max_sentences ends the run (at least one document)
+            hi = int(np.searchsorted(ends, before + max_sentences, side="left")) + 1
+            hi = min(lo + block, n_docs, max(hi, lo + 1))
+            bounds.append((lo, hi))
+            lo = hi
+    return [(dupe, lo, hi) for dupe in range(dupe_factor) for lo, hi in bounds]

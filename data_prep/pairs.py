@@ -96,7 +96,7 @@ class PairIndexWriter:
     def write(self, records: np.ndarray) -> None:
         records = np.ascontiguousarray(records, dtype=PAIR_DTYPE)
         try:
-            self._f.write(records.tobytes())
+            self._f.write(memoryview(records).cast("B"))  # no copy of the records
         except OSError as e:
             raise os_error(self.path, "write", e) from e
         self.count += len(records)

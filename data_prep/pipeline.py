@@ -576,7 +576,10 @@ def split_documents(doc_count: np.ndarray, valid_fraction: float, seed: int) -> 
 
 
 _PAIR_STATE: dict = {}
-PAIR_BLOCK = 2048  # documents per pair-building task
+PAIR_BLOCK = 2048  # documents per pair-building task, at most,
+# and about this many sentences: a task's records (a list of tuples, ~150 B each, then 13 B) are
+# held until written, at most this + one document's sentences of them (~80 MB).
+PAIR_BLOCK_SENTENCES = 1 << 19
 
 
 def _pair_task(task):
@@ -589,6 +592,19 @@ def _pair_task(task):
     # Counted in the first round only: like "documents", a per-round figure (every round draws
     # its own targets, so summing rounds would exceed the document count).
     return recs, c["short_target_documents"] if dupe == 0 else 0
+
+
+def _in_order(pool, fn, tasks, window: int):
+    """fn over tasks in the pool, results in task order, at most `window` tasks submitted and not
+    yet consumed (pool.map submits every task at once and keeps every finished result behind a
+    slow one: memory would grow with the number of tasks)."""
+    pending: deque = deque()
+    for task in tasks:
+        pending.append(pool.submit(fn, task))
+        if len(pending) >= window:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
 
 
 def _build_pairs(cfg: PrepConfig, out_dir: str, sent_lens, doc_idx) -> tuple[dict, dict]:
@@ -607,8 +623,9 @@ def _build_pairs(cfg: PrepConfig, out_dir: str, sent_lens, doc_idx) -> tuple[dic
             counts[str(L)] = {}
             for name, docs in (("train", train), ("valid", valid)):
                 fname = f"pairs_{L}_{name}.bin"
-                tasks = [(L, name, t) for t in pair_tasks(len(docs), cfg.dupe_factor, PAIR_BLOCK)]
-                results = pool.map(_pair_task, tasks) if pool is not None else map(_pair_task, tasks)
+                tasks = [(L, name, t) for t in pair_tasks(len(docs), cfg.dupe_factor, PAIR_BLOCK,
+                                                          doc_count[docs], PAIR_BLOCK_SENTENCES)]
+                results = _in_order(pool, _pair_task, tasks, 2 * cfg.workers) if pool is not None else map(_pair_task, tasks)
                 w = PairIndexWriter(os.path.join(out_dir, fname), L)
                 short = 0
                 try:

@@ -151,7 +151,7 @@ def _pipeline_pairs(tmp_path, doc_first, doc_count, sent_lens, workers, dupe_fac
     from data_prep.pipeline import PrepConfig, _build_pairs
 
     out = tmp_path / f"w{workers}d{dupe_factor}"
-    out.mkdir()
+    out.mkdir(parents=True)
     cfg = PrepConfig(inputs=["unused"], output_dir=str(out), vocab="unused", seq_lengths=[64], seed=11,
                      valid_fraction=0.125, dupe_factor=dupe_factor, workers=workers)
     doc_idx = np.concatenate([[0], np.cumsum(doc_count)])
@@ -183,3 +183,52 @@ def test_pipeline_pairs_stay_in_split_are_deterministic_and_counted_per_round(tm
         assert c1[name]["short_target_documents"] == c_single[name]["short_target_documents"] > 0
         assert c1[name]["short_target_documents"] <= len(docs)
         assert c1[name]["pairs"] == len(recs) and c1 == c2
+
+
+def test_pair_tasks_are_bounded_by_sentences_as_well_as_documents():
+    from data_prep.nsp import pair_tasks
+
+    sentences = np.array([3, 2, 8000, 2, 2, 1, 9000, 1, 1, 1])
+    tasks = pair_tasks(len(sentences), 2, block=4, sentences=sentences, max_sentences=5)
+    runs = [(lo, hi) for dupe, lo, hi in tasks if dupe == 0]
+    # contiguous, covering every document once, in order; dupe-major
+    assert [t[1:] for t in tasks if t[0] == 1] == runs and [t[0] for t in tasks] == [0] * len(runs) + [1] * len(runs)
+    # a run ends at the document that takes it to 5 sentences (3 + 2 exactly: (0, 2)); a long
+    # document is a run alone, or ends the run it joins
+    assert runs == [(0, 2), (2, 3), (3, 6), (6, 7), (7, 10)]
+    # ... or after `block` documents, whichever comes first
+    assert pair_tasks(10, 1, block=4, sentences=np.ones(10, int), max_sentences=100) == [(0, 0, 4), (0, 4, 8), (0, 8, 10)]
+    # without sentence counts: runs of `block` documents, as before
+    assert pair_tasks(10, 1, block=4) == [(0, 0, 4), (0, 4, 8), (0, 8, 10)]
+    assert pair_tasks(0, 2, block=4, sentences=np.zeros(0, int), max_sentences=5) == []
+    with pytest.raises(ValueError, match="9 sentence counts for 10 documents"):
+        pair_tasks(10, 1, block=4, sentences=sentences[:9], max_sentences=5)
+
+
+def test_pipeline_pair_tasks_are_bounded_and_do_not_change_the_bytes(tmp_path, monkeypatch):
+    import data_prep.pipeline
+
+    rng = np.random.default_rng(9)
+    doc_count = rng.integers(1, 25, size=400)
+    doc_count[::7] *= 40  # some long documents
+    doc_first = np.concatenate([[0], np.cumsum(doc_count)[:-1]]).astype(np.int64)
+    sent_lens = rng.integers(1, 40, size=int(doc_count.sum())).astype(np.int32)
+    default, c_default = _pipeline_pairs(tmp_path / "a", doc_first, doc_count, sent_lens, workers=1, dupe_factor=2)
+    held = []  # records each task held, with its documents' sentences
+    task = data_prep.pipeline._pair_task
+
+    def recording(t):
+        recs, short = task(t)
+        docs = data_prep.pipeline._PAIR_STATE[t[1]][t[2][1]:t[2][2]]
+        held.append((len(recs), int(doc_count[docs].sum()), int(doc_count[docs].max())))
+        return recs, short
+
+    monkeypatch.setattr(data_prep.pipeline, "_pair_task", recording)
+    monkeypatch.setattr(data_prep.pipeline, "PAIR_BLOCK_SENTENCES", 300)
+    bounded, c_bounded = _pipeline_pairs(tmp_path / "b", doc_first, doc_count, sent_lens, workers=1, dupe_factor=2)
+    for split in ("train", "valid"):
+        assert len(default[split]) > 0 and default[split].tobytes() == bounded[split].tobytes()
+    assert c_default == c_bounded
+    assert len(held) > 2 * 2 * 10  # many runs per split and round (one of 2048 documents without the bound)
+    for n_records, n_sentences, longest in held:
+        assert n_sentences < 300 + longest and n_records <= n_sentences
