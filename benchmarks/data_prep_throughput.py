@@ -32,7 +32,7 @@ bytes on disk per token.
 
 The bare tokenizer's rate is measured on the first `--bare-gb` GB of the big file's lines (default
 0.25; a rate, not a total: the whole 2 GB would add ~45 min on 2 cores and change nothing). The
-full 2 GB run takes ~2 h 10 min of an idle 2-core machine (~18 min per shape with 1 worker, ~9
+full 2 GB run takes ~1 h 40 min of an idle 2-core machine (15-18 min per shape with 1 worker, 8-9
 with 2); `--scale-workers` and `--scale-shapes` run it in pieces with `--work-dir DIR` keeping the
 generated corpus between them:
 
