@@ -138,9 +138,9 @@ def pair_tasks(n_docs: int, dupe_factor: int, block: int, sentences: np.ndarray 
         lo = 0
         while lo < n_docs:
             before = int(ends[lo - 1]) if lo else 0
-            # the first document whose run total reaches max_sentences ends the run (at least one document)
-            hi = int(np.searchsorted(ends, before + max_sentences, side="left")) + 1
-            hi = min(lo + block, n_docs, max(hi, lo + 1))
+            # the first document whose run total reaches max_sentences ends the run; it is at index
+            # >= lo (ends[lo - 1] = before < before + max_sentences), so a run holds >= 1 document
+            hi = min(lo + block, n_docs, int(np.searchsorted(ends, before + max_sentences, side="left")) + 1)
             bounds.append((lo, hi))
             lo = hi
     return [(dupe, lo, hi) for dupe in range(dupe_factor) for lo, hi in bounds]
