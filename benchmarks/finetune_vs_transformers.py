@@ -39,9 +39,8 @@ import torch  # noqa: E402
 from data_prep.atomic import atomic_json  # noqa: E402
 from finetune import baselines  # noqa: E402
 from finetune.datasets import BUILTIN, CLOZE_QA_WINDOWS, write_builtin  # noqa: E402
-from finetune.readers import read_conll, read_squad, read_text_file  # noqa: E402
+from finetune.readers import read_conll, read_text_file  # noqa: E402
 from finetune.runner import FinetuneArgs, run  # noqa: E402
-from finetune.squad_metrics import squad_scores  # noqa: E402
 from finetune.train import TrainConfig  # noqa: E402
 
 log = logging.getLogger("finetune_vs_transformers")
@@ -52,30 +51,6 @@ WARMUP_RATIO = TrainConfig.warmup_ratio  # ours' default, on both sides
 TASKS = {"pang-lee": ("classify", "accuracy", "sequence"), "wiki-next-sentence": ("pair", "accuracy", "sequence"),
          "wnut16": ("token", "f1", "token"), "wiki-cloze": ("qa", "f1", None),
          "wiki-entity-cloze": ("qa", "f1", None)}
-
-
-def heuristic(name: str, train_file: str, eval_file: str, max_train: int | None) -> tuple[str, float]:
-    """(description, score) of the strongest simple heuristic of finetune.baselines on this split."""
-    if name == "pang-lee":
-        tr, te = read_text_file(train_file)[:max_train], read_text_file(eval_file)
-        return "tf-idf 1-2 gram logistic regression", baselines.bag_of_words_accuracy(tr, te)
-    if name == "wiki-next-sentence":
-        tr, te = read_text_file(train_file, pair=True)[:max_train], read_text_file(eval_file, pair=True)
-        rule = baselines.OverlapRule.fit(tr, positive="next")
-        return (f"shared content words >= {rule.threshold}",
-                float(np.mean([rule.predict(e.text_a, e.text_b) == e.label for e in te])))
-    if name == "wnut16":
-        from seqeval.metrics import f1_score
-
-        tr, te = read_conll(train_file)[:max_train], read_conll(eval_file)
-        g = baselines.Gazetteer.fit(tr)
-        return "training-entity gazetteer, longest match", f1_score([s.tags for s in te], [g.predict(s.tokens) for s in te])
-    examples, _ = read_squad(eval_file, purpose="eval")
-    golds = {e.qid: [t for t, _ in e.answers] for e in examples}
-    best = max(((f.__name__, squad_scores(golds, {e.qid: f(e.question, e.context) for e in examples})["f1"])
-                for f in (baselines.frequent_name, baselines.aligned_blank, baselines.first_year_not_in_question)),
-               key=lambda x: x[1])
-    return best
 
 
 def ours(name: str, model: str, files: tuple[str, str], a, out: str) -> list[float]:
@@ -226,7 +201,7 @@ def main(argv=None) -> int:
         task, metric, head = TASKS[name]
         files = write_builtin(name, task, os.path.join(a.output_dir, "data", name))
         t0 = time.time()
-        h_name, h_score = heuristic(name, *files, a.max_train_examples)
+        h_name, h_score = baselines.strongest_builtin(name, *files, a.max_train_examples)
         ours_scores = [] if a.no_ours else ours(name, a.model, files, a, os.path.join(a.output_dir, "ours", name))
         t1 = time.time()
         ref = [] if a.no_trainer or head is None else trainer_scores(name, a.model, files, a,

@@ -5,7 +5,8 @@ BertForPreTraining + init_weights() after torch.manual_seed, the route pretrain/
 build_model takes, so with the run's seed it is the exact step-0 model of that run), fine-tunes
 both on every built-in task of `finetune` over seeds x learning rates, picks for each (task, init)
 the lr with the best mean over seeds (the same rule for both inits), and prints the sweep, then
-one table: pretrained vs random init and whether the gain exceeds the seed-to-seed spread.
+one table: pretrained vs random init, whether the gain exceeds the seed-to-seed spread, and the strongest
+simple heuristic of finetune.baselines on the same split (what either init has to beat to have learnt the task).
 Everything goes to OUT/pretraining_value.json (runs under OUT/runs/INIT/TASK/lr_LR/).
 
     .venv/bin/python benchmarks/pretraining_value.py --pretrained demo_out/hf --output-dir pv_out
@@ -25,7 +26,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from data_prep.atomic import atomic_json  # noqa: E402
-from finetune.datasets import CLOZE_QA_WINDOWS  # noqa: E402
+from finetune.baselines import strongest_builtin  # noqa: E402
+from finetune.datasets import CLOZE_QA_WINDOWS, write_builtin  # noqa: E402
 from finetune.runner import FinetuneArgs, run  # noqa: E402
 from finetune.train import TrainConfig  # noqa: E402
 
@@ -100,6 +102,12 @@ def compare(pretrained_dir: str, random_dir: str, tasks, seeds, lrs, output_dir:
     for task in tasks:
         ft_task, metric, others, task_epochs = TASKS[task]
         entry = {"metric": metric, "finetune_task": ft_task, "epochs": task_epochs if epochs is None else epochs}
+        # the strongest simple heuristic of finetune.baselines on the same split (fit on the same training examples)
+        files = write_builtin(task, ft_task, os.path.join(output_dir, "heuristic", task))
+        h_name, h_score = strongest_builtin(task, *files, max_train_examples, max_eval_examples)
+        entry["heuristic"] = {"name": h_name, "score": h_score}
+        if verbose:
+            print(f"  {task:<19} heuristic  {h_name}: {metric} {h_score:.4g}", flush=True)
         for init, model_dir in zip(INITS, (pretrained_dir, random_dir)):
             sweep = {}
             for lr in lrs:
@@ -148,16 +156,18 @@ def format_sweep(result: dict) -> str:
 
 def format_table(result: dict) -> str:
     head = ["task", "metric", "pretrained mean ± std (best lr)", "random init mean ± std (best lr)",
-            "gain (pretrained - random)", "beats by > spread"]
+            "gain (pretrained - random)", "beats by > spread", "strongest simple heuristic"]
     rows = []
     for task, e in result["tasks"].items():
         p, r = e["pretrained"], e["random_init"]
         cells = [f"{x['mean']:.4g} ± {x['std']:.2g} (lr {_lr_key(x['lr'])})" for x in (p, r)]
-        rows.append([task, e["metric"], *cells, f"{e['gain']:+.4g}", "yes" if e["beats_by_more_than_spread"] else "no"])
+        h = e.get("heuristic")  # absent in a pretraining_value.json written before it was measured
+        rows.append([task, e["metric"], *cells, f"{e['gain']:+.4g}", "yes" if e["beats_by_more_than_spread"] else "no",
+                     f"{h['score']:.4g} ({h['name']})" if h else "-"])
         for k in (k for k in p if isinstance(p[k], dict) and "mean" in p[k]):  # e.g. QA exact, at f1's lr
             g = p[k]["mean"] - r[k]["mean"]
             rows.append(["", f"{k} (same lr)", *(f"{x[k]['mean']:.4g} ± {x[k]['std']:.2g}" for x in (p, r)),
-                         f"{g:+.4g}", "yes" if g > max(p[k]["std"], r[k]["std"]) else "no"])
+                         f"{g:+.4g}", "yes" if g > max(p[k]["std"], r[k]["std"]) else "no", ""])
     return _grid(head, rows)
 
 

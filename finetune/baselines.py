@@ -9,6 +9,9 @@ beat the strongest of them rather than a constant.
 - next-sentence pairs: `OverlapRule`, the number of content words A and B share, at least a
   threshold tuned on the training pairs;
 - polarity: `bag_of_words_accuracy`, a tf-idf (1-2 gram) logistic regression.
+
+`strongest_builtin(name, train_file, eval_file)` scores the strongest of them for a built-in dataset's files
+(what benchmarks/finetune_vs_transformers.py and benchmarks/pretraining_value.py print next to the models).
 """
 from __future__ import annotations
 
@@ -222,3 +225,43 @@ def bag_of_words_accuracy(train: list[TextExample], test: list[TextExample], c: 
         clf = LogisticRegression(C=c or 4.0, max_iter=2000).fit(x, y)
     pred = clf.predict(vec.transform([e.text_a for e in test]))
     return float(sum(p == e.label for p, e in zip(pred, test)) / len(test))
+
+
+# --- one figure per built-in dataset --------------------------------------------------------
+
+def strongest_builtin(name: str, train_file: str, eval_file: str, max_train: int | None = None,
+                      max_eval: int | None = None) -> tuple[str, float]:
+    """(description, score) of the strongest simple heuristic above on a built-in dataset's files
+    (finetune.datasets.write_builtin), fit on the first `max_train` training examples and scored on
+    the first `max_eval` evaluation examples, as `finetune` reads them; the score is on the metric
+    `finetune` reports for the task (accuracy, seqeval entity F1, SQuAD F1 in 0-100)."""
+    from .readers import read_conll, read_squad, read_text_file
+    from .squad_metrics import squad_scores
+
+    def first(items: list, n: int | None) -> list:  # finetune.tasks.base.limit (not imported: it pulls in torch)
+        return items[:n] if n else items
+
+    if name == "pang-lee":
+        tr, te = first(read_text_file(train_file), max_train), first(read_text_file(eval_file), max_eval)
+        return "tf-idf 1-2 gram logistic regression", bag_of_words_accuracy(tr, te)
+    if name == "wiki-next-sentence":
+        tr, te = (first(read_text_file(train_file, pair=True), max_train),
+                  first(read_text_file(eval_file, pair=True), max_eval))
+        rule = OverlapRule.fit(tr, positive="next")
+        return (f"shared content words >= {rule.threshold}",
+                sum(rule.predict(e.text_a, e.text_b) == e.label for e in te) / len(te))
+    if name == "wnut16":
+        from seqeval.metrics import f1_score
+
+        tr, te = first(read_conll(train_file), max_train), first(read_conll(eval_file), max_eval)
+        gold = [s.tags for s in te]
+        taggers = (("training-entity gazetteer, longest match", Gazetteer.fit(tr)),
+                   ("each token's most frequent training tag", TagLookup.fit(tr)))
+        return max(((d, float(f1_score(gold, [h.predict(s.tokens) for s in te]))) for d, h in taggers),
+                   key=lambda x: x[1])
+    if name in ("wiki-cloze", "wiki-entity-cloze"):
+        examples = first(read_squad(eval_file, purpose="eval")[0], max_eval)
+        golds = {e.qid: [t for t, _ in e.answers] for e in examples}
+        return max(((f.__name__, squad_scores(golds, {e.qid: f(e.question, e.context) for e in examples})["f1"])
+                    for f in (frequent_name, aligned_blank, first_year_not_in_question)), key=lambda x: x[1])
+    raise ValueError(f"no heuristic for built-in dataset {name!r}")

@@ -76,3 +76,40 @@ def test_bag_of_words_learns_sentiment_words():
     train = [TextExample(t, label="1") for t in pos] + [TextExample(t, label="-1") for t in neg]
     test = [TextExample("wonderful and great", label="1"), TextExample("dull and boring", label="-1")]
     assert b.bag_of_words_accuracy(train, test) == 1.0
+
+
+def test_strongest_builtin_scores_each_task_on_its_files_as_finetune_reads_them(tmp_path):
+    import json
+
+    from finetune.datasets import write_conll, write_tsv
+
+    def path(name):
+        return str(tmp_path / name)
+
+    # polarity: one word decides; the first 4 eval rows are clean, the last 4 contradict the training words
+    train = [TextExample(f"{w} movie number {i}", None, y) for i in range(20) for w, y in (("great", "1"), ("awful", "-1"))]
+    clean = [TextExample(f"a {w} film", None, y) for w, y in (("great", "1"), ("awful", "-1"))] * 2
+    flipped = [TextExample(f"a {w} film", None, y) for w, y in (("great", "-1"), ("awful", "1"))] * 2
+    write_tsv(path("tr.tsv"), train)
+    write_tsv(path("te.tsv"), clean + flipped)
+    assert b.strongest_builtin("pang-lee", path("tr.tsv"), path("te.tsv")) == ("tf-idf 1-2 gram logistic regression", 0.5)
+    assert b.strongest_builtin("pang-lee", path("tr.tsv"), path("te.tsv"), max_eval=4)[1] == 1.0
+    assert b.strongest_builtin("pang-lee", path("tr.tsv"), path("te.tsv"), max_train=0, max_eval=0)[1] == 0.5  # 0 = all
+
+    # tagging: the training entity recurs in the test sentence; the better of gazetteer and tag lookup wins
+    write_conll(path("tr.conll"), [TaggedSentence(["I", "love", "New", "York"], ["O", "O", "B-loc", "I-loc"])] * 3)
+    write_conll(path("te.conll"), [TaggedSentence(["New", "York", "rocks"], ["B-loc", "I-loc", "O"])])
+    name, f1 = b.strongest_builtin("wnut16", path("tr.conll"), path("te.conll"))
+    assert f1 == 1.0 and name in ("training-entity gazetteer, longest match", "each token's most frequent training tag")
+
+    # cloze: the question is a passage sentence with its year blanked, so alignment reads it off (F1 in 0-100)
+    ctx = "The club was founded in 1888. It moved to a new ground in 1923 and won the cup in 1950."
+    doc = {"version": "1.1", "data": [{"title": "t", "paragraphs": [{"context": ctx, "qas": [
+        {"id": "q1", "question": "It moved to a new ground in ____ and won the cup in 1950.",
+         "answers": [{"text": "1923", "answer_start": ctx.index("1923")}]}]}]}]}
+    with open(path("te.json"), "w") as f:
+        json.dump(doc, f)
+    assert b.strongest_builtin("wiki-cloze", path("te.json"), path("te.json")) == ("aligned_blank", 100.0)
+
+    with pytest.raises(ValueError, match="no heuristic"):
+        b.strongest_builtin("squad", path("te.json"), path("te.json"))
