@@ -92,15 +92,34 @@ def test_strongest_builtin_scores_each_task_on_its_files_as_finetune_reads_them(
     flipped = [TextExample(f"a {w} film", None, y) for w, y in (("great", "-1"), ("awful", "1"))] * 2
     write_tsv(path("tr.tsv"), train)
     write_tsv(path("te.tsv"), clean + flipped)
+    write_tsv(path("flipped.tsv"), flipped)
     assert b.strongest_builtin("pang-lee", path("tr.tsv"), path("te.tsv")) == ("tf-idf 1-2 gram logistic regression", 0.5)
     assert b.strongest_builtin("pang-lee", path("tr.tsv"), path("te.tsv"), max_eval=4)[1] == 1.0
     assert b.strongest_builtin("pang-lee", path("tr.tsv"), path("te.tsv"), max_train=0, max_eval=0)[1] == 0.5  # 0 = all
+    # fit on the training file only: one fit on these eval rows would score 1.0
+    assert b.strongest_builtin("pang-lee", path("tr.tsv"), path("flipped.tsv"))[1] == 0.0
+    # max_train keeps the first rows: the 20 after them teach the opposite words
+    write_tsv(path("tr2.tsv"), train + [TextExample(e.text_a, None, "1" if e.label == "-1" else "-1") for e in train * 2])
+    assert b.strongest_builtin("pang-lee", path("tr2.tsv"), path("flipped.tsv"), max_train=40)[1] == 0.0
+    assert b.strongest_builtin("pang-lee", path("tr2.tsv"), path("flipped.tsv"))[1] == 1.0
+
+    # next-sentence: "next" pairs share a content word, "random" ones do not; the rule learns which is which
+    pairs = [TextExample(f"the {w} rose early", f"later the {w} fell", "next") for w in ("river", "market", "tower")] + \
+            [TextExample(f"the {w} rose early", f"a {v} sang loudly", "random") for w, v in (("river", "bird"),
+                                                                                           ("market", "choir"),
+                                                                                           ("tower", "crowd"))]
+    write_tsv(path("ns.tsv"), pairs)
+    name, acc = b.strongest_builtin("wiki-next-sentence", path("ns.tsv"), path("ns.tsv"))
+    assert acc == 1.0 and name.startswith("shared content words >= ")
 
     # tagging: the training entity recurs in the test sentence; the better of gazetteer and tag lookup wins
     write_conll(path("tr.conll"), [TaggedSentence(["I", "love", "New", "York"], ["O", "O", "B-loc", "I-loc"])] * 3)
     write_conll(path("te.conll"), [TaggedSentence(["New", "York", "rocks"], ["B-loc", "I-loc", "O"])])
     name, f1 = b.strongest_builtin("wnut16", path("tr.conll"), path("te.conll"))
     assert f1 == 1.0 and name in ("training-entity gazetteer, longest match", "each token's most frequent training tag")
+    # an entity only the test sentence has: nothing fit on the training file tags it
+    write_conll(path("te2.conll"), [TaggedSentence(["Paris", "rocks"], ["B-loc", "O"])])
+    assert b.strongest_builtin("wnut16", path("tr.conll"), path("te2.conll"))[1] == 0.0
 
     # cloze: the question is a passage sentence with its year blanked, so alignment reads it off (F1 in 0-100)
     ctx = "The club was founded in 1888. It moved to a new ground in 1923 and won the cup in 1950."
@@ -109,7 +128,8 @@ def test_strongest_builtin_scores_each_task_on_its_files_as_finetune_reads_them(
          "answers": [{"text": "1923", "answer_start": ctx.index("1923")}]}]}]}]}
     with open(path("te.json"), "w") as f:
         json.dump(doc, f)
-    assert b.strongest_builtin("wiki-cloze", path("te.json"), path("te.json")) == ("aligned_blank", 100.0)
+    # the cloze heuristics fit nothing: the training file is never read
+    assert b.strongest_builtin("wiki-cloze", path("absent.json"), path("te.json")) == ("aligned_blank", 100.0)
 
     with pytest.raises(ValueError, match="no heuristic"):
         b.strongest_builtin("squad", path("te.json"), path("te.json"))
