@@ -207,22 +207,26 @@ class OverlapRule:
 C_GRID = (0.25, 1.0, 4.0, 10.0, 30.0)
 
 
+def logistic_regression(x, y: list, c: float | None = None):
+    """A logistic regression fit on (x, y), its inverse regularisation `c` chosen from C_GRID by
+    (up to) 5-fold cross-validation on these rows unless given (4.0 where a class has < 2 rows)."""
+    from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
+
+    n_folds = min(5, min(list(y).count(label) for label in set(y)))
+    if c is None and n_folds >= 2:
+        return LogisticRegressionCV(Cs=list(C_GRID), cv=n_folds, max_iter=2000, scoring="accuracy",
+                                    l1_ratios=(0.0,), use_legacy_attributes=False).fit(x, y)
+    return LogisticRegression(C=c or 4.0, max_iter=2000).fit(x, y)
+
+
 def bag_of_words_accuracy(train: list[TextExample], test: list[TextExample], c: float | None = None) -> float:
     """Test accuracy of a tf-idf (unigrams + bigrams) logistic regression fit on `train`, its
     inverse regularisation `c` chosen by 5-fold cross-validation on `train` (never on `test`)
     unless given."""
     from sklearn.feature_extraction.text import TfidfVectorizer
-    from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
 
     vec = TfidfVectorizer(ngram_range=(1, 2), min_df=1, sublinear_tf=True)
-    x = vec.fit_transform([e.text_a for e in train])
-    y = [e.label for e in train]
-    n_folds = min(5, min(y.count(label) for label in set(y)))
-    if c is None and n_folds >= 2:
-        clf = LogisticRegressionCV(Cs=list(C_GRID), cv=n_folds, max_iter=2000, scoring="accuracy",
-                                   l1_ratios=(0.0,), use_legacy_attributes=False).fit(x, y)
-    else:
-        clf = LogisticRegression(C=c or 4.0, max_iter=2000).fit(x, y)
+    clf = logistic_regression(vec.fit_transform([e.text_a for e in train]), [e.label for e in train], c)
     pred = clf.predict(vec.transform([e.text_a for e in test]))
     return float(sum(p == e.label for p, e in zip(pred, test)) / len(test))
 
@@ -237,32 +241,30 @@ def strongest_builtin(name: str, train_file: str, eval_file: str, max_train: int
     `finetune` reports for the task (accuracy, entity F1, SQuAD F1 in 0-100). Where a task has
     several heuristics, the best of them on the evaluation split is returned (a small optimism, like
     choosing the lr there)."""
-    from .readers import read_conll, read_squad, read_text_file
+    from .metrics import accuracy
+    from .readers import limit, read_conll, read_squad, read_text_file
     from .squad_metrics import squad_scores
 
-    def first(items: list, n: int | None) -> list:  # finetune.tasks.base.limit (not imported: it pulls in torch)
-        return items[:n] if n else items
-
     if name == "pang-lee":
-        tr, te = first(read_text_file(train_file), max_train), first(read_text_file(eval_file), max_eval)
+        tr, te = limit(read_text_file(train_file), max_train), limit(read_text_file(eval_file), max_eval)
         return "tf-idf 1-2 gram logistic regression", bag_of_words_accuracy(tr, te)
     if name == "wiki-next-sentence":
-        tr, te = (first(read_text_file(train_file, pair=True), max_train),
-                  first(read_text_file(eval_file, pair=True), max_eval))
+        tr, te = (limit(read_text_file(train_file, pair=True), max_train),
+                  limit(read_text_file(eval_file, pair=True), max_eval))
         rule = OverlapRule.fit(tr, positive="next")
         return (f"shared content words >= {rule.threshold}",
-                sum(rule.predict(e.text_a, e.text_b) == e.label for e in te) / len(te))
+                accuracy([e.label for e in te], [rule.predict(e.text_a, e.text_b) for e in te]))
     if name == "wnut16":
         from .metrics import entity_scores
 
-        tr, te = first(read_conll(train_file), max_train), first(read_conll(eval_file), max_eval)
+        tr, te = limit(read_conll(train_file), max_train), limit(read_conll(eval_file), max_eval)
         gold = [s.tags for s in te]
         taggers = (("training-entity gazetteer, longest match", Gazetteer.fit(tr)),
                    ("each token's most frequent training tag", TagLookup.fit(tr)))
         return max(((d, entity_scores(gold, [h.predict(s.tokens) for s in te])["f1"]) for d, h in taggers),
                    key=lambda x: x[1])
     if name in ("wiki-cloze", "wiki-entity-cloze"):
-        examples = first(read_squad(eval_file, purpose="eval")[0], max_eval)
+        examples = limit(read_squad(eval_file, purpose="eval")[0], max_eval)
         golds = {e.qid: [t for t, _ in e.answers] if not e.is_impossible else [] for e in examples}  # as tasks/qa.py
         return max(((f.__name__, squad_scores(golds, {e.qid: f(e.question, e.context) for e in examples})["f1"])
                     for f in (frequent_name, aligned_blank, first_year_not_in_question)), key=lambda x: x[1])

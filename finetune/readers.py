@@ -21,6 +21,11 @@ class InputError(ValueError):
     """Bad user data or flags; the CLI prints the message without a traceback."""
 
 
+def limit(items: list, n: int | None) -> list:
+    """The first `n` items (--max-train-examples / --max-eval-examples); all when n is None or 0."""
+    return items[:n] if n else items
+
+
 # GLUE's TSV headers (SST-2, CoLA test, MRPC, QQP, STS-B, MNLI, QNLI, RTE, WNLI) and common
 # generic names, in the order they are tried when the user names no column.
 PAIR_COLUMNS = [("sentence1", "sentence2"), ("question1", "question2"), ("#1 String", "#2 String"),

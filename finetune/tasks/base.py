@@ -52,10 +52,6 @@ class TestData:
     version_2: bool = False  # QA: write null odds (SQuAD v2.0)
 
 
-def limit(items: list, n: int | None) -> list:
-    """The first `n` items (--max-train-examples / --max-eval-examples); all when n is None or 0."""
-    return items[:n] if n else items
-
 
 def label_config(names: list[str], regression: bool = False) -> dict:
     """config.json label entries of a classifier (transformers' id2label / problem_type)."""

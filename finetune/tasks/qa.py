@@ -9,9 +9,9 @@ from data_prep.atomic import atomic_json
 
 from .. import qa
 from ..modeling import BertForQuestionAnswering
-from ..readers import InputError, prefixed, read_squad
+from ..readers import InputError, limit, prefixed, read_squad
 from ..squad_metrics import squad_scores
-from .base import TEST_PREFIX, Task, TaskData, TestData, limit
+from .base import TEST_PREFIX, Task, TaskData, TestData
 
 
 class QATask(Task):

@@ -15,8 +15,8 @@ from data_prep.atomic import atomic_write
 
 from ..metrics import classification_metrics, regression_metrics
 from ..modeling import BertForSequenceClassification
-from ..readers import InputError, TextExample, prefixed, read_text_file
-from .base import TEST_PREFIX, Task, TaskData, TestData, label_config, limit
+from ..readers import InputError, TextExample, limit, prefixed, read_text_file
+from .base import TEST_PREFIX, Task, TaskData, TestData, label_config
 
 log = logging.getLogger(__name__)
 

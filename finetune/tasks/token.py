@@ -12,8 +12,8 @@ from data_prep.atomic import atomic_write
 
 from ..metrics import entity_scores
 from ..modeling import BertForTokenClassification
-from ..readers import TaggedSentence, prefixed, read_conll
-from .base import TEST_PREFIX, Task, TaskData, TestData, label_config, limit
+from ..readers import TaggedSentence, limit, prefixed, read_conll
+from .base import TEST_PREFIX, Task, TaskData, TestData, label_config
 
 log = logging.getLogger(__name__)
 
